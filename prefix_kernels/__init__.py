@@ -1,0 +1,7 @@
+"""Attention over a shared prefix KV plus each sequence's own KV, without materializing the concatenation."""
+from .attention import prefix_attention
+from .merge import merge_attention_states
+from . import reference
+
+__all__ = ["prefix_attention", "merge_attention_states", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""prefix_attention: the public op (../shared/API.md). Validates, picks a backend, runs it."""
+from __future__ import annotations
+
+from .backends import choose_backend
+from .reference import prefix_attention_reference
+from .validation import validate
+
+
+def prefix_attention(
+    q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
+    prefix_lens=None, window=None, softcap=None, return_lse=False, backend="auto",
+):
+    """Attention of q over [one shared prefix KV ; each sequence's own KV], without building the concat.
+
+    q [B, Hq, S, D] (any strides); k, v [B, Hkv, L, D]; prefix_k, prefix_v [Hkv, P, D] or [N, Hkv, P, D]
+    with prefix_index [B]. Query i sits at sequence position L - S + i; prefix keys are always visible up to
+    prefix_lens. Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse.
+    See ../shared/API.md for every argument.
+    """
+    call = validate(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                    prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
+                    backend=backend)
+    chosen = choose_backend(backend, call)
+    if chosen != "torch" and call.needs_grad:
+        # The kernels' backward is not written yet: "auto" stays correct through the differentiable
+        # reference; an explicit kernel backend refuses rather than return an output with no gradient.
+        if backend == "auto":
+            chosen = "torch"
+        else:
+            raise NotImplementedError(
+                f"backend={backend!r} has no backward yet; call it under torch.no_grad() or use backend='torch'")
+    if chosen == "torch":
+        return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                          return_lse=return_lse, **call.options())
+    from .triton.forward import prefix_attention_forward
+
+    out, lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v, **call.options())
+    return (out, lse) if return_lse else out

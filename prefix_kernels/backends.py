@@ -1,0 +1,41 @@
+"""Which backend serves a call: "auto" picks the fastest one that can, an explicit one says why it cannot."""
+from __future__ import annotations
+
+from . import cuda
+
+
+def triton_unavailable_reason(call) -> str | None:
+    """Why the Triton backend cannot serve this call, or None if it can."""
+    try:
+        from .triton import forward
+    except ImportError as exc:
+        return f"Triton is not importable ({exc}); install triton or use backend='torch'"
+    device = call.q.device
+    if device.type == "cuda":
+        major, minor = __import__("torch").cuda.get_device_capability(device)
+        if major < 8:
+            return f"the Triton kernels need a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
+        return None
+    if device.type == "cpu":
+        if forward.INTERPRETED:
+            return None
+        return ("Triton runs on CUDA tensors, or on CPU tensors only under the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before prefix_kernels is imported")
+    return f"Triton does not run on {device.type} tensors"
+
+
+def choose_backend(requested: str, call) -> str:
+    """The backend that runs `call`; raises ValueError when an explicit backend cannot serve it."""
+    reasons = {"triton": triton_unavailable_reason, "cuda": cuda.unavailable_reason}
+    if requested == "torch":
+        return "torch"
+    if requested != "auto":
+        reason = reasons[requested](call)
+        if reason is not None:
+            raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
+        return requested
+    on_gpu = call.q.device.type == "cuda"
+    for name in ("cuda", "triton"):
+        if reasons[name](call) is None and (on_gpu or name == "triton"):
+            return name
+    return "torch"

@@ -1,0 +1,114 @@
+"""Compile Triton kernels for a real GPU on a machine without one (sm_80 / sm_90), and report resources.
+
+The interpreter accepts code the compiler rejects (dtype mismatches in tl.dot, layouts, shared memory), so every
+configuration a launcher can choose is compiled here through the same argument binding the runtime uses: the
+launcher's own (grid, args, kwargs) on CPU tensors, specialized exactly as a real launch would be.
+
+Run as `python -m prefix_kernels.triton.compile_check` (it must run with TRITON_INTERPRET unset: under the
+interpreter @triton.jit gives functions that cannot be compiled). Exit status 1 if anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Shared memory a block may use (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class CompileReport:
+    name: str
+    arch: int
+    shared: int
+    registers: int | None
+    spills: int | None
+    seconds: float
+    error: str | None = None
+
+
+def compile_for_target(jit_fn, args, kwargs, arch: int):
+    """triton.compile the kernel for `arch` with the specialization a launch with these arguments gets."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers, spilled bytes) from `ptxas -v` on the kernel's PTX."""
+    import triton.backends.nvidia as nvidia_backend
+
+    ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.devnull],
+                                capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    return (int(regs.group(1)) if regs else None, sum(map(int, spills)) if spills else None)
+
+
+def check(name: str, jit_fn, args, kwargs, arch: int) -> CompileReport:
+    start = time.perf_counter()
+    try:
+        kernel = compile_for_target(jit_fn, args, kwargs, arch)
+    except Exception as exc:  # report every failing configuration, not only the first
+        return CompileReport(name, arch, 0, None, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+    registers, spills = ptxas_usage(kernel.asm["ptx"], arch)
+    report = CompileReport(name, arch, kernel.metadata.shared, registers, spills, time.perf_counter() - start)
+    if report.shared > SHARED_MEMORY_LIMIT[arch]:
+        report.error = f"shared memory {report.shared} B > {SHARED_MEMORY_LIMIT[arch]} B"
+    return report
+
+
+def all_cases():
+    """(name, jit_fn, args, kwargs) for every kernel configuration the launchers can choose."""
+    from .forward_cases import forward_cases
+
+    yield from forward_cases()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_MEMORY_LIMIT))
+    parser.add_argument("--filter", default="", help="only cases whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    failures = 0
+    cases = [c for c in all_cases() if args.filter in c[0]]
+    for index, (name, jit_fn, kargs, kkwargs) in enumerate(cases):
+        for arch in args.arch:
+            report = check(name, jit_fn, kargs, kkwargs, arch)
+            status = "FAIL" if report.error else "ok"
+            print(f"[{index + 1}/{len(cases)}] sm_{arch} {name}: {status} shared={report.shared} "
+                  f"regs={report.registers} spills={report.spills} ({report.seconds:.1f}s)"
+                  + (f"\n    {report.error}" if report.error else ""), flush=True)
+            failures += bool(report.error)
+    print(f"compile_check: {len(cases) * len(args.arch) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

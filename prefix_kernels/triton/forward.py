@@ -1,0 +1,245 @@
+"""Fused forward over [shared prefix ; own keys]: one online softmax, no concatenation anywhere.
+
+Each program owns BLOCK_M queries of one (sequence, query head). It streams the valid tiles of the prefix its
+sequence uses (read in place from the ONE prefix copy; GQA by indexing the KV head), then the sequence's own
+tiles, skipping tiles that causality or the window rule out. Only tiles that can contain an invisible key are
+masked. It writes the output and the log-sum-exp (natural log) the backward needs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import block_d_for, forward_config
+
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile, bounds-checking only what may be out of range."""
+    if CHECK_ROWS:
+        if CHECK_D:
+            return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    if CHECK_D:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k -> scores in log2 units: scale, optional tanh soft-capping (Gemma 2), times log2(e)."""
+    if HAS_SOFTCAP:
+        s = qk * (sm_scale / softcap)
+        # tanh(s) = 1 - 2 / (exp(2s) + 1): exact limits at +-inf, no libdevice (runs in the interpreter).
+        s = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)
+        return s * (softcap * 1.4426950408889634)
+    return qk * (sm_scale * 1.4426950408889634)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    start_n, n_limit, visible, sm_scale, softcap,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N).
+
+    With APPLY_MASK, `visible` [BLOCK_M, BLOCK_N] says which scores count (it includes the range check
+    cols < n_limit); without it, every key in the tile is in range and visible.
+    """
+    cols = start_n + offs_n
+    col_ok = cols < n_limit
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok,
+                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+    if APPLY_MASK:
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
+                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefix_attention_fwd(
+    Q, K, V, PK, PV, Out, Lse, KPM, PrefixIndex, PrefixLens,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkn, stride_pkh, stride_pks, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_mb, stride_ml,
+    HQ, S, L, P, sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    hq = pid_bh % HQ
+    hkv = (hq // GROUP).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + hq.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = _load_rows(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # ---- the shared prefix: every key up to this sequence's prefix length is visible ----
+    if HAS_PREFIX_INDEX:
+        prefix_id = tl.load(PrefixIndex + b).to(tl.int64)
+    else:
+        prefix_id = 0
+    if HAS_PREFIX_LENS:
+        prefix_len = tl.load(PrefixLens + prefix_id).to(tl.int32)
+    else:
+        prefix_len = P
+    pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
+    pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
+    prefix_full_end = (prefix_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, prefix_full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+            start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(prefix_full_end, prefix_len, BLOCK_N):  # the partial last tile, if any
+        visible = tl.broadcast_to((start_n + offs_n)[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+            start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+
+    # ---- the sequence's own keys: query i sits at position L - S + i (bottom-right aligned) ----
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    first_pos = L - S + pid_m * BLOCK_M
+    if CAUSAL:
+        hi = tl.minimum(L, first_pos + BLOCK_M)  # keys past the block's last query are skipped
+        # Tiles that end at or before the block's first query position need no causal mask.
+        full_end = (tl.maximum(tl.minimum(L, first_pos + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = L
+        full_end = (L // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N  # keys left of every window skipped
+    else:
+        lo = 0
+    full_end = tl.maximum(full_end, lo)
+    q_pos = L - S + offs_m
+    for start_n in range(lo, full_end, BLOCK_N):
+        cols = start_n + offs_n
+        visible = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml)
+            visible = visible & (key_ok != 0)[None, :]
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        cols = start_n + offs_n
+        visible = tl.broadcast_to(cols[None, :] < L, (BLOCK_M, BLOCK_N))
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < L, other=0)
+            visible = visible & (key_ok != 0)[None, :]
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+
+    # ---- epilogue: rows that saw nothing give zeros and lse = -inf ----
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = Out + b * stride_ob + hq.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    if HEAD_DIM != BLOCK_D:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + pid_bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products: the fp32 path is the accurate one, not a tf32 approximation.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward_launch(
+    q, k, v, prefix_k, prefix_v, out, lse, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
+    window, softcap,
+):
+    """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    config = forward_config(head_dim, q.dtype, seq_q)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    args = (
+        q, k, v, prefix_k, prefix_v, out, lse, kpm, prefix_index, prefix_lens,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
+        *(kpm.stride() if kpm is not None else (0, 0)),
+        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
+    )
+    kwargs = dict(
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, out=None, **options):
+    """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
+
+    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap.
+    Returns (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32). `out`, if given, is written in place
+    (any strides), so a caller can hand a [B, S, H, D]-backed view and skip a transpose copy.
+    """
+    batch, heads_q, seq_q, _ = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    grid, args, kwargs = forward_launch(q, k, v, prefix_k, prefix_v, out, lse, **options)
+    _prefix_attention_fwd[grid](*args, **kwargs)
+    return out, lse
+
+
+# Under TRITON_INTERPRET=1 (read when @triton.jit runs) the kernel runs on CPU tensors through the interpreter.
+INTERPRETED = type(_prefix_attention_fwd).__name__ == "InterpretedFunction"

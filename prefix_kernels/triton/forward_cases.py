@@ -1,0 +1,46 @@
+"""The forward kernel's launchable configurations as compile-check cases (see compile_check.py)."""
+from __future__ import annotations
+
+import torch
+
+from .configs import forward_launch_space
+from .forward import _prefix_attention_fwd, forward_launch
+
+# Feature sets compiled for every block config: the plain training call and everything switched on. The
+# single-feature variants are compiled for the main config only (the combinations share the same code paths).
+ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True)
+NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False)
+
+
+def _case(block_d, dtype, seq_q, features):
+    batch, heads_kv, group, seq_k, prefix_len = 2, 2, 3, 256, 64
+    head_dim = block_d
+    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
+    k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
+    n_prefix = 2 if features["multi_prefix"] else 1
+    prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads_kv * group, seq_q, dtype=torch.float32)
+    options = dict(
+        causal=features["causal"], scale=0.125,
+        key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
+        prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
+        prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
+        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
+    )
+    return forward_launch(q, k, k, prefix_k, prefix_k, out, lse, **options)
+
+
+def forward_cases():
+    seq_for_block_m = {16: 1, 32: 17, 64: 33}
+    for block_d, dtype, config in forward_launch_space():
+        seq_q = seq_for_block_m.get(config.block_m, 4096)
+        variants = [("all", ALL_FEATURES), ("none", NO_FEATURES)]
+        if block_d == 128 and dtype != torch.float32 and config.block_m == 128:
+            variants += [(name, {**NO_FEATURES, name: True}) for name in ALL_FEATURES]
+        for label, features in variants:
+            _, args, kwargs = _case(block_d, dtype, seq_q, features)
+            dtype_name = str(dtype).removeprefix("torch.")
+            name = (f"fwd-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
+                    f"-s{config.num_stages}-{label}")
+            yield name, _prefix_attention_fwd, args, kwargs

@@ -1,0 +1,142 @@
+"""Argument checks for prefix_attention: every error is raised here, before any kernel launch.
+
+Each message names the argument, what was given and what is expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+@dataclass
+class PrefixAttentionCall:
+    """A validated call: prefix tensors always 4-D [N, Hkv, P, D], scale always a float."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    causal: bool
+    scale: float
+    key_padding_mask: torch.Tensor | None
+    prefix_index: torch.Tensor | None
+    prefix_lens: torch.Tensor | None
+    window: int | None
+    softcap: float | None
+
+    def options(self) -> dict:
+        """The keyword arguments every backend takes besides the five tensors."""
+        return dict(causal=self.causal, scale=self.scale, key_padding_mask=self.key_padding_mask,
+                    prefix_index=self.prefix_index, prefix_lens=self.prefix_lens, window=self.window,
+                    softcap=self.softcap)
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.q, self.k, self.v, self.prefix_k, self.prefix_v))
+
+
+def _require_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_shape(name, tensor, expected, meaning):
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(tensor.shape)}")
+
+
+def _require_device(name, tensor, device):
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but q is on {device}; all tensors must be on one device")
+
+
+def _values_checkable(tensor) -> bool:
+    # Reading values forces a host sync, which is illegal while a CUDA graph is being captured.
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upper_meaning, lower=0):
+    _require_tensor(name, tensor)
+    if tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {tensor.dtype}")
+    _require_shape(name, tensor, (length,), length_meaning)
+    _require_device(name, tensor, device)
+    if tensor.numel() and _values_checkable(tensor):
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < lower or high > upper:
+            raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
+                             f"got values in [{low}, {high}]")
+
+
+def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
+             window, softcap, backend) -> PrefixAttentionCall:
+    for name, value in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _require_tensor(name, value)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, Hq, S, D], got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be 4-D [B, Hkv, L, D], got shape {tuple(k.shape)}")
+    batch, heads_q, seq_q, head_dim = q.shape
+    _, heads_kv, seq_k, _ = k.shape
+    _require_shape("k", k, (batch, heads_kv, seq_k, head_dim), "[B, Hkv, L, D] with q's B and D")
+    _require_shape("v", v, k.shape, "k's shape [B, Hkv, L, D]")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, tensor in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but q has {q.dtype}; they must match")
+        _require_device(name, tensor, q.device)
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"the number of query heads (q.shape[1] = {heads_q}) must be a whole multiple of the "
+                         f"number of KV heads (k.shape[1] = {heads_kv})")
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
+        raise ValueError(f"head dim (q.shape[-1]) must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
+                         f"got {head_dim}")
+
+    if prefix_k.dim() not in (3, 4):
+        raise ValueError(f"prefix_k must be [Hkv, P, D] or [N, Hkv, P, D], got shape {tuple(prefix_k.shape)}")
+    if prefix_k.dim() == 3:
+        prefix_k = prefix_k.unsqueeze(0)
+        prefix_v = prefix_v.unsqueeze(0) if prefix_v.dim() == 3 else prefix_v
+    num_prefixes, _, prefix_len, _ = prefix_k.shape
+    _require_shape("prefix_k", prefix_k, (num_prefixes, heads_kv, prefix_len, head_dim),
+                   "[N, Hkv, P, D] with k's Hkv and D")
+    _require_shape("prefix_v", prefix_v, prefix_k.shape, "prefix_k's shape")
+
+    if prefix_index is None and num_prefixes > 1:
+        raise ValueError(f"prefix_index is required when prefix_k holds N = {num_prefixes} prefixes: "
+                         "it says which prefix each sequence uses")
+    if prefix_index is not None:
+        _check_index_tensor("prefix_index", prefix_index, batch, "[B]", q.device, num_prefixes - 1,
+                            f"N = {num_prefixes} prefixes")
+    if prefix_lens is not None:
+        _check_index_tensor("prefix_lens", prefix_lens, num_prefixes, "[N]", q.device, prefix_len,
+                            f"prefix length P = {prefix_len}")
+    if key_padding_mask is not None:
+        _require_tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got {key_padding_mask.dtype}")
+        _require_shape("key_padding_mask", key_padding_mask, (batch, seq_k), "[B, L]")
+        _require_device("key_padding_mask", key_padding_mask, q.device)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
+                               prefix_index, prefix_lens, window, None if softcap is None else float(softcap))

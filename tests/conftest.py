@@ -1,0 +1,39 @@
+"""Test setup: where there is no GPU, the Triton kernels run under the interpreter.
+
+TRITON_INTERPRET is read when @triton.jit runs, so it is set here, before any test imports prefix_kernels.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def _dtype_param(dtype):
+    marks = []
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        marks.append(pytest.mark.skip(reason="bf16 arithmetic is broken in the Triton interpreter; tested on GPU"))
+    return pytest.param(dtype, id=str(dtype).removeprefix("torch."), marks=marks)
+
+
+KERNEL_DTYPES = [_dtype_param(d) for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs each run, but reproducible from the printed seed when a test fails.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed: {seed}")  # pytest shows this on failure
+    yield

@@ -1,0 +1,125 @@
+"""Shared test helpers: input builders and the error-relative-to-reference tolerance."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prefix_kernels.reference import prefix_attention_reference
+
+# Error floors per dtype: below these, "2x the reference's own error" is rounding noise on both sides.
+ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    heads_q: int = 6
+    heads_kv: int = 2
+    seq_q: int = 17
+    seq_k: int = 40
+    prefix_len: int = 37
+    head_dim: int = 64
+    num_prefixes: int = 1
+    prefix_lens: tuple | None = None       # per prefix; None = all P valid
+    causal: bool = True
+    padding: str | None = None             # None | "left" | "right" | "random" | "empty-row"
+    window: int | None = None
+    softcap: float | None = None
+    q_layout: str = "bshd"                 # "bshd": HF's transposed view; "bhsd": contiguous
+    kv_slice: bool = False                 # k/v as a slice of a longer cache (non-contiguous)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.batch}", f"Hq{self.heads_q}", f"Hkv{self.heads_kv}", f"S{self.seq_q}", f"L{self.seq_k}",
+                 f"P{self.prefix_len}", f"D{self.head_dim}"]
+        if self.num_prefixes > 1:
+            parts.append(f"N{self.num_prefixes}")
+        if self.prefix_lens is not None:
+            parts.append("lens" + "_".join(map(str, self.prefix_lens)))
+        if not self.causal:
+            parts.append("full")
+        if self.padding:
+            parts.append(f"pad-{self.padding}")
+        if self.window:
+            parts.append(f"win{self.window}")
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
+        if self.q_layout != "bshd":
+            parts.append(f"q-{self.q_layout}")
+        if self.kv_slice:
+            parts.append("kv-slice")
+        return "-".join(parts)
+
+
+def padding_mask(case: Case, device) -> torch.Tensor | None:
+    batch, length = case.batch, case.seq_k
+    if case.padding is None:
+        return None
+    real = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if case.padding in ("left", "right"):
+        for b in range(batch):
+            pad = (b * 7 + 3) % max(length, 1)  # a different amount per row
+            if case.padding == "left":
+                real[b, :pad] = False
+            else:
+                real[b, length - pad:] = False
+    elif case.padding == "random":
+        real = torch.rand(batch, length, device=device) > 0.3
+    elif case.padding == "empty-row":
+        real[0] = False  # sequence 0 has no own keys at all
+    return real
+
+
+def make_inputs(case: Case, dtype, device, requires_grad=False):
+    """Fresh random inputs for a case: (q, k, v, prefix_k, prefix_v, options)."""
+    B, Hq, Hkv, S, L, P, D, N = (case.batch, case.heads_q, case.heads_kv, case.seq_q, case.seq_k,
+                                 case.prefix_len, case.head_dim, case.num_prefixes)
+    if case.q_layout == "bshd":
+        q = torch.randn(B, S, Hq, D, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
+    if case.kv_slice:
+        k = torch.randn(B, Hkv, L + 5, D, device=device, dtype=dtype)[:, :, 3:3 + L]
+        v = torch.randn(B, L + 2, Hkv, D, device=device, dtype=dtype)[:, 1:1 + L].transpose(1, 2)
+    else:
+        k = torch.randn(B, Hkv, L, D, device=device, dtype=dtype)
+        v = torch.randn(B, Hkv, L, D, device=device, dtype=dtype)
+    shape = (N, Hkv, P, D) if N > 1 else (Hkv, P, D)
+    prefix_k = torch.randn(shape, device=device, dtype=dtype)
+    prefix_v = torch.randn(shape, device=device, dtype=dtype)
+    options = dict(causal=case.causal, key_padding_mask=padding_mask(case, device), window=case.window,
+                   softcap=case.softcap)
+    if N > 1:
+        options["prefix_index"] = torch.arange(B, device=device) % N
+    if case.prefix_lens is not None:
+        options["prefix_lens"] = torch.tensor(case.prefix_lens, device=device)
+    tensors = [q, k, v, prefix_k, prefix_v]
+    if requires_grad:
+        tensors = [t.detach().requires_grad_() for t in tensors]
+    return (*tensors, options)
+
+
+def max_error(a, b) -> float:
+    """Max abs difference, with infinities compared by equality (lse = -inf on empty rows)."""
+    a, b = a.double(), b.double()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    diff = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.nan_to_num(nan=float("inf")).max()) if diff.numel() else 0.0
+
+
+def truth_and_reference_error(tensors, options, dtype):
+    """(float64 truth (out, lse), the low-precision reference's own max output error against it)."""
+    as64 = [t.detach().double() for t in tensors]
+    truth = prefix_attention_reference(*as64, return_lse=True, **options)
+    lowp = prefix_attention_reference(*[t.detach() for t in tensors], upcast=False, **options)
+    return truth, max_error(lowp, truth[0])
+
+
+def assert_close_to_truth(name, got, truth, reference_error, dtype):
+    """The kernel's error against the float64 truth must stay within 2x the reference's own error."""
+    error = max_error(got, truth)
+    allowed = 2 * reference_error + ERROR_FLOOR[dtype]
+    assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} " \
+                             f"(2 x reference's own {reference_error:.3g} + floor {ERROR_FLOOR[dtype]:g})"

@@ -1,0 +1,89 @@
+"""Every kernel backend's forward against the float64 reference, over odd shapes and every contract option."""
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from helpers import Case, assert_close_to_truth, make_inputs, max_error, truth_and_reference_error
+from prefix_kernels import prefix_attention
+from prefix_kernels.backends import choose_backend
+from prefix_kernels.validation import validate
+
+CASES = [
+    Case(batch=3, heads_q=4, heads_kv=4, seq_q=1, seq_k=23, prefix_len=37, head_dim=64),      # decode-shaped
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=37, head_dim=80),     # GQA 3, D 80, L > S
+    Case(batch=2, heads_q=8, heads_kv=2, seq_q=17, seq_k=17, prefix_len=0, head_dim=128),     # P = 0, GQA 4
+    Case(batch=2, heads_q=3, heads_kv=3, seq_q=17, seq_k=30, prefix_len=1, head_dim=64),      # P = 1
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=25, prefix_len=37, head_dim=64, num_prefixes=2,
+         prefix_lens=(37, 5)),                                                                 # two prefixes
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=29, prefix_len=37, head_dim=64, padding="left"),
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=29, prefix_len=9, head_dim=64, padding="random",
+         q_layout="bhsd", kv_slice=True),                                                      # strided k/v
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=17, prefix_len=0, head_dim=64, padding="empty-row"),
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
+         prefix_lens=(0, 8), padding="empty-row"),                                             # rows that see nothing
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, window=5),
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, softcap=2.0),
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=33, prefix_len=13, head_dim=96, causal=False),
+    Case(batch=2, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, window=100,
+         padding="right"),                                                                     # several tiles
+    Case(batch=1, heads_q=2, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=32, causal=False),
+]
+
+BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _skip_if_unavailable(backend, tensors, options):
+    try:
+        choose_backend(backend, validate(*tensors, scale=None, prefix_index=options.get("prefix_index"),
+                                         prefix_lens=options.get("prefix_lens"), backend=backend,
+                                         **{k: options[k] for k in ("causal", "key_padding_mask", "window",
+                                                                     "softcap")}))
+    except ValueError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_matches_reference(case, dtype, backend):
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    _skip_if_unavailable(backend, tensors, options)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+
+    out, lse = prefix_attention(*tensors, return_lse=True, backend=backend, **options)
+
+    assert out.shape == tensors[0].shape and out.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert_close_to_truth("out", out, truth_out, reference_error, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
+    assert max_error(lse, truth_lse) <= 1e-3, "lse"
+    # Rows that see nothing give exact zeros.
+    assert (out[torch.isinf(lse)] == 0).all()
+
+
+def test_prefix_is_never_expanded(backend):
+    """The kernel reads ONE prefix copy: a prefix given as an expanded view of [1, ...] works unchanged and a
+    prefix shared by the whole batch gives each sequence the same attention to it."""
+    case = Case(batch=3, heads_q=2, heads_kv=1, seq_q=5, seq_k=5, prefix_len=19, head_dim=32)
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float32, DEVICE)
+    _skip_if_unavailable(backend, [q, k, v, prefix_k, prefix_v], options)
+    # Masking every own key leaves the prefix alone: all sequences with the same queries agree.
+    q = q[:1].expand_as(q)
+    options["key_padding_mask"] = torch.zeros(case.batch, case.seq_k, dtype=torch.bool, device=DEVICE)
+    out = prefix_attention(q, k, v, prefix_k, prefix_v, backend=backend, **options)
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])
+    ref = prefix_attention(q, k, v, prefix_k, prefix_v, backend="torch", **options)
+    assert max_error(out, ref) < 1e-5
+
+
+def test_out_of_place_output_is_contiguous_and_fresh(backend):
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=3, seq_k=7, prefix_len=4, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    _skip_if_unavailable(backend, tensors, options)
+    out = prefix_attention(*tensors, backend=backend, **options)
+    assert out.is_contiguous()
+    assert out.data_ptr() != tensors[0].data_ptr()
