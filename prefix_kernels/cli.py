@@ -13,10 +13,10 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="benchmarks against the baselines: tables, JSON and plots", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
-        from .demo import main as demo_main
+        from .demo import main as entry
     else:
-        from .bench import main as demo_main  # noqa: the bench package's entry point
-    return demo_main(rest) or 0
+        from .bench import main as entry
+    return entry(rest) or 0
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def prefix_attention_reference(
     probs = torch.exp(scores - safe_lse[..., None])
     out = torch.matmul(probs, values).to(q.dtype)
     if return_lse:
-        return out, lse.float()
+        # float32 as the contract says; a float64 call (the test truth) keeps float64.
+        return out, lse if lse.dtype == torch.float64 else lse.float()
     return out
 
 
@@ -117,10 +118,11 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
     out_*: [..., S, D]; lse_*: [..., S] float32 natural log, -inf where that part saw nothing.
     Returns (out, lse) in out_a's dtype / float32; rows where both are -inf give zeros and -inf.
     """
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse_dtype = torch.float64 if torch.float64 in (lse_a.dtype, out_a.dtype) else torch.float32
+    lse_a, lse_b = lse_a.to(lse_dtype), lse_b.to(lse_dtype)
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weight_a = torch.exp(lse_a - safe)[..., None]
     weight_b = torch.exp(lse_b - safe)[..., None]
-    out = weight_a * out_a.float() + weight_b * out_b.float()
+    out = weight_a * out_a.to(lse_dtype) + weight_b * out_b.to(lse_dtype)
     return out.to(out_a.dtype), lse

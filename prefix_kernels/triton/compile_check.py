@@ -10,6 +10,7 @@ interpreter @triton.jit gives functions that cannot be compiled). Exit status 1 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -92,22 +93,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--filter", default="", help="only cases whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
+    names = [case[0] for case in all_cases() if args.filter in case[0]]
+    jobs = [(name, arch) for name in names for arch in args.arch]
     failures = 0
-    cases = [c for c in all_cases() if args.filter in c[0]]
-    for index, (name, jit_fn, kargs, kkwargs) in enumerate(cases):
-        for arch in args.arch:
-            report = check(name, jit_fn, kargs, kkwargs, arch)
+    # One process per core: compiling is CPU-bound and each job is independent.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for done, report in enumerate(pool.map(_check_by_name, jobs), start=1):
             status = "FAIL" if report.error else "ok"
-            print(f"[{index + 1}/{len(cases)}] sm_{arch} {name}: {status} shared={report.shared} "
+            print(f"[{done}/{len(jobs)}] sm_{report.arch} {report.name}: {status} shared={report.shared} "
                   f"regs={report.registers} spills={report.spills} ({report.seconds:.1f}s)"
                   + (f"\n    {report.error}" if report.error else ""), flush=True)
             failures += bool(report.error)
-    print(f"compile_check: {len(cases) * len(args.arch) - failures} passed, {failures} failed")
+    print(f"compile_check: {len(jobs) - failures} passed, {failures} failed")
     return 1 if failures else 0
+
+
+def _check_by_name(job) -> CompileReport:
+    # Cases hold tensors; each worker rebuilds them instead of receiving pickles.
+    name, arch = job
+    for case_name, jit_fn, args, kwargs in all_cases():
+        if case_name == name:
+            return check(name, jit_fn, args, kwargs, arch)
+    raise KeyError(name)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 # Head dims are padded to the next power of two inside the kernels (80 -> 128, 96 -> 128).
-BLOCK_D_CHOICES = (16, 32, 64, 128, 256)
+BLOCK_D_CHOICES = (32, 64, 128, 256)
 # Query-block heights for short query lengths (decode, speculative widths); tl.dot needs M >= 16.
 SHORT_BLOCK_M = (16, 32, 64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,7 +26,7 @@ class ForwardConfig:
 
 
 def block_d_for(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return max(32, 1 << (head_dim - 1).bit_length())
 
 
 def _long_query_config(block_d: int, dtype: torch.dtype) -> ForwardConfig:
@@ -65,4 +65,88 @@ def forward_launch_space() -> list[tuple[int, torch.dtype, ForwardConfig]]:
                 if config not in seen:
                     seen.add(config)
                     space.append((block_d, dtype, config))
+    return space
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward (prefix_kernels/triton/backward.py): four kernels, each with its own tile shape.
+#   preprocess  Delta = rowsum(dO * O) - dlse, BLOCK_M rows per program;
+#   dq          query-major like the forward: BLOCK_M queries, streaming BLOCK_N keys;
+#   dkdv        key-major over each sequence's own keys: BLOCK_N keys, streaming BLOCK_M queries;
+#   dprefix     key-major over one prefix's keys, streaming every query that sees them (all sequences using it).
+# The key-major kernels hold two fp32 [BLOCK_N, BLOCK_D] accumulators, so their BLOCK_N shrinks with the head dim.
+
+PREPROCESS_BLOCK_M = 64
+# d prefix_k / d prefix_v: when N * Hkv * cdiv(P, BLOCK_N) programs cannot fill the GPU, the queries are split into
+# at most this many chunks (a cap independent of B), each writing an fp32 partial [chunks, N, Hkv, P, D] that is
+# summed in a fixed order: deterministic, and O(P) memory whatever the batch.
+MAX_PREFIX_CHUNKS = 16
+PROGRAMS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    dq: ForwardConfig
+    dkdv: ForwardConfig
+    dprefix: ForwardConfig
+
+
+def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
+    if dtype == torch.float32:
+        if block_d >= 256:
+            dq, dkdv = ForwardConfig(32, 16, 4, 1), ForwardConfig(16, 32, 4, 1)
+        elif block_d == 128:
+            dq, dkdv = ForwardConfig(32, 32, 4, 1), ForwardConfig(32, 32, 4, 1)
+        else:
+            dq, dkdv = ForwardConfig(64, 32, 4, 2), ForwardConfig(32, 64, 4, 2)
+    elif block_d >= 256:
+        dq, dkdv = ForwardConfig(64, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
+    elif block_d == 128:
+        dq, dkdv = ForwardConfig(128, 32, 8, 2), ForwardConfig(32, 128, 8, 2)
+    else:
+        dq, dkdv = ForwardConfig(128, 32, 4, 3), ForwardConfig(32, 128, 4, 3)
+    return BackwardConfig(dq=dq, dkdv=dkdv, dprefix=dkdv)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, seq_q: int) -> BackwardConfig:
+    """The configurations the backward launcher uses for this call."""
+    base = _long_query_backward(block_d_for(head_dim), dtype)
+    dq = base.dq
+    for block_m in SHORT_BLOCK_M:
+        if seq_q <= block_m and block_m < dq.block_m:
+            dq = ForwardConfig(block_m, dq.block_n, 4, dq.num_stages)
+            break
+    dkdv, dprefix = base.dkdv, base.dprefix
+    if seq_q <= 16 and dkdv.block_m > 16:  # few queries: don't stream mostly-empty query tiles
+        dkdv = ForwardConfig(16, dkdv.block_n, dkdv.num_warps, dkdv.num_stages)
+        dprefix = dkdv
+    return BackwardConfig(dq=dq, dkdv=dkdv, dprefix=dprefix)
+
+
+def prefix_grad_chunks(programs: int, query_tiles: int, device: torch.device) -> int:
+    """How many query chunks the d prefix kernel splits into: enough to reach PROGRAMS_PER_SM programs per SM,
+    never more than MAX_PREFIX_CHUNKS (independent of B) nor than there are query tiles. 1 off the GPU."""
+    if device.type != "cuda" or programs <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+    return max(1, min(wanted, MAX_PREFIX_CHUNKS, query_tiles))
+
+
+BACKWARD_KERNELS = ("dq", "dkdv", "dprefix")
+
+
+def backward_launch_space() -> list[tuple[int, torch.dtype, str, ForwardConfig]]:
+    """Every (block_d, dtype, kernel, config) that backward_config can return."""
+    space = []
+    for dtype in FLOAT_DTYPES:
+        for block_d in BLOCK_D_CHOICES:
+            seen = set()
+            for seq_q in (1, 17, 33, 4096):
+                config = backward_config(block_d, dtype, seq_q)
+                for kernel in BACKWARD_KERNELS:
+                    key = (kernel, getattr(config, kernel))
+                    if key not in seen:
+                        seen.add(key)
+                        space.append((block_d, dtype, kernel, key[1]))
     return space

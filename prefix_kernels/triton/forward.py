@@ -198,12 +198,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def forward_launch(
     q, k, v, prefix_k, prefix_v, out, lse, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-    window, softcap,
+    window, softcap, config=None,
 ):
-    """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check."""
+    """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check.
+
+    `config` overrides the launch configuration (tuning scripts only; the package always uses forward_config).
+    """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    config = forward_config(head_dim, q.dtype, seq_q)
+    config = config or forward_config(head_dim, q.dtype, seq_q)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
     args = (
@@ -226,7 +229,7 @@ def forward_launch(
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, out=None, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
-    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap.
+    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap (and config, see above).
     Returns (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32). `out`, if given, is written in place
     (any strides), so a caller can hand a [B, S, H, D]-backed view and skip a transpose copy.
     """

@@ -1,0 +1,31 @@
+"""Every forward configuration the launcher can choose compiles for sm_80 and sm_90 (fp16, bf16, fp32).
+
+Runs prefix_kernels.triton.compile_check in a subprocess: the compiler needs @triton.jit kernels defined
+without TRITON_INTERPRET, which this test process sets. Triton's cache (~/.triton) makes reruns fast.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_compile_check(name_filter: str):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "prefix_kernels.triton.compile_check", "--filter", name_filter],
+                            capture_output=True, text=True, env=env, timeout=1800)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.compile
+def test_forward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
+    code, log = run_compile_check("fwd-")
+    assert code == 0, log[-4000:]
+    lines = [line for line in log.splitlines() if ": ok " in line]
+    assert any("bfloat16" in line and "sm_90" in line for line in lines), log[-2000:]
+    # The training/prefill configs (fp16/bf16, head dim 64/128, no optional features) must not spill.
+    main = [line for line in lines if "-none" in line and ("-d128-m128" in line or "-d64-m128" in line)
+            and "float32" not in line]
+    assert main, log[-2000:]
+    for line in main:
+        assert "spills=0" in line, line

@@ -1,0 +1,105 @@
+"""The reference (the oracle) against an independent float64 computation written row by row."""
+import math
+
+import pytest
+import torch
+
+from helpers import Case, make_inputs, max_error
+from prefix_kernels import merge_attention_states
+from prefix_kernels.reference import prefix_attention_reference
+
+
+def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, prefix_index=None,
+               prefix_lens=None, window=None, softcap=None, scale=None):
+    """Each query row's visible key list spelled out from API.md, in float64 Python loops."""
+    q, k, v = q.double(), k.double(), v.double()
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k[None], prefix_v[None]
+    prefix_k, prefix_v = prefix_k.double(), prefix_v.double()
+    B, Hq, S, D = q.shape
+    Hkv, L, P = k.shape[1], k.shape[2], prefix_k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, Hq, S, D, dtype=torch.float64)
+    lse = torch.full((B, Hq, S), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        n = int(prefix_index[b]) if prefix_index is not None else 0
+        valid_prefix = int(prefix_lens[n]) if prefix_lens is not None else P
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            for i in range(S):
+                position = L - S + i
+                keys, values = [], []
+                for p in range(valid_prefix):
+                    keys.append(prefix_k[n, g, p]); values.append(prefix_v[n, g, p])
+                for j in range(L):
+                    if causal and j > position:
+                        continue
+                    if window is not None and position - j >= window:
+                        continue
+                    if key_padding_mask is not None and not key_padding_mask[b, j]:
+                        continue
+                    keys.append(k[b, g, j]); values.append(v[b, g, j])
+                if not keys:
+                    continue
+                scores = torch.stack(keys) @ q[b, h, i] * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                weights = torch.softmax(scores, 0)
+                out[b, h, i] = weights @ torch.stack(values)
+                lse[b, h, i] = torch.logsumexp(scores, 0)
+    return out, lse
+
+
+REFERENCE_CASES = [
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=5, seq_k=9, prefix_len=4, head_dim=16),
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=7, prefix_len=5, head_dim=16, num_prefixes=2,
+         prefix_lens=(5, 2), padding="left"),
+    Case(batch=2, heads_q=2, heads_kv=2, seq_q=6, seq_k=6, prefix_len=0, head_dim=16, padding="empty-row"),
+    Case(batch=2, heads_q=2, heads_kv=1, seq_q=5, seq_k=8, prefix_len=3, head_dim=16, window=3, softcap=1.5),
+    Case(batch=2, heads_q=2, heads_kv=1, seq_q=5, seq_k=8, prefix_len=3, head_dim=16, causal=False, window=2),
+    Case(batch=1, heads_q=2, heads_kv=1, seq_q=6, seq_k=4, prefix_len=2, head_dim=16),  # S > L: early rows
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: c.id)
+def test_reference_matches_row_by_row_float64(case):
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float64, "cpu")
+    out, lse = prefix_attention_reference(q, k, v, prefix_k, prefix_v, return_lse=True, scale=0.3, **options)
+    expected_out, expected_lse = row_by_row(q, k, v, prefix_k, prefix_v, scale=0.3, **options)
+    assert max_error(out, expected_out) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    assert max_error(lse, expected_lse) < 1e-12
+    assert not torch.isnan(out).any()
+
+
+def test_reference_gradcheck_float64():
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=3, seq_k=4, prefix_len=2, head_dim=16, softcap=2.0,
+                padding="left")
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float64, "cpu", requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda *t: prefix_attention_reference(*t, return_lse=True, **options), (q, k, v, prefix_k, prefix_v))
+
+
+def test_merge_of_two_halves_equals_whole_attention():
+    """Attention over prefix + own keys = merge(attention over prefix alone, attention over own keys alone)."""
+    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=5, seq_k=7, prefix_len=6, head_dim=16, padding="empty-row")
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float64, "cpu")
+    whole = prefix_attention_reference(q, k, v, prefix_k, prefix_v, return_lse=True, **options)
+    no_own = dict(options, key_padding_mask=torch.zeros(2, 7, dtype=torch.bool))
+    prefix_part = prefix_attention_reference(q, k, v, prefix_k, prefix_v, return_lse=True, **no_own)
+    empty = prefix_k[:, :0]
+    own_part = prefix_attention_reference(q, k, v, empty, empty, return_lse=True, **options)
+    out, lse = merge_attention_states(*prefix_part, *own_part)
+    assert max_error(out, whole[0]) < 1e-12 and max_error(lse, whole[1]) < 1e-12
+
+
+def test_merge_of_two_empty_parts_is_zero_not_nan():
+    out = torch.randn(2, 3, 4)
+    lse = torch.full((2, 3), float("-inf"))
+    merged, merged_lse = merge_attention_states(out, lse, out, lse)
+    assert (merged == 0).all() and torch.isinf(merged_lse).all()
+
+
+def test_merge_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="lse_a"):
+        merge_attention_states(torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3))

@@ -1,0 +1,102 @@
+"""Bad input is refused before any launch, with a message that names the argument; backend choice."""
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from helpers import Case, make_inputs
+from prefix_kernels import prefix_attention
+import prefix_kernels.triton.forward as triton_forward
+
+CASE = Case(batch=2, heads_q=6, heads_kv=2, seq_q=3, seq_k=5, prefix_len=4, head_dim=32)
+
+
+def _inputs(**overrides):
+    q, k, v, pk, pv, options = make_inputs(CASE, torch.float32, DEVICE)
+    tensors = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
+    for name in list(overrides):
+        if name in tensors:
+            tensors[name] = overrides.pop(name)
+    options.update(overrides)
+    return tensors, options
+
+
+BAD_INPUTS = {
+    "q-not-4d": (dict(q=torch.randn(2, 6, 32)), TypeError, ValueError, "q"),
+    "k-batch": (dict(k=torch.randn(3, 2, 5, 32), v=torch.randn(3, 2, 5, 32)), ValueError, None, "k"),
+    "v-shape": (dict(v=torch.randn(2, 2, 6, 32)), ValueError, None, "v"),
+    "dtype-mismatch": (dict(k=torch.randn(2, 2, 5, 32, dtype=torch.float16)), TypeError, None, "k"),
+    "int-q": (dict(q=torch.zeros(2, 6, 3, 32, dtype=torch.int32)), TypeError, None, "q"),
+    "gqa-ratio": (dict(q=torch.randn(2, 5, 3, 32)), ValueError, None, "q.shape[1]"),
+    "head-dim": (dict(q=torch.randn(2, 6, 3, 20), k=torch.randn(2, 2, 5, 20), v=torch.randn(2, 2, 5, 20),
+                      prefix_k=torch.randn(2, 4, 20), prefix_v=torch.randn(2, 4, 20)), ValueError, None, "head dim"),
+    "prefix-heads": (dict(prefix_k=torch.randn(3, 4, 32), prefix_v=torch.randn(3, 4, 32)), ValueError, None,
+                     "prefix_k"),
+    "prefix-v-shape": (dict(prefix_v=torch.randn(2, 5, 32)), ValueError, None, "prefix_v"),
+    "prefix-5d": (dict(prefix_k=torch.randn(1, 1, 2, 4, 32)), ValueError, None, "prefix_k"),
+    "n-prefixes-without-index": (dict(prefix_k=torch.randn(3, 2, 4, 32), prefix_v=torch.randn(3, 2, 4, 32)),
+                                 ValueError, None, "prefix_index"),
+    "index-out-of-range": (dict(prefix_k=torch.randn(3, 2, 4, 32), prefix_v=torch.randn(3, 2, 4, 32),
+                                prefix_index=torch.tensor([0, 3])), ValueError, None, "prefix_index"),
+    "index-negative": (dict(prefix_index=torch.tensor([0, -1])), ValueError, None, "prefix_index"),
+    "index-float": (dict(prefix_index=torch.tensor([0.0, 0.0])), TypeError, None, "prefix_index"),
+    "index-shape": (dict(prefix_index=torch.tensor([0, 0, 0])), ValueError, None, "prefix_index"),
+    "lens-too-long": (dict(prefix_lens=torch.tensor([5])), ValueError, None, "prefix_lens"),
+    "lens-shape": (dict(prefix_lens=torch.tensor([1, 2])), ValueError, None, "prefix_lens"),
+    "mask-dtype": (dict(key_padding_mask=torch.ones(2, 5)), TypeError, None, "key_padding_mask"),
+    "mask-shape": (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, None, "key_padding_mask"),
+    "window-zero": (dict(window=0), ValueError, None, "window"),
+    "softcap-negative": (dict(softcap=-1.0), ValueError, None, "softcap"),
+    "causal-not-bool": (dict(causal=1), TypeError, None, "causal"),
+    "scale-nan": (dict(scale=float("nan")), ValueError, None, "scale"),
+    "backend-name": (dict(backend="flash"), ValueError, None, "backend"),
+    "not-a-tensor": (dict(prefix_v=[1, 2]), TypeError, None, "prefix_v"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_naming_the_argument(name, monkeypatch):
+    overrides, error, alt_error, fragment = BAD_INPUTS[name]
+    overrides = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()}
+    tensors, options = _inputs(**overrides)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+
+    monkeypatch.setattr(triton_forward, "prefix_attention_forward", no_launch)
+    with pytest.raises((error, alt_error) if alt_error else error) as info:
+        prefix_attention(**tensors, **options)
+    assert fragment in str(info.value), f"message does not name {fragment!r}: {info.value}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
+def test_device_mismatch_names_the_argument():
+    tensors, options = _inputs()
+    tensors["prefix_k"] = tensors["prefix_k"].cpu()
+    with pytest.raises(ValueError, match="prefix_k"):
+        prefix_attention(**tensors, **options)
+
+
+def test_explicit_cuda_backend_explains_why_it_is_missing():
+    tensors, options = _inputs()
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve this call: .*prefix_kernels._C"):
+        prefix_attention(**tensors, backend="cuda", **options)
+
+
+def test_auto_uses_triton_where_it_can_run(monkeypatch):
+    """On CUDA tensors, or on CPU under the interpreter, "auto" runs the Triton kernel, not the reference."""
+    tensors, options = _inputs()
+    calls = []
+    real = triton_forward.prefix_attention_forward
+    monkeypatch.setattr(triton_forward, "prefix_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prefix_attention(**tensors, **options)
+    assert calls == [1]
+
+
+def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
+    monkeypatch.setattr(triton_forward, "INTERPRETED", False)
+    tensors, options = _inputs()
+    tensors = {name: t.cpu() for name, t in tensors.items()}
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        prefix_attention(**tensors, backend="triton", **options)
+    out = prefix_attention(**tensors, **options)  # "auto" serves it with the reference
+    assert out.shape == tensors["q"].shape
