@@ -1,0 +1,223 @@
+"""Run op cases through every provider in one process: guard correctness, time, measure peak memory.
+
+Each (case, provider) pair gives one row (a dict, see `run_ops`). Before timing, the provider's output (and, for
+fwd+bwd, its gradients) is compared with the naive reference computed in float32, so a fast but wrong provider
+is flagged (`correct: False`) instead of winning the table.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+
+import torch
+
+from ..reference import prefix_attention_reference
+from .cases import OpCase
+from .providers import GRAD_NAMES, PROVIDERS, Inputs, Provider, Unavailable, make_inputs
+from .roofline import floor_ms
+from .timing import PeakMemory, bench_ms
+
+# Error of a provider against the float32 reference, relative to the reference's largest magnitude.
+# Loose enough for a correct low-precision kernel, tight enough to catch a wrong one (a dropped prefix,
+# a wrong mask or scale gives errors of order 1e-1 and more).
+TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 4e-2}
+
+
+class Progress:
+    """tqdm when importable, else one counter line per step on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description_str(text[:70])
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _free(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _per_sequence_bytes(case: OpCase) -> int:
+    n = case.prefix + case.seq_k
+    return 4 * (4 * case.heads_q * n * case.head_dim + 4 * case.heads_q * case.seq_q * n)
+
+
+def reference_result(case: OpCase, inputs: Inputs, dout: torch.Tensor | None) -> dict:
+    """The float32 naive reference: {"out": ...} and, with dout, the five gradients. Chunked over the batch so
+    that B copies of a long prefix never exist at once (the prefix gradient is summed over the chunks)."""
+    budget = (2 << 30) if inputs.q.is_cuda else (256 << 20)
+    chunk = max(1, budget // _per_sequence_bytes(case))
+    outs, grads = [], {name: [] for name in GRAD_NAMES}
+    pk = inputs.prefix_k.detach().float()
+    pv = inputs.prefix_v.detach().float()
+    d_pk = torch.zeros_like(pk)
+    d_pv = torch.zeros_like(pv)
+    for start in range(0, case.batch, chunk):
+        part = slice(start, min(case.batch, start + chunk))
+        q, k, v = (t.detach()[part].float() for t in (inputs.q, inputs.k, inputs.v))
+        if dout is None:
+            with torch.no_grad():
+                outs.append(prefix_attention_reference(q, k, v, pk, pv, causal=case.causal, scale=inputs.scale))
+            continue
+        leaves = [t.requires_grad_() for t in (q, k, v, pk.clone(), pv.clone())]
+        with torch.enable_grad():
+            out = prefix_attention_reference(*leaves, causal=case.causal, scale=inputs.scale)
+            g = torch.autograd.grad(out, leaves, dout[part].float())
+        outs.append(out.detach())
+        for name, value in zip(("q", "k", "v"), g[:3]):
+            grads[name].append(value)
+        d_pk += g[3]
+        d_pv += g[4]
+    result = {"out": torch.cat(outs)}
+    if dout is not None:
+        result.update({name: torch.cat(grads[name]) for name in ("q", "k", "v")}, prefix_k=d_pk, prefix_v=d_pv)
+    return result
+
+
+def compare(result: dict, reference: dict) -> dict:
+    """{name: {"max_abs": ..., "rel": ...}} for every tensor the provider gave that the reference has."""
+    errors = {}
+    for name, value in result.items():
+        if value is None or name not in reference:
+            continue
+        ref = reference[name]
+        diff = (value.detach().float() - ref).abs()
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        if not diff.isfinite().all():
+            max_abs = float("inf")
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        errors[name] = dict(max_abs=max_abs, rel=max_abs / max(scale, 1e-6))
+    return errors
+
+
+def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, *, device, warmup_ms, rep_ms):
+    """One row's figures; raises Unavailable (-> "n/a")."""
+    try:
+        prepared = provider.prepare(case, inputs)
+    except NotImplementedError as exc:
+        raise Unavailable(str(exc) or "not implemented") from None
+    train = case.op == "fwd+bwd"
+    leaves = prepared.leaves
+    if train and not leaves:
+        raise Unavailable("this provider has no backward")
+
+    if train:
+        def call():
+            out = prepared.forward()
+            return out, torch.autograd.grad(out, leaves, dout)
+    else:
+        def call():
+            with torch.no_grad():
+                return prepared.forward(), None
+
+    # Correctness guard (also the first, compiling call).
+    try:
+        out, grads = call()
+    except NotImplementedError as exc:  # e.g. a kernel backend without backward yet, FlexAttention's CPU backward
+        raise Unavailable(str(exc) or "not implemented") from None
+    got = {"out": out}
+    if grads is not None and prepared.canonical_grads is not None:
+        got.update(prepared.canonical_grads(grads))
+    errors = compare(got, reference) if provider.role != "reference" else {}
+    tol = TOLERANCE[case.dtype]
+    correct = None if provider.role == "reference" else all(e["rel"] <= tol for e in errors.values())
+    del out, grads, got
+
+    timed = (lambda: call()) if train else prepared.forward
+    if train:
+        time_ms = bench_ms(timed, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    else:
+        with torch.no_grad():
+            time_ms = bench_ms(timed, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    with PeakMemory(device) as mem:
+        if train:
+            call()
+        else:
+            with torch.no_grad():
+                timed()
+    return dict(time_ms=time_ms, peak_bytes=mem.peak_bytes, errors=errors, tolerance=tol, correct=correct,
+                note=prepared.note)
+
+
+def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, progress: Progress | None = None):
+    """Every applicable (case, provider) pair, measured in this process. Returns a list of row dicts."""
+    rows = []
+    device = torch.device(device)
+    for case in cases:
+        floor = floor_ms(case, ceilings)
+        inputs = make_inputs(case, device)
+        dout = None
+        if case.op == "fwd+bwd":
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            dout = torch.randn(inputs.q.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
+        reference = reference_result(case, inputs, dout)
+        for provider in providers:
+            if case.op not in provider.ops:
+                continue
+            row = dict(kind="op", op=case.op, case=case.as_dict(), label=case.label, provider=provider.name,
+                       role=provider.role, description=provider.description, **floor)
+            try:
+                row.update(status="ok", **_run_one(case, provider, inputs, dout, reference, device=device,
+                                                   warmup_ms=warmup_ms, rep_ms=rep_ms))
+                row["pct_of_floor"] = 100.0 * floor["floor_ms"] / row["time_ms"]
+                row["tflops"] = floor["flops"] / (row["time_ms"] * 1e-3) / 1e12
+                if row["correct"] is False and progress is not None:
+                    progress.write(f"WRONG: {provider.name} on {case.op} {case.label}: errors {row['errors']}")
+            except Unavailable as exc:
+                row.update(status="n/a", reason=str(exc))
+            except torch.cuda.OutOfMemoryError as exc:
+                row.update(status="error", reason=f"out of memory: {str(exc).splitlines()[0]}")
+            except Exception as exc:  # one broken provider must not sink the run: report it
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc(limit=6))
+                if progress is not None:
+                    progress.write(f"error: {provider.name} on {case.op} {case.label}: {type(exc).__name__}: {exc}")
+            rows.append(row)
+            _free(device)
+            if progress is not None:
+                progress.step(f"{case.op} {provider.name}")
+        del inputs, dout, reference
+        _free(device)
+    return rows
+
+
+def count_op_rows(cases, providers) -> int:
+    return sum(1 for c in cases for p in providers if c.op in p.ops)
+
+
+def select_providers(names=None, extra=()) -> list[Provider]:
+    """PROVIDERS in order (all, or those named), then any extra Provider objects (tests inject some)."""
+    chosen = list(PROVIDERS.values()) if not names else []
+    for name in names or ():
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+        chosen.append(PROVIDERS[name])
+    return chosen + list(extra)

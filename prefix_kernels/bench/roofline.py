@@ -1,0 +1,69 @@
+"""The roofline floor of each op row: FLOPs and the bytes that must move, against ceilings measured in this run.
+
+FLOPs: 4 * B * Hq * D * (visible query-key pairs per head) for the forward (QK^T and PV, 2 FLOPs per MAC),
+x3.5 for forward + backward (ANCHORS.md). Visible pairs per sequence: S * P for the prefix plus, for the own
+keys, S * L without causality or S * (L - S) + S * (S + 1) / 2 with bottom-right causality (decode: L).
+Bytes: every input read once and every output written once, the prefix counted ONCE (not B times).
+floor = max(bytes / copy bandwidth, FLOPs / matmul rate).
+"""
+from __future__ import annotations
+
+import torch
+
+from .cases import OpCase
+from .timing import bench_ms
+
+FWD_BWD_FLOP_FACTOR = 3.5
+
+
+def visible_pairs(case: OpCase) -> float:
+    s, l, p = case.seq_q, case.seq_k, case.prefix
+    own = s * (l - s) + s * (s + 1) / 2 if case.causal else s * l
+    return s * p + own
+
+
+def op_flops(case: OpCase) -> float:
+    fwd = 4.0 * case.batch * case.heads_q * case.head_dim * visible_pairs(case)
+    return fwd * FWD_BWD_FLOP_FACTOR if case.op == "fwd+bwd" else fwd
+
+
+def op_bytes(case: OpCase) -> float:
+    elt = torch.empty((), dtype=case.torch_dtype).element_size()
+    b, d = case.batch, case.head_dim
+    q = b * case.heads_q * case.seq_q * d          # also the size of out, dout, dq
+    own = b * case.heads_kv * case.seq_k * d       # each of k, v (and dk, dv)
+    pre = case.heads_kv * case.prefix * d          # each of prefix_k, prefix_v: ONCE
+    forward = (q + 2 * own + 2 * pre) + q          # read q, k, v, prefix; write out
+    if case.op != "fwd+bwd":
+        return forward * elt
+    lse = b * case.heads_q * case.seq_q * 4          # float32, written by the forward, read by the backward
+    backward = (q + 2 * own + 2 * pre + 2 * q) + (q + 2 * own + 2 * pre)  # read q,k,v,prefix,out,dout; write grads
+    return (forward + backward) * elt + 2 * lse
+
+
+def measure_ceilings(device, *, warmup_ms=25, rep_ms=100) -> dict:
+    """Copy bandwidth (bytes read + written per second) and matmul rate of this device, measured now."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    n_bytes = (1 << 30) if on_gpu else (64 << 20)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    del src, dst
+    n = 8192 if on_gpu else 512
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms = bench_ms(lambda: a @ b, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    del a, b
+    return dict(copy_bytes=2 * n_bytes, copy_ms=copy_ms, bandwidth_bytes_per_s=2 * n_bytes / (copy_ms * 1e-3),
+                matmul_n=n, matmul_dtype=str(dtype).removeprefix("torch."), matmul_ms=mm_ms,
+                matmul_flops_per_s=2.0 * n ** 3 / (mm_ms * 1e-3))
+
+
+def floor_ms(case: OpCase, ceilings: dict) -> dict:
+    flops, nbytes = op_flops(case), op_bytes(case)
+    memory_ms = nbytes / ceilings["bandwidth_bytes_per_s"] * 1e3
+    compute_ms = flops / ceilings["matmul_flops_per_s"] * 1e3
+    return dict(flops=flops, bytes=nbytes, memory_floor_ms=memory_ms, compute_floor_ms=compute_ms,
+                floor_ms=max(memory_ms, compute_ms), bound="memory" if memory_ms >= compute_ms else "compute")

@@ -1,0 +1,64 @@
+"""Timing and peak memory: triton's do_bench median on CUDA, a perf_counter loop on CPU (meaningless there)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5) -> float:
+    """Median wall time of fn() in milliseconds."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        try:
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        except TypeError:  # triton without return_mode: ask for the 0.5 quantile
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])[0])
+    fn()  # warmup
+    times = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_calls_ms(fn, device, *, repeats: int, warmup: int = 1) -> list[float]:
+    """Each of `repeats` calls' wall time in ms after `warmup` calls; for slow model-level calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+class PeakMemory:
+    """Peak bytes allocated during the block beyond what was allocated when it began (CUDA only; None elsewhere)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_bytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        return False

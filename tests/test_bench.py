@@ -1,0 +1,115 @@
+"""The benchmark suite runs end to end on a CPU (smoke preset) and its correctness guard catches a wrong provider."""
+import json
+
+import pytest
+import torch
+
+from prefix_kernels.bench import main as bench_main
+from prefix_kernels.bench.cases import OpCase, get_preset
+from prefix_kernels.bench.main import parse_args, run
+from prefix_kernels.bench.providers import Prepared, Provider
+from prefix_kernels.bench.roofline import floor_ms, op_bytes, op_flops
+
+
+def _drops_the_prefix(case, inputs):
+    """A fast, wrong provider: attends to the sequence's own keys only."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    groups = case.heads_q // case.heads_kv
+
+    def forward():
+        kk, vv = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=case.causal and case.seq_q > 1)
+    return Prepared(forward)
+
+
+WRONG = Provider("wrong", "drops the prefix (test only)", "ours", ("forward", "decode"), _drops_the_prefix)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = parse_args(["--preset", "smoke", "--device", "cpu", "--out", str(out), "--no-progress", "--quiet",
+                       "--warmup-ms", "1", "--rep-ms", "1"])
+    return out, run(args, extra_providers=[WRONG])
+
+
+def _rows(result, **match):
+    return [r for r in result["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_smoke_writes_json_and_markdown(smoke):
+    out, result = smoke
+    data = json.loads((out / "smoke.json").read_text())
+    env = data["environment"]
+    assert env["cpu_timings_meaningless"] is True
+    assert set(env["versions"]) >= {"torch", "triton", "transformers", "peft"} and env["commit"]
+    assert data["ceilings"]["bandwidth_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
+    ops = {(r["op"], r["provider"]) for r in data["rows"]}
+    for op in ("forward", "decode"):
+        for provider in ("ours-triton", "ours-cuda", "naive", "prebuilt", "flex", "split"):
+            assert (op, provider) in ops
+    for provider in ("ours-triton", "naive", "prebuilt", "flex"):
+        assert ("fwd+bwd", provider) in ops
+    assert {("train_step", "peft"), ("train_step", "ours"), ("generate", "hf-generate"),
+            ("generate", "ours-shared-cache")} <= ops
+    md = (out / "smoke.md").read_text()
+    assert "mean nothing" in md
+    for heading in ("## forward", "## fwd+bwd", "## decode", "## model level"):
+        assert heading in md
+
+
+def test_baselines_agree_with_the_reference(smoke):
+    _, result = smoke
+    for name in ("naive", "prebuilt", "split"):
+        for row in _rows(result, provider=name, kind="op"):
+            assert row["status"] == "ok", row
+            assert row["correct"] is True, row
+            assert row["time_ms"] > 0 and row["floor_ms"] > 0 and row["pct_of_floor"] > 0
+    naive_bwd = _rows(result, provider="naive", op="fwd+bwd")[0]
+    assert set(naive_bwd["errors"]) == {"out", "q", "k", "v", "prefix_k", "prefix_v"}
+    prebuilt_bwd = _rows(result, provider="prebuilt", op="fwd+bwd")[0]
+    assert prebuilt_bwd["errors"]["prefix_k"]["rel"] < 1e-3  # gradients mapped back onto the one prefix
+    assert _rows(result, provider="prebuilt", op="forward")[0]["speedup_vs"]["naive"] > 0
+
+
+def test_guard_flags_a_wrong_provider(smoke):
+    out, result = smoke
+    for row in _rows(result, provider="wrong"):
+        assert row["status"] == "ok" and row["correct"] is False, row
+    assert "**WRONG**" in (out / "smoke.md").read_text()
+
+
+def test_missing_pieces_are_reported_not_faked(smoke):
+    _, result = smoke
+    for provider, name in (("ours", "patch"), ("ours-shared-cache", "SharedPrefixCache")):
+        import prefix_kernels
+        if hasattr(prefix_kernels, name):
+            continue
+        row = _rows(result, provider=provider)[0]
+        assert row["status"] == "n/a" and "not available yet" in row["reason"]
+    for row in _rows(result, provider="ours-cuda"):
+        assert row["status"] == "n/a" and row["reason"]
+    for row in _rows(result, kind="model", role="baseline"):
+        assert row["status"] == "ok" and row["time_ms"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_roofline_matches_the_anchors_floors():
+    h200 = dict(bandwidth_bytes_per_s=4.25e12, matmul_flops_per_s=714e12)
+    anchors = {c.label: c for c in get_preset("anchors").ops}
+    decode = [c for c in anchors.values() if c.op == "decode"]
+    expected_ms = [0.079, 0.068, 0.190, 0.097]  # ANCHORS.md, the four decode shapes in order
+    for case, expected in zip(decode, expected_ms):
+        assert floor_ms(case, h200)["floor_ms"] == pytest.approx(expected, rel=0.03)
+    fwd = OpCase("forward", 8, 32, 32, 2048, 2048, 128)
+    # ANCHORS: 4*B*H*D*(S^2/2 + S*P); ours counts the diagonal exactly (S*(S+1)/2).
+    assert op_flops(fwd) == pytest.approx(4 * 8 * 32 * 128 * (2048 ** 2 / 2 + 2048 * 128), rel=1e-3)
+    assert op_bytes(OpCase("decode", 64, 32, 32, 1, 256, 4096, dtype="bf16")) == pytest.approx(
+        2 * (2 * 64 * 32 * 128 + 2 * 64 * 32 * 256 * 128 + 2 * 32 * 4096 * 128))
+
+
+def test_cli_entry_runs_a_filtered_smoke(tmp_path):
+    rc = bench_main(["--preset", "smoke", "--device", "cpu", "--ops", "decode", "--providers", "naive,split",
+                     "--out", str(tmp_path), "--no-progress", "--quiet", "--warmup-ms", "1", "--rep-ms", "1"])
+    assert rc == 0
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert {(r["op"], r["provider"]) for r in data["rows"]} == {("decode", "naive"), ("decode", "split")}
