@@ -118,8 +118,13 @@ def compare(result: dict, reference: dict) -> dict:
     return errors
 
 
-def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, *, device, warmup_ms, rep_ms):
-    """One row's figures; raises Unavailable (-> "n/a")."""
+def guarded_call(case: OpCase, provider: Provider, inputs: Inputs, dout, reference):
+    """Prepare `provider` for `case`, run it once and compare with the reference.
+
+    Returns (timed, check): `timed()` is the call to time (forward under no_grad, or forward + backward), `check`
+    holds errors, tolerance, correct (None for a "reference" provider, which computes another op) and the note.
+    Raises Unavailable when the provider cannot serve the case here (-> "n/a").
+    """
     try:
         prepared = provider.prepare(case, inputs)
     except NotImplementedError as exc:
@@ -150,21 +155,26 @@ def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, 
     tol = TOLERANCE[case.dtype]
     correct = None if provider.role == "reference" else all(e["rel"] <= tol for e in errors.values())
     del out, grads, got
+    return call, dict(errors=errors, tolerance=tol, correct=correct, note=prepared.note)
 
-    timed = (lambda: call()) if train else prepared.forward
-    if train:
-        time_ms = bench_ms(timed, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    else:
-        with torch.no_grad():
-            time_ms = bench_ms(timed, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, *, device, warmup_ms, rep_ms):
+    """One row's figures; raises Unavailable (-> "n/a")."""
+    call, check = guarded_call(case, provider, inputs, dout, reference)
+    time_ms = bench_ms(call, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     with PeakMemory(device) as mem:
-        if train:
-            call()
-        else:
-            with torch.no_grad():
-                timed()
-    return dict(time_ms=time_ms, peak_bytes=mem.peak_bytes, errors=errors, tolerance=tol, correct=correct,
-                note=prepared.note)
+        call()
+    return dict(time_ms=time_ms, peak_bytes=mem.peak_bytes, **check)
+
+
+def case_tensors(case: OpCase, device):
+    """(inputs, dout or None, float32 reference) for a case."""
+    inputs = make_inputs(case, device)
+    dout = None
+    if case.op == "fwd+bwd":
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        dout = torch.randn(inputs.q.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
+    return inputs, dout, reference_result(case, inputs, dout)
 
 
 def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, progress: Progress | None = None):
@@ -173,12 +183,7 @@ def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, pro
     device = torch.device(device)
     for case in cases:
         floor = floor_ms(case, ceilings)
-        inputs = make_inputs(case, device)
-        dout = None
-        if case.op == "fwd+bwd":
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            dout = torch.randn(inputs.q.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
-        reference = reference_result(case, inputs, dout)
+        inputs, dout, reference = case_tensors(case, device)
         for provider in providers:
             if case.op not in provider.ops:
                 continue

@@ -43,9 +43,11 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> dict:
-    """The commit of the checkout this package runs from; PREFIX_KERNELS_COMMIT overrides (copies without .git)."""
-    if os.environ.get("PREFIX_KERNELS_COMMIT"):
-        return dict(commit=os.environ["PREFIX_KERNELS_COMMIT"], dirty=None, source="PREFIX_KERNELS_COMMIT")
+    """The commit of the checkout this package runs from; PREFIX_KERNELS_COMMIT (or COMMIT, as bench/gpu_check.sh
+    uses) overrides, for copies of the tree without .git."""
+    for name in ("PREFIX_KERNELS_COMMIT", "COMMIT"):
+        if os.environ.get(name):
+            return dict(commit=os.environ[name], dirty=None, source=name)
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
