@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 import traceback
+from dataclasses import replace
 
 import torch
 
 from ..reference import prefix_attention_reference
 from .cases import OpCase
 from .providers import GRAD_NAMES, PROVIDERS, Inputs, Provider, Unavailable, make_inputs
-from .roofline import floor_ms
+from .roofline import floor_ms, op_flops
 from .timing import PeakMemory, bench_ms
 
 # Error of a provider against the float32 reference, relative to the reference's largest magnitude.
@@ -163,7 +165,8 @@ def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, 
     call, check = guarded_call(case, provider, inputs, dout, reference)
     time_ms = bench_ms(call, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     with PeakMemory(device) as mem:
-        call()
+        if mem.device.type == "cuda":  # peak memory is only measured on CUDA
+            call()
     return dict(time_ms=time_ms, peak_bytes=mem.peak_bytes, **check)
 
 
@@ -189,11 +192,15 @@ def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, pro
                 continue
             row = dict(kind="op", op=case.op, case=case.as_dict(), label=case.label, provider=provider.name,
                        role=provider.role, description=provider.description, **floor)
+            started = time.perf_counter()
             try:
                 row.update(status="ok", **_run_one(case, provider, inputs, dout, reference, device=device,
                                                    warmup_ms=warmup_ms, rep_ms=rep_ms))
                 row["pct_of_floor"] = 100.0 * floor["floor_ms"] / row["time_ms"]
-                row["tflops"] = floor["flops"] / (row["time_ms"] * 1e-3) / 1e12
+                flops = floor["flops"]
+                if provider.role == "reference":  # a bound computing another op (no prefix): its own FLOPs
+                    flops = row["own_flops"] = op_flops(replace(case, prefix=0))
+                row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
                 if row["correct"] is False and progress is not None:
                     progress.write(f"WRONG: {provider.name} on {case.op} {case.label}: errors {row['errors']}")
             except Unavailable as exc:
@@ -205,6 +212,7 @@ def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, pro
                            traceback=traceback.format_exc(limit=6))
                 if progress is not None:
                     progress.write(f"error: {provider.name} on {case.op} {case.label}: {type(exc).__name__}: {exc}")
+            row["wall_s"] = time.perf_counter() - started  # setup, guard, compile and timing together
             rows.append(row)
             _free(device)
             if progress is not None:

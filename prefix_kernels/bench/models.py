@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 import traceback
 import warnings
 
@@ -46,7 +47,7 @@ def build_llama(case: ModelCase, device, *, seed: int = 0):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=case.torch_dtype)
+    return model.to(device)  # no dtype cast: RoPE's float32 inv_freq buffer stays float32, as from_pretrained keeps it
 
 
 def _timed(fn, case: ModelCase, device) -> dict:
@@ -62,6 +63,7 @@ def _row(case: ModelCase, provider: str, role: str, description: str) -> dict:
 
 
 def _guarded(row: dict, body, progress) -> dict:
+    started = time.perf_counter()
     try:
         row.update(status="ok", **body())
     except _Unavailable as exc:
@@ -70,6 +72,7 @@ def _guarded(row: dict, body, progress) -> dict:
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
         if progress is not None:
             progress.write(f"error: {row['provider']} on {row['op']}: {type(exc).__name__}: {exc}")
+    row["wall_s"] = time.perf_counter() - started
     if progress is not None:
         progress.step(f"{row['op']} {row['provider']}")
     return row

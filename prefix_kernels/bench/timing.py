@@ -20,9 +20,11 @@ def bench_ms(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps
             return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         except TypeError:  # triton without return_mode: ask for the 0.5 quantile
             return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])[0])
-    fn()  # warmup
+    start = time.perf_counter()
+    fn()  # warmup, and how long one call takes
+    first_ms = (time.perf_counter() - start) * 1e3
     times = []
-    for _ in range(cpu_reps):
+    for _ in range(max(1, min(cpu_reps, int(rep_ms / max(first_ms, 1e-3))))):  # ~rep_ms in all, 1..cpu_reps calls
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
