@@ -29,3 +29,7 @@ def test_forward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     assert main, log[-2000:]
     for line in main:
         assert "spills=0" in line, line
+    # No configuration may spill more than a token amount (a bad fp32 tiling once spilled ~60 KB).
+    for line in lines:
+        spilled = int(line.split("spills=")[1].split()[0])
+        assert spilled <= 256, line
