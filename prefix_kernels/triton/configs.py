@@ -31,10 +31,11 @@ def block_d_for(head_dim: int) -> int:
 
 def _long_query_config(block_d: int, dtype: torch.dtype) -> ForwardConfig:
     if dtype == torch.float32:
-        # fp32 tiles are twice the bytes and the dot runs in IEEE fp32: smaller tiles, fewer stages.
-        if block_d >= 256:
-            return ForwardConfig(32, 32, 4, 1)
-        return ForwardConfig(64, 32, 4, 2)
+        # fp32 is the exact path: IEEE products on CUDA cores, whose register tiles grow with the head dim.
+        # Larger tiles spill heavily at head dim 128+ (seen in ptxas -v: thousands of bytes), so keep them small.
+        if block_d >= 128:
+            return ForwardConfig(16, 16, 4, 2)
+        return ForwardConfig(64, 32, 8, 2)
     if block_d >= 256:
         return ForwardConfig(64, 32, 8, 2)
     if block_d == 128:
@@ -92,19 +93,22 @@ class BackwardConfig:
 
 
 def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
+    # Picked so that ptxas reports no spills on sm_80 and sm_90 with every feature on (fp16/bf16); not yet timed
+    # on a GPU. The key-major kernels hold two fp32 [BLOCK_N, BLOCK_D] accumulators plus the K/V tile, hence
+    # 8 warps throughout. fp32 is the accurate path, not the fast one: small tiles, spills tolerated on sm_90.
     if dtype == torch.float32:
         if block_d >= 256:
-            dq, dkdv = ForwardConfig(32, 16, 4, 1), ForwardConfig(16, 32, 4, 1)
+            dq, dkdv = ForwardConfig(32, 16, 8, 1), ForwardConfig(16, 32, 8, 1)
         elif block_d == 128:
-            dq, dkdv = ForwardConfig(32, 32, 4, 1), ForwardConfig(32, 32, 4, 1)
+            dq, dkdv = ForwardConfig(32, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
         else:
-            dq, dkdv = ForwardConfig(64, 32, 4, 2), ForwardConfig(32, 64, 4, 2)
+            dq, dkdv = ForwardConfig(64, 32, 8, 2), ForwardConfig(32, 64, 8, 1)
     elif block_d >= 256:
-        dq, dkdv = ForwardConfig(64, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
+        dq, dkdv = ForwardConfig(32, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
     elif block_d == 128:
-        dq, dkdv = ForwardConfig(128, 32, 8, 2), ForwardConfig(32, 128, 8, 2)
+        dq, dkdv = ForwardConfig(128, 32, 8, 2), ForwardConfig(32, 64, 8, 2)
     else:
-        dq, dkdv = ForwardConfig(128, 32, 4, 3), ForwardConfig(32, 128, 4, 3)
+        dq, dkdv = ForwardConfig(128, 64, 8, 2), ForwardConfig(32, 128, 8, 2)
     return BackwardConfig(dq=dq, dkdv=dkdv, dprefix=dkdv)
 
 
@@ -114,7 +118,7 @@ def backward_config(head_dim: int, dtype: torch.dtype, seq_q: int) -> BackwardCo
     dq = base.dq
     for block_m in SHORT_BLOCK_M:
         if seq_q <= block_m and block_m < dq.block_m:
-            dq = ForwardConfig(block_m, dq.block_n, 4, dq.num_stages)
+            dq = ForwardConfig(block_m, dq.block_n, 4 if block_m <= 32 else dq.num_warps, dq.num_stages)
             break
     dkdv, dprefix = base.dkdv, base.dprefix
     if seq_q <= 16 and dkdv.block_m > 16:  # few queries: don't stream mostly-empty query tiles

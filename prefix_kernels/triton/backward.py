@@ -1,0 +1,575 @@
+"""Backward of the fused prefix attention: FlashAttention-2 style, P recomputed from the forward's saved LSE.
+
+Four kernels, each launched only when a gradient it produces is needed:
+  preprocess  Delta = rowsum(dO * O) - dlse. The LSE gradient folds in here: with p = exp(s - lse),
+              d lse / d s = p, so ds = p * (dp - Delta) covers both the output's and the LSE's gradient.
+  dq          query-major, the forward's exact tile walk (prefix tiles, then own tiles with causal/window skipping).
+  dkdv        key-major over each sequence's own keys: per (b, kv head, key block), the G query heads of the group
+              and the query blocks that can see those keys.
+  dprefix     key-major over one prefix's keys: per (prefix n, kv head, prefix key block), every sequence b with
+              prefix_index[b] == n, its G query heads and all its query blocks. The sum over the batch happens in
+              registers: no atomics, no [B, ...] buffer. When too few programs exist to fill the GPU, the query
+              tiles are split into a fixed number of chunks (configs.MAX_PREFIX_CHUNKS) whose fp32 partials are
+              summed in a fixed order.
+Rows that saw nothing (lse = -inf) contribute nothing: their lse is read as +inf, so p = exp2(s - inf) = 0.
+Keys that are invisible to every query of a program (padding, prefix keys past prefix_lens) get exact zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, prefix_grad_chunks
+from .forward import _load_rows, _softcap_log2, dot_precision
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lse_log2(lse):
+    """Natural-log LSE -> log2 units, with -inf (a row that saw nothing) read as +inf so that p = 0 there."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DO, Lse, DLse, Delta,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_lb, stride_lh, stride_ls,
+    HQ, S,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    hq = (pid_bh % HQ).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    d_ok = offs_d < HEAD_DIM
+    o = _load_rows(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                   row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + hq * stride_doh + offs_m[:, None] * stride_dos
+                    + offs_d[None, :] * stride_dod, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + b * stride_lb + hq * stride_lh + offs_m * stride_ls, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    # A row that saw nothing has p = 0 everywhere: keep a NaN/inf dlse there from reaching 0 * NaN.
+    delta = tl.where(lse == float("-inf"), 0.0, delta)
+    tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse2, delta,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    start_n, n_limit, visible, sm_scale, softcap,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dq += ds @ k over keys [start_n, start_n + BLOCK_N) (the forward's _attend_tile, differentiated)."""
+    cols = start_n + offs_n
+    col_ok = cols < n_limit
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok,
+                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
+                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+    if APPLY_MASK:
+        p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        t = s * (1.0 / (softcap * 1.4426950408889634))  # tanh of the scaled score
+        ds = ds * (1.0 - t * t)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attention_bwd_dq(
+    Q, K, V, PK, PV, DO, Lse, Delta, DQ, KPM, PrefixIndex, PrefixLens,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkn, stride_pkh, stride_pks, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_mb, stride_ml,
+    HQ, S, L, P, sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    hq = (pid_bh % HQ).to(tl.int64)
+    hkv = hq // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < S
+    d_ok = offs_d < HEAD_DIM
+    q = _load_rows(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                   row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + hq * stride_doh + offs_m[:, None] * stride_dos
+                    + offs_d[None, :] * stride_dod, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    # Rows past S read lse = +inf: p = 0 there, and their q/dO are zeros.
+    lse2 = _lse_log2(tl.load(Lse + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=float("-inf")))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # ---- the prefix this sequence uses: every key below its length is visible ----
+    if HAS_PREFIX_INDEX:
+        prefix_id = tl.load(PrefixIndex + b).to(tl.int64)
+    else:
+        prefix_id = 0
+    if HAS_PREFIX_LENS:
+        prefix_len = tl.load(PrefixLens + prefix_id).to(tl.int32)
+    else:
+        prefix_len = P
+    pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
+    pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
+    prefix_full_end = (prefix_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, prefix_full_end, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+                      start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(prefix_full_end, prefix_len, BLOCK_N):
+        visible = tl.broadcast_to((start_n + offs_n)[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
+        dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+                      start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+
+    # ---- own keys: the forward's walk (query i at position L - S + i) ----
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    first_pos = L - S + pid_m * BLOCK_M
+    if CAUSAL:
+        hi = tl.minimum(L, first_pos + BLOCK_M)
+        full_end = (tl.maximum(tl.minimum(L, first_pos + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = L
+        full_end = (L // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+    full_end = tl.maximum(full_end, lo)
+    q_pos = L - S + offs_m
+    for start_n in range(lo, full_end, BLOCK_N):
+        cols = start_n + offs_n
+        visible = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml)
+            visible = visible & (key_ok != 0)[None, :]
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                      start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        cols = start_n + offs_n
+        visible = tl.broadcast_to(cols[None, :] < L, (BLOCK_M, BLOCK_N))
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < L, other=0)
+            visible = visible & (key_ok != 0)[None, :]
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                      start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
+                      HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    if HEAD_DIM != BLOCK_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, stride_qs, stride_qd, stride_dos, stride_dod,
+    start_m, S, cols, q_shift, window, sm_scale, softcap,
+    offs_m, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dv += p^T dO, dk += ds^T q for the keys `cols` over queries [start_m, start_m + BLOCK_M) of one head.
+
+    Works transposed ([BLOCK_N, BLOCK_M]) so both accumulations are plain dots. Rows past S read lse = +inf and
+    zeros, so they add nothing; keys past the tile's limit are never stored, so they need no mask.
+    """
+    rows = start_m + offs_m
+    row_ok = rows < S
+    d_ok = offs_d < HEAD_DIM
+    q = _load_rows(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, row_ok, d_ok,
+                   True, HEAD_DIM != BLOCK_D)
+    do = _load_rows(do_base + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, row_ok, d_ok,
+                    True, HEAD_DIM != BLOCK_D)
+    lse2 = _lse_log2(tl.load(lse_base + rows, mask=row_ok, other=float("-inf")))
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    s_t = _softcap_log2(qk_t, sm_scale, softcap, HAS_SOFTCAP)
+    if CAUSAL_MASK or WINDOW_MASK:
+        q_pos = q_shift + rows
+        if CAUSAL_MASK:
+            visible = cols[:, None] <= q_pos[None, :]
+            if WINDOW_MASK:
+                visible = visible & ((q_pos[None, :] - cols[:, None]) < window)
+        else:
+            visible = (q_pos[None, :] - cols[:, None]) < window
+        p_t = tl.math.exp2(tl.where(visible, s_t, float("-inf")) - lse2[None, :])
+    else:
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        t = s_t * (1.0 / (softcap * 1.4426950408889634))
+        ds_t = ds_t * (1.0 - t * t)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_attention_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, KPM,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_mb, stride_ml,
+    HQ, S, L, sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    heads_kv = HQ // GROUP
+    b = (pid_bh // heads_kv).to(tl.int64)
+    hkv = (pid_bh % heads_kv).to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    col_ok = cols < L
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + b * stride_kb + hkv * stride_kh + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                   col_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    v = _load_rows(V + b * stride_vb + hkv * stride_vh + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                   col_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Which query blocks see these keys: query i sits at position q_shift + i.
+    q_shift = L - S
+    if HAS_WINDOW:
+        # Queries at or past (last key + window) see none of them.
+        m_hi = tl.minimum(S, tl.maximum(start_n + BLOCK_N - 1 + window - q_shift, 0))
+    else:
+        m_hi = S
+    if CAUSAL:
+        # Queries before the first key see none of them; from m_full on, every query sees every key of the block
+        # (causally), so only [m_lo, m_full) needs the causal mask.
+        m_lo = (tl.maximum(start_n - q_shift, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_shift, 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(m_full, m_hi)
+    else:
+        m_lo = 0
+        m_full = 0
+
+    for g in range(GROUP):
+        hq = hkv * GROUP + g
+        bh = b * HQ + hq
+        q_base = Q + b * stride_qb + hq * stride_qh
+        do_base = DO + b * stride_dob + hq * stride_doh
+        for start_m in range(m_lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse + bh * S, Delta + bh * S,
+                                stride_qs, stride_qd, stride_dos, stride_dod,
+                                start_m, S, cols, q_shift, window, sm_scale, softcap, offs_m, offs_d,
+                                HEAD_DIM, BLOCK_D, True, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        for start_m in range(m_full, m_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse + bh * S, Delta + bh * S,
+                                stride_qs, stride_qd, stride_dos, stride_dod,
+                                start_m, S, cols, q_shift, window, sm_scale, softcap, offs_m, offs_d,
+                                HEAD_DIM, BLOCK_D, False, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+
+    if HAS_KPM:
+        # A padded key is invisible to every query: its gradient is zero. Its column of p was never masked (the
+        # columns are independent given lse), so it is dropped here, once, instead of masked in every tile.
+        key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=col_ok, other=0) != 0
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
+    dk = dk * sm_scale
+    if HEAD_DIM != BLOCK_D:
+        mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        mask = col_ok[:, None]
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefix_attention_bwd_dprefix(
+    Q, PK, PV, DO, Lse, Delta, DPK, DPV, PrefixIndex, PrefixLens,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_pkn, stride_pkh, stride_pks, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_gc, stride_gn, stride_gh, stride_gs, stride_gd,
+    B, HQ, S, P, sm_scale, softcap, tiles_per_chunk,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """d prefix_k/v for keys [start_n, start_n + BLOCK_N) of prefix n, KV head hkv: the sum over every query tile
+    (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
+    (a chunk stride of 0 when there is a single chunk writing the gradient itself)."""
+    pid_n = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    chunk = tl.program_id(2)
+    heads_kv = HQ // GROUP
+    n = (pid_nh // heads_kv).to(tl.int64)
+    hkv = (pid_nh % heads_kv).to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    col_ok = cols < P
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(PK + n * stride_pkn + hkv * stride_pkh + cols[:, None] * stride_pks + offs_d[None, :] * stride_pkd,
+                   col_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    v = _load_rows(PV + n * stride_pvn + hkv * stride_pvh + cols[:, None] * stride_pvs + offs_d[None, :] * stride_pvd,
+                   col_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if HAS_PREFIX_LENS:
+        prefix_len = tl.load(PrefixLens + n).to(tl.int32)
+    else:
+        prefix_len = P
+
+    # The flattened query tiles (b, g, query block) of this chunk: [t_begin, t_end) out of B * GROUP * m_tiles.
+    m_tiles = tl.cdiv(S, BLOCK_M)
+    seq_tiles = GROUP * m_tiles
+    t_begin = chunk * tiles_per_chunk
+    t_end = tl.minimum(t_begin + tiles_per_chunk, B * seq_tiles)
+    t_end = tl.where(start_n < prefix_len, t_end, t_begin)  # keys past this prefix's length: nothing to sum
+    for b in range(t_begin // seq_tiles, tl.cdiv(t_end, seq_tiles)):
+        lo = tl.maximum(t_begin - b * seq_tiles, 0)
+        hi = tl.minimum(t_end - b * seq_tiles, seq_tiles)
+        if HAS_PREFIX_INDEX:
+            # Sequences using another prefix are skipped by an empty range: no host sync, no branch on B.
+            hi = tl.where(tl.load(PrefixIndex + b) == n, hi, lo)
+        b64 = tl.cast(b, tl.int64)
+        for t in range(lo, hi):
+            g = t // m_tiles
+            start_m = (t - g * m_tiles) * BLOCK_M
+            hq = hkv * GROUP + g
+            bh = b64 * HQ + hq
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q + b64 * stride_qb + hq * stride_qh,
+                                DO + b64 * stride_dob + hq * stride_doh, Lse + bh * S, Delta + bh * S,
+                                stride_qs, stride_qd, stride_dos, stride_dod,
+                                start_m, S, cols, 0, 0, sm_scale, softcap, offs_m, offs_d,
+                                HEAD_DIM, BLOCK_D, False, False, HAS_SOFTCAP, DOT_PRECISION)
+
+    # Keys past prefix_lens[n] are visible to no query of this prefix: zero gradient (their p was never masked).
+    key_ok = cols < prefix_len
+    dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    if HEAD_DIM != BLOCK_D:
+        mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        mask = col_ok[:, None]
+    offset = chunk.to(tl.int64) * stride_gc + n * stride_gn + hkv * stride_gh
+    tl.store(DPK + offset + cols[:, None] * stride_gs + offs_d[None, :] * stride_gd, dk.to(DPK.dtype.element_ty),
+             mask=mask)
+    tl.store(DPV + offset + cols[:, None] * stride_gs + offs_d[None, :] * stride_gd, dv.to(DPV.dtype.element_ty),
+             mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launch descriptions: (grid, args, kwargs) per kernel, shared by the launcher and the compile check.
+
+
+def _strides_or_zero(t, n):
+    return t.stride() if t is not None else (0,) * n
+
+
+def preprocess_launch(out, grad_out, lse, grad_lse, delta):
+    batch, heads_q, seq_q, head_dim = out.shape
+    grid = (triton.cdiv(seq_q, PREPROCESS_BLOCK_M), batch * heads_q)
+    args = (out, grad_out, lse, grad_lse, delta, *out.stride(), *grad_out.stride(), *_strides_or_zero(grad_lse, 3),
+            heads_q, seq_q)
+    kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=PREPROCESS_BLOCK_M,
+                  HAS_DLSE=grad_lse is not None, num_warps=4, num_stages=1)
+    return grid, args, kwargs
+
+
+def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, scale, key_padding_mask,
+              prefix_index, prefix_lens, window, softcap):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    config = backward_config(head_dim, q.dtype, seq_q).dq
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    args = (
+        q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, kpm, prefix_index, prefix_lens,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(),
+        *dq.stride(), *_strides_or_zero(kpm, 2),
+        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
+    )
+    kwargs = dict(
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_padding_mask, window, softcap):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    config = backward_config(head_dim, q.dtype, seq_q).dkdv
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    grid = (triton.cdiv(seq_k, config.block_n), batch * heads_kv)
+    args = (
+        q, k, v, grad_out, lse, delta, dk, dv, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *_strides_or_zero(kpm, 2),
+        heads_q, seq_q, seq_k, scale, float(softcap or 1.0), int(window or 0),
+    )
+    kwargs = dict(
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def dprefix_chunks(q, prefix_k) -> int:
+    """How many query chunks the d prefix kernel uses for these shapes (see configs.prefix_grad_chunks)."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
+    config = backward_config(head_dim, q.dtype, seq_q).dprefix
+    programs = num_prefixes * heads_kv * triton.cdiv(prefix_len, config.block_n)
+    query_tiles = batch * (heads_q // heads_kv) * triton.cdiv(seq_q, config.block_m)
+    return prefix_grad_chunks(programs, query_tiles, q.device)
+
+
+def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks, *, scale, prefix_index,
+                   prefix_lens, softcap):
+    """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
+    config = backward_config(head_dim, q.dtype, seq_q).dprefix
+    group = heads_q // heads_kv
+    query_tiles = batch * group * triton.cdiv(seq_q, config.block_m)
+    grad_strides = dpk.stride() if dpk.dim() == 5 else (0, *dpk.stride())
+    assert dpk.stride() == dpv.stride()
+    grid = (triton.cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
+    args = (
+        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens,
+        *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
+        batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), triton.cdiv(query_tiles, chunks),
+    )
+    kwargs = dict(
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        HAS_SOFTCAP=softcap is not None, HAS_PREFIX_INDEX=prefix_index is not None,
+        HAS_PREFIX_LENS=prefix_lens is not None,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def prefix_attention_backward(
+    q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, *, needs=(True,) * 5, causal, scale,
+    key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None, prefix_chunks=None,
+):
+    """Gradients of the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
+
+    needs: which of (dq, dk, dv, dprefix_k, dprefix_v) to compute; the others come back as None and no kernel
+    runs for them (dk and dv come from one kernel, as do dprefix_k and dprefix_v). grad_lse may be None.
+    prefix_chunks overrides the d prefix split (tests). Returns (dq, dk, dv, dprefix_k, dprefix_v), each
+    contiguous in its input's shape, in the inputs' dtype.
+    """
+    need_dq, need_dk, need_dv, need_dpk, need_dpv = needs
+    batch, heads_q, seq_q, _ = q.shape
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if need_dq else None
+    dk = torch.empty(k.shape, device=q.device, dtype=k.dtype) if need_dk or need_dv else None
+    dv = torch.empty(v.shape, device=q.device, dtype=v.dtype) if need_dk or need_dv else None
+    dpk = dpv = None
+    if need_dpk or need_dpv:
+        dpk = torch.empty(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
+        dpv = torch.empty(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
+    if not any(needs):
+        return None, None, None, None, None
+    if q.numel() == 0:  # no queries: nothing attends, every gradient is zero
+        for t in (dq, dk, dv, dpk, dpv):
+            if t is not None:
+                t.zero_()
+        return _select(needs, dq, dk, dv, dpk, dpv)
+
+    lse = lse.contiguous()
+    delta = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    grid, args, kwargs = preprocess_launch(out, grad_out, lse, grad_lse, delta)
+    _bwd_preprocess[grid](*args, **kwargs)
+
+    if dq is not None:
+        grid, args, kwargs = dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, causal=causal,
+                                       scale=scale, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                       prefix_lens=prefix_lens, window=window, softcap=softcap)
+        _prefix_attention_bwd_dq[grid](*args, **kwargs)
+    if dk is not None and dk.numel():
+        grid, args, kwargs = dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, causal=causal, scale=scale,
+                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap)
+        _prefix_attention_bwd_dkdv[grid](*args, **kwargs)
+    if dpk is not None and dpk.numel():
+        chunks = prefix_chunks or dprefix_chunks(q, prefix_k)
+        if chunks > 1:
+            part_k = torch.empty((chunks, *prefix_k.shape), device=q.device, dtype=torch.float32)
+            part_v = torch.empty((chunks, *prefix_v.shape), device=q.device, dtype=torch.float32)
+        else:
+            part_k, part_v = dpk, dpv
+        grid, args, kwargs = dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, part_k, part_v, chunks,
+                                            scale=scale, prefix_index=prefix_index, prefix_lens=prefix_lens,
+                                            softcap=softcap)
+        _prefix_attention_bwd_dprefix[grid](*args, **kwargs)
+        if chunks > 1:  # a fixed-order sum: deterministic
+            dpk.copy_(part_k.sum(0))
+            dpv.copy_(part_v.sum(0))
+    return _select(needs, dq, dk, dv, dpk, dpv)
+
+
+def _select(needs, *grads):
+    return tuple(g if need else None for need, g in zip(needs, grads))
