@@ -1,0 +1,89 @@
+"""The backward kernels' launchable configurations as compile-check cases (see compile_check.py).
+
+Every (block_d, dtype, kernel, config) of configs.backward_launch_space() is compiled with all features switched on
+and with none; the single-feature variants (and the d prefix kernel's fp32-partials variant) for the main
+fp16/bf16 configurations. The arguments come from the launcher's own *_launch functions, so the specialization
+is the one a real launch gets.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backward import (_bwd_preprocess, _prefix_attention_bwd_dkdv, _prefix_attention_bwd_dprefix,
+                       _prefix_attention_bwd_dq, dkdv_launch, dprefix_launch, dq_launch, preprocess_launch)
+from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, backward_config, backward_launch_space
+from .forward_cases import ALL_FEATURES, NO_FEATURES
+
+# A query length that makes backward_config return a given dq / dkdv block_m (short-query variants).
+_SEQ_FOR = (1, 17, 33, 4096)
+
+
+def _seq_q_for(block_d, dtype, kernel, config):
+    for seq_q in _SEQ_FOR:
+        if getattr(backward_config(block_d, dtype, seq_q), kernel) == config:
+            return seq_q
+    raise AssertionError(f"no query length gives {kernel} config {config}")
+
+
+def _tensors(block_d, dtype, seq_q, features):
+    batch, heads_kv, group, seq_k, prefix_len = 2, 2, 3, 256, 64
+    head_dim = block_d
+    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
+    k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
+    n_prefix = 2 if features["multi_prefix"] else 1
+    prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
+    lse = torch.empty(batch, heads_kv * group, seq_q, dtype=torch.float32)
+    options = dict(
+        causal=features["causal"], scale=0.125,
+        key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
+        prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
+        prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
+        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
+    )
+    return q, k, prefix_k, lse, options
+
+
+def _launch(kernel, block_d, dtype, seq_q, features, partials=False):
+    q, k, prefix_k, lse, options = _tensors(block_d, dtype, seq_q, features)
+    grad_out = torch.empty_like(q)  # strided like q: autograd hands whatever layout the consumer produced
+    if kernel == "dq":
+        dq = torch.empty(q.shape, dtype=dtype)
+        return _prefix_attention_bwd_dq, dq_launch(q, k, k, prefix_k, prefix_k, grad_out, lse, lse, dq, **options)
+    if kernel == "dkdv":
+        dk = torch.empty(k.shape, dtype=dtype)
+        kw = {name: options[name] for name in ("causal", "scale", "key_padding_mask", "window", "softcap")}
+        return _prefix_attention_bwd_dkdv, dkdv_launch(q, k, k, grad_out, lse, lse, dk, dk, **kw)
+    if kernel == "dprefix":
+        chunks = 4 if partials else 1
+        shape = (chunks, *prefix_k.shape) if partials else prefix_k.shape
+        grad = torch.empty(shape, dtype=torch.float32 if partials else dtype)
+        kw = {name: options[name] for name in ("scale", "prefix_index", "prefix_lens", "softcap")}
+        return _prefix_attention_bwd_dprefix, dprefix_launch(q, prefix_k, prefix_k, grad_out, lse, lse, grad, grad,
+                                                             chunks, **kw)
+    raise ValueError(kernel)
+
+
+def backward_cases():
+    for block_d, dtype, kernel, config in backward_launch_space():
+        seq_q = _seq_q_for(block_d, dtype, kernel, config)
+        main = block_d in (64, 128) and dtype != torch.float32 and seq_q == 4096
+        variants = [("all", ALL_FEATURES, False), ("none", NO_FEATURES, False)]
+        if main:
+            variants += [(name, {**NO_FEATURES, name: True}, False) for name in ALL_FEATURES]
+        if kernel == "dprefix":
+            variants += [("all-partials", ALL_FEATURES, True)]
+        dtype_name = str(dtype).removeprefix("torch.")
+        for label, features, partials in variants:
+            fn, (_, args, kwargs) = _launch(kernel, block_d, dtype, seq_q, features, partials)
+            name = (f"bwd-{kernel}-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}"
+                    f"-w{config.num_warps}-s{config.num_stages}-{label}")
+            yield name, fn, args, kwargs
+    for dtype in FLOAT_DTYPES:
+        for block_d in BLOCK_D_CHOICES:
+            for has_dlse in (False, True):
+                out = torch.empty(2, 17, 6, block_d, dtype=dtype).transpose(1, 2)
+                lse = torch.empty(2, 6, 17, dtype=torch.float32)
+                _, args, kwargs = preprocess_launch(out, out, lse, lse if has_dlse else None, lse)
+                dtype_name = str(dtype).removeprefix("torch.")
+                yield (f"bwd-preprocess-{dtype_name}-d{block_d}-{'dlse' if has_dlse else 'nodlse'}",
+                       _bwd_preprocess, args, kwargs)
