@@ -21,18 +21,10 @@ def prefix_attention(
                     prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
                     backend=backend)
     chosen = choose_backend(backend, call)
-    if chosen != "torch" and call.needs_grad:
-        # The kernels' backward is not written yet: "auto" stays correct through the differentiable
-        # reference; an explicit kernel backend refuses rather than return an output with no gradient.
-        if backend == "auto":
-            chosen = "torch"
-        else:
-            raise NotImplementedError(
-                f"backend={backend!r} has no backward yet; call it under torch.no_grad() or use backend='torch'")
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                           return_lse=return_lse, **call.options())
-    from .triton.forward import prefix_attention_forward
+    from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
-    out, lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v, **call.options())
+    out, lse = triton_prefix_attention(call)
     return (out, lse) if return_lse else out

@@ -59,7 +59,10 @@ def _require_device(name, tensor, device):
 
 
 def _values_checkable(tensor) -> bool:
-    # Reading values forces a host sync, which is illegal while a CUDA graph is being captured.
+    # Reading values forces a host sync, which is illegal while a CUDA graph is being captured, and a graph break
+    # (an error under fullgraph=True) while torch.compile traces.
+    if torch.compiler.is_compiling():
+        return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

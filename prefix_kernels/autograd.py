@@ -1,0 +1,93 @@
+"""The Triton backend as torch.library custom ops: forward and backward ops, fake impls, and autograd.
+
+`prefix_kernels::prefix_attention_fwd` returns (out, lse); both are differentiable outputs, and the LSE's gradient
+is folded into the backward's Delta (so `merge_attention_states` composes under autograd). The backward op takes
+`needs` (which of dq, dk, dv, dprefix_k, dprefix_v to compute) and returns empty tensors for the others. Only
+q, k, v, prefix_k, prefix_v, out, lse (plus the small mask/index tensors) are saved: the prefix is saved as the
+ONE copy the caller passed, never anything of size B * P * D. Being opaque ops with fake impls, both trace under
+torch.compile(fullgraph=True).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("prefix_kernels::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
+    causal: bool, scale: float, window: Optional[int], softcap: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    from .triton.forward import prefix_attention_forward
+
+    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                    prefix_lens=prefix_lens, window=window, softcap=softcap)
+
+
+@prefix_attention_fwd.register_fake
+def _prefix_attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal,
+                               scale, window, softcap):
+    batch, heads_q, seq_q, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
+
+
+@torch.library.custom_op("prefix_kernels::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    grad_out: Tensor, grad_lse: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
+    causal: bool, scale: float, window: Optional[int], softcap: Optional[float], needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v); a gradient not in `needs` comes back as an empty tensor."""
+    from .triton.backward import prefix_attention_backward
+
+    grads = prefix_attention_backward(q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, needs=tuple(needs),
+                                      causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                      prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
+                                      softcap=softcap)
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+@prefix_attention_bwd.register_fake
+def _prefix_attention_bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask,
+                               prefix_index, prefix_lens, causal, scale, window, softcap, needs):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else q.new_empty(0)
+                 for need, t in zip(needs, (q, k, v, prefix_k, prefix_v)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens)
+    ctx.options = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+    ctx.set_materialize_grads(False)  # an unused lse (the usual case) must not cost a zero-filled gradient
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    no_grads = (None,) * 12
+    if not any(needs) or (grad_out is None and grad_lse is None):
+        return no_grads
+    if grad_out is None:  # only the LSE was used
+        grad_out = torch.zeros_like(out)
+    o = ctx.options
+    grads = torch.ops.prefix_kernels.prefix_attention_bwd(
+        grad_out, grad_lse, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens,
+        o["causal"], o["scale"], o["window"], o["softcap"], needs)
+    return tuple(g if need else None for need, g in zip(needs, grads)) + no_grads[5:]
+
+
+torch.library.register_autograd("prefix_kernels::prefix_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def triton_prefix_attention(call):
+    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the differentiable Triton op."""
+    return torch.ops.prefix_kernels.prefix_attention_fwd(
+        call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
+        call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
