@@ -123,3 +123,38 @@ def assert_close_to_truth(name, got, truth, reference_error, dtype):
     allowed = 2 * reference_error + ERROR_FLOOR[dtype]
     assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} " \
                              f"(2 x reference's own {reference_error:.3g} + floor {ERROR_FLOOR[dtype]:g})"
+
+
+# ---- gradients (tests/test_backward.py) ----
+
+def attention_loss(out, lse, out_weight, lse_weight):
+    """A scalar using the output through a [B, S, H, D] view (so dO arrives strided, as from HF) and, if
+    lse_weight is given, the finite part of the LSE. Its gradients are exactly the weights, whatever out's dtype."""
+    loss = (out.transpose(1, 2) * out_weight.to(out.dtype)).sum()
+    if lse_weight is not None:
+        finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        loss = loss + (finite * lse_weight).sum()
+    return loss
+
+
+def loss_weights(tensors):
+    """Random cotangents for attention_loss: [B, S, H, D] in q's dtype, [B, Hq, S] float32 for the LSE."""
+    q = tensors[0]
+    batch, heads_q, seq_q, head_dim = q.shape
+    return (torch.randn(batch, seq_q, heads_q, head_dim, device=q.device, dtype=q.dtype),
+            torch.randn(batch, heads_q, seq_q, device=q.device, dtype=torch.float32))
+
+
+def reference_grads(tensors, options, out_weight, lse_weight, *, dtype=None, upcast=True):
+    """Gradients of attention_loss through the reference, with the inputs cast to `dtype` (None: as given)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+    out, lse = prefix_attention_reference(*leaves, return_lse=True, upcast=upcast, **options)
+    attention_loss(out, lse, out_weight, lse_weight).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+def truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight):
+    """(float64 truth gradients, the low-precision reference's own max error per gradient against them)."""
+    truth = reference_grads(tensors, options, out_weight, lse_weight, dtype=torch.float64)
+    lowp = reference_grads(tensors, options, out_weight, lse_weight, upcast=False)
+    return truth, [max_error(g, t) for g, t in zip(lowp, truth)]

@@ -1,0 +1,235 @@
+"""The Triton backward (through the custom op's autograd) against the float64 reference's autograd.
+
+Gradients of all five inputs, with a loss that uses the LSE too, over the forward's sweep; which kernels run for a
+subset of inputs; torch.compile; what is saved for backward; the per-prefix sum with several prefixes; and the
+compile check of every backward kernel configuration for sm_80 / sm_90.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from helpers import (ERROR_FLOOR, Case, attention_loss, loss_weights, make_inputs, max_error, reference_grads,
+                     truth_and_reference_grad_errors)
+from prefix_kernels import prefix_attention
+from prefix_kernels.reference import prefix_attention_reference
+from prefix_kernels.triton import backward as triton_backward
+from test_forward import CASES
+
+NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def _kernel_grads(tensors, options, out_weight, lse_weight, requires=(True,) * 5):
+    leaves = [t.detach().requires_grad_(r) for t, r in zip(tensors, requires)]
+    out, lse = prefix_attention(*leaves, return_lse=True, backend="triton", **options)
+    attention_loss(out, lse, out_weight, lse_weight).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+def _assert_grads_close(grads, truth, reference_errors, dtype):
+    for name, got, want, ref_error in zip(NAMES, grads, truth, reference_errors):
+        assert got is not None and got.shape == want.shape and got.dtype == dtype, name
+        assert not torch.isnan(got).any(), f"{name} has NaN"
+        error = max_error(got, want)
+        allowed = 2 * ref_error + ERROR_FLOOR[dtype]
+        assert error <= allowed, (f"{name}: max error {error:.3g} > allowed {allowed:.3g} "
+                                  f"(2 x reference's own {ref_error:.3g} + floor {ERROR_FLOOR[dtype]:g})")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_gradients_match_reference(case, dtype):
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+
+    grads = _kernel_grads(tensors, options, out_weight, lse_weight)
+
+    _assert_grads_close(grads, truth, reference_errors, dtype)
+    for grad, tensor in zip(grads, tensors):
+        assert grad.shape == tensor.shape  # a 3-D prefix gets a 3-D gradient
+
+
+def test_gradients_without_lse_in_the_loss():
+    """The usual training call: only the output is used, so no LSE gradient reaches the backward."""
+    case = Case(batch=2, heads_q=4, heads_kv=2, seq_q=19, seq_k=23, prefix_len=21, head_dim=32, padding="left")
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    out_weight, _ = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, None)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, None), truth, reference_errors, torch.float32)
+
+
+def test_only_lse_in_the_loss():
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=9, seq_k=9, prefix_len=12, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    _, lse = prefix_attention(*leaves, return_lse=True, backend="triton", **options)
+    lse.sum().backward()
+    ref_leaves = [t.detach().double().requires_grad_() for t in tensors]
+    prefix_attention_reference(*ref_leaves, return_lse=True, **options)[1].sum().backward()
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        want = b.grad if b.grad is not None else torch.zeros_like(b)  # v does not reach the LSE
+        assert max_error(a.grad, want) < 1e-5, name
+
+
+def test_reference_gradcheck_float64():
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=3, seq_k=4, prefix_len=3, head_dim=16, num_prefixes=2,
+                prefix_lens=(3, 2), padding="right", softcap=2.0, window=3)
+    *tensors, options = make_inputs(case, torch.float64, DEVICE, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda *t: prefix_attention_reference(*t, return_lse=True, **options), tensors, atol=1e-6)
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: counts launches and forwards them."""
+
+    def __init__(self, kernel, launches, name):
+        self.kernel, self.launches, self.name = kernel, launches, name
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    record = []
+    for name in ("_prefix_attention_bwd_dq", "_prefix_attention_bwd_dkdv", "_prefix_attention_bwd_dprefix"):
+        monkeypatch.setattr(triton_backward, name, _LaunchSpy(getattr(triton_backward, name), record, name))
+    return record
+
+
+@pytest.mark.parametrize("requires, kernels", [
+    ((False, False, False, True, True), {"_prefix_attention_bwd_dprefix"}),
+    ((True, False, False, False, False), {"_prefix_attention_bwd_dq"}),
+    ((False, True, False, False, False), {"_prefix_attention_bwd_dkdv"}),
+    ((False, False, False, False, True), {"_prefix_attention_bwd_dprefix"}),
+], ids=["prefix-only", "q-only", "k-only", "prefix_v-only"])
+def test_only_the_needed_gradients_are_computed(requires, kernels, launches):
+    case = Case(batch=2, heads_q=4, heads_kv=2, seq_q=7, seq_k=9, prefix_len=11, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    out_weight, lse_weight = loss_weights(tensors)
+    grads = _kernel_grads(tensors, options, out_weight, lse_weight, requires=requires)
+    assert set(launches) == kernels and len(launches) == len(kernels)
+    truth = reference_grads(tensors, options, out_weight, lse_weight, dtype=torch.float64)
+    for name, need, got, want in zip(NAMES, requires, grads, truth):
+        if need:
+            assert max_error(got, want) < 1e-5, name
+        else:
+            assert got is None, name
+
+
+def test_torch_compile_fullgraph_traces_forward_and_backward():
+    case = Case(batch=3, heads_q=4, heads_kv=2, seq_q=5, seq_k=7, prefix_len=6, head_dim=32, padding="left",
+                softcap=3.0, num_prefixes=2, prefix_lens=(6, 4))
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+
+    def step(q, k, v, prefix_k, prefix_v, mask, prefix_index, prefix_lens):
+        out, lse = prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, softcap=3.0,
+                                    prefix_index=prefix_index, prefix_lens=prefix_lens, return_lse=True,
+                                    backend="triton")
+        return (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    extra = [options[name] for name in ("key_padding_mask", "prefix_index", "prefix_lens")]
+    eager_leaves = [t.detach().requires_grad_() for t in tensors]
+    compiled_leaves = [t.detach().requires_grad_() for t in tensors]
+    step(*eager_leaves, *extra).backward()
+    compiled(*compiled_leaves, *extra).backward()
+    for name, a, b in zip(NAMES, eager_leaves, compiled_leaves):
+        assert b.grad is not None and max_error(a.grad, b.grad) < 1e-6, name
+
+
+def test_nothing_of_batch_times_prefix_size_is_saved_for_backward():
+    """Saved tensors are q, k, v, out, lse and the ONE prefix copy: nothing with B*P*D elements, no expanded view."""
+    case = Case(batch=4, heads_q=2, heads_kv=1, seq_q=3, seq_k=5, prefix_len=40, head_dim=32, num_prefixes=2,
+                prefix_lens=(40, 17))
+    *tensors, options = make_inputs(case, torch.float32, DEVICE, requires_grad=True)
+    prefix_k = tensors[3]
+    batch_prefix_numel = case.batch * case.heads_kv * case.prefix_len * case.head_dim
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = prefix_attention(*tensors, backend="triton", **options)
+    out.sum().backward()
+    assert saved, "nothing was saved: the hooks did not see the op"
+    assert any(t.data_ptr() == prefix_k.data_ptr() for t in saved), "the prefix itself is saved"
+    for t in saved:
+        assert t.numel() < batch_prefix_numel, f"a tensor of shape {tuple(t.shape)} was saved"
+        assert 0 not in t.stride() or t.numel() <= 1, f"an expanded view {tuple(t.shape)} was saved"
+
+
+def test_prefix_gradient_is_the_sum_over_exactly_the_sequences_using_it():
+    case = Case(batch=5, heads_q=4, heads_kv=2, seq_q=6, seq_k=8, prefix_len=10, head_dim=32, num_prefixes=3)
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float32, DEVICE)
+    options["prefix_index"] = torch.tensor([2, 0, 2, 2, 0], device=DEVICE)  # prefix 1 is used by nobody
+    options["prefix_lens"] = torch.tensor([10, 10, 7], device=DEVICE)
+    tensors = [q, k, v, prefix_k, prefix_v]
+    out_weight, lse_weight = loss_weights(tensors)
+    grads = _kernel_grads(tensors, options, out_weight, lse_weight)
+
+    # Each sequence alone, against its own prefix as a single [Hkv, P, D] prefix, in float64.
+    expected_k = torch.zeros_like(prefix_k, dtype=torch.float64)
+    expected_v = torch.zeros_like(prefix_v, dtype=torch.float64)
+    for b, n in enumerate(options["prefix_index"].tolist()):
+        one = [q[b:b + 1], k[b:b + 1], v[b:b + 1], prefix_k[n], prefix_v[n]]
+        g = reference_grads(one, dict(causal=True, prefix_lens=options["prefix_lens"][n:n + 1]),
+                            out_weight[b:b + 1], lse_weight[b:b + 1], dtype=torch.float64)
+        expected_k[n] += g[3]
+        expected_v[n] += g[4]
+    assert max_error(grads[3], expected_k) < 1e-5 and max_error(grads[4], expected_v) < 1e-5
+    assert (grads[3][1] == 0).all() and (grads[4][1] == 0).all(), "an unused prefix gets exactly zero"
+    assert (grads[3][2, :, 7:] == 0).all() and (grads[4][2, :, 7:] == 0).all(), "keys past prefix_lens get zero"
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 16])
+def test_chunked_prefix_gradient_matches_unsplit(chunks):
+    """The split of the prefix gradient over query chunks (used on the GPU when few programs exist) sums to the
+    same gradient; each split is deterministic run to run."""
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=21, seq_k=13, prefix_len=19, head_dim=32, num_prefixes=2,
+                prefix_lens=(19, 6), softcap=4.0)
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float32, DEVICE)
+    prefix_k, prefix_v = prefix_k.contiguous(), prefix_v.contiguous()
+    from prefix_kernels.triton.forward import prefix_attention_forward
+
+    scale = case.head_dim ** -0.5
+    out, lse = prefix_attention_forward(q, k, v, prefix_k, prefix_v, scale=scale, **options)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    needs = (False, False, False, True, True)
+
+    def run(n_chunks):
+        return triton_backward.prefix_attention_backward(
+            q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, needs=needs, scale=scale,
+            prefix_chunks=n_chunks, **options)[3:]
+
+    whole, split, again = run(1), run(chunks), run(chunks)
+    for a, b, c in zip(whole, split, again):
+        assert max_error(a, b) < 1e-5
+        assert torch.equal(b, c)
+
+
+@pytest.mark.compile
+def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "prefix_kernels.triton.compile_check", "--filter", "bwd-"],
+                            capture_output=True, text=True, env=env, timeout=3600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    lines = [line for line in log.splitlines() if ": ok " in line]
+    for kernel in ("dq", "dkdv", "dprefix", "preprocess"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            for arch in ("sm_80", "sm_90"):
+                assert any(f"{arch} bwd-{kernel}-{dtype}" in line for line in lines), (kernel, dtype, arch)
+    # The training configs (fp16/bf16, head dim 64/128, long queries), every feature variant, must not spill.
+    main = [line for line in lines if "float32" not in line and any(
+        f"-d{d}-m{m}-" in line for d, m in ((64, 128), (128, 128), (64, 32), (128, 32)))]
+    assert main, log[-2000:]
+    for line in main:
+        assert "spills=0" in line, line
