@@ -139,7 +139,7 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
                                prefix_index, prefix_lens, window, None if softcap is None else float(softcap))

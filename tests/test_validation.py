@@ -48,6 +48,7 @@ BAD_INPUTS = {
     "softcap-negative": (dict(softcap=-1.0), ValueError, None, "softcap"),
     "causal-not-bool": (dict(causal=1), TypeError, None, "causal"),
     "scale-nan": (dict(scale=float("nan")), ValueError, None, "scale"),
+    "scale-negative": (dict(scale=-0.1), ValueError, None, "scale"),
     "backend-name": (dict(backend="flash"), ValueError, None, "backend"),
     "not-a-tensor": (dict(prefix_v=[1, 2]), TypeError, None, "prefix_v"),
 }

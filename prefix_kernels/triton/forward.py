@@ -58,16 +58,21 @@ def _attend_tile(
     k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok,
                    APPLY_MASK, HEAD_DIM != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
-    if APPLY_MASK:
-        s = tl.where(visible, s, float("-inf"))
+    if APPLY_MASK or HAS_SOFTCAP:
+        s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        if APPLY_MASK:
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # The hot path: every key visible, no cap. Scale the row max (scale > 0, validated) rather than the
+        # tile, so the exponent is one fused multiply-add per score.
+        qk_scale = sm_scale * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
