@@ -2,6 +2,8 @@
 from .attention import prefix_attention
 from .merge import merge_attention_states
 from . import reference
+from .hf.patch import patch, unpatch
+from .hf.prefix_tuning import PrefixTuning
 
-__all__ = ["prefix_attention", "merge_attention_states", "reference"]
+__all__ = ["prefix_attention", "merge_attention_states", "reference", "PrefixTuning", "patch", "unpatch"]
 __version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""The attention function and mask function registered with transformers under the name "prefix_kernels".
+
+A patched model hands every attention call here. The prefix comes from a *prefix source* that patch() puts on each
+attention module (attribute `_prefix_kernels_source`). A prefix source is any object with
+
+    prefix_length: int                                 # P, the positions the prefix occupies before the tokens
+    layer_prefix(layer_idx) -> (prefix_k, prefix_v) | None
+        # [Hkv, P, D] (or [N, Hkv, P, D] with prefix_index) at KV-head width; None = no prefix on this layer
+    begin_forward() -> None                            # optional: called once at the start of each model forward
+    prefix_index: Tensor | None                        # optional: [B] which of N prefixes each row uses
+
+PrefixTuning, its export() and the PEFT bridge are prefix sources; the serving cache (issue 6) can be another.
+
+The mask function does not build a dense [B, 1, S, L] mask: it hands the attention function the 2-D padding mask
+(True = a real token), cut to the last L keys, or None when there is no padding. Causality, the sliding window and
+the prefix's visibility are the kernel's.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import prefix_attention
+
+NAME = "prefix_kernels"
+SOURCE_ATTR = "_prefix_kernels_source"
+BACKEND_ATTR = "_prefix_kernels_backend"
+
+
+def padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: the [B, kv_length] bool padding mask (True = real key), or None."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def _padding_mask(attention_mask, batch, length):
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"the prefix_kernels attention takes a 2-D padding mask [B, L] (True = real token), got "
+                         f"{shape}; custom 4-D masks are not supported by the patched model")
+    if attention_mask.shape[1] < length:
+        raise ValueError(f"the padding mask covers {attention_mask.shape[1]} keys but the layer has {length}; "
+                         "only caches that hold every past token (DynamicCache) are supported")
+    return attention_mask[:, -length:].to(torch.bool)
+
+
+def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query [B, H, S, D], key/value [B, Hkv, L, D] -> (out [B, S, H, D], None)."""
+    if dropout and module.training:
+        raise ValueError(f"the prefix_kernels attention has no attention dropout, but this model uses "
+                         f"{dropout} in training; set the model config's attention dropout to 0.0 "
+                         "(e.g. attn_pdrop / attention_dropout)")
+    source = getattr(module, SOURCE_ATTR, None)
+    prefix = source.layer_prefix(module.layer_idx) if source is not None else None
+    batch, heads_kv, length, head_dim = key.shape
+    if prefix is None:
+        empty = key.new_empty(heads_kv, 0, head_dim)
+        prefix_k = prefix_v = empty
+    else:
+        prefix_k, prefix_v = (t.to(query.dtype) for t in prefix)
+    options = {}
+    prefix_index = getattr(source, "prefix_index", None) if prefix is not None else None
+    if prefix_index is not None:
+        options["prefix_index"] = prefix_index
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    out = prefix_attention(
+        query, key, value, prefix_k, prefix_v,
+        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        scale=scaling,
+        key_padding_mask=_padding_mask(attention_mask, batch, length),
+        window=int(window) if window is not None else None,
+        softcap=float(softcap) if softcap is not None else None,
+        backend=getattr(module, BACKEND_ATTR, "auto"),
+        **options,
+    )
+    return out.transpose(1, 2), None
+
+
+def register() -> str:
+    """Register both functions with transformers (idempotent); returns the implementation name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, prefix_kernels_attention)
+    AttentionMaskInterface.register(NAME, padding_mask_function)
+    return NAME

@@ -1,0 +1,184 @@
+"""patch / unpatch: route a transformers model's attention through prefix_attention, with a prefix per layer.
+
+One table of per-family facts, not a function per family. Scaling, the GQA group, the sliding window and the
+softcap reach the attention function as the model's own arguments (query/key head counts, `scaling`,
+`sliding_window`, `softcap`); the table says where a family keeps its layers, its KV geometry, and how it turns
+the prefix length P into positions (the "position shift": the naive path, the prefix as a cache of P entries,
+places the real tokens at positions P, P+1, ...; the patched path has no such cache, so patch() passes the same
+positions explicitly).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .attention import BACKEND_ATTR, SOURCE_ATTR
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str                 # decoder layer list, dotted path from model.base_model
+    attention: str              # attribute of a decoder layer holding its attention module
+    positions: str = "arange"   # "arange": past + P + i; "cumsum": from the padding mask, as OPT does
+    embeds: str = ""            # module (dotted path from model.base_model) whose forward computes the positions
+    gqa: str | None = "num_key_value_heads"       # config attribute with Hkv (None: as many as query heads)
+    heads: str = "num_attention_heads"            # config attribute with the query head count
+    window: str | None = None   # config attribute of the sliding window (passed by the model as `sliding_window`)
+    softcap: str | None = None  # config attribute of the score softcap (passed by the model as `softcap`)
+
+
+_LLAMA_LIKE = Family(layers="layers", attention="self_attn")
+FAMILIES = {
+    "llama": _LLAMA_LIKE,
+    "mistral": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "qwen2": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "qwen3": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "gemma": _LLAMA_LIKE,
+    "gemma2": Family(layers="layers", attention="self_attn", window="sliding_window",
+                     softcap="attn_logit_softcapping"),
+    "phi": _LLAMA_LIKE,
+    "phi3": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "gpt2": Family(layers="h", attention="attn", gqa=None, heads="n_head"),
+    "gpt_neox": Family(layers="layers", attention="attention", gqa=None),
+    "opt": Family(layers="decoder.layers", attention="self_attn", positions="cumsum", embeds="decoder", gqa=None),
+}
+NOT_ROUTED = ("bloom", "falcon", "gpt_neo", "mpt")
+_STATE_ATTR = "_prefix_kernels_patch"
+
+
+def family_of(model) -> Family:
+    """The facts for `model`'s family, or a ValueError naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = ("its attention does not go through transformers' AttentionInterface"
+           if model_type in NOT_ROUTED else "it is not in the families table")
+    raise ValueError(f"prefix_kernels cannot patch model type {model_type!r}: {why}. "
+                     f"Supported families: {', '.join(sorted(FAMILIES))}")
+
+
+def _get(obj, dotted):
+    for part in filter(None, dotted.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attention_modules(model) -> list:
+    """Each decoder layer's attention module, in layer order."""
+    family = family_of(model)
+    return [getattr(layer, family.attention) for layer in _get(model.base_model, family.layers)]
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, Hkv, head dim) of a supported model."""
+    family, config = family_of(model), model.config
+    heads = getattr(config, family.heads)
+    heads_kv = getattr(config, family.gqa, None) if family.gqa else None
+    heads_kv = heads_kv or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return len(attention_modules(model)), heads_kv, head_dim
+
+
+def _cache_length(cache) -> int:
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+def _positions_hook(family, source, signature):
+    """A forward pre-hook on the module that computes positions: drops a prefix part of the padding mask
+    (PEFT prepends P ones) and passes the positions the naive path would use."""
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def hook(module, args, kwargs):
+        if hasattr(source, "begin_forward"):
+            source.begin_forward()
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        arguments = dict(bound)
+        if var_kw is not None:
+            arguments.update(arguments.pop(var_kw, {}))
+        tokens = arguments.get("input_ids")
+        if tokens is None:
+            tokens = arguments.get("inputs_embeds")
+        if tokens is None:
+            return None
+        batch, seq = tokens.shape[:2]
+        prefix_len = int(source.prefix_length)
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        past = _cache_length(cache)
+        mask = arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and \
+                mask.shape[1] == prefix_len + past + seq:
+            mask = mask[:, prefix_len:]
+            arguments["attention_mask"] = mask
+        if arguments.get("position_ids") is None:
+            device = tokens.device
+            if family.positions == "cumsum" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                full = torch.cat([torch.ones(batch, prefix_len, device=device, dtype=torch.long),
+                                  mask.to(device=device, dtype=torch.long)], dim=1)
+                arguments["position_ids"] = (full.cumsum(1) * full - 1)[:, -seq:]
+            else:
+                arguments["position_ids"] = (torch.arange(seq, device=device) + past + prefix_len)[None]
+        return (), arguments
+
+    return hook
+
+
+@dataclass
+class _PatchState:
+    previous_implementation: str
+    hook: object
+    extra_undo: object = None
+
+
+def patch(model, prefix=None, *, backend="auto"):
+    """Make `model` attend to `prefix` through the kernels; returns the model (patched in place).
+
+    model: a supported transformers model (see FAMILIES), or a PeftModel with a PrefixTuningConfig (prefix omitted).
+    prefix: a prefix source (hf/attention.py): PrefixTuning, PrefixTuning.export(), or your own.
+    backend: passed to prefix_attention ("auto", "triton", "cuda", "torch").
+    """
+    from . import attention as hf_attention
+
+    if prefix is None:
+        from .peft import is_peft_prefix_model, patch_peft
+
+        if is_peft_prefix_model(model):
+            return patch_peft(model, backend=backend)
+        raise ValueError("patch(model) without a prefix needs a PeftModel with a PrefixTuningConfig; "
+                         "otherwise pass a prefix, e.g. patch(model, PrefixTuning(model, num_virtual_tokens=32))")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise ValueError("this model is already patched; call prefix_kernels.unpatch(model) first")
+    family = family_of(model)
+    if not hasattr(prefix, "layer_prefix") or not hasattr(prefix, "prefix_length"):
+        raise TypeError(f"prefix must be a prefix source (with prefix_length and layer_prefix(layer_idx)), "
+                        f"got {type(prefix).__name__}")
+    name = hf_attention.register()
+    previous = model.config._attn_implementation
+    modules = attention_modules(model)
+    for module in modules:
+        # Through __dict__: a prefix that is an nn.Module must not become a submodule of every attention layer.
+        module.__dict__[SOURCE_ATTR] = prefix
+        module.__dict__[BACKEND_ATTR] = backend
+    embeds = _get(model.base_model, family.embeds)
+    signature = inspect.signature(embeds.forward)
+    hook = embeds.register_forward_pre_hook(_positions_hook(family, prefix, signature), with_kwargs=True)
+    model.set_attn_implementation(name)
+    model.__dict__[_STATE_ATTR] = _PatchState(previous, hook)
+    return model
+
+
+def unpatch(model):
+    """Undo patch(): the stock attention implementation, no hooks, no attributes; returns the model."""
+    from .peft import unpatch_peft_bridge
+
+    target = unpatch_peft_bridge(model)
+    state = target.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not patched by prefix_kernels")
+    state.hook.remove()
+    for module in attention_modules(target):
+        module.__dict__.pop(SOURCE_ATTR, None)
+        module.__dict__.pop(BACKEND_ATTR, None)
+    target.set_attn_implementation(state.previous_implementation)
+    return model

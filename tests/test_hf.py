@@ -1,0 +1,192 @@
+"""The Hugging Face drop-in: patched models equal the naive path (the prefix as an HF cache, what PEFT does).
+
+Tiny random models in fp32 on CPU; the Triton kernels run under the interpreter there (conftest).
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.patch import FAMILIES  # noqa: E402
+
+VOCAB, BATCH, SEQ, P = 64, 2, 9, 5
+LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**LLAMA_LIKE),
+    "mistral": lambda: transformers.MistralConfig(**LLAMA_LIKE, sliding_window=P + SEQ),
+    "qwen2": lambda: transformers.Qwen2Config(**LLAMA_LIKE),
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA_LIKE),
+    "gemma": lambda: transformers.GemmaConfig(**LLAMA_LIKE),
+    "gemma2": lambda: transformers.Gemma2Config(**LLAMA_LIKE, sliding_window=P + SEQ, attn_logit_softcapping=2.0,
+                                                final_logit_softcapping=30.0),
+    "phi3": lambda: transformers.Phi3Config(**{**LLAMA_LIKE, "hidden_size": 128}, pad_token_id=0),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=256,
+                                                   max_position_embeddings=64),
+    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=128,
+                                          max_position_embeddings=64, pad_token_id=1),
+}
+TOL = 1e-4
+
+
+def tiny_model(family):
+    config = CONFIGS[family]()
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def batch_inputs():
+    ids = torch.randint(2, VOCAB, (BATCH, SEQ))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, :3] = 0  # left padding on the second row
+    return ids, mask
+
+
+def naive_forward(model, prefix, ids, mask):
+    """The prefix as a DynamicCache of the same per-layer K/V, expanded to the batch, with the mask covering it."""
+    keys, values = prefix()
+    cache = transformers.DynamicCache(config=model.config)
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer].expand(BATCH, -1, -1, -1), values[layer].expand(BATCH, -1, -1, -1), layer)
+    full_mask = torch.cat([torch.ones(BATCH, P, dtype=mask.dtype), mask], dim=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    return model(input_ids=ids, attention_mask=full_mask, cache=cache, labels=labels)
+
+
+def grads(loss, prefix):
+    prefix.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in prefix.parameters()]
+
+
+def assert_close(name, got, want, tol=TOL):
+    error = (got - want).abs().max().item()
+    assert error <= tol, f"{name}: max error {error:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_patched_equals_naive(family):
+    model = tiny_model(family)
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
+    ids, mask = batch_inputs()
+    stock_logits = model(input_ids=ids, attention_mask=mask).logits
+
+    naive = naive_forward(model, prefix, ids, mask)
+    naive_grads = grads(naive.loss, prefix)
+
+    prefix_kernels.patch(model, prefix)
+    assert model.config._attn_implementation == "prefix_kernels"
+    patched = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    real = mask.bool()
+    assert_close("logits", patched.logits[real], naive.logits[real])
+    assert_close("loss", patched.loss, naive.loss)
+    for name, got, want in zip(("prefix_k", "prefix_v"), grads(patched.loss, prefix), naive_grads):
+        assert_close(f"grad {name}", got, want)
+
+    prefix_kernels.unpatch(model)
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, stock_logits)
+    assert not any(name.startswith("_prefix_kernels") for m in model.modules() for name in vars(m))
+
+
+def test_every_family_in_the_table_is_tested():
+    assert set(CONFIGS) >= set(FAMILIES) - {"phi"}
+
+
+def test_projection_prefix_and_unpadded_batch():
+    model = tiny_model("llama")
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=48)
+    ids, _ = batch_inputs()
+    mask = torch.ones_like(ids)
+    naive = naive_forward(model, prefix, ids, mask)
+    naive_grads = grads(naive.loss, prefix)
+    prefix_kernels.patch(model, prefix)
+    patched = model(input_ids=ids, labels=ids)  # no attention mask at all
+    assert_close("logits", patched.logits, naive.logits)
+    for got, want in zip(grads(patched.loss, prefix), naive_grads):
+        assert_close("grad", got, want)
+
+
+def test_init_from_text_continues_the_text():
+    """A prefix initialized from text T makes the patched model on X equal the stock model on T + X."""
+    model = tiny_model("llama")
+    text = torch.randint(2, VOCAB, (P,))
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P, init_text_ids=text)
+    ids = torch.randint(2, VOCAB, (1, SEQ))
+    stock = model(input_ids=torch.cat([text[None], ids], dim=1)).logits[:, P:]
+    prefix_kernels.patch(model, prefix)
+    with torch.no_grad():
+        assert_close("logits", model(input_ids=ids).logits, stock)
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+def test_save_load_export(tmp_path, projection):
+    model = tiny_model("qwen3")
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P, prefix_projection=projection)
+    path = tmp_path / "prefix.safetensors"
+    prefix.save(path)
+    other = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P, prefix_projection=projection)
+    other.load(path)
+    for a, b in zip(prefix.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    frozen = other.export()
+    keys, values = prefix()
+    assert torch.equal(frozen.prefix_k, keys.detach()) and torch.equal(frozen.prefix_v, values.detach())
+    assert frozen.prefix_k.shape == (2, 2, P, 32) and not frozen.prefix_k.requires_grad
+    with pytest.raises(ValueError, match="geometry"):
+        prefix_kernels.PrefixTuning(model, num_virtual_tokens=P + 1, prefix_projection=projection).load(path)
+    # the exported prefix serves: same logits as the trainable one
+    ids, mask = batch_inputs()
+    prefix_kernels.patch(model, other)
+    want = model(input_ids=ids, attention_mask=mask).logits
+    prefix_kernels.unpatch(model)
+    prefix_kernels.patch(model, frozen)
+    with torch.no_grad():
+        assert_close("logits", model(input_ids=ids, attention_mask=mask).logits, want, tol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt_neo"])
+def test_unsupported_family_names_the_supported_ones(family):
+    config = {"bloom": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=2),
+              "gpt_neo": lambda: transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2,
+                                                           num_heads=2, attention_types=[[["global"], 2]])}[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="AttentionInterface.*llama.*opt"):
+        prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
+    with pytest.raises(ValueError, match="Supported families"):
+        prefix_kernels.patch(model, object())
+
+
+# ---- PEFT ----
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("family,projection", [("llama", False), ("gpt2", False), ("opt", False), ("llama", True)],
+                         ids=["llama", "gpt2", "opt", "llama-projection"])
+def test_peft_bridge_equals_peft(family, projection):
+    model = tiny_model(family)
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                     encoder_hidden_size=48)
+    peft_model = peft.get_peft_model(model, config)
+    ids, mask = batch_inputs()
+    labels = ids.masked_fill(mask == 0, -100)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    stock = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    stock_grads = torch.autograd.grad(stock.loss, params)
+
+    assert prefix_kernels.patch(peft_model) is peft_model
+    patched = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_close("loss", patched.loss, stock.loss, tol=1e-5)
+    real = mask.bool()
+    assert_close("logits", patched.logits[real], stock.logits[real])
+    for got, want in zip(torch.autograd.grad(patched.loss, params), stock_grads):
+        assert_close("grad", got, want)
+
+    prefix_kernels.unpatch(peft_model)
+    again = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.equal(again.logits, stock.logits)
