@@ -190,3 +190,70 @@ def test_peft_bridge_equals_peft(family, projection):
     prefix_kernels.unpatch(peft_model)
     again = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
     assert torch.equal(again.logits, stock.logits)
+
+
+def greedy_by_full_forwards(model, ids, mask, steps):
+    """The oracle for generate(): full forwards, no cache, positions from the padding mask as generate does
+    (counted from 0 over the model's own tokens; PEFT and the patched model both add P)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+def randomize_prefix(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, 2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_peft_generate_continues_with_the_prefix(family):
+    model = tiny_model(family)
+    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    randomize_prefix(peft_model)
+    ids, mask = batch_inputs()
+    want = greedy_by_full_forwards(peft_model, ids, mask, steps=4)  # stock PEFT forwards
+    prefix_kernels.patch(peft_model)
+    got = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_patched_model_generate_continues_with_the_prefix():
+    model = tiny_model("qwen2")
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
+    randomize_prefix(prefix)
+    ids, mask = batch_inputs()
+    prefix_kernels.patch(model, prefix)
+    want = greedy_by_full_forwards(model, ids, mask, steps=4)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["prefix-tuning", "peft"])
+def test_gradient_checkpointing(use_peft):
+    """Training with gradient checkpointing (which PEFT alone refuses) gives the same loss and prefix gradients."""
+    model = tiny_model("llama")
+    if use_peft:
+        trained = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        prefix_kernels.patch(trained)
+        params = [p for p in trained.parameters() if p.requires_grad]
+    else:
+        prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
+        trained = prefix_kernels.patch(model, prefix)
+        params = list(prefix.parameters())
+    trained.train()
+    ids, mask = batch_inputs()
+    labels = ids.masked_fill(mask == 0, -100)
+    plain = trained(input_ids=ids, attention_mask=mask, labels=labels).loss
+    plain_grads = torch.autograd.grad(plain, params)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    checkpointed = trained(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert_close("loss", checkpointed, plain, tol=1e-6)
+    for got, want in zip(torch.autograd.grad(checkpointed, params), plain_grads):
+        assert_close("grad", got, want, tol=1e-6)

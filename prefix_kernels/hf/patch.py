@@ -85,9 +85,11 @@ def _cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _positions_hook(family, source, signature):
+def _positions_hook(family, source, signature, shift_given):
     """A forward pre-hook on the module that computes positions: drops a prefix part of the padding mask
-    (PEFT prepends P ones) and passes the positions the naive path would use."""
+    (PEFT prepends P ones) and passes the positions the naive path would use. Given position_ids count the
+    model's own tokens from 0 (generate() derives them from the padding mask), so they are shifted by P too,
+    unless the caller already did (PEFT shifts them itself: shift_given=False)."""
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def hook(module, args, kwargs):
@@ -111,7 +113,11 @@ def _positions_hook(family, source, signature):
                 mask.shape[1] == prefix_len + past + seq:
             mask = mask[:, prefix_len:]
             arguments["attention_mask"] = mask
-        if arguments.get("position_ids") is None:
+        given = arguments.get("position_ids")
+        if given is not None:
+            if shift_given and prefix_len:
+                arguments["position_ids"] = given + prefix_len
+        else:
             device = tokens.device
             if family.positions == "cumsum" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 full = torch.cat([torch.ones(batch, prefix_len, device=device, dtype=torch.long),
@@ -131,7 +137,7 @@ class _PatchState:
     extra_undo: object = None
 
 
-def patch(model, prefix=None, *, backend="auto"):
+def patch(model, prefix=None, *, backend="auto", _shift_given_positions=True):
     """Make `model` attend to `prefix` through the kernels; returns the model (patched in place).
 
     model: a supported transformers model (see FAMILIES), or a PeftModel with a PrefixTuningConfig (prefix omitted).
@@ -162,7 +168,7 @@ def patch(model, prefix=None, *, backend="auto"):
         module.__dict__[BACKEND_ATTR] = backend
     embeds = _get(model.base_model, family.embeds)
     signature = inspect.signature(embeds.forward)
-    hook = embeds.register_forward_pre_hook(_positions_hook(family, prefix, signature), with_kwargs=True)
+    hook = embeds.register_forward_pre_hook(_positions_hook(family, prefix, signature, _shift_given_positions), with_kwargs=True)
     model.set_attn_implementation(name)
     model.__dict__[_STATE_ATTR] = _PatchState(previous, hook)
     return model

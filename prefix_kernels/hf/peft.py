@@ -60,7 +60,7 @@ def patch_peft(peft_model, *, backend="auto"):
 
     base = peft_model.get_base_model()
     source = PeftPrefixSource(peft_model, *kv_geometry(base))
-    patch(base, source, backend=backend)
+    patch(base, source, backend=backend, _shift_given_positions=False)
     peft_model.__dict__[_GET_PROMPT] = _no_prompt
     peft_model.__dict__[_BRIDGE_ATTR] = source
     return peft_model
