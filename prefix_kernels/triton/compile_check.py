@@ -85,10 +85,12 @@ def check(name: str, jit_fn, args, kwargs, arch: int) -> CompileReport:
 def all_cases():
     """(name, jit_fn, args, kwargs) for every kernel configuration the launchers can choose."""
     from .backward_cases import backward_cases
+    from .decode_cases import decode_cases
     from .forward_cases import forward_cases
 
     yield from forward_cases()
     yield from backward_cases()
+    yield from decode_cases()
 
 
 def main(argv=None) -> int:

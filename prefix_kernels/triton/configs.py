@@ -154,3 +154,89 @@ def backward_launch_space() -> list[tuple[int, torch.dtype, str, ForwardConfig]]
                         seen.add(key)
                         space.append((block_d, dtype, kernel, key[1]))
     return space
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode (prefix_kernels/triton/decode.py): short query lengths (S <= DECODE_MAX_SEQ_Q) without gradients.
+# One launch computes every partial attention into an fp32 workspace, a second merges them by LSE:
+#   prefix programs  one (row block, prefix n, KV head, split) each; rows = the (b, g, s) triples of ALL sequences
+#                    (Hydragen's inter-sequence batching), so a prefix tile is loaded once for up to BLOCK_M rows;
+#   own programs     one (row block, sequence, KV head, split) each; rows = the G * S queries of the group, so a
+#                    sequence's own K/V is read once for all heads of its group (GQA packing).
+# Splits (Flash-Decoding) are chosen from shapes and the SM count only: no host sync, CUDA-graph safe.
+
+DECODE_MAX_SEQ_Q = 16
+# Enough programs to fill every SM about this many times over, counting prefix and own programs separately: the
+# two share one launch, but each part must fill the GPU on its own when the other is small (P >> L or L >> P).
+DECODE_PROGRAMS_PER_SM = 2
+# More splits than this only add fp32 partial traffic (each split writes rows * D * 4 bytes).
+DECODE_MAX_SPLITS = 32
+# A split reads at least this many key tiles, so the partial it writes stays small next to the keys it reads.
+DECODE_MIN_SPLIT_TILES = 2
+# Off the GPU (interpreter) there is no SM count: a notional small GPU, so tests exercise split-K.
+DECODE_OFF_GPU_SMS = 2
+MERGE_BLOCK_M = 16
+MERGE_NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    prefix: ForwardConfig  # block_m rows of the packed (b, g, s) matrix, block_n prefix keys per tile
+    own: ForwardConfig     # block_m rows of one sequence's (g, s) queries, block_n own keys per tile
+
+
+def _decode_prefix_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardConfig:
+    if dtype == torch.float32:  # the accurate path: IEEE dots on CUDA cores, small tiles (see _long_query_config)
+        return ForwardConfig(16, 16, 4, 2) if block_d >= 128 else ForwardConfig(32, 32, 4, 2)
+    if block_d >= 256:
+        return ForwardConfig(64, 32, 4, 2)
+    # Large packed row counts (B * G * S > 64, the serving case) take 128-row tiles: the prefix part of a big batch
+    # is compute-bound (B=256, G=4, P=16k is ~69 GFLOP per step), so tensor-core tile efficiency matters there.
+    if rows > 64:
+        return ForwardConfig(128, 64, 8, 3)
+    return ForwardConfig(64, 64, 4, 3)
+
+
+def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardConfig:
+    if dtype == torch.float32:
+        return ForwardConfig(16, 16, 4, 2) if block_d >= 128 else ForwardConfig(16, 32, 4, 2)
+    block_n = 32 if block_d >= 256 else 64
+    # Own keys are streamed once per (sequence, KV head): memory-bound, so the row tile is only as tall as G * S.
+    for block_m in (16, 32):
+        if rows <= block_m:
+            return ForwardConfig(block_m, block_n, 4, 2 if block_d >= 256 else 3)
+    return ForwardConfig(32 if block_d >= 256 else 64, block_n, 4, 2)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_rows: int) -> DecodeConfig:
+    """packed_rows = B * G * S (the prefix matrix of one KV head), group_rows = G * S (one sequence's rows)."""
+    block_d = block_d_for(head_dim)
+    return DecodeConfig(_decode_prefix_config(block_d, dtype, packed_rows),
+                        _decode_own_config(block_d, dtype, group_rows))
+
+
+def decode_splits(programs: int, keys: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(splits, chunk): split `keys` into chunks of whole tiles so that programs * splits fills `sms` SMs
+    DECODE_PROGRAMS_PER_SM times. keys = 0 gives (0, block_n): nothing to read, no partial slot."""
+    if keys <= 0 or programs <= 0:
+        return 0, block_n
+    wanted = -(-DECODE_PROGRAMS_PER_SM * sms // programs)
+    most = max(1, -(-keys // (block_n * DECODE_MIN_SPLIT_TILES)))
+    splits = max(1, min(wanted, most, DECODE_MAX_SPLITS))
+    chunk = -(-(-(-keys // splits)) // block_n) * block_n
+    return -(-keys // chunk), chunk
+
+
+def decode_launch_space() -> list[tuple[int, torch.dtype, DecodeConfig]]:
+    """Every (block_d, dtype, config) that decode_config can return."""
+    space = []
+    for dtype in FLOAT_DTYPES:
+        for block_d in BLOCK_D_CHOICES:
+            seen = set()
+            for packed_rows in (1, 64, 65, 4096):
+                for group_rows in (1, 17, 33, 512):
+                    config = decode_config(block_d, dtype, max(packed_rows, group_rows), group_rows)
+                    if config not in seen:
+                        seen.add(config)
+                        space.append((block_d, dtype, config))
+    return space

@@ -1,0 +1,440 @@
+"""Shared-prefix decode (S <= 16, no gradients): Hydragen-style prefix batching, split-K, and an LSE merge.
+
+Two launches, both sized from shapes only (no .item(), no host sync, no value-dependent allocation), so a step
+can be captured in a CUDA graph:
+
+1. `_decode_partials` computes every partial attention into an fp32 workspace [slots, B*Hq*S, D] (+ LSE):
+   - prefix programs: for one (prefix n, KV head, split of the prefix keys, block of rows) the rows are the
+     (b, g, s) triples of ALL sequences and of the G heads of the group, gathered by index math (Hydragen's
+     inter-sequence batching). A prefix tile is therefore loaded once per BLOCK_M rows instead of once per
+     sequence: with one shared prefix and B*G*S <= BLOCK_M rows, the prefix is read exactly once per step;
+     beyond that, the row blocks of one (head, split) are adjacent program ids, so they run together and the
+     repeats hit L2. Rows whose prefix is not n are masked out; with several prefixes the sequences are
+     first sorted by prefix on the device (fixed size), so a row block mostly holds one prefix and blocks
+     holding none of prefix n skip all work.
+   - own programs: one (sequence, KV head, split of its own keys, block of rows), rows = the G*S queries of the
+     group, so each sequence's own K/V is read once for all heads of its group.
+   Both kinds share one launch: the long prefix programs come first, the many short own programs fill around
+   them, and there is no tail between two kernels.
+2. `_merge_partials` combines the slots of each row by their LSEs into out (q's dtype) and lse (float32);
+   rows that saw nothing anywhere get zeros and -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (DECODE_MAX_SEQ_Q, DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
+                      decode_config, decode_splits)
+from .forward import _attend_tile, _load_rows, dot_precision
+
+
+@triton.jit
+def _store_partial(acc, m_i, l_i, WOut, WLse, slot, rows, store_ok, offs_d, d_ok, R, HEAD_DIM: tl.constexpr):
+    """Normalized partial out and its LSE (natural log) for `rows` of workspace slot `slot`; nothing seen ->
+    zeros and -inf, which the merge weighs as 0."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row64 = slot.to(tl.int64) * R + rows.to(tl.int64)
+    tl.store(WOut + row64[:, None] * HEAD_DIM + offs_d[None, :], out, mask=store_ok[:, None] & d_ok[None, :])
+    tl.store(WLse + row64, lse, mask=store_ok)
+
+
+@triton.jit
+def _prefix_part(
+    pid, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_pkn, stride_pkh, stride_pks, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+    HQ, HKV, S, P, R, NH, ROWS, RB, CHUNK, sm_scale, softcap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr,
+    HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Row blocks vary fastest: the blocks reading one (prefix, head, split) tile range run side by side (L2 reuse).
+    rb = pid % RB
+    rest = pid // RB
+    nh = rest % NH
+    split = rest // NH
+    n = nh // HKV
+    h = nh % HKV
+
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = (j * G + g) * S + s, j = the j-th sequence
+    row_ok = rows < ROWS
+    j = rows // (GROUP * S)
+    g = (rows // S) % GROUP
+    s = rows % S
+    if HAS_ORDER:
+        b = tl.load(Order + j, mask=row_ok, other=0).to(tl.int64)
+    else:
+        b = j.to(tl.int64)
+    if HAS_PREFIX_INDEX:
+        mine = row_ok & (tl.load(PrefixIndex + b, mask=row_ok, other=-1) == n)
+    else:
+        mine = row_ok
+    hq = h * GROUP + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b[:, None] * stride_qb + hq[:, None].to(tl.int64) * stride_qh + s[:, None] * stride_qs \
+        + offs_d[None, :] * stride_qd
+    q = _load_rows(q_ptrs, mine, d_ok, True, HEAD_DIM != BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_PREFIX_LENS:
+        prefix_len = tl.load(PrefixLens + n).to(tl.int32)
+    else:
+        prefix_len = P
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, prefix_len)
+    # A block holding no row of prefix n reads nothing (with sorted rows, most blocks of other prefixes).
+    any_mine = tl.max(mine.to(tl.int32), 0) > 0
+    end = tl.where(any_mine, tl.maximum(end, start), start)
+    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    n64 = n.to(tl.int64)
+    h64 = h.to(tl.int64)
+    pk_base = PK + n64 * stride_pkn + h64 * stride_pkh
+    pv_base = PV + n64 * stride_pvn + h64 * stride_pvh
+    for start_n in range(start, full_end, BLOCK_N):  # every prefix key is visible: no mask in full tiles
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+            start_n, end, 0, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):  # the partial last tile of the split, if any
+        visible = tl.broadcast_to((start_n + offs_n)[None, :] < end, (BLOCK_M, BLOCK_N))
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
+            start_n, end, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+    out_rows = (b * HQ + hq) * S + s
+    _store_partial(acc, m_i, l_i, WOut, WLse, split, out_rows, mine, offs_d, d_ok, R, HEAD_DIM)
+
+
+@triton.jit
+def _own_part(
+    pid, Q, K, V, KPM, WOut, WLse,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_ml,
+    HQ, HKV, S, L, R, NB, ROWS, RB, CHUNK, FIRST_SLOT, sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rb = pid % RB
+    rest = pid // RB
+    bh = rest % NB
+    split = rest // NB
+    b = (bh // HKV).to(tl.int64)
+    h = bh % HKV
+
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r = g * S + s of this sequence's KV-head group
+    row_ok = rows < ROWS
+    g = rows // S
+    s = rows % S
+    hq = h * GROUP + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + hq[:, None].to(tl.int64) * stride_qh + s[:, None] * stride_qs \
+        + offs_d[None, :] * stride_qd
+    q = _load_rows(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q_pos = L - S + s  # bottom-right aligned
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    if HAS_WINDOW:
+        # Keys left of L - S - window + 1 are outside every row's window: skip whole tiles of them.
+        lo = (tl.maximum(L - S - window + 1, 0) // BLOCK_N) * BLOCK_N
+        start = tl.maximum(start, lo)
+    k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
+    # Few rows and a memory-bound stream: every tile takes the masked path (the mask is cheap next to the loads).
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < end, other=0)
+            visible = visible & (key_ok != 0)[None, :]
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            start_n, end, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+    out_rows = (b * HQ + hq) * S + s
+    _store_partial(acc, m_i, l_i, WOut, WLse, FIRST_SLOT + split, out_rows, row_ok, offs_d, d_ok, R, HEAD_DIM)
+
+
+@triton.jit
+def _decode_partials(
+    Q, K, V, PK, PV, KPM, PrefixIndex, PrefixLens, Order, WOut, WLse,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pkn, stride_pkh, stride_pks, stride_pkd,
+    stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+    stride_mb, stride_ml,
+    HQ, HKV, S, L, P, R, sm_scale, softcap, window,
+    PREFIX_PROGRAMS, P_NH, P_ROWS, P_RB, P_SPLITS, P_CHUNK,
+    O_NB, O_ROWS, O_RB, O_CHUNK,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < PREFIX_PROGRAMS:
+        _prefix_part(
+            pid, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
+            stride_qb, stride_qh, stride_qs, stride_qd,
+            stride_pkn, stride_pkh, stride_pks, stride_pkd,
+            stride_pvn, stride_pvh, stride_pvs, stride_pvd,
+            HQ, HKV, S, P, R, P_NH, P_ROWS, P_RB, P_CHUNK, sm_scale, softcap,
+            GROUP, HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_SOFTCAP, HAS_PREFIX_INDEX, HAS_PREFIX_LENS,
+            HAS_ORDER, DOT_PRECISION)
+    else:
+        _own_part(
+            pid - PREFIX_PROGRAMS, Q, K, V, KPM, WOut, WLse,
+            stride_qb, stride_qh, stride_qs, stride_qd,
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_mb, stride_ml,
+            HQ, HKV, S, L, R, O_NB, O_ROWS, O_RB, O_CHUNK, P_SPLITS, sm_scale, softcap, window,
+            GROUP, HEAD_DIM, BLOCK_D, O_BLOCK_M, O_BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP,
+            DOT_PRECISION)
+
+
+@triton.jit
+def _merge_partials(
+    WOut, WLse, Out, Lse, R, HQ, S,
+    stride_ob, stride_oh, stride_os, stride_od,
+    SLOTS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out/lse of each row (b, hq, s) from its SLOTS partials; the max LSE is subtracted so nothing overflows,
+    and a row whose every slot is -inf gets zeros and -inf (never exp(-inf - -inf) = NaN)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows64 = rows.to(tl.int64)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for slot in range(0, SLOTS):
+        m = tl.maximum(m, tl.load(WLse + slot * R + rows64, mask=row_ok, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for slot in range(0, SLOTS):
+        base = slot * R + rows64
+        weight = tl.exp(tl.load(WLse + base, mask=row_ok, other=float("-inf")) - m_use)
+        part = tl.load(WOut + base[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        acc += weight[:, None] * part
+        total += weight
+    seen = total > 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m_use + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    b = rows64 // (HQ * S)
+    hq = (rows64 // S) % HQ
+    s = rows64 % S
+    o_ptrs = Out + (b * stride_ob + hq * stride_oh + s * stride_os)[:, None] + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + rows64, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_two(
+    OA, LA, OB, LB, Out, Lse, R,
+    stride_ar, stride_ad, stride_br, stride_bd, stride_or, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """merge_attention_states on rows: out = (e^(la-m) oa + e^(lb-m) ob) / (e^(la-m) + e^(lb-m)), m = max;
+    both -inf -> zeros and -inf."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    la = tl.load(LA + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
+    lb = tl.load(LB + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
+    m = tl.maximum(la, lb)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp(la - m_use)
+    wb = tl.exp(lb - m_use)
+    oa = tl.load(OA + rows[:, None] * stride_ar + offs_d[None, :] * stride_ad, mask=mask, other=0.0).to(tl.float32)
+    ob = tl.load(OB + rows[:, None] * stride_br + offs_d[None, :] * stride_bd, mask=mask, other=0.0).to(tl.float32)
+    total = wa + wb
+    seen = total > 0.0
+    inv = 1.0 / tl.where(seen, total, 1.0)
+    out = (wa * inv)[:, None] * oa + (wb * inv)[:, None] * ob
+    lse = tl.where(seen, m_use + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(Out + rows[:, None] * stride_or + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Lse + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+
+def use_decode(call) -> bool:
+    """The decode strategy serves short query lengths when no gradient is needed (it has no backward)."""
+    return call.q.shape[2] <= DECODE_MAX_SEQ_Q and not call.needs_grad
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count  # cached by torch: no sync
+    return DECODE_OFF_GPU_SMS
+
+
+def decode_plan(q, k, prefix_k, *, config=None, sms=None):
+    """Everything about the launch that follows from shapes: (config, prefix (rows, row blocks, splits, chunk),
+    own (rows, row blocks, splits, chunk))."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    group = heads_q // heads_kv
+    config = config or decode_config(head_dim, q.dtype, batch * group * seq_q, group * seq_q)
+    sms = sms or _sm_count(q.device)
+    p_rows = batch * group * seq_q
+    p_rb = triton.cdiv(p_rows, config.prefix.block_m)
+    p_splits, p_chunk = decode_splits(p_rb * num_prefixes * heads_kv, prefix_len, config.prefix.block_n, sms)
+    o_rows = group * seq_q
+    o_rb = triton.cdiv(o_rows, config.own.block_m)
+    o_splits, o_chunk = decode_splits(o_rb * batch * heads_kv, seq_k, config.own.block_n, sms)
+    return config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk)
+
+
+def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
+                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None):
+    """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    num_prefixes = prefix_k.shape[0]
+    config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk) = decode_plan(
+        q, k, prefix_k, config=config, sms=sms)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    prefix_programs = p_rb * num_prefixes * heads_kv * p_splits
+    grid = (prefix_programs + o_rb * batch * heads_kv * o_splits,)
+    args = (
+        q, k, v, prefix_k, prefix_v, kpm, prefix_index, prefix_lens, order, work_out, work_lse,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        *(kpm.stride() if kpm is not None else (0, 0)),
+        heads_q, heads_kv, seq_q, seq_k, prefix_k.shape[2], batch * heads_q * seq_q, scale, float(softcap or 1.0),
+        int(window or 0),
+        prefix_programs, num_prefixes * heads_kv, p_rows, p_rb, p_splits, p_chunk,
+        batch * heads_kv, o_rows, o_rb, o_chunk,
+    )
+    kwargs = dict(
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        P_BLOCK_M=config.prefix.block_m, P_BLOCK_N=config.prefix.block_n,
+        O_BLOCK_M=config.own.block_m, O_BLOCK_N=config.own.block_n,
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
+        HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype),
+        # One launch holds both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
+        num_warps=max(config.prefix.num_warps, config.own.num_warps), num_stages=config.prefix.num_stages,
+    )
+    return grid, args, kwargs
+
+
+def merge_partials_launch(work_out, work_lse, out, lse, slots):
+    rows, head_dim = work_out.shape[1], work_out.shape[2]
+    heads_q, seq_q = out.shape[1], out.shape[2]
+    grid = (triton.cdiv(rows, MERGE_BLOCK_M),)
+    args = (work_out, work_lse, out, lse, rows, heads_q, seq_q, *out.stride(), slots)
+    kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=MERGE_BLOCK_M,
+                  num_warps=MERGE_NUM_WARPS)
+    return grid, args, kwargs
+
+
+def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask=None,
+                            prefix_index=None, prefix_lens=None, window=None, softcap=None, config=None, sms=None):
+    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D)."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    _, (_, _, p_splits, _), (_, _, o_splits, _) = decode_plan(q, k, prefix_k, config=config, sms=sms)
+    slots = p_splits + o_splits
+    rows = batch * heads_q * seq_q
+    # Sized from shapes only: CUDA-graph safe. Each row is written once per slot.
+    work_out = torch.empty((slots, rows, head_dim), device=q.device, dtype=torch.float32)
+    work_lse = torch.empty((slots, rows), device=q.device, dtype=torch.float32)
+    order = None
+    if prefix_index is not None and prefix_k.shape[0] > 1 and p_splits:
+        # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
+        order = torch.argsort(prefix_index, stable=True)
+    if slots:
+        grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
+                                           scale=scale, key_padding_mask=key_padding_mask,
+                                           prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
+                                           softcap=softcap, order=order, config=config, sms=sms)
+        _decode_partials[grid](*args, **kwargs)
+    grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
+    _merge_partials[grid](*args, **kwargs)
+    return out, lse
+
+
+def merge_two_launch(out_a, lse_a, out_b, lse_b, out, lse):
+    """(grid, args, kwargs) of _merge_two on [R, D] / [R] views."""
+    rows, head_dim = out_a.shape
+    grid = (triton.cdiv(rows, MERGE_BLOCK_M),)
+    args = (out_a, lse_a, out_b, lse_b, out, lse, rows, *out_a.stride(), *out_b.stride(), *out.stride())
+    kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=MERGE_BLOCK_M,
+                  num_warps=MERGE_NUM_WARPS)
+    return grid, args, kwargs
+
+
+def merge_attention_states_triton(out_a, lse_a, out_b, lse_b):
+    """Triton merge of two partial attentions [..., D] / [...] (shapes already checked)."""
+    head_dim = out_a.shape[-1]
+    a, b = out_a.reshape(-1, head_dim), out_b.reshape(-1, head_dim)
+    la, lb = lse_a.reshape(-1), lse_b.reshape(-1)
+    out = torch.empty(a.shape, device=out_a.device, dtype=out_a.dtype)
+    lse = torch.empty(la.shape, device=out_a.device, dtype=torch.float32)
+    if out.numel():
+        grid, args, kwargs = merge_two_launch(a, la, b, lb, out, lse)
+        _merge_two[grid](*args, **kwargs)
+    return out.view(out_a.shape), lse.view(lse_a.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# As a custom op: opaque to torch.compile (with a fake impl), like the prefill forward.
+
+@torch.library.custom_op("prefix_kernels::prefix_attention_decode", mutates_args=())
+def prefix_attention_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
+    causal: bool, scale: float, window: Optional[int], softcap: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
+                                   key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                   prefix_lens=prefix_lens, window=window, softcap=softcap)
+
+
+@prefix_attention_decode_op.register_fake
+def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window,
+                 softcap):
+    batch, heads_q, seq_q, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
+
+
+def triton_decode_attention(call):
+    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the decode strategy."""
+    return torch.ops.prefix_kernels.prefix_attention_decode(
+        call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
+        call.prefix_lens, call.causal, call.scale, call.window, call.softcap)

@@ -1,0 +1,63 @@
+"""The decode and merge kernels' launchable configurations as compile-check cases (see compile_check.py).
+
+Every (block_d, dtype, config) of configs.decode_launch_space() is compiled with every feature on (all masked
+paths, several prefixes with the sort order); the main bf16 configs also with none (one shared prefix, plain
+causal decode: the serving case). The arguments come from the launcher's own decode_launch, so the
+specialization is the one a real launch gets.
+"""
+from __future__ import annotations
+
+import torch
+
+from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, decode_launch_space
+from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch, merge_partials_launch, \
+    merge_two_launch
+from .forward_cases import ALL_FEATURES, NO_FEATURES
+
+
+def _decode_case(block_d, dtype, config, features):
+    batch, heads_kv, group, seq_q, seq_k, prefix_len = 3, 2, 3, 4, 256, 512
+    head_dim = block_d
+    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
+    k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
+    n_prefix = 2 if features["multi_prefix"] else 1
+    prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
+    work_out = torch.empty(4, batch * heads_kv * group * seq_q, head_dim, dtype=torch.float32)
+    work_lse = torch.empty(4, batch * heads_kv * group * seq_q, dtype=torch.float32)
+    options = dict(
+        causal=features["causal"], scale=0.125,
+        key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
+        prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
+        prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
+        order=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
+        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
+    )
+    return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=132, **options)
+
+
+def decode_cases():
+    for block_d, dtype, config in decode_launch_space():
+        variants = [("all", ALL_FEATURES)]
+        if dtype == torch.bfloat16 and block_d in (64, 128):
+            variants.append(("none", {**NO_FEATURES, "causal": True}))
+        dtype_name = str(dtype).removeprefix("torch.")
+        for label, features in variants:
+            _, args, kwargs = _decode_case(block_d, dtype, config, features)
+            p, o = config.prefix, config.own
+            name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
+                    f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}-{label}")
+            yield name, _decode_partials, args, kwargs
+    for dtype in FLOAT_DTYPES:
+        dtype_name = str(dtype).removeprefix("torch.")
+        for block_d in BLOCK_D_CHOICES:
+            rows = 40
+            work_out = torch.empty(3, rows, block_d, dtype=torch.float32)
+            work_lse = torch.empty(3, rows, dtype=torch.float32)
+            out = torch.empty(2, 4, 5, block_d, dtype=dtype)
+            lse = torch.empty(2, 4, 5, dtype=torch.float32)
+            _, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, 3)
+            yield f"merge-partials-{dtype_name}-d{block_d}", _merge_partials, args, kwargs
+            a = torch.empty(rows, block_d, dtype=dtype)
+            la = torch.empty(rows, dtype=torch.float32)
+            _, args, kwargs = merge_two_launch(a, la, a, la, torch.empty_like(a), torch.empty_like(la))
+            yield f"merge-two-{dtype_name}-d{block_d}", _merge_two, args, kwargs
