@@ -24,6 +24,11 @@ def prefix_attention(
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                           return_lse=return_lse, **call.options())
+    from .triton.decode import triton_decode_attention, use_decode
+
+    if use_decode(call):  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
+        out, lse = triton_decode_attention(call)
+        return (out, lse) if return_lse else out
     from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
     out, lse = triton_prefix_attention(call)

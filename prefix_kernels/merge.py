@@ -15,4 +15,31 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
         raise ValueError(f"lse_a and lse_b must have shape out.shape[:-1] = {tuple(out_a.shape[:-1])}, got "
                          f"{tuple(lse_a.shape)} and {tuple(lse_b.shape)}")
+    if _triton_serves(out_a, lse_a, out_b, lse_b):
+        from .triton.decode import merge_attention_states_triton
+
+        return merge_attention_states_triton(out_a, lse_a, out_b, lse_b)
     return merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
+
+
+def _triton_serves(*tensors) -> bool:
+    """The Triton merge runs on CUDA (or CPU under the interpreter), for fp16/bf16/fp32 outputs and fp32 LSEs, one
+    device, and no gradient (it has no backward: under autograd the reference composes instead)."""
+    import torch
+
+    out_a, lse_a, out_b, lse_b = tensors
+    if out_a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or out_b.dtype != out_a.dtype:
+        return False
+    if lse_a.dtype != torch.float32 or lse_b.dtype != torch.float32:
+        return False
+    if any(t.device != out_a.device for t in tensors) or not 1 <= out_a.shape[-1] <= 256:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    try:
+        from .triton import forward
+    except ImportError:
+        return False
+    if out_a.device.type == "cuda":
+        return torch.cuda.get_device_capability(out_a.device)[0] >= 8
+    return out_a.device.type == "cpu" and forward.INTERPRETED

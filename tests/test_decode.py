@@ -1,0 +1,134 @@
+"""The decode strategy (S <= 16, no gradients) against the float64 reference and the prefill kernel, the Triton
+merge of attention states, and CUDA-graph safety. Small shapes: this runs under the interpreter on CPU."""
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
+from helpers import Case, assert_close_to_truth, make_inputs, max_error, truth_and_reference_error
+from prefix_kernels import merge_attention_states, prefix_attention
+from prefix_kernels.reference import merge_attention_states_reference
+from prefix_kernels.triton import decode
+from prefix_kernels.triton.forward import prefix_attention_forward
+from prefix_kernels.validation import validate
+
+CASES = [
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=37, head_dim=64),       # GQA 3, L odd
+    Case(batch=5, heads_q=4, heads_kv=4, seq_q=4, seq_k=21, prefix_len=1, head_dim=80),        # P = 1, D 80
+    Case(batch=5, heads_q=8, heads_kv=2, seq_q=4, seq_k=19, prefix_len=0, head_dim=128),       # P = 0, GQA 4
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=25, prefix_len=37, head_dim=64, num_prefixes=2,
+         prefix_lens=(37, 5), padding="left"),                                                  # two prefixes
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
+         prefix_lens=(0, 8), padding="empty-row"),                                              # rows see nothing
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=33, prefix_len=11, head_dim=64, window=5, softcap=2.0),
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
+         padding="random", q_layout="bhsd", kv_slice=True),                                     # L < S, strided
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=151, prefix_len=201, head_dim=64),     # several splits
+]
+
+# A notional GPU of many SMs: makes the launcher split both the prefix and the own keys (Flash-Decoding).
+MANY_SMS = 64
+
+
+def _call(case, dtype):
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    return tensors, options
+
+
+def _validated(tensors, options):
+    return validate(*tensors, scale=None, backend="triton", causal=options["causal"],
+                    key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
+                    prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_decode_matches_reference_and_prefill(case, dtype):
+    tensors, options = _call(case, dtype)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    call = _validated(tensors, options)
+
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                              sms=MANY_SMS, **call.options())
+
+    assert out.shape == tensors[0].shape and out.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert_close_to_truth("out", out, truth_out, reference_error, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
+    assert max_error(lse, truth_lse) <= 1e-3, "lse"
+    assert (out[torch.isinf(lse)] == 0).all()
+    # The same numbers as the prefill kernel (up to summation order).
+    prefill_out, prefill_lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                        **call.options())
+    assert max_error(out, prefill_out) <= 2 * reference_error + 1e-5
+    assert max_error(lse, prefill_lse) <= 1e-4
+
+
+def test_split_k_is_exercised():
+    tensors, options = _call(CASES[-1], torch.float32)
+    call = _validated(tensors, options)
+    _, prefix_plan, own_plan = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)
+    assert prefix_plan[2] > 1 and own_plan[2] > 1, (prefix_plan, own_plan)
+
+
+def test_dispatch_picks_decode_only_for_short_queries_without_grad(monkeypatch):
+    calls = []
+    real = decode.prefix_attention_decode
+    monkeypatch.setattr(decode, "prefix_attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=3, seq_k=7, prefix_len=5, head_dim=32)
+    tensors, options = _call(case, torch.float32)
+    out, lse = prefix_attention(*tensors, return_lse=True, backend="triton", **options)
+    assert calls, "S <= 16 without gradients takes the decode strategy"
+    ref = prefix_attention(*tensors, backend="torch", **options)
+    assert max_error(out, ref) < 1e-5
+    calls.clear()
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = prefix_attention(*leaves, backend="triton", **options)
+    assert not calls, "a call that needs gradients takes the differentiable prefill path"
+    assert out.requires_grad
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_merge_kernel_matches_reference_with_empty_rows(dtype):
+    shape = (2, 3, 5, 80)
+    out_a, out_b = torch.randn(shape, device=DEVICE, dtype=dtype), torch.randn(shape, device=DEVICE, dtype=dtype)
+    lse_a, lse_b = torch.randn(shape[:-1], device=DEVICE) * 10, torch.randn(shape[:-1], device=DEVICE)
+    lse_a[0, 0, :2] = float("-inf")            # only b counts
+    lse_b[0, 1, 1:3] = float("-inf")           # only a counts
+    lse_a[1, 2], lse_b[1, 2] = float("-inf"), float("-inf")  # nothing seen: zeros, -inf
+    out_a[0, 0, :2] = 0                        # what a kernel writes for a part that saw nothing
+    out_b[1, 2] = 0
+    out_a[1, 2] = 0
+    out, lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    ref_out, ref_lse = merge_attention_states_reference(out_a.double(), lse_a.double(), out_b.double(),
+                                                        lse_b.double())
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert max_error(out, ref_out) <= {torch.float32: 1e-5}.get(dtype, 2e-2)
+    assert max_error(lse, ref_lse) <= 1e-5
+    assert (out[1, 2] == 0).all() and torch.isinf(lse[1, 2]).all()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_decode_step_captures_in_a_cuda_graph_without_host_sync():
+    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=40, prefix_len=300, head_dim=64, num_prefixes=2,
+                prefix_lens=(300, 100), padding="left")
+    tensors, options = _call(case, torch.float16)
+    run = lambda: prefix_attention(*tensors, return_lse=True, **options)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up: compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            out, lse = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t in tensors:  # new values in the same buffers, as a decode loop does
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
+    assert max_error(out, ref_out) < 1e-2 and max_error(lse, ref_lse) < 1e-3
