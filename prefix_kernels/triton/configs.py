@@ -97,12 +97,11 @@ def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
     # on a GPU. The key-major kernels hold two fp32 [BLOCK_N, BLOCK_D] accumulators plus the K/V tile, hence
     # 8 warps throughout. fp32 is the accurate path, not the fast one: small tiles, spills tolerated on sm_90.
     if dtype == torch.float32:
-        if block_d >= 256:
+        # (on sm_90 the IEEE fp32 dots spilled hundreds of bytes with 32-wide key tiles in dq: 16 keeps it at 0)
+        if block_d >= 128:
             dq, dkdv = ForwardConfig(32, 16, 8, 1), ForwardConfig(16, 32, 8, 1)
-        elif block_d == 128:
-            dq, dkdv = ForwardConfig(32, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
         else:
-            dq, dkdv = ForwardConfig(64, 32, 8, 2), ForwardConfig(32, 64, 8, 1)
+            dq, dkdv = ForwardConfig(64, 16, 8, 1), ForwardConfig(32, 32, 8, 1)
     elif block_d >= 256:
         dq, dkdv = ForwardConfig(32, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
     elif block_d == 128:
