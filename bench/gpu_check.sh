@@ -22,7 +22,10 @@ print(f"card={torch.cuda.get_device_name()} sms={torch.cuda.get_device_propertie
 PY
 
 echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m "not compile" -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 \
+# pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
+# compilations dominate the wall time.
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m "not compile" -p no:cacheprovider $parallel ${GPU_TESTS:-tests} 2>&1 \
   | tail -n 30 | tee "$out/tests.txt"
 test_status=${PIPESTATUS[0]}
 
