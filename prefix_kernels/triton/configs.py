@@ -165,8 +165,8 @@ def backward_launch_space() -> list[tuple[int, torch.dtype, str, ForwardConfig]]
 # Splits (Flash-Decoding) are chosen from shapes and the SM count only: no host sync, CUDA-graph safe.
 
 DECODE_MAX_SEQ_Q = 16
-# Enough programs to fill every SM about this many times over, counting prefix and own programs separately: the
-# two share one launch, but each part must fill the GPU on its own when the other is small (P >> L or L >> P).
+# Splits make every program of the one launch (prefix and own alike) about (all keys read) / (this * SMs) keys
+# long: the GPU fills, and the long prefix programs do not leave a tail behind the many short own ones.
 DECODE_PROGRAMS_PER_SM = 2
 # More splits than this only add fp32 partial traffic (each split writes rows * D * 4 bytes).
 DECODE_MAX_SPLITS = 32
@@ -188,7 +188,8 @@ def _decode_prefix_config(block_d: int, dtype: torch.dtype, rows: int) -> Forwar
     if dtype == torch.float32:  # the accurate path: IEEE dots on CUDA cores, small tiles (see _long_query_config)
         return ForwardConfig(16, 16, 4, 2) if block_d >= 128 else ForwardConfig(32, 32, 4, 2)
     if block_d >= 256:
-        return ForwardConfig(64, 32, 4, 2)
+        # 8 warps: a 64 x 256 fp32 accumulator on 4 warps spilled ~1 KB (ptxas, sm_80 and sm_90).
+        return ForwardConfig(64, 32, 8, 2)
     # Large packed row counts (B * G * S > 64, the serving case) take 128-row tiles: the prefix part of a big batch
     # is compute-bound (B=256, G=4, P=16k is ~69 GFLOP per step), so tensor-core tile efficiency matters there.
     if rows > 64:
@@ -214,16 +215,26 @@ def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_row
                         _decode_own_config(block_d, dtype, group_rows))
 
 
-def decode_splits(programs: int, keys: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(splits, chunk): split `keys` into chunks of whole tiles so that programs * splits fills `sms` SMs
-    DECODE_PROGRAMS_PER_SM times. keys = 0 gives (0, block_n): nothing to read, no partial slot."""
-    if keys <= 0 or programs <= 0:
-        return 0, block_n
-    wanted = -(-DECODE_PROGRAMS_PER_SM * sms // programs)
-    most = max(1, -(-keys // (block_n * DECODE_MIN_SPLIT_TILES)))
-    splits = max(1, min(wanted, most, DECODE_MAX_SPLITS))
-    chunk = -(-(-(-keys // splits)) // block_n) * block_n
-    return -(-keys // chunk), chunk
+def decode_splits(prefix_programs: int, prefix_keys: int, own_programs: int, own_keys: int, block_n: int,
+                  sms: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((splits, chunk) of the prefix keys, (splits, chunk) of the own keys), chunks in whole tiles.
+
+    Prefix and own programs share one launch, so the splits balance the two: every program should read about
+    (all keys read) / (DECODE_PROGRAMS_PER_SM * sms) keys, enough to fill the GPU, and no more splits than
+    that, since each split costs an fp32 partial (rows * D * 4 bytes written, then read by the merge): with
+    B = 256, Hq = 32, a slot is 4 MB against ~300 MB of K/V per step. No keys gives (0, block_n): no slot.
+    """
+    total = prefix_programs * prefix_keys + own_programs * own_keys
+    per_program = max(block_n * DECODE_MIN_SPLIT_TILES, -(-total // (DECODE_PROGRAMS_PER_SM * sms)))
+
+    def split(keys):
+        if keys <= 0:
+            return 0, block_n
+        splits = max(1, min(-(-keys // per_program), DECODE_MAX_SPLITS))
+        chunk = -(-(-(-keys // splits)) // block_n) * block_n
+        return -(-keys // chunk), chunk
+
+    return split(prefix_keys), split(own_keys)
 
 
 def decode_launch_space() -> list[tuple[int, torch.dtype, DecodeConfig]]:

@@ -309,10 +309,12 @@ def decode_plan(q, k, prefix_k, *, config=None, sms=None):
     sms = sms or _sm_count(q.device)
     p_rows = batch * group * seq_q
     p_rb = triton.cdiv(p_rows, config.prefix.block_m)
-    p_splits, p_chunk = decode_splits(p_rb * num_prefixes * heads_kv, prefix_len, config.prefix.block_n, sms)
     o_rows = group * seq_q
     o_rb = triton.cdiv(o_rows, config.own.block_m)
-    o_splits, o_chunk = decode_splits(o_rb * batch * heads_kv, seq_k, config.own.block_n, sms)
+    # One tile width for both chunkings: the prefix tiles are at least as wide as the own ones.
+    block_n = max(config.prefix.block_n, config.own.block_n)
+    (p_splits, p_chunk), (o_splits, o_chunk) = decode_splits(
+        p_rb * num_prefixes * heads_kv, prefix_len, o_rb * batch * heads_kv, seq_k, block_n, sms)
     return config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk)
 
 
