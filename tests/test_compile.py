@@ -33,3 +33,18 @@ def test_forward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     for line in lines:
         spilled = int(line.split("spills=")[1].split()[0])
         assert spilled <= 256, line
+
+
+@pytest.mark.compile
+def test_decode_and_merge_compile_for_sm80_and_sm90_with_bounded_spills():
+    for name_filter in ("dec-", "merge-"):
+        code, log = run_compile_check(name_filter)
+        assert code == 0, log[-4000:]
+        lines = [line for line in log.splitlines() if ": ok " in line]
+        assert lines, log[-2000:]
+        for line in lines:
+            # The serving configs (fp16/bf16 on sm_90) must not spill at all; nothing may spill much anywhere.
+            spilled = int(line.split("spills=")[1].split()[0])
+            if "sm_90" in line and "float32" not in line:
+                assert spilled == 0, line
+            assert spilled <= 256, line
