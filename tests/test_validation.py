@@ -83,14 +83,21 @@ def test_explicit_cuda_backend_explains_why_it_is_missing():
         prefix_attention(**tensors, backend="cuda", **options)
 
 
-def test_auto_uses_triton_where_it_can_run(monkeypatch):
-    """On CUDA tensors, or on CPU under the interpreter, "auto" runs the Triton kernel, not the reference."""
-    tensors, options = _inputs()
-    calls = []
-    real = triton_forward.prefix_attention_forward
-    monkeypatch.setattr(triton_forward, "prefix_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prefix_attention(**tensors, **options)
-    assert calls == [1]
+def test_auto_uses_a_kernel_not_the_reference_where_triton_can_run(monkeypatch):
+    """On CUDA tensors, or on CPU under the interpreter, "auto" runs the Triton kernels (prefill or decode
+    strategy, with or without gradients), never the naive reference."""
+    import prefix_kernels.attention as attention
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("auto fell back to the reference")
+
+    monkeypatch.setattr(attention, "prefix_attention_reference", no_reference)
+    for seq_q in (1, 3, 20):
+        tensors, options = _inputs()
+        tensors["q"] = torch.randn(2, 6, seq_q, 32, device=DEVICE)
+        prefix_attention(**tensors, **options)
+        tensors = {name: t.requires_grad_() for name, t in tensors.items()}
+        prefix_attention(**tensors, **options).sum().backward()
 
 
 def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
