@@ -433,10 +433,10 @@ def preprocess_launch(out, grad_out, lse, grad_lse, delta):
 
 
 def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, scale, key_padding_mask,
-              prefix_index, prefix_lens, window, softcap):
+              prefix_index, prefix_lens, window, softcap, config=None):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    config = backward_config(head_dim, q.dtype, seq_q).dq
+    config = (config or backward_config(head_dim, q.dtype, seq_q)).dq
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
     args = (
@@ -455,10 +455,11 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
     return grid, args, kwargs
 
 
-def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_padding_mask, window, softcap):
+def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_padding_mask, window, softcap,
+                config=None):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    config = backward_config(head_dim, q.dtype, seq_q).dkdv
+    config = (config or backward_config(head_dim, q.dtype, seq_q)).dkdv
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seq_k, config.block_n), batch * heads_kv)
     args = (
@@ -476,22 +477,22 @@ def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_pad
     return grid, args, kwargs
 
 
-def dprefix_chunks(q, prefix_k) -> int:
+def dprefix_chunks(q, prefix_k, config=None) -> int:
     """How many query chunks the d prefix kernel uses for these shapes (see configs.prefix_grad_chunks)."""
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
-    config = backward_config(head_dim, q.dtype, seq_q).dprefix
+    config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
     programs = num_prefixes * heads_kv * triton.cdiv(prefix_len, config.block_n)
     query_tiles = batch * (heads_q // heads_kv) * triton.cdiv(seq_q, config.block_m)
     return prefix_grad_chunks(programs, query_tiles, q.device)
 
 
 def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks, *, scale, prefix_index,
-                   prefix_lens, softcap):
+                   prefix_lens, softcap, config=None):
     """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1."""
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
-    config = backward_config(head_dim, q.dtype, seq_q).dprefix
+    config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
     group = heads_q // heads_kv
     query_tiles = batch * group * triton.cdiv(seq_q, config.block_m)
     grad_strides = dpk.stride() if dpk.dim() == 5 else (0, *dpk.stride())
@@ -515,12 +516,14 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
 def prefix_attention_backward(
     q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, *, needs=(True,) * 5, causal, scale,
     key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None, prefix_chunks=None,
+    config=None,
 ):
     """Gradients of the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
     needs: which of (dq, dk, dv, dprefix_k, dprefix_v) to compute; the others come back as None and no kernel
     runs for them (dk and dv come from one kernel, as do dprefix_k and dprefix_v). grad_lse may be None.
-    prefix_chunks overrides the d prefix split (tests). Returns (dq, dk, dv, dprefix_k, dprefix_v), each
+    prefix_chunks overrides the d prefix split (tests); config overrides the launch configuration (tuning
+    scripts; the package always uses configs.backward_config). Returns (dq, dk, dv, dprefix_k, dprefix_v), each
     contiguous in its input's shape, in the inputs' dtype.
     """
     need_dq, need_dk, need_dv, need_dpk, need_dpv = needs
@@ -548,14 +551,15 @@ def prefix_attention_backward(
     if dq is not None:
         grid, args, kwargs = dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, causal=causal,
                                        scale=scale, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
-                                       prefix_lens=prefix_lens, window=window, softcap=softcap)
+                                       prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
         _prefix_attention_bwd_dq[grid](*args, **kwargs)
     if dk is not None and dk.numel():
         grid, args, kwargs = dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, causal=causal, scale=scale,
-                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap)
+                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap,
+                                         config=config)
         _prefix_attention_bwd_dkdv[grid](*args, **kwargs)
     if dpk is not None and dpk.numel():
-        chunks = prefix_chunks or dprefix_chunks(q, prefix_k)
+        chunks = prefix_chunks or dprefix_chunks(q, prefix_k, config)
         if chunks > 1:
             part_k = torch.empty((chunks, *prefix_k.shape), device=q.device, dtype=torch.float32)
             part_v = torch.empty((chunks, *prefix_v.shape), device=q.device, dtype=torch.float32)
@@ -563,7 +567,7 @@ def prefix_attention_backward(
             part_k, part_v = dpk, dpv
         grid, args, kwargs = dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, part_k, part_v, chunks,
                                             scale=scale, prefix_index=prefix_index, prefix_lens=prefix_lens,
-                                            softcap=softcap)
+                                            softcap=softcap, config=config)
         _prefix_attention_bwd_dprefix[grid](*args, **kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))
