@@ -12,7 +12,7 @@ import torch
 from .backward import (_bwd_preprocess, _prefix_attention_bwd_dkdv, _prefix_attention_bwd_dprefix,
                        _prefix_attention_bwd_dq, dkdv_launch, dprefix_launch, dq_launch, preprocess_launch)
 from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, backward_config, backward_launch_space
-from .forward_cases import ALL_FEATURES, NO_FEATURES
+from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
 
 # A query length that makes backward_config return a given dq / dkdv block_m (short-query variants).
 _SEQ_FOR = (1, 17, 33, 4096)
@@ -25,26 +25,8 @@ def _seq_q_for(block_d, dtype, kernel, config):
     raise AssertionError(f"no query length gives {kernel} config {config}")
 
 
-def _tensors(block_d, dtype, seq_q, features):
-    batch, heads_kv, group, seq_k, prefix_len = 2, 2, 3, 256, 64
-    head_dim = block_d
-    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
-    k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
-    n_prefix = 2 if features["multi_prefix"] else 1
-    prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
-    lse = torch.empty(batch, heads_kv * group, seq_q, dtype=torch.float32)
-    options = dict(
-        causal=features["causal"], scale=0.125,
-        key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
-        prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
-        prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
-        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
-    )
-    return q, k, prefix_k, lse, options
-
-
 def _launch(kernel, block_d, dtype, seq_q, features, partials=False):
-    q, k, prefix_k, lse, options = _tensors(block_d, dtype, seq_q, features)
+    q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
     grad_out = torch.empty_like(q)  # strided like q: autograd hands whatever layout the consumer produced
     if kernel == "dq":
         dq = torch.empty(q.shape, dtype=dtype)

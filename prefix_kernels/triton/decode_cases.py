@@ -12,26 +12,16 @@ import torch
 from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, decode_launch_space
 from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch, merge_partials_launch, \
     merge_two_launch
-from .forward_cases import ALL_FEATURES, NO_FEATURES
+from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
 
 
 def _decode_case(block_d, dtype, config, features):
-    batch, heads_kv, group, seq_q, seq_k, prefix_len = 3, 2, 3, 4, 256, 512
-    head_dim = block_d
-    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
-    k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
-    n_prefix = 2 if features["multi_prefix"] else 1
-    prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
-    work_out = torch.empty(4, batch * heads_kv * group * seq_q, head_dim, dtype=torch.float32)
-    work_lse = torch.empty(4, batch * heads_kv * group * seq_q, dtype=torch.float32)
-    options = dict(
-        causal=features["causal"], scale=0.125,
-        key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
-        prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
-        prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
-        order=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
-        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
-    )
+    batch, seq_q = 3, 4
+    q, k, prefix_k, _, options = case_tensors(block_d, dtype, seq_q, features, batch=batch, prefix_len=512)
+    rows = batch * q.shape[1] * seq_q
+    work_out = torch.empty(4, rows, block_d, dtype=torch.float32)
+    work_lse = torch.empty(4, rows, dtype=torch.float32)
+    options["order"] = torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None
     return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=132, **options)
 
 

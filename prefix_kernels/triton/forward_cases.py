@@ -13,14 +13,15 @@ ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_pref
 NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False)
 
 
-def _case(block_d, dtype, seq_q, features):
-    batch, heads_kv, group, seq_k, prefix_len = 2, 2, 3, 256, 64
+def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
+    """CPU stand-ins of a representative call, (q, k, prefix_k, lse, options): q is HF's strided view, the
+    optional tensors are present exactly when `features` switches them on. Shared by the compile cases."""
+    heads_kv, group, seq_k = 2, 3, 256
     head_dim = block_d
-    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)  # HF's strided view
+    q = torch.empty(batch, seq_q, heads_kv * group, head_dim, dtype=dtype).transpose(1, 2)
     k = torch.empty(batch, heads_kv, seq_k, head_dim, dtype=dtype)
     n_prefix = 2 if features["multi_prefix"] else 1
     prefix_k = torch.empty(n_prefix, heads_kv, prefix_len, head_dim, dtype=dtype)
-    out = torch.empty_like(q)
     lse = torch.empty(batch, heads_kv * group, seq_q, dtype=torch.float32)
     options = dict(
         causal=features["causal"], scale=0.125,
@@ -29,7 +30,12 @@ def _case(block_d, dtype, seq_q, features):
         prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
         window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
     )
-    return forward_launch(q, k, k, prefix_k, prefix_k, out, lse, **options)
+    return q, k, prefix_k, lse, options
+
+
+def _case(block_d, dtype, seq_q, features):
+    q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
+    return forward_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, **options)
 
 
 def forward_cases():
