@@ -82,6 +82,7 @@ def _time_step(step, device, repeats):
 def _training_step_comparison(model, device, on_gpu, args):
     """Kernel vs naive time (and CUDA peak memory) of one prefix-tuning training step on a synthetic batch."""
     import prefix_kernels
+    from prefix_kernels.hf.compat import cache_kwargs
 
     if on_gpu:
         batch, seq, plen, repeats = args.bench_batch or 8, args.bench_seq or 1024, args.bench_prefix or 128, 5
@@ -99,7 +100,7 @@ def _training_step_comparison(model, device, on_gpu, args):
     def naive_step():
         cache = _naive_cache(model, prefix, batch)
         mask = torch.ones(batch, plen + seq, dtype=torch.long, device=device)
-        model(input_ids=ids, attention_mask=mask, cache=cache, labels=ids).loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=ids, **cache_kwargs(model, cache)).loss.backward()
         prefix.zero_grad()
 
     def kernel_step():

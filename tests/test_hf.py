@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.compat import cache_kwargs  # noqa: E402
 from prefix_kernels.hf.patch import FAMILIES  # noqa: E402
 
 VOCAB, BATCH, SEQ, P = 64, 2, 9, 5
@@ -54,7 +55,7 @@ def naive_forward(model, prefix, ids, mask):
         cache.update(keys[layer].expand(BATCH, -1, -1, -1), values[layer].expand(BATCH, -1, -1, -1), layer)
     full_mask = torch.cat([torch.ones(BATCH, P, dtype=mask.dtype), mask], dim=1)
     labels = ids.masked_fill(mask == 0, -100)
-    return model(input_ids=ids, attention_mask=full_mask, cache=cache, labels=labels)
+    return model(input_ids=ids, attention_mask=full_mask, labels=labels, **cache_kwargs(model, cache))
 
 
 def grads(loss, prefix):

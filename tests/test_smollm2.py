@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.compat import cache_kwargs  # noqa: E402
 from prefix_kernels.hf import smollm2  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not smollm2.available(),
@@ -36,7 +37,7 @@ def naive_logits(model, prefix, ids, mask):
     for layer in range(keys.shape[0]):
         cache.update(keys[layer].expand(batch, -1, -1, -1), values[layer].expand(batch, -1, -1, -1), layer)
     full_mask = torch.cat([torch.ones(batch, prefix.prefix_length, dtype=mask.dtype), mask], dim=1)
-    return model(input_ids=ids, attention_mask=full_mask, cache=cache).logits
+    return model(input_ids=ids, attention_mask=full_mask, **cache_kwargs(model, cache)).logits
 
 
 def test_geometry(smol):

@@ -2,6 +2,8 @@
 
     cache = SharedPrefixCache.from_prompt(model, prompt_ids)        # the prompt's KV, computed once at batch 1
     out = model.generate(input_ids=suffixes, attention_mask=mask, past_key_values=cache, max_new_tokens=...)
+    # (transformers >= 5.2x spells it cache=, and warns on past_key_values=; prefix_kernels.hf.compat.cache_kwargs
+    # gives the name the installed version takes)
 
 The cache is a transformers DynamicCache whose layers hold only each sequence's OWN tokens (its suffix and what it
 generates), and a prefix source (hf/attention.py) that serves the shared K/V, [Hkv, P, D] per layer, to the kernels.
@@ -19,11 +21,10 @@ is already patched with a learned prefix, from_prompt's prompt attends to that p
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
 
@@ -100,6 +101,18 @@ class SharedPrefixCache(DynamicCache):
                              "SharedPrefixCache serves sliding-window models only within their window")
         return keys, values
 
+    def reset(self):
+        """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch.
+
+        Not DynamicCache.reset(): on transformers 5.17 that zeroes the layers' tensors but keeps their length, and
+        the next generate() would continue after that many zero keys; 5.2x drops them, as this does on both.
+        """
+        for layer in self.layers:
+            layer.keys = layer.values = None
+            layer.is_initialized = False   # the next update() initializes the layer afresh
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = 0
+
     # ---- constructors ----
     @classmethod
     def from_prompt(cls, model, prompt_ids, *, backend="auto"):
@@ -121,9 +134,8 @@ class SharedPrefixCache(DynamicCache):
         layers = kv_geometry(model)[0]
         with torch.no_grad():
             # A plain cache, so that a patched model attends to its own prefix source.
-            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            out = model(input_ids=ids, use_cache=True, **{name: DynamicCache()})
-            prompt = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, DynamicCache()))
+            prompt = output_cache(out)
             keys, values = [], []
             for layer in range(layers):
                 k, v = prompt.layers[layer].keys[0], prompt.layers[layer].values[0]

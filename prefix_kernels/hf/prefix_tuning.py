@@ -124,6 +124,7 @@ class PrefixTuning(nn.Module):
 
 def text_kv(model, token_ids):
     """Each layer's K/V for `token_ids` ([T] or [1, T]) under the model's stock attention: ([layers, Hkv, T, D]) x 2."""
+    from .compat import output_cache
     from .patch import _STATE_ATTR
 
     if getattr(model, _STATE_ATTR, None) is not None:
@@ -134,7 +135,7 @@ def text_kv(model, token_ids):
         raise ValueError(f"init_text_ids must be one sequence, [T] or [1, T], got shape {tuple(ids.shape)}")
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])
     values = torch.stack([layer.values[0] for layer in cache.layers])
     return keys, values
