@@ -113,3 +113,32 @@ def test_cli_entry_runs_a_filtered_smoke(tmp_path):
     assert rc == 0
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert {(r["op"], r["provider"]) for r in data["rows"]} == {("decode", "naive"), ("decode", "split")}
+
+
+def test_model_rows_of_ours_run_and_are_correct(smoke):
+    """The smoke preset's model rows (head dim 32, fp32) run ours and check it: generate tokens all equal."""
+    _, result = smoke
+    for op in ("train_step", "generate"):
+        row = _rows(result, kind="model", op=op, role="ours")[0]
+        assert row["status"] == "ok", row.get("reason")
+        assert row["correct"] is True
+    assert _rows(result, kind="model", op="generate", role="ours")[0]["token_match"] == 1.0
+
+
+def test_low_precision_generate_check_flags_wrong_logits_not_ties():
+    """bf16 generate rows compare teacher-forced logits: noise of a few eps passes (even where it flips a near-tie
+    argmax), an error of a wrong cache does not."""
+    from prefix_kernels.bench.cases import ModelCase
+    from prefix_kernels.bench.models import _teacher_forced_check
+
+    case = ModelCase("generate", batch=4, seq=4, prefix=8, new_tokens=5, dtype="bf16")
+    generator = torch.Generator().manual_seed(0)
+    stock = torch.randn(4, 5, 1000, generator=generator)
+    stock[0, 0, :2] = 10.0  # an exact tie: either argmax is right
+    tokens = stock.argmax(-1)
+    noise = stock + 0.01 * torch.randn(stock.shape, generator=generator)
+    noise[0, 0, 0], noise[0, 0, 1] = 10.0, 10.01  # the noise picks the other of the tied pair
+    ok = _teacher_forced_check(noise, stock, tokens, case)
+    assert ok["correct"] and ok["decisive_steps"] > 0 and ok["teacher_forced_match"] < 1.0
+    wrong = _teacher_forced_check(stock + 0.2 * torch.randn(stock.shape, generator=generator), stock, tokens, case)
+    assert not wrong["correct"] and wrong["logits_rel_err"] > wrong["tolerance"]

@@ -109,7 +109,8 @@ def _smoke() -> Preset:
     ops = [OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, **small),
            OpCase("fwd+bwd", 2, seq_q=16, seq_k=16, prefix=8, **small),
            OpCase("decode", 3, seq_q=1, seq_k=16, prefix=8, **small)]
-    tiny = dict(dtype="fp32", hidden=64, layers=2, heads_q=4, heads_kv=2, intermediate=128, vocab=128, repeats=2)
+    # head dim 32 (hidden 64 over 2 query heads): the kernels take head dims 32..256
+    tiny = dict(dtype="fp32", hidden=64, layers=2, heads_q=2, heads_kv=1, intermediate=128, vocab=128, repeats=2)
     models = [ModelCase("train_step", batch=2, seq=16, prefix=4, **tiny),
               ModelCase("generate", batch=2, seq=4, prefix=8, new_tokens=3, **tiny)]
     return Preset("smoke", "tiny fp32 shapes for CI; on a CPU the timings mean nothing", ops, models)

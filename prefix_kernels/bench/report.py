@@ -191,7 +191,12 @@ def markdown(result: dict) -> str:
                              "| | | | |")
                 continue
             check = "-"
-            if "token_match" in row:
+            if "logits_rel_err" in row:  # low precision: the teacher-forced logits are the check (models.py)
+                check = (f"teacher-forced logits err {row['logits_rel_err'] * 100:.2f}% of std "
+                         f"(tol {row['tolerance'] * 100:.2f}%), argmax {row['decisive_match'] * 100:.0f}% equal on "
+                         f"{row['decisive_steps']} decisive steps; free-running tokens "
+                         f"{row['token_match'] * 100:.0f}% equal")
+            elif "token_match" in row:
                 check = f"tokens {row['token_match'] * 100:.0f}% equal"
             elif "loss_rel_err" in row:
                 check = f"loss rel err {row['loss_rel_err']:.1e}"
