@@ -37,18 +37,9 @@ PY
 
 if [ $tune_forward = 1 ]; then
   echo "== forward launch-config sweep at the ANCHORS training shapes"
-  timeout 240 python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 | tee "$out/tune_forward.txt"
+  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 \
+    | tee "$out/tune_forward.txt"
 fi
-if [ $tune_backward = 1 ]; then
-  echo "== backward launch-config sweep, then fwd+bwd with the best against the baselines"
-  timeout "${BENCH_TIMEOUT:-300}" python3 bench/tune_backward.py --out "$out" 2>&1 | tee "$out/tune_backward.txt"
-fi
-if [ $bench = 1 ]; then
-  echo "== benchmarks: anchors preset"
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
-    | tail -n 20 | tee "$out/bench_log.txt"
-fi
-
 echo "== GPU tests"
 # pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
 # compilations dominate the wall time.
@@ -57,9 +48,21 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short -m "not compi
   ${GPU_TESTS:-tests} > "$out/tests.txt" 2>&1
 test_status=$?
 
+if [ $tune_backward = 1 ]; then
+  echo "== backward launch-config sweep, then fwd+bwd with the best against the baselines"
+  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_backward.py --out "$out" \
+    ${TUNE_PROVIDERS:+--providers $TUNE_PROVIDERS} 2>&1 | tee "$out/tune_backward.txt"
+fi
+if [ $bench = 1 ]; then
+  echo "== benchmarks: anchors preset"
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
+    | tail -n 20 | tee "$out/bench_log.txt"
+fi
+
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
+[ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8

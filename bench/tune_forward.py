@@ -19,8 +19,10 @@ from prefix_kernels.triton.forward import prefix_attention_forward
 
 SHAPES = [dict(B=8, S=2048, P=128), dict(B=16, S=1024, P=512)]
 CANDIDATES = [ForwardConfig(*c) for c in [
-    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4),
-    (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 16, 3),
+    (128, 64, 8, 3), (128, 128, 8, 3),
+    # K/V tiles through TMA tensor descriptors (sm_90+)
+    (128, 64, 8, 3, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2, True),
+    (64, 64, 4, 3, True),
 ]]
 
 

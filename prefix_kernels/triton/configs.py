@@ -6,7 +6,7 @@ exactly what is compiled for sm_80 and sm_90 on the CPU machines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ class ForwardConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # K/V tiles through TMA tensor descriptors (sm_90+; the forward kernel only)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -43,29 +44,37 @@ def _long_query_config(block_d: int, dtype: torch.dtype) -> ForwardConfig:
     return ForwardConfig(128, 64, 4, 3)
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, seq_q: int) -> ForwardConfig:
-    """The configuration the forward launcher uses for this call."""
+# Whether fp16/bf16 prefill launches on sm_90+ read their K/V tiles through TMA tensor descriptors
+# (ForwardConfig.tma). Decided by timing both on an H200 (bench/tune_forward.py); off until then.
+TMA_ON_HOPPER = False
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, seq_q: int, tma_capable: bool = False) -> ForwardConfig:
+    """The configuration the forward launcher uses for this call; tma_capable: the GPU has TMA (sm_90+)."""
     block_d = block_d_for(head_dim)
     base = _long_query_config(block_d, dtype)
     for block_m in SHORT_BLOCK_M:
         if seq_q <= block_m and block_m < base.block_m:
             # A short query block: fewer warps, since the tile has few rows.
             return ForwardConfig(block_m, base.block_n, 4, base.num_stages)
+    if tma_capable and TMA_ON_HOPPER and dtype != torch.float32:
+        return replace(base, tma=True)
     return base
 
 
 def forward_launch_space() -> list[tuple[int, torch.dtype, ForwardConfig]]:
-    """Every (block_d, dtype, config) that forward_config can return."""
+    """Every (block_d, dtype, config) that forward_config can return (TMA configs: sm_90 only)."""
     space = []
     for dtype in FLOAT_DTYPES:
         for block_d in BLOCK_D_CHOICES:
             head_dim = block_d
             seen = set()
             for seq_q in (1, 17, 33, 4096):
-                config = forward_config(head_dim, dtype, seq_q)
-                if config not in seen:
-                    seen.add(config)
-                    space.append((block_d, dtype, config))
+                for tma_capable in (False, True):
+                    config = forward_config(head_dim, dtype, seq_q, tma_capable)
+                    if config not in seen:
+                        seen.add(config)
+                        space.append((block_d, dtype, config))
     return space
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import block_d_for, forward_config
 
@@ -46,17 +47,23 @@ def _attend_tile(
     offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     APPLY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    desc_b=0, desc_h=0, USE_DESC: tl.constexpr = False,
 ):
     """One online-softmax step over keys [start_n, start_n + BLOCK_N).
 
     With APPLY_MASK, `visible` [BLOCK_M, BLOCK_N] says which scores count (it includes the range check
     cols < n_limit); without it, every key in the tile is in range and visible.
+    With USE_DESC, k_base/v_base are 4-D tensor descriptors (Hopper's TMA copy engine) read at
+    [desc_b, desc_h, start_n, 0]; the engine zero-fills rows and head-dim columns out of range.
     """
     cols = start_n + offs_n
     col_ok = cols < n_limit
     d_ok = offs_d < HEAD_DIM
-    k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok,
-                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    if USE_DESC:
+        k = k_base.load([desc_b, desc_h, start_n, 0]).reshape(offs_n.shape[0], BLOCK_D)
+    else:
+        k = _load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok,
+                       APPLY_MASK, HEAD_DIM != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if APPLY_MASK or HAS_SOFTCAP:
         s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
@@ -75,8 +82,11 @@ def _attend_tile(
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
-                   APPLY_MASK, HEAD_DIM != BLOCK_D)
+    if USE_DESC:
+        v = v_base.load([desc_b, desc_h, start_n, 0]).reshape(offs_n.shape[0], BLOCK_D)
+    else:
+        v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
+                       APPLY_MASK, HEAD_DIM != BLOCK_D)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -97,6 +107,7 @@ def _prefix_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DESC: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,24 +136,40 @@ def _prefix_attention_fwd(
         prefix_len = tl.load(PrefixLens + prefix_id).to(tl.int32)
     else:
         prefix_len = P
-    pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
-    pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
+    if USE_DESC:  # K, V, PK, PV are tensor descriptors, addressed by (int32) coordinates
+        pk_base = PK
+        pv_base = PV
+        desc_b = b.to(tl.int32)
+        desc_h = hkv.to(tl.int32)
+        desc_prefix = prefix_id
+        if HAS_PREFIX_INDEX:
+            desc_prefix = prefix_id.to(tl.int32)
+    else:
+        pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
+        pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
+        desc_b = 0
+        desc_h = 0
+        desc_prefix = 0
     prefix_full_end = (prefix_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, prefix_full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION, desc_prefix, desc_h, USE_DESC)
     for start_n in range(prefix_full_end, prefix_len, BLOCK_N):  # the partial last tile, if any
         visible = tl.broadcast_to((start_n + offs_n)[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION, desc_prefix, desc_h, USE_DESC)
 
     # ---- the sequence's own keys: query i sits at position L - S + i (bottom-right aligned) ----
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
+    if USE_DESC:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b * stride_kb + hkv * stride_kh
+        v_base = V + b * stride_vb + hkv * stride_vh
     first_pos = L - S + pid_m * BLOCK_M
     if CAUSAL:
         hi = tl.minimum(L, first_pos + BLOCK_M)  # keys past the block's last query are skipped
@@ -168,7 +195,7 @@ def _prefix_attention_fwd(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, desc_b, desc_h, USE_DESC)
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
         visible = tl.broadcast_to(cols[None, :] < L, (BLOCK_M, BLOCK_N))
@@ -182,7 +209,7 @@ def _prefix_attention_fwd(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION, desc_b, desc_h, USE_DESC)
 
     # ---- epilogue: rows that saw nothing give zeros and lse = -inf ----
     seen = l_i > 0.0
@@ -211,24 +238,41 @@ def forward_launch(
     """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
-    config = config or forward_config(head_dim, q.dtype, seq_q)
+    config = config or forward_config(head_dim, q.dtype, seq_q, tma_capable=_has_tma(q.device))
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    block_d = block_d_for(head_dim)
+    sources = (k, v, prefix_k, prefix_v)
+    use_desc = config.tma and all(_tma_compatible(t) for t in sources)
+    if use_desc:
+        sources = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, config.block_n, block_d])
+                        for t in sources)
     args = (
-        q, k, v, prefix_k, prefix_v, out, lse, kpm, prefix_index, prefix_lens,
+        q, *sources, out, lse, kpm, prefix_index, prefix_lens,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
     )
     kwargs = dict(
-        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs
+
+
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """What a TMA tensor descriptor needs: a contiguous last dim, 16-byte aligned base and strides, no empty dim."""
+    size = t.element_size()
+    return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
 
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, out=None, **options):

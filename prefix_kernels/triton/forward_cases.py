@@ -33,9 +33,9 @@ def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
     return q, k, prefix_k, lse, options
 
 
-def _case(block_d, dtype, seq_q, features):
+def _case_with(config, block_d, dtype, seq_q, features):
     q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
-    return forward_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, **options)
+    return forward_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, config=config, **options)
 
 
 def forward_cases():
@@ -48,8 +48,8 @@ def forward_cases():
         if block_d == 128 and dtype == torch.bfloat16 and config.block_m == 128:
             variants += [(name, {**NO_FEATURES, name: True}) for name in ALL_FEATURES]
         for label, features in variants:
-            _, args, kwargs = _case(block_d, dtype, seq_q, features)
+            _, args, kwargs = _case_with(config, block_d, dtype, seq_q, features)
             dtype_name = str(dtype).removeprefix("torch.")
             name = (f"fwd-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
-                    f"-s{config.num_stages}-{label}")
+                    f"-s{config.num_stages}{'-tma' if config.tma else ''}-{label}")
             yield name, _prefix_attention_fwd, args, kwargs
