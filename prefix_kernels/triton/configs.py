@@ -6,7 +6,7 @@ exactly what is compiled for sm_80 and sm_90 on the CPU machines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -44,9 +44,11 @@ def _long_query_config(block_d: int, dtype: torch.dtype) -> ForwardConfig:
     return ForwardConfig(128, 64, 4, 3)
 
 
-# Whether fp16/bf16 prefill launches on sm_90+ read their K/V tiles through TMA tensor descriptors
-# (ForwardConfig.tma). Decided by timing both on an H200 (bench/tune_forward.py); off until then.
-TMA_ON_HOPPER = False
+# fp16/bf16 prefill configs for sm_90+ that read K/V tiles through TMA tensor descriptors, by padded head dim.
+# Timed on an H200 (bench/tune_forward.py, bench/results/nvidia-h200/tune_forward.json) at the ANCHORS training
+# shapes: 0.743 / 0.732 ms against 0.853 / 0.778 ms for the best pointer config. Head dims not listed were not
+# timed and keep the pointer path.
+HOPPER_TMA_CONFIGS = {128: ForwardConfig(64, 64, 4, 3, tma=True)}
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, seq_q: int, tma_capable: bool = False) -> ForwardConfig:
@@ -57,8 +59,8 @@ def forward_config(head_dim: int, dtype: torch.dtype, seq_q: int, tma_capable: b
         if seq_q <= block_m and block_m < base.block_m:
             # A short query block: fewer warps, since the tile has few rows.
             return ForwardConfig(block_m, base.block_n, 4, base.num_stages)
-    if tma_capable and TMA_ON_HOPPER and dtype != torch.float32:
-        return replace(base, tma=True)
+    if tma_capable and dtype != torch.float32 and block_d in HOPPER_TMA_CONFIGS:
+        return HOPPER_TMA_CONFIGS[block_d]
     return base
 
 
@@ -114,7 +116,9 @@ def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
     elif block_d >= 256:
         dq, dkdv = ForwardConfig(32, 32, 8, 1), ForwardConfig(32, 32, 8, 1)
     elif block_d == 128:
-        dq, dkdv = ForwardConfig(128, 32, 8, 2), ForwardConfig(32, 64, 8, 2)
+        # Timed on an H200 (bench/tune_backward.py, bench/results/nvidia-h200/tune_backward.json): these took the
+        # ANCHORS fwd+bwd from 6.26 / 5.97 ms to 3.44 / 3.21 ms against the first untimed (128,32) / (32,64) tiles.
+        dq, dkdv = ForwardConfig(128, 64, 8, 3), ForwardConfig(64, 128, 8, 2)
     else:
         dq, dkdv = ForwardConfig(128, 64, 8, 2), ForwardConfig(32, 128, 8, 2)
     return BackwardConfig(dq=dq, dkdv=dkdv, dprefix=dkdv)
