@@ -94,6 +94,9 @@ def test_greedy_equals_stock_per_row(family):
     assert cache.get_seq_length() == ids.shape[1] + NEW - 1
     assert cache.layers[0].keys.shape[:3] == (len(SUFFIXES), 2, ids.shape[1] + NEW - 1)
 
+    # a new batch on the used cache without reset() would attend to the old rows' tokens: refused
+    with pytest.raises(ValueError, match="reset"):
+        generate(model, ids[:2], mask[:2], past_key_values=cache)
     # reset() keeps the prompt: the same cache serves another batch
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.prefix_length == PROMPT

@@ -119,6 +119,12 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         prefix_len = int(active.prefix_length)
         past = _cache_length(cache)
         mask = arguments.get("attention_mask")
+        if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and past and \
+                mask.shape[1] < past + seq:
+            # A fresh batch on a cache that still holds an earlier batch's own tokens would attend to them.
+            raise ValueError(f"this SharedPrefixCache already holds {past} own tokens per row from an earlier "
+                             f"call, but the attention mask covers only {mask.shape[1]} keys; call "
+                             "cache.reset() before serving a new batch with it")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and \
                 mask.shape[1] == prefix_len + past + seq:
             mask = mask[:, prefix_len:]
