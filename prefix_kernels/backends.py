@@ -1,6 +1,8 @@
 """Which backend serves a call: "auto" picks the fastest one that can, an explicit one says why it cannot."""
 from __future__ import annotations
 
+import torch
+
 from . import cuda
 
 
@@ -12,7 +14,11 @@ def triton_unavailable_reason(call) -> str | None:
         return f"Triton is not importable ({exc}); install triton or use backend='torch'"
     device = call.q.device
     if device.type == "cuda":
-        major, minor = __import__("torch").cuda.get_device_capability(device)
+        if torch.compiler.is_compiling():
+            # A device query is a graph break under torch.compile(fullgraph=True); an old GPU then fails in
+            # Triton's own compile instead of here.
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"the Triton kernels need a GPU of compute capability 8.0 or newer, this one is {major}.{minor}"
         return None
