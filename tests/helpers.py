@@ -158,3 +158,14 @@ def truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight):
     truth = reference_grads(tensors, options, out_weight, lse_weight, dtype=torch.float64)
     lowp = reference_grads(tensors, options, out_weight, lse_weight, upcast=False)
     return truth, [max_error(g, t) for g, t in zip(lowp, truth)]
+
+
+def assert_attention_matches_truth(out, lse, q, truth_out, truth_lse, reference_error, dtype):
+    """A kernel's (out, lse) against the float64 truth: shape and dtype, no NaN, output within 2x the reference's
+    own error, lse = -inf exactly on rows that see nothing (and exact zeros there), lse close elsewhere."""
+    assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert_close_to_truth("out", out, truth_out, reference_error, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
+    assert max_error(lse, truth_lse) <= 1e-3, "lse"
+    assert (out[torch.isinf(lse)] == 0).all(), "rows that see nothing give exact zeros"

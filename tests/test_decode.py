@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
-from helpers import Case, assert_close_to_truth, make_inputs, max_error, truth_and_reference_error
+from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth, make_inputs, max_error,
+                     truth_and_reference_error)
 from prefix_kernels import merge_attention_states, prefix_attention
 from prefix_kernels.reference import merge_attention_states_reference
 from prefix_kernels.triton import decode
@@ -50,12 +51,7 @@ def test_decode_matches_reference_and_prefill(case, dtype):
     out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                               sms=MANY_SMS, **call.options())
 
-    assert out.shape == tensors[0].shape and out.dtype == dtype and lse.dtype == torch.float32
-    assert not torch.isnan(out).any()
-    assert_close_to_truth("out", out, truth_out, reference_error, dtype)
-    assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
-    assert max_error(lse, truth_lse) <= 1e-3, "lse"
-    assert (out[torch.isinf(lse)] == 0).all()
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
     # The same numbers as the prefill kernel (up to summation order).
     prefill_out, prefill_lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                                         **call.options())
