@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
-from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth, make_inputs, max_error,
-                     truth_and_reference_error)
+from helpers import Case, assert_attention_matches_truth, make_inputs, max_error, truth_and_reference_error
 from prefix_kernels import merge_attention_states, prefix_attention
 from prefix_kernels.reference import merge_attention_states_reference
 from prefix_kernels.triton import decode

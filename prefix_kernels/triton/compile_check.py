@@ -19,8 +19,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import torch
-
 # Shared memory a block may use (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
