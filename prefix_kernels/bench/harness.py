@@ -148,7 +148,7 @@ def guarded_call(case: OpCase, provider: Provider, inputs: Inputs, dout, referen
     # Correctness guard (also the first, compiling call).
     try:
         out, grads = call()
-    except NotImplementedError as exc:  # e.g. a kernel backend without backward yet, FlexAttention's CPU backward
+    except NotImplementedError as exc:  # e.g. FlexAttention's backward on CPU
         raise Unavailable(str(exc) or "not implemented") from None
     got = {"out": out}
     if grads is not None and prepared.canonical_grads is not None:

@@ -2,11 +2,11 @@
 
 train_step: one prefix-tuning optimizer step (forward, backward, AdamW on the prefix).
     peft  = a PeftModel with a PrefixTuningConfig (the prefix expanded to B copies and concatenated in every layer).
-    ours  = the same PeftModel after `prefix_kernels.patch(peft_model)` (issue 5); "n/a" until that exists.
+    ours  = the same PeftModel after `prefix_kernels.patch(peft_model)`.
 generate: greedy `generate` of new tokens for B rows that share one prompt.
     hf-generate = stock HF generate with the prompt repeated in each row.
-    ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt` (issue 6); "n/a"
-    until that exists. fp32: its new tokens must equal stock's; bf16/fp16: its logits, teacher-forced on stock's
+    ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt`.
+    fp32: its new tokens must equal stock's; bf16/fp16: its logits, teacher-forced on stock's
     tokens, must match stock's within the dtype's noise (_teacher_forced_check says why tokens cannot be the check).
 Peak memory is what the step allocated beyond what was resident before it (weights, optimizer state, inputs).
 """
@@ -23,7 +23,6 @@ import torch
 from .cases import ModelCase
 from .timing import PeakMemory, time_calls_ms
 
-NOT_YET = "not available yet: prefix_kernels.{name} does not exist (issue {issue})"
 
 
 def _free(device):
@@ -67,8 +66,6 @@ def _guarded(row: dict, body, progress) -> dict:
     started = time.perf_counter()
     try:
         row.update(status="ok", **body())
-    except _Unavailable as exc:
-        row.update(status="n/a", reason=str(exc))
     except Exception as exc:
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
         if progress is not None:
@@ -77,10 +74,6 @@ def _guarded(row: dict, body, progress) -> dict:
     if progress is not None:
         progress.step(f"{row['op']} {row['provider']}")
     return row
-
-
-class _Unavailable(Exception):
-    pass
 
 
 def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
@@ -118,18 +111,13 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
                      peft_body, progress)]
 
     def ours_body():
-        patch = getattr(prefix_kernels, "patch", None)
-        if patch is None:
-            raise _Unavailable(NOT_YET.format(name="patch", issue=5))
         reference_loss = loss_now()
-        patched = current["model"] = patch(peft_model)
+        patched = current["model"] = prefix_kernels.patch(peft_model)
         try:
             loss = loss_now()
             result = _timed(step, case, device)
         finally:
-            unpatch = getattr(prefix_kernels, "unpatch", None)
-            if unpatch is not None:
-                unpatch(patched)
+            prefix_kernels.unpatch(patched)
             current["model"] = peft_model
         result["tokens_per_s"] = tokens / (result["time_ms"] * 1e-3)
         rel = abs(loss - reference_loss) / max(abs(reference_loss), 1e-6)
@@ -179,14 +167,11 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
                      stock_body, progress)]
 
     def ours_body():
-        cache_cls = getattr(prefix_kernels, "SharedPrefixCache", None)
-        if cache_cls is None:
-            raise _Unavailable(NOT_YET.format(name="SharedPrefixCache", issue=6))
         produced = {}
 
         def ours():
             with torch.no_grad():
-                cache = cache_cls.from_prompt(model, prompt[None])  # the prompt's KV, once, inside the timing
+                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None])  # the prompt's KV, once, inside the timing
                 out = model.generate(input_ids=suffixes, attention_mask=suffix_mask, **cache_kwargs(model, cache),
                                      **options)
             produced["new"] = out[:, -case.new_tokens:]
@@ -202,7 +187,7 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
                 result.update(correct=match == 1.0)
         if "logits" in stock_tokens:
             with torch.no_grad():
-                cache = cache_cls.from_prompt(model, prompt[None])
+                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None])
                 _, logits = _recorded_generate(model, suffixes, suffix_mask, options, force=stock_tokens["tokens"],
                                                **cache_kwargs(model, cache))
             result.update(_teacher_forced_check(logits, stock_tokens["logits"], stock_tokens["tokens"], case))

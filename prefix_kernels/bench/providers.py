@@ -98,7 +98,6 @@ def _ours(backend: str):
                 forward()
         except ValueError as exc:
             raise Unavailable(str(exc)) from None
-        # fwd+bwd: a backend with no backward yet raises NotImplementedError on its first call: "n/a" too.
         return Prepared(forward, _all_leaves(inputs), _identity_grads)
     return prepare
 

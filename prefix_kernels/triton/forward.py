@@ -275,16 +275,14 @@ def _tma_compatible(t: torch.Tensor) -> bool:
             and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
 
 
-def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, out=None, **options):
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
     options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap (and config, see above).
-    Returns (out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32). `out`, if given, is written in place
-    (any strides), so a caller can hand a [B, S, H, D]-backed view and skip a transpose copy.
+    Returns (out [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32).
     """
     batch, heads_q, seq_q, _ = q.shape
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
