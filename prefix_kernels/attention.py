@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .backends import choose_backend
+from .cuda import cuda_decode_attention, cuda_prefix_attention
 from .reference import prefix_attention_reference
 from .validation import validate
 
@@ -27,9 +28,11 @@ def prefix_attention(
     from .triton.decode import triton_decode_attention, use_decode
 
     if use_decode(call):  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
-        out, lse = triton_decode_attention(call)
-        return (out, lse) if return_lse else out
-    from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
+        out, lse = cuda_decode_attention(call) if chosen == "cuda" else triton_decode_attention(call)
+    elif chosen == "cuda":  # differentiable: the CUDA forward, the Triton backward
+        out, lse = cuda_prefix_attention(call)
+    else:
+        from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
-    out, lse = triton_prefix_attention(call)
+        out, lse = triton_prefix_attention(call)
     return (out, lse) if return_lse else out

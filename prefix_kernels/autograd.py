@@ -1,6 +1,7 @@
-"""The Triton backend as torch.library custom ops: forward and backward ops, fake impls, and autograd.
+"""The differentiable op as torch.library custom ops: forward and backward ops, fake impls, and autograd.
 
-`prefix_kernels::prefix_attention_fwd` returns (out, lse); both are differentiable outputs, and the LSE's gradient
+`prefix_kernels::prefix_attention_fwd` (Triton) and `prefix_kernels::prefix_attention_fwd_cuda` (csrc/) return
+(out, lse) and share one autograd whose backward is the Triton backward; both are differentiable outputs, and the LSE's gradient
 is folded into the backward's Delta (so `merge_attention_states` composes under autograd). The backward op takes
 `needs` (which of dq, dk, dv, dprefix_k, dprefix_v to compute) and returns empty tensors for the others. Only
 q, k, v, prefix_k, prefix_v, out, lse (plus the small mask/index tensors) are saved: the prefix is saved as the
@@ -28,12 +29,31 @@ def prefix_attention_fwd(
                                     prefix_lens=prefix_lens, window=window, softcap=softcap)
 
 
-@prefix_attention_fwd.register_fake
-def _prefix_attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal,
-                               scale, window, softcap):
+@torch.library.custom_op("prefix_kernels::prefix_attention_fwd_cuda", mutates_args=())
+def prefix_attention_fwd_cuda(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
+    causal: bool, scale: float, window: Optional[int], softcap: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    """The CUDA forward (csrc/) under the same signature and autograd: its out/lse feed the Triton backward.
+    window and softcap are always None here (prefix_kernels.cuda.unavailable_reason routes them away)."""
+    from .cuda import kernels
+
+    return kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale)
+
+
+def empty_out_and_lse(q):
+    """What a forward returns, as empty tensors: out like q, lse [B, Hq, S] float32 (for fake impls)."""
     batch, heads_q, seq_q, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
+
+
+@prefix_attention_fwd.register_fake
+@prefix_attention_fwd_cuda.register_fake
+def _prefix_attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal,
+                               scale, window, softcap):
+    return empty_out_and_lse(q)
 
 
 @torch.library.custom_op("prefix_kernels::prefix_attention_bwd", mutates_args=())
@@ -83,11 +103,17 @@ def _backward(ctx, grad_out, grad_lse):
     return tuple(g if need else None for need, g in zip(needs, grads)) + no_grads[5:]
 
 
-torch.library.register_autograd("prefix_kernels::prefix_attention_fwd", _backward, setup_context=_setup_context)
+# One backward (Triton) for both forwards: they share the out/lse contract.
+for _forward in ("prefix_kernels::prefix_attention_fwd", "prefix_kernels::prefix_attention_fwd_cuda"):
+    torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+
+
+def differentiable(forward_op, call):
+    """(out, lse) of a validated call (validation.PrefixAttentionCall) through one of the forward ops above."""
+    return forward_op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask,
+                      call.prefix_index, call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
 
 
 def triton_prefix_attention(call):
-    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the differentiable Triton op."""
-    return torch.ops.prefix_kernels.prefix_attention_fwd(
-        call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
-        call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
+    """(out, lse) of a validated call through the differentiable Triton op."""
+    return differentiable(torch.ops.prefix_kernels.prefix_attention_fwd, call)

@@ -40,8 +40,9 @@ def choose_backend(requested: str, call) -> str:
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
         return requested
-    on_gpu = call.q.device.type == "cuda"
-    for name in ("cuda", "triton"):
-        if reasons[name](call) is None and (on_gpu or name == "triton"):
-            return name
+    # CUDA only once a GPU run has measured it faster than Triton (cuda.AUTO_PREFERS_CUDA).
+    if cuda.AUTO_PREFERS_CUDA and call.q.device.type == "cuda" and cuda.unavailable_reason(call) is None:
+        return "cuda"
+    if triton_unavailable_reason(call) is None:
+        return "triton"
     return "torch"

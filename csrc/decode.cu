@@ -1,0 +1,222 @@
+// Shared-prefix decode (a few queries per sequence, no gradient), the Hydragen / FlashInfer-cascade scheme:
+//  1. partials: prefix programs take 64 packed rows (b, g, s) of MANY sequences and of all G heads of a KV head
+//     against one split of one prefix's keys: a prefix tile is read once per 64 rows instead of once per
+//     sequence. Own programs take the G * S rows of one (sequence, KV head) against one split of its own keys.
+//     Both kinds share one launch (prefix programs first); each writes a normalized partial + LSE to its slot.
+//  2. merge: every row's slots combined by their LSEs into out (q's dtype) and lse.
+// Sized from shapes only (no host sync): CUDA-graph safe.
+#include <algorithm>
+
+#include "attend.h"
+#include "dispatch.h"
+#include "launch.h"
+
+namespace pk {
+
+namespace {
+
+constexpr int kProgramsPerSm = 2;    // enough programs to fill the GPU twice over
+constexpr int kMinSplitTiles = 2;    // no split shorter than this many tiles: each split costs an fp32 partial
+constexpr int kMaxSplits = 32;
+constexpr int kMergeRowsPerBlock = 4;  // one warp per row
+
+template <typename T, int D>
+PK_DEVICE void store_partial(const DecodeParams& d, const BlockAttention<T, D>& attention, int slot,
+                             const int64_t (&row)[2]) {
+  float inv[2], lse[2];
+  attention.finish(inv, lse);
+  const int64_t base = static_cast<int64_t>(slot) * d.rows;
+  attention.for_each_output(inv, [&](int h, int col, float x0, float x1) {
+    if (row[h] >= 0) {
+      float* out = d.work_out + (base + row[h]) * D + col;
+      out[0] = x0;
+      out[1] = x1;
+    }
+  });
+  if (attention.lane % 4 == 0)
+    for (int h = 0; h < 2; ++h)
+      if (row[h] >= 0) d.work_lse[base + row[h]] = lse[h];
+}
+
+template <typename T, int D>
+PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
+  const AttentionParams& p = d.attention;
+  const int nh_count = p.num_prefixes * p.heads_kv;
+  const int row_block = pid % d.prefix_row_blocks;
+  const int nh = (pid / d.prefix_row_blocks) % nh_count;
+  const int split = pid / (d.prefix_row_blocks * nh_count);
+  const int n = nh / p.heads_kv, h = nh % p.heads_kv;
+  const int packed_rows = p.batch * p.group * p.seq_q;
+
+  // Packed row r = (b * G + g) * S + s; it belongs here if sequence b uses prefix n. With several prefixes a
+  // block may hold none of them: it then loads nothing (the test is the same in every thread).
+  auto sequence_of = [&](int r) { return r / (p.group * p.seq_q); };
+  auto mine = [&](int r) {
+    return r < packed_rows &&
+           (!p.prefix_index || load_index(p.prefix_index, p.prefix_index_int32, sequence_of(r)) == n);
+  };
+  const int r0 = row_block * kBlockM;
+  bool any_mine = false;
+  for (int r = r0; r < r0 + kBlockM && !any_mine; ++r) any_mine = mine(r);
+
+  const int prefix_len = p.prefix_lens ? static_cast<int>(load_index(p.prefix_lens, p.prefix_lens_int32, n))
+                                       : p.prefix_len;
+  const int begin = split * d.prefix_chunk;
+  const int end = any_mine ? imin(begin + d.prefix_chunk, prefix_len) : begin;
+  const int num_tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;
+  const T* pk = static_cast<const T*>(p.prefix_k) + n * p.pk_stride[0] + h * p.pk_stride[1];
+  const T* pv = static_cast<const T*>(p.prefix_v) + n * p.pv_stride[0] + h * p.pv_stride[1];
+  auto tile = [&](int t) {
+    const int key0 = begin + t * kBlockN;
+    return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, end, false, key0 + kBlockN > end};
+  };
+  auto visible = [](const KeyTile<T>& t, int, int key) { return key < t.end; };
+
+  const T* q = static_cast<const T*>(p.q);
+  auto q_row = [&](int i) -> const T* {
+    const int r = r0 + i;
+    if (!mine(r)) return nullptr;
+    const int b = sequence_of(r), g = (r / p.seq_q) % p.group, s = r % p.seq_q;
+    return q + b * p.q_stride[0] + (h * p.group + g) * p.q_stride[1] + s * p.q_stride[2];
+  };
+
+  BlockAttention<T, D> attention(shared_memory());
+  attention.load_q_async(q_row, q);
+  attention.run(num_tiles, tile, p.scale_log2, visible);
+  int64_t row[2];
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = r0 + attention.row_of(hh);
+    const int b = sequence_of(r), g = (r / p.seq_q) % p.group, s = r % p.seq_q;
+    row[hh] = mine(r) ? (static_cast<int64_t>(b) * p.heads_q + h * p.group + g) * p.seq_q + s : -1;
+  }
+  store_partial(d, attention, split, row);
+}
+
+template <typename T, int D>
+PK_DEVICE void own_program(const DecodeParams& d, int pid) {
+  const AttentionParams& p = d.attention;
+  const int bh_count = p.batch * p.heads_kv;
+  const int row_block = pid % d.own_row_blocks;
+  const int bh = (pid / d.own_row_blocks) % bh_count;
+  const int split = pid / (d.own_row_blocks * bh_count);
+  const int b = bh / p.heads_kv, h = bh % p.heads_kv;
+  const int group_rows = p.group * p.seq_q;  // row r = g * S + s of this sequence's KV-head group
+  const int r0 = row_block * kBlockM;
+  const int offset = p.seq_k - p.seq_q;
+
+  const int begin = split * d.own_chunk;
+  const int end = imin(begin + d.own_chunk, p.seq_k);
+  const int num_tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+  const uint8_t* key_ok = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride[0] : nullptr;
+  // Few rows against a memory-bound stream: every tile takes the masked path (cheap next to the loads).
+  auto tile = [&](int t) {
+    return KeyTile<T>{k, v, p.k_stride[2], p.v_stride[2], begin + t * kBlockN, end, true, true};
+  };
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.group * p.q_stride[1];
+  auto q_row = [&](int i) -> const T* {
+    const int r = r0 + i;
+    if (r >= group_rows) return nullptr;
+    return q + (r / p.seq_q) * p.q_stride[1] + (r % p.seq_q) * p.q_stride[2];
+  };
+
+  BlockAttention<T, D> attention(shared_memory());
+  int row_pos[2];
+  for (int hh = 0; hh < 2; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
+  auto visible = [&](const KeyTile<T>& t, int hh, int key) {
+    return key < t.end && (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
+  };
+  attention.load_q_async(q_row, q);
+  attention.run(num_tiles, tile, p.scale_log2, visible);
+  int64_t row[2];
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = r0 + attention.row_of(hh);
+    row[hh] = r < group_rows ? (static_cast<int64_t>(b) * p.heads_q + h * p.group) * p.seq_q + r : -1;
+  }
+  store_partial(d, attention, d.prefix_splits + split, row);
+}
+
+template <typename T, int D>
+PK_KERNEL(kThreads) decode_partials_kernel(const DecodeParams d) {
+  const int pid = static_cast<int>(block_index_x());
+  const int prefix_programs = d.prefix_row_blocks * d.attention.num_prefixes * d.attention.heads_kv * d.prefix_splits;
+  if (pid < prefix_programs)
+    prefix_program<T, D>(d, pid);
+  else
+    own_program<T, D>(d, pid - prefix_programs);
+}
+
+// One warp per row (b, hq, s): out = sum_slot e^(lse_slot - m) o_slot / sum_slot e^(lse_slot - m), m = max lse;
+// a row whose every slot is -inf gets zeros and -inf.
+template <typename T, int D>
+PK_KERNEL(32 * kMergeRowsPerBlock) decode_merge_kernel(const DecodeParams d) {
+  constexpr int kColumns = D / 32;  // per lane
+  const int lane = static_cast<int>(thread_index()) % 32;
+  const int64_t row = static_cast<int64_t>(block_index_x()) * kMergeRowsPerBlock + thread_index() / 32;
+  if (row >= d.rows) return;
+  const int slots = d.prefix_splits + d.own_splits;
+  float m = -INFINITY;
+  for (int slot = 0; slot < slots; ++slot) m = fmaxf(m, d.work_lse[slot * static_cast<int64_t>(d.rows) + row]);
+  const float m_use = m == -INFINITY ? 0.f : m;
+  float acc[kColumns] = {};
+  float total = 0.f;
+  for (int slot = 0; slot < slots; ++slot) {
+    const int64_t at = slot * static_cast<int64_t>(d.rows) + row;
+    const float weight = fast_exp2((d.work_lse[at] - m_use) * 1.4426950408889634f);
+    total += weight;
+    const float* part = d.work_out + at * D + lane * kColumns;
+    for (int c = 0; c < kColumns; ++c) acc[c] += weight * part[c];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* out = static_cast<T*>(d.attention.out) + row * D + lane * kColumns;
+  for (int c = 0; c < kColumns; c += 2)
+    *reinterpret_cast<uint32_t*>(out + c) = pack2<T>(acc[c] * inv, acc[c + 1] * inv);
+  if (lane == 0) d.attention.lse[row] = total > 0.f ? m_use + fast_log2(total) * kLn2 : -INFINITY;
+}
+
+// (splits, chunk) of `keys` keys when every program should read about `per_program` keys; chunks in whole tiles.
+void split_keys(int keys, int64_t per_program, int& splits, int& chunk) {
+  if (keys <= 0) {
+    splits = 0;
+    chunk = kBlockN;
+    return;
+  }
+  const int wanted = static_cast<int>(std::min<int64_t>((keys + per_program - 1) / per_program, kMaxSplits));
+  const int even = ceil_div(keys, std::max(wanted, 1));
+  chunk = ceil_div(even, kBlockN) * kBlockN;
+  splits = ceil_div(keys, chunk);
+}
+
+}  // namespace
+
+DecodePlan plan_decode(const AttentionParams& p, int sms) {
+  DecodePlan plan{};
+  plan.prefix_row_blocks = ceil_div(p.batch * p.group * p.seq_q, kBlockM);
+  plan.own_row_blocks = ceil_div(p.group * p.seq_q, kBlockM);
+  // Prefix and own programs share one launch: balance the keys each program reads (see the Triton decode).
+  const int64_t prefix_programs = static_cast<int64_t>(plan.prefix_row_blocks) * p.num_prefixes * p.heads_kv;
+  const int64_t own_programs = static_cast<int64_t>(plan.own_row_blocks) * p.batch * p.heads_kv;
+  const int64_t total = prefix_programs * p.prefix_len + own_programs * p.seq_k;
+  const int64_t per_program =
+      std::max<int64_t>(kBlockN * kMinSplitTiles, (total + kProgramsPerSm * sms - 1) / (kProgramsPerSm * sms));
+  split_keys(p.prefix_len, per_program, plan.prefix_splits, plan.prefix_chunk);
+  split_keys(p.seq_k, per_program, plan.own_splits, plan.own_chunk);
+  return plan;
+}
+
+void launch_decode(const DecodeParams& d, Stream stream) {
+  const AttentionParams& p = d.attention;
+  const int programs = d.prefix_row_blocks * p.num_prefixes * p.heads_kv * d.prefix_splits +
+                       d.own_row_blocks * p.batch * p.heads_kv * d.own_splits;
+  const Dim3 merge_grid{static_cast<unsigned>(ceil_div(d.rows, kMergeRowsPerBlock)), 1, 1};
+  PK_DISPATCH(p, {
+    if (programs > 0)
+      PK_LAUNCH((decode_partials_kernel<Element, kHeadDim>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
+                attention_shared_bytes<kHeadDim>(), stream, d);
+    PK_LAUNCH((decode_merge_kernel<Element, kHeadDim>), merge_grid, 32 * kMergeRowsPerBlock, 0, stream, d);
+  });
+}
+
+}  // namespace pk

@@ -1,0 +1,85 @@
+// The fused forward (prefill and training forward): each block takes 64 consecutive queries of one (b, hq) and
+// attends to its sequence's prefix (read in place from the ONE prefix copy, picked by prefix_index) and then to
+// its own keys, in one online softmax. Own tiles past the block's last causal key are never loaded; only tiles
+// that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are masked.
+#include "attend.h"
+#include "dispatch.h"
+#include "launch.h"
+
+namespace pk {
+
+template <typename T, int D>
+PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
+  const int m0 = static_cast<int>(block_index_x()) * kBlockM;
+  const int bh = static_cast<int>(block_index_y());
+  const int b = bh / p.heads_q, hq = bh % p.heads_q, h = hq / p.group;
+  const int offset = p.seq_k - p.seq_q;  // query i sits at sequence position offset + i
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+  const int n = p.prefix_index ? static_cast<int>(load_index(p.prefix_index, p.prefix_index_int32, b)) : 0;
+  const int prefix_len = p.prefix_lens ? static_cast<int>(load_index(p.prefix_lens, p.prefix_lens_int32, n))
+                                       : p.prefix_len;
+  const T* pk = static_cast<const T*>(p.prefix_k) + n * p.pk_stride[0] + h * p.pk_stride[1];
+  const T* pv = static_cast<const T*>(p.prefix_v) + n * p.pv_stride[0] + h * p.pv_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+  const uint8_t* key_ok = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride[0] : nullptr;
+
+  const int last_row = (m0 + kBlockM < p.seq_q ? m0 + kBlockM : p.seq_q) - 1;
+  int own_end = p.seq_k;
+  if (p.causal) {  // no row of this block sees an own key past its last row's position
+    own_end = offset + last_row + 1;
+    own_end = own_end < 0 ? 0 : (own_end > p.seq_k ? p.seq_k : own_end);
+  }
+  const int prefix_tiles = (prefix_len + kBlockN - 1) / kBlockN;
+  const int own_tiles = (own_end + kBlockN - 1) / kBlockN;
+  const int first_row_pos = offset + m0;
+
+  auto tile = [&](int t) {
+    if (t < prefix_tiles) {
+      const int key0 = t * kBlockN;
+      return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, prefix_len, false,
+                        key0 + kBlockN > prefix_len};
+    }
+    const int key0 = (t - prefix_tiles) * kBlockN;
+    const bool crosses_diagonal = p.causal && key0 + kBlockN - 1 > first_row_pos;
+    return KeyTile<T>{k, v, p.k_stride[2], p.v_stride[2], key0, own_end, true,
+                      key0 + kBlockN > own_end || crosses_diagonal || key_ok != nullptr};
+  };
+
+  BlockAttention<T, D> attention(shared_memory());
+  int row_pos[2];
+  for (int hh = 0; hh < 2; ++hh) row_pos[hh] = first_row_pos + attention.row_of(hh);
+  auto visible = [&](const KeyTile<T>& t, int hh, int key) {
+    if (key >= t.end) return false;
+    if (!t.own) return true;  // prefix keys: always visible up to the prefix's length
+    return (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
+  };
+
+  attention.load_q_async([&](int r) { return m0 + r < p.seq_q ? q + (m0 + r) * p.q_stride[2] : nullptr; }, q);
+  attention.run(prefix_tiles + own_tiles, tile, p.scale_log2, visible);
+
+  float inv[2], lse[2];
+  attention.finish(inv, lse);
+  const int64_t row0 = static_cast<int64_t>(bh) * p.seq_q + m0;
+  T* out = static_cast<T*>(p.out);
+  attention.for_each_output(inv, [&](int hh, int col, float x0, float x1) {
+    const int r = attention.row_of(hh);
+    if (m0 + r < p.seq_q)
+      *reinterpret_cast<uint32_t*>(out + (row0 + r) * D + col) = pack2<T>(x0, x1);
+  });
+  if (attention.lane % 4 == 0)
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = attention.row_of(hh);
+      if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[hh];
+    }
+}
+
+void launch_forward(const AttentionParams& params, Stream stream) {
+  const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, kBlockM)),
+                  static_cast<unsigned>(params.batch * params.heads_q), 1};
+  PK_DISPATCH(params, PK_LAUNCH((forward_kernel<Element, kHeadDim>), grid, kThreads,
+                                attention_shared_bytes<kHeadDim>(), stream, params));
+}
+
+}  // namespace pk

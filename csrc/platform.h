@@ -1,0 +1,65 @@
+// One kernel source, two builds.
+//  - nvcc (the extension setup.py builds): the real CUDA kernels.
+//  - PK_EMULATE (a host C++ build, tests only): the same kernel code runs on the CPU, one emulated thread per
+//    CUDA thread, with the warp-level instructions (ldmatrix, mma.sync, shfl, cp.async) emulated by csrc/emulator/.
+//    That is how the kernels' index math, fragment layouts, masking and pipelining are tested on machines
+//    without a GPU. Kernels touch the hardware only through the names defined here and in mma.h.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifdef PK_EMULATE
+
+#include "emulator/emulator.h"
+
+#define PK_KERNEL(max_threads) void  // a host function that pk_emu::launch runs once per emulated thread
+#define PK_DEVICE inline
+#define PK_RESTRICT __restrict__
+
+namespace pk {
+inline unsigned thread_index() { return pk_emu::thread_index(); }
+inline unsigned block_index_x() { return pk_emu::block_index().x; }
+inline unsigned block_index_y() { return pk_emu::block_index().y; }
+inline unsigned block_index_z() { return pk_emu::block_index().z; }
+inline char* shared_memory() { return pk_emu::shared_memory(); }
+inline void sync_threads() { pk_emu::sync_threads(); }
+}  // namespace pk
+
+// kernel<<<grid, threads, shared_bytes, stream>>>(args...), emulated: every block, one at a time.
+#define PK_LAUNCH(kernel, grid, threads, shared_bytes, stream, ...) \
+  pk_emu::launch(pk_emu::Dim3{(grid).x, (grid).y, (grid).z}, (threads), (shared_bytes), [&] { kernel(__VA_ARGS__); })
+
+namespace pk {
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+using Stream = void*;
+}  // namespace pk
+
+#else  // nvcc
+
+#include <cuda_runtime.h>
+
+#define PK_KERNEL(max_threads) __global__ void __launch_bounds__(max_threads)
+#define PK_DEVICE __device__ __forceinline__
+#define PK_RESTRICT __restrict__
+
+namespace pk {
+PK_DEVICE unsigned thread_index() { return threadIdx.x; }
+PK_DEVICE unsigned block_index_x() { return blockIdx.x; }
+PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
+PK_DEVICE unsigned block_index_z() { return blockIdx.z; }
+PK_DEVICE char* shared_memory() {
+  extern __shared__ __align__(128) char pk_dynamic_shared[];
+  return pk_dynamic_shared;
+}
+PK_DEVICE void sync_threads() { __syncthreads(); }
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+using Stream = cudaStream_t;
+}  // namespace pk
+
+#define PK_LAUNCH(kernel, grid, threads, shared_bytes, stream, ...) \
+  kernel<<<dim3((grid).x, (grid).y, (grid).z), (threads), (shared_bytes), (stream)>>>(__VA_ARGS__)
+
+#endif

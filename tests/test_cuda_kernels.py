@@ -1,0 +1,149 @@
+"""The CUDA kernels (csrc/) against the float64 reference: the forward and the decode, fp16 and bf16, head dims
+64 and 128, GQA group 3, causal, key_padding_mask, several prefixes with prefix_lens, rows that see nothing.
+
+Without a GPU they run in the host emulation (tests/cuda_emulation.py: the same source through g++, warp-level
+instructions emulated), bf16 included since no Triton interpreter is involved; on a GPU, the built extension.
+"""
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from cuda_emulation import emulated_kernels, unavailable_reason
+from helpers import (Case, assert_attention_matches_truth, attention_loss, assert_close_to_truth, loss_weights,
+                     make_inputs, truth_and_reference_error, truth_and_reference_grad_errors)
+from prefix_kernels import cuda, prefix_attention
+from prefix_kernels.validation import validate
+
+DTYPES = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
+
+
+def _kernel_params():
+    emulated_skip = ("on a GPU the built extension is tested instead" if HAS_CUDA else unavailable_reason())
+    gpu_skip = None if HAS_CUDA and cuda.UNAVAILABLE_REASON is None else (
+        "no GPU" if not HAS_CUDA else cuda.UNAVAILABLE_REASON)
+    return [pytest.param("emulated", id="emulated", marks=[pytest.mark.skip(reason=emulated_skip)] if emulated_skip
+                         else []),
+            pytest.param("gpu", id="gpu", marks=[pytest.mark.skip(reason=gpu_skip)] if gpu_skip else [])]
+
+
+@pytest.fixture(params=_kernel_params())
+def kernels(request):
+    """Routes backend="cuda" to the kernels under test for the duration of a test; yields the tensors' device."""
+    if request.param == "emulated":
+        emulated_kernels()
+        previous = cuda.use_kernels("prefix_kernels_emulated", "cpu")
+        device = torch.device("cpu")
+    else:
+        previous = cuda.use_kernels("prefix_kernels_cuda", "cuda")
+        device = torch.device("cuda")
+    yield device
+    cuda.use_kernels(*previous)
+
+
+FORWARD_CASES = [
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=45, head_dim=64),   # 2 row blocks, GQA 3
+    Case(batch=1, heads_q=3, heads_kv=1, seq_q=33, seq_k=33, prefix_len=64, head_dim=128, causal=False,
+         padding="left", q_layout="bhsd"),                                                  # a whole prefix tile
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=19, seq_k=29, prefix_len=21, head_dim=64, num_prefixes=2,
+         prefix_lens=(0, 13), padding="empty-row"),                                         # rows that see nothing
+    Case(batch=2, heads_q=3, heads_kv=3, seq_q=20, seq_k=5, prefix_len=0, head_dim=64),     # L < S, no prefix
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=18, seq_k=130, prefix_len=7, head_dim=128, padding="random",
+         kv_slice=True),                                                                    # strided K/V
+]
+
+DECODE_CASES = [
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=300, head_dim=64),   # prefix in splits
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=25, prefix_len=37, head_dim=128, num_prefixes=2,
+         prefix_lens=(37, 5), padding="left"),                                              # two prefixes
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
+         prefix_lens=(0, 8), padding="empty-row"),                                          # rows see nothing
+    Case(batch=9, heads_q=8, heads_kv=2, seq_q=2, seq_k=140, prefix_len=19, head_dim=64),   # 2 row blocks, own splits
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
+         padding="random", q_layout="bhsd"),                                                # L < S
+]
+
+
+def _validated(tensors, options):
+    return validate(*tensors, scale=None, backend="cuda", causal=options["causal"],
+                    key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
+                    prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
+
+
+def _check_op(op_name, case, dtype, device):
+    *tensors, options = make_inputs(case, dtype, device)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    call = _validated(tensors, options)
+    assert cuda.unavailable_reason(call) is None
+    op = getattr(cuda.kernels(), op_name)
+    out, lse = op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
+                  call.prefix_lens, call.causal, call.scale)
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
+def test_forward_matches_reference(kernels, case, dtype):
+    _check_op("forward", case, dtype, kernels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+def test_decode_matches_reference(kernels, case, dtype):
+    _check_op("decode", case, dtype, kernels)
+
+
+def test_public_op_routes_decode_and_training_to_cuda(kernels):
+    """backend="cuda": short queries without grad take the CUDA decode, the rest the differentiable CUDA forward
+    whose backward (Triton) sums the prefix gradient over the batch."""
+    dtype = torch.float16
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=21, prefix_len=11, head_dim=64, padding="left")
+    *tensors, options = make_inputs(case, dtype, kernels, requires_grad=True)
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+    out, lse = prefix_attention(*tensors, return_lse=True, backend="cuda", **options)
+    attention_loss(out, lse, out_weight, lse_weight).backward()
+    for name, leaf, expected, reference_error in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), tensors, truth,
+                                                     reference_errors):
+        assert leaf.grad.shape == leaf.shape
+        assert_close_to_truth(name, leaf.grad, expected, reference_error, dtype)
+
+    decode_case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=1, seq_k=21, prefix_len=11, head_dim=64)
+    *tensors, options = make_inputs(decode_case, dtype, kernels)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    with torch.no_grad():
+        out, lse = prefix_attention(*tensors, return_lse=True, backend="cuda", **options)
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(dtype=torch.float32), "float16 or bfloat16"),
+    (dict(head_dim=80), "head dims"),
+    (dict(window=4), "sliding window"),
+    (dict(softcap=5.0), "softcap"),
+    (dict(misaligned=True), "16-byte aligned"),
+])
+def test_calls_outside_coverage_are_refused_by_cuda_and_served_by_auto(kernels, change, reason):
+    dtype = change.get("dtype", torch.float16)
+    case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=5, seq_k=9, prefix_len=4, head_dim=change.get("head_dim", 64),
+                window=change.get("window"), softcap=change.get("softcap"))
+    q, k, v, pk, pv, options = make_inputs(case, dtype, kernels)
+    if change.get("misaligned"):
+        q = torch.empty(q.numel() + 1, dtype=dtype, device=q.device)[1:].view(q.shape).copy_(q)
+    with pytest.raises(ValueError, match=reason):
+        prefix_attention(q, k, v, pk, pv, backend="cuda", **options)
+    assert cuda.unavailable_reason(_validated([q, k, v, pk, pv], options)) is not None
+    if kernels.type == "cuda":  # auto serves it with Triton (on CPU, under the interpreter: slow, not repeated here)
+        prefix_attention(q, k, v, pk, pv, backend="auto", **options)
+
+
+def test_op_checks_its_inputs_before_launching(kernels):
+    """Called directly (not through prefix_attention), the op still refuses what its kernels do not handle."""
+    q, k, v, pk, pv, _ = make_inputs(Case(head_dim=64), torch.float16, kernels)
+    ops = cuda.kernels()
+    pk4, pv4 = pk[None], pv[None]
+    with pytest.raises(RuntimeError, match="head dim"):
+        ops.forward(q[..., :32], k[..., :32], v[..., :32], pk4[..., :32], pv4[..., :32], None, None, None, True, 0.1)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ops.decode(q.float(), k.float(), v.float(), pk4.float(), pv4.float(), None, None, None, True, 0.1)
+    with pytest.raises(RuntimeError, match="prefix_index"):
+        ops.forward(q, k, v, torch.cat([pk4, pk4]), torch.cat([pv4, pv4]), None, None, None, True, 0.1)
