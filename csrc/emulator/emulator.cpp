@@ -1,0 +1,901 @@
+// pk_emu: host-side emulation of the CUDA features the kernels use. See emulator.h for the API, README.md for what
+// is and is not modelled.
+//
+// Sources for the warp-level instruction semantics (read independently of the kernels' own reading):
+//  - PTX ISA (NVIDIA, "Parallel Thread Execution ISA", release 8.x), section 9.7.14.5.8 "Matrix Fragments for
+//    mma.m16n8k16 with floating point type" (the groupID / threadID_in_group formulas for A, B and C/D of .f16/.bf16)
+//    and section 9.7.14.5.15 "Warp-level matrix load instruction: ldmatrix" (row addresses from threads 0-7, 8-15,
+//    16-23, 24-31 for matrices 0..3 of .x4; each thread receives a 32-bit piece of each matrix: without .trans, row
+//    laneid/4, elements 2*(laneid%4) and +1). The mma formulas below are written from that text.
+//  - Cross-checked (by csrc/emulator/selftest.cpp, which derives its expectations from these instead) against CUTLASS
+//    CuTe: include/cute/atom/mma_traits_sm80.hpp (ALayout / BLayout / CLayout of SM80_16x8x16_F32F16F16F32_TN and
+//    ..._F32BF16BF16F32_TN) and include/cute/atom/copy_traits_sm75.hpp (DstLayout of SM75_U32x4_LDSM_N and
+//    SM75_U16x8_LDSM_T).
+//  - shfl.sync.bfly (PTX ISA 9.7.9.6 shfl.sync): source lane j = lane ^ b; if j is outside the (32-lane) segment the
+//    thread keeps its own value.
+//  - cp.async (PTX ISA 9.7.9.25.3): with src-size < cp-size the rest of the destination is zero-filled.
+#include "emulator.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// The hand-written switch on x86-64; swapcontext elsewhere or when asked (-DPK_EMU_UCONTEXT).
+#if defined(__x86_64__) && !defined(PK_EMU_UCONTEXT)
+#define PK_EMU_ASM_SWITCH 1
+// void pk_emu_switch_context(void** save_sp, void* load_sp): saves the callee-saved registers (System V x86-64 ABI:
+// rbp, rbx, r12-r15, MXCSR and the x87 control word) on the current stack, stores the stack pointer in *save_sp, and
+// resumes the context whose stack pointer is load_sp. About 20 instructions: no system call, unlike swapcontext.
+extern "C" void pk_emu_switch_context(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl pk_emu_switch_context
+  .hidden pk_emu_switch_context
+  .type pk_emu_switch_context,@function
+pk_emu_switch_context:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size pk_emu_switch_context,.-pk_emu_switch_context
+)");
+#else
+#include <ucontext.h>
+#endif
+
+// Under AddressSanitizer every switch is announced (start/finish_switch_fiber), so that it knows which stack runs:
+// kernels can then be run under ASan to catch out-of-bounds global-memory accesses.
+#if defined(__SANITIZE_ADDRESS__)
+#define PK_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PK_EMU_ASAN 1
+#endif
+#endif
+#ifdef PK_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+namespace pk_emu {
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Fiber stacks: mmap'd (committed lazily by the OS), with a PROT_NONE guard region at the low end so that a stack
+// overflow faults (SIGSEGV) instead of silently corrupting the neighbouring fiber. Kept per OS thread across launches.
+// Size: 256 KiB, or $PK_EMU_STACK_KIB (read once).
+
+size_t stack_bytes() {
+  static const size_t bytes = [] {
+    size_t kib = 256;
+    if (const char* env = std::getenv("PK_EMU_STACK_KIB")) {
+      long v = std::strtol(env, nullptr, 10);
+      if (v >= 64) kib = static_cast<size_t>(v);
+    }
+    return kib * 1024;
+  }();
+  return bytes;
+}
+
+struct Stack {
+  char* map = nullptr;  // guard + usable stack
+  size_t map_bytes = 0;
+  char* base() const { return map + guard(); }
+  size_t size() const { return map_bytes - guard(); }
+  static size_t guard() {  // 64 KiB: more than one large frame can skip
+    static const size_t bytes = std::max<size_t>(65536, static_cast<size_t>(sysconf(_SC_PAGESIZE)));
+    return bytes;
+  }
+};
+
+struct StackPool {
+  std::vector<Stack> stacks;
+  ~StackPool() {
+    for (Stack& s : stacks) munmap(s.map, s.map_bytes);
+  }
+  void reserve(size_t n) {
+    while (stacks.size() < n) {
+      Stack s;
+      s.map_bytes = Stack::guard() + stack_bytes();
+      void* p = mmap(nullptr, s.map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("pk_emu::launch: cannot map a fiber stack");
+      s.map = static_cast<char*>(p);
+      mprotect(s.map, Stack::guard(), PROT_NONE);
+      stacks.push_back(s);
+    }
+  }
+};
+
+thread_local StackPool t_stacks;
+
+// ------------------------------------------------------------------------------------------------------------------
+// Contexts.
+
+[[noreturn]] void fiber_main();
+
+#ifdef PK_EMU_ASM_SWITCH
+struct Context {
+  void* sp = nullptr;
+};
+
+void context_init(Context& ctx, const Stack& stack) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(stack.base() + stack.size()) & ~uintptr_t(15);
+  uint64_t* p = reinterpret_cast<uint64_t*>(top);
+  uint32_t mxcsr;
+  uint16_t fcw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fcw));
+  p[-1] = 0;                                           // fiber_main's return address: it never returns
+  p[-2] = reinterpret_cast<uint64_t>(&fiber_main);     // popped by `ret`; fiber_main then sees rsp % 16 == 8
+  for (int i = 3; i <= 8; ++i) p[-i] = 0;              // rbp, rbx, r12, r13, r14, r15
+  p[-9] = uint64_t(mxcsr) | (uint64_t(fcw) << 32);     // MXCSR, x87 control word
+  ctx.sp = &p[-9];
+}
+
+inline void context_switch(Context& from, Context& to) { pk_emu_switch_context(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void context_init(Context& ctx, const Stack& stack) {
+  if (getcontext(&ctx.uc) != 0) throw std::runtime_error("pk_emu::launch: getcontext failed");
+  ctx.uc.uc_stack.ss_sp = stack.base();
+  ctx.uc.uc_stack.ss_size = stack.size();
+  ctx.uc.uc_link = nullptr;
+  makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&fiber_main), 0);
+}
+
+inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ------------------------------------------------------------------------------------------------------------------
+// Block state.
+
+enum class Op : uint8_t { shfl_xor, ldmatrix, mma };
+enum class FiberState : uint8_t { ready, parked_warp, parked_block, done };
+
+struct FiberAbort {};  // thrown into parked fibers to unwind them when a launch fails; not a std::exception
+
+struct LaneSlot {
+  // inputs
+  float value;
+  unsigned lane_mask;
+  const unsigned char* address;
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+  // outputs
+  float out;
+  uint32_t r[4];
+  float d[4];
+};
+
+struct Warp {
+  unsigned arrived = 0;
+  uint64_t generation = 0;  // collectives completed by this warp
+  Op op = Op::shfl_xor;     // of the collective being gathered (set by its first lane)
+  bool trans = false;
+  Element type = Element::f16;
+  LaneSlot slots[2][32];    // double-buffered by generation parity: no second barrier needed before reuse
+};
+
+struct Fiber {
+  Context ctx;
+  unsigned tid = 0;
+  FiberState state = FiberState::ready;
+  bool started = false;
+  uint64_t warp_calls = 0;   // warp collectives called
+  uint64_t block_calls = 0;  // sync_threads called
+  void* asan_fake_stack = nullptr;
+};
+
+constexpr size_t kCanaryBytes = 1024;  // checked on both sides of the shared buffer when a block ends
+inline unsigned char canary_byte(size_t i) { return static_cast<unsigned char>((i * 131u + 71u) & 0xFFu); }
+
+struct Block {
+  Dim3 grid, idx;
+  unsigned nthreads = 0;
+  size_t smem_bytes = 0;
+  char* smem = nullptr;
+  const std::function<void()>* body = nullptr;
+
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<unsigned> order;                       // thread ids in the order the scheduler starts / wakes them
+  std::vector<std::array<unsigned, 32>> warp_order;  // per warp: its lanes in that order
+  std::vector<Fiber*> queue;  // ring buffer of ready fibers (a power of two long); each fiber is in it at most once
+  size_t queue_head = 0, queue_count = 0;
+
+  unsigned block_arrived = 0;
+  unsigned live = 0;
+  Fiber* current = nullptr;
+  Context main_ctx;
+  void* main_asan_fake_stack = nullptr;
+  const void* main_stack_bottom = nullptr;  // launch()'s stack (for AddressSanitizer)
+  size_t main_stack_size = 0;
+  bool aborting = false;
+  bool failed = false;
+  std::string error;
+
+  void push(Fiber* f) {
+    queue[(queue_head + queue_count) & (queue.size() - 1)] = f;
+    ++queue_count;
+  }
+  Fiber* pop() {
+    if (queue_count == 0) return nullptr;
+    Fiber* f = queue[queue_head];
+    queue_head = (queue_head + 1) & (queue.size() - 1);
+    --queue_count;
+    return f;
+  }
+};
+
+thread_local Block* t_block = nullptr;
+
+std::string dim3_str(Dim3 d) {
+  std::ostringstream s;
+  s << "(" << d.x << "," << d.y << "," << d.z << ")";
+  return s.str();
+}
+
+std::string where(const Block& b, unsigned tid) {
+  std::ostringstream s;
+  s << "block " << dim3_str(b.idx) << ", thread " << tid << " (warp " << tid / 32 << ", lane " << tid % 32 << ")";
+  return s.str();
+}
+
+// "0-3, 7, 9-10"
+std::string ranges(const std::vector<unsigned>& ids) {
+  std::ostringstream s;
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (i) s << ", ";
+    s << ids[i];
+    if (j > i) s << "-" << ids[j];
+    i = j + 1;
+  }
+  return s.str();
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Scheduling.
+
+// Switches from the running context `from` to fiber `to`, or to launch()'s context when `to` is null. `from_fake_stack`
+// is where AddressSanitizer keeps the leaving context's fake stack, null when that context has finished for good.
+void switch_to(Block& b, Context& from, void** from_fake_stack, Fiber* to) {
+  Context* target = &b.main_ctx;
+  const void* bottom = b.main_stack_bottom;
+  size_t size = b.main_stack_size;
+  if (to) {
+    const Stack& stack = t_stacks.stacks[to->tid];
+    if (!to->started) {
+      to->started = true;
+      to->asan_fake_stack = nullptr;
+#ifdef PK_EMU_ASAN
+      __asan_unpoison_memory_region(stack.base(), stack.size());  // left poisoned by the stack's previous fiber
+#endif
+      context_init(to->ctx, stack);
+    }
+    target = &to->ctx;
+    bottom = stack.base();
+    size = stack.size();
+  }
+  b.current = to;
+#ifdef PK_EMU_ASAN
+  __sanitizer_start_switch_fiber(from_fake_stack, bottom, size);
+#else
+  (void)from_fake_stack, (void)bottom, (void)size;
+#endif
+  context_switch(from, *target);
+#ifdef PK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(from_fake_stack ? *from_fake_stack : nullptr, nullptr, nullptr);
+#endif
+}
+
+// Leaves fiber f (parked, or done for good): runs the next ready fiber, or goes back to launch() when none is left
+// (every thread finished, or a deadlock), or when the launch failed.
+void leave(Block& b, Fiber& f) {
+  Fiber* next = (b.failed || b.aborting) ? nullptr : b.pop();
+  switch_to(b, f.ctx, f.state == FiberState::done ? nullptr : &f.asan_fake_stack, next);
+  b.current = &f;  // resumed
+}
+
+// While a failed launch unwinds its parked fibers, a barrier must not wait any more: returns true when the caller
+// should return at once (a destructor calls it during the unwinding), throws FiberAbort to start the unwinding.
+bool aborted(const Block& b) {
+  if (!b.aborting) return false;
+  if (std::uncaught_exceptions() > 0) return true;
+  throw FiberAbort{};
+}
+
+void park(Block& b, Fiber& f, FiberState why) {
+  f.state = why;
+  leave(b, f);
+  aborted(b);
+}
+
+void wake(Block& b, Fiber& f) {
+  f.state = FiberState::ready;
+  b.push(&f);
+}
+
+void record_error(Block& b, unsigned tid, const std::string& what) {
+  if (b.failed || b.aborting) return;
+  b.failed = true;
+  b.error = "pk_emu::launch: " + where(b, tid) + ": " + what;
+}
+
+[[noreturn]] void fiber_main() {
+#ifdef PK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+  Block& b = *t_block;
+  Fiber& f = *b.current;
+  try {
+    (*b.body)();
+  } catch (const FiberAbort&) {
+  } catch (const std::exception& e) {
+    record_error(b, f.tid, e.what());
+  } catch (...) {
+    record_error(b, f.tid, "a non-standard exception was thrown");
+  }
+  f.state = FiberState::done;
+  --b.live;
+  leave(b, f);
+  std::abort();  // nothing resumes a finished fiber
+}
+
+Block& block_of(const char* what) {
+  Block* b = t_block;
+  if (!b || !b->current) throw std::logic_error(std::string("pk_emu::") + what + " called outside a launched thread");
+  return *b;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Warp collectives: every lane fills its slot and waits; the last lane to arrive computes every lane's outputs.
+
+std::string op_name(Op op, bool trans, Element type) {
+  switch (op) {
+    case Op::shfl_xor: return "shfl_xor";
+    case Op::ldmatrix: return trans ? "ldmatrix_x4(.trans)" : "ldmatrix_x4";
+    case Op::mma: return type == Element::bf16 ? "mma_m16n8k16(bf16)" : "mma_m16n8k16(f16)";
+  }
+  return "?";
+}
+
+template <class Fill, class Compute>
+const LaneSlot& collective(Op op, bool trans, Element type, const char* what, Fill fill, Compute compute) {
+  Block& b = block_of(what);
+  Fiber& f = *b.current;
+  const unsigned lane = f.tid % 32;
+  Warp& w = b.warps[f.tid / 32];
+  if (aborted(b)) return w.slots[0][lane];  // results do not matter any more
+  if (w.arrived == 0) {
+    w.op = op;
+    w.trans = trans;
+    w.type = type;
+  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) || (op == Op::mma && w.type != type)) {
+    std::vector<unsigned> waiting;
+    for (unsigned l = 0; l < 32; ++l)
+      if (b.fibers[(f.tid / 32) * 32 + l].state == FiberState::parked_warp) waiting.push_back(l);
+    std::ostringstream s;
+    s << "calls " << op_name(op, trans, type) << " (its warp collective #" << f.warp_calls + 1 << ") while lanes "
+      << ranges(waiting) << " of its warp wait at " << op_name(w.op, w.trans, w.type)
+      << ": every lane of a warp must execute the same warp-level instruction";
+    throw std::runtime_error(s.str());
+  }
+  LaneSlot& slot = w.slots[w.generation & 1][lane];
+  fill(slot);  // may throw (bad address): then this lane never arrives and the launch fails, naming it
+  ++f.warp_calls;
+  if (++w.arrived < 32) {
+    park(b, f, FiberState::parked_warp);
+  } else {
+    w.arrived = 0;
+    compute(w.slots[w.generation & 1]);
+    ++w.generation;
+    Fiber* warp_fibers = &b.fibers[(f.tid / 32) * 32];
+    for (unsigned l : b.warp_order[f.tid / 32])
+      if (l != lane) wake(b, warp_fibers[l]);
+  }
+  return slot;
+}
+
+long long shared_offset(const Block& b, const void* p) {
+  return static_cast<long long>(reinterpret_cast<intptr_t>(p) - reinterpret_cast<intptr_t>(b.smem));
+}
+
+void check_shared(const Block& b, const void* p, size_t bytes, const char* what) {
+  const long long offset = shared_offset(b, p);
+  if (offset < 0 || static_cast<unsigned long long>(offset) + bytes > b.smem_bytes) {
+    std::ostringstream s;
+    s << what << ": shared address " << p << " (offset " << offset << ", " << bytes
+      << " bytes) is outside the block's " << b.smem_bytes << " bytes of shared memory";
+    throw std::runtime_error(s.str());
+  }
+}
+
+void check_aligned(const Block& b, const void* p, size_t alignment, const char* what, const char* which) {
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0) {
+    std::ostringstream s;
+    s << what << ": " << which << " address " << p;
+    const long long offset = shared_offset(b, p);
+    if (offset >= 0 && static_cast<unsigned long long>(offset) <= b.smem_bytes) s << " (shared offset " << offset << ")";
+    s << " is not " << alignment << "-byte aligned";
+    throw std::runtime_error(s.str());
+  }
+}
+
+inline uint16_t load_u16(const unsigned char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline uint32_t load_u32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline float float_from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// IEEE binary16 -> float (exact).
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float v = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (exponent == 31) return float_from_bits(sign | 0x7F800000u | (mantissa << 13));  // inf, NaN (payload kept)
+  return float_from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+// bfloat16 -> float (exact): the high half of a binary32.
+inline float bf16_to_float(uint16_t h) { return float_from_bits(uint32_t(h) << 16); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------------------------
+// API.
+
+unsigned thread_index() { return block_of("thread_index").current->tid; }
+Dim3 block_index() { return block_of("block_index").idx; }
+Dim3 grid_dim() { return block_of("grid_dim").grid; }
+unsigned block_dim() { return block_of("block_dim").nthreads; }
+char* shared_memory() { return block_of("shared_memory").smem; }
+
+void sync_threads() {
+  Block& b = block_of("sync_threads");
+  Fiber& f = *b.current;
+  if (aborted(b)) return;
+  ++f.block_calls;
+  if (++b.block_arrived < b.nthreads) {
+    park(b, f, FiberState::parked_block);
+  } else {
+    b.block_arrived = 0;
+    for (unsigned t : b.order)
+      if (t != f.tid) wake(b, b.fibers[t]);
+  }
+}
+
+float shfl_xor(float value, int lane_mask) {
+  const LaneSlot& s = collective(
+      Op::shfl_xor, false, Element::f16, "shfl_xor",
+      [&](LaneSlot& slot) {
+        slot.value = value;
+        slot.lane_mask = static_cast<unsigned>(lane_mask);
+      },
+      [](LaneSlot* lanes) {
+        for (unsigned l = 0; l < 32; ++l) {
+          const unsigned src = l ^ lanes[l].lane_mask;
+          lanes[l].out = src < 32 ? lanes[src].value : lanes[l].value;
+        }
+      });
+  return s.out;
+}
+
+void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
+  const LaneSlot& s = collective(
+      Op::ldmatrix, transpose, Element::f16, "ldmatrix_x4",
+      [&](LaneSlot& slot) {
+        const Block& b = *t_block;
+        check_aligned(b, row_address, 16, "ldmatrix_x4", "row");
+        check_shared(b, row_address, 16, "ldmatrix_x4");
+        slot.address = static_cast<const unsigned char*>(row_address);
+      },
+      [transpose](LaneSlot* lanes) {
+        // Matrix j's row i (8 b16 elements, 16 bytes) starts at the address given by lane 8j+i.
+        for (unsigned l = 0; l < 32; ++l) {
+          for (unsigned j = 0; j < 4; ++j) {
+            if (!transpose) {
+              // row l/4, elements 2(l%4) (low half) and 2(l%4)+1 (high half): one 32-bit word of the row
+              lanes[l].r[j] = load_u32(lanes[8 * j + l / 4].address + 4 * (l % 4));
+            } else {
+              // column l/4, rows 2(l%4) (low half) and 2(l%4)+1 (high half)
+              const uint32_t lo = load_u16(lanes[8 * j + 2 * (l % 4)].address + 2 * (l / 4));
+              const uint32_t hi = load_u16(lanes[8 * j + 2 * (l % 4) + 1].address + 2 * (l / 4));
+              lanes[l].r[j] = lo | (hi << 16);
+            }
+          }
+        }
+      });
+  for (int j = 0; j < 4; ++j) r[j] = s.r[j];
+}
+
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], Element type) {
+  const LaneSlot& s = collective(
+      Op::mma, false, type, "mma_m16n8k16",
+      [&](LaneSlot& slot) {
+        for (int i = 0; i < 4; ++i) slot.a[i] = a[i];
+        for (int i = 0; i < 2; ++i) slot.b[i] = b[i];
+        for (int i = 0; i < 4; ++i) slot.c[i] = c[i];
+      },
+      [type](LaneSlot* lanes) {
+        // PTX ISA 9.7.14.5.8, .f16/.bf16, with groupID = laneid >> 2, threadID_in_group = laneid % 4:
+        //   A (16x16, a0..a7 low to high, two per register):
+        //     row = groupID for a0,a1,a4,a5, groupID + 8 otherwise;
+        //     col = threadID_in_group*2 + (i & 1) for i < 4, + 8 for i >= 4
+        //   B (16x8, b0..b3): row = threadID_in_group*2 + (i & 1) for i < 2, + 8 for i >= 2; col = groupID
+        //   C/D (16x8, c0..c3): row = groupID for c0,c1, groupID + 8 otherwise; col = threadID_in_group*2 + (i & 1)
+        double A[16][16], Bt[8][16];  // Bt[n][k] = B[k][n]
+        auto cvt = [type](uint16_t h) { return type == Element::bf16 ? bf16_to_float(h) : f16_to_float(h); };
+        for (unsigned l = 0; l < 32; ++l) {
+          const unsigned g = l >> 2, t = l % 4;
+          for (unsigned i = 0; i < 8; ++i) {
+            const uint16_t h = static_cast<uint16_t>(lanes[l].a[i / 2] >> (16 * (i & 1)));
+            const unsigned row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+            const unsigned col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = cvt(h);
+          }
+          for (unsigned i = 0; i < 4; ++i) {
+            const uint16_t h = static_cast<uint16_t>(lanes[l].b[i / 2] >> (16 * (i & 1)));
+            const unsigned row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+            Bt[g][row] = cvt(h);
+          }
+        }
+        for (unsigned l = 0; l < 32; ++l) {
+          const unsigned g = l >> 2, t = l % 4;
+          for (unsigned i = 0; i < 4; ++i) {
+            const unsigned row = i < 2 ? g : g + 8;
+            const unsigned col = t * 2 + (i & 1);
+            double acc = lanes[l].c[i];
+            for (unsigned k = 0; k < 16; ++k) acc += A[row][k] * Bt[col][k];  // products are exact in double
+            lanes[l].d[i] = static_cast<float>(acc);
+          }
+        }
+      });
+  for (int i = 0; i < 4; ++i) d[i] = s.d[i];
+}
+
+void cp_async_16(void* shared_dst, const void* global_src, bool copy) {
+  Block& b = block_of("cp_async_16");
+  check_aligned(b, shared_dst, 16, "cp_async_16", "destination");
+  check_shared(b, shared_dst, 16, "cp_async_16");
+  check_aligned(b, global_src, 16, "cp_async_16", "source");
+  if (copy)
+    std::memcpy(shared_dst, global_src, 16);
+  else
+    std::memset(shared_dst, 0, 16);
+}
+
+namespace {
+
+std::string thread_state(const Block& b, const Fiber& f) {
+  std::ostringstream s;
+  switch (f.state) {
+    case FiberState::done:
+      s << "finished (after " << f.block_calls << " sync_threads and " << f.warp_calls << " warp collectives)";
+      break;
+    case FiberState::parked_block:
+      s << "waiting at sync_threads (call #" << f.block_calls << ")";
+      break;
+    case FiberState::parked_warp: {
+      const Warp& w = b.warps[f.tid / 32];
+      s << "waiting at " << op_name(w.op, w.trans, w.type) << " in warp " << f.tid / 32 << " (warp collective #"
+        << f.warp_calls << ")";
+      break;
+    }
+    case FiberState::ready:
+      s << "ready to run";
+      break;
+  }
+  return s.str();
+}
+
+// Lists `ids` grouped by their description: "threads 0-3, 9 finished (...); thread 5 waits at ...".
+std::string describe(const Block& b, const std::vector<unsigned>& ids, const char* noun) {
+  std::vector<std::pair<std::string, std::vector<unsigned>>> groups;
+  for (unsigned id : ids) {
+    const Fiber& f = b.fibers[id];
+    std::string st = thread_state(b, f);
+    bool found = false;
+    for (auto& g : groups)
+      if (g.first == st) {
+        g.second.push_back(id);
+        found = true;
+        break;
+      }
+    if (!found) groups.push_back({st, {id}});
+  }
+  std::ostringstream s;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (i) s << "; ";
+    s << noun << (groups[i].second.size() > 1 ? "s " : " ") << ranges(groups[i].second) << ": " << groups[i].first;
+  }
+  return s.str();
+}
+
+std::string deadlock_message(const Block& b) {
+  std::ostringstream s;
+  s << "pk_emu::launch: deadlock in block " << dim3_str(b.idx) << " of grid " << dim3_str(b.grid) << ", " << b.nthreads
+    << " threads: every unfinished thread waits at a barrier that can no longer complete.";
+  if (b.block_arrived > 0) {
+    std::vector<unsigned> waiting, missing;
+    uint64_t call = 0;
+    for (const Fiber& f : b.fibers) {
+      if (f.state == FiberState::parked_block) {
+        waiting.push_back(f.tid);
+        call = f.block_calls;
+      } else {
+        missing.push_back(f.tid);
+      }
+    }
+    s << "\n  sync_threads: " << b.block_arrived << " of " << b.nthreads << " threads wait there (threads "
+      << ranges(waiting) << ", at their call #" << call << "); never arriving: " << describe(b, missing, "thread");
+  }
+  for (size_t wi = 0; wi < b.warps.size(); ++wi) {
+    const Warp& w = b.warps[wi];
+    if (w.arrived == 0) continue;
+    std::vector<unsigned> waiting, missing;
+    uint64_t call = 0;
+    for (unsigned l = 0; l < 32; ++l) {
+      const Fiber& f = b.fibers[wi * 32 + l];
+      if (f.state == FiberState::parked_warp) {
+        waiting.push_back(l);
+        call = f.warp_calls;
+      } else {
+        missing.push_back(f.tid);
+      }
+    }
+    s << "\n  warp " << wi << ": lanes " << ranges(waiting) << " wait at " << op_name(w.op, w.trans, w.type)
+      << " (their warp collective #" << call << "); never arriving: " << describe(b, missing, "thread");
+  }
+  return s.str();
+}
+
+struct SharedBuffer {
+  std::unique_ptr<char[]> storage;
+  size_t capacity = 0;
+  char* ensure(size_t bytes) {  // returns a 128-byte aligned pointer with kCanaryBytes of room on both sides
+    const size_t need = bytes + 2 * kCanaryBytes + 128;
+    if (need > capacity) {
+      storage.reset(new char[need]);
+      capacity = need;
+    }
+    uintptr_t p = reinterpret_cast<uintptr_t>(storage.get()) + kCanaryBytes;
+    p = (p + 127) & ~uintptr_t(127);
+    return reinterpret_cast<char*>(p);
+  }
+};
+
+thread_local SharedBuffer t_shared;
+
+// Under AddressSanitizer the canary bytes around the shared buffer are also poisoned while the block's threads run,
+// so that a plain load or store there is reported at once (with its stack), not only a store when the block ends.
+void poison_canaries(const Block& b, bool poison) {
+#ifdef PK_EMU_ASAN
+  char* below = b.smem - kCanaryBytes;
+  char* above = b.smem + b.smem_bytes;
+  if (poison) {
+    __asan_poison_memory_region(below, kCanaryBytes);
+    __asan_poison_memory_region(above, kCanaryBytes);
+  } else {
+    __asan_unpoison_memory_region(below, kCanaryBytes);
+    __asan_unpoison_memory_region(above, kCanaryBytes);
+  }
+#else
+  (void)b, (void)poison;
+#endif
+}
+
+// $PK_EMU_SCHEDULE, read at each launch: the order in which a block's threads start and are woken from barriers.
+// "forward" (default): thread 0 first; "reverse": the last thread first; "random" or "random:<seed>": a permutation
+// drawn per block. Running a kernel's tests under several orders exposes more missing-barrier races.
+struct Schedule {
+  enum Kind { forward, reverse, random } kind = forward;
+  uint64_t seed = 0;
+};
+
+Schedule read_schedule() {
+  Schedule s;
+  const char* env = std::getenv("PK_EMU_SCHEDULE");
+  if (!env || !*env || std::strcmp(env, "forward") == 0) return s;
+  if (std::strcmp(env, "reverse") == 0) {
+    s.kind = Schedule::reverse;
+  } else if (std::strncmp(env, "random", 6) == 0 && (env[6] == 0 || env[6] == ':')) {
+    s.kind = Schedule::random;
+    if (env[6] == ':') s.seed = std::strtoull(env + 7, nullptr, 10);
+  } else {
+    throw std::runtime_error(std::string("pk_emu::launch: PK_EMU_SCHEDULE=") + env +
+                             " is not one of forward, reverse, random, random:<seed>");
+  }
+  return s;
+}
+
+void set_order(Block& b, const Schedule& schedule, uint64_t block_linear) {
+  for (unsigned t = 0; t < b.nthreads; ++t) b.order[t] = t;
+  if (schedule.kind == Schedule::reverse) {
+    std::reverse(b.order.begin(), b.order.end());
+  } else if (schedule.kind == Schedule::random) {
+    std::mt19937_64 rng(schedule.seed * 0x9E3779B97F4A7C15ull + block_linear);
+    std::shuffle(b.order.begin(), b.order.end(), rng);
+  }
+  std::vector<unsigned> filled(b.warp_order.size(), 0);
+  for (unsigned t : b.order) b.warp_order[t / 32][filled[t / 32]++] = t % 32;
+}
+
+struct ClearBlock {
+  ~ClearBlock() { t_block = nullptr; }
+};
+
+void abort_all(Block& b) {
+  b.aborting = true;
+  for (Fiber& f : b.fibers) {
+    if (f.started && f.state != FiberState::done) switch_to(b, b.main_ctx, &b.main_asan_fake_stack, &f);
+  }
+}
+
+}  // namespace
+
+void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body) {
+  if (t_block) throw std::logic_error("pk_emu::launch: called from inside a launched thread");
+  if (threads_per_block == 0 || threads_per_block % 32 != 0 || threads_per_block > 1024) {
+    throw std::runtime_error("pk_emu::launch: threads_per_block must be a multiple of 32 in [32, 1024], got " +
+                                std::to_string(threads_per_block));
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535) {
+    throw std::runtime_error("pk_emu::launch: invalid grid " + dim3_str(grid) +
+                                " (each dimension >= 1; y, z <= 65535; x < 2^31)");
+  }
+  constexpr size_t kMaxShared = 227 * 1024;  // sm_90's per-block maximum (more than 48 KiB needs an opt-in on GPU)
+  if (shared_bytes > kMaxShared) {
+    throw std::runtime_error("pk_emu::launch: " + std::to_string(shared_bytes) +
+                                " bytes of dynamic shared memory is more than a block can have (" +
+                                std::to_string(kMaxShared) + ")");
+  }
+  if (!thread_body) throw std::runtime_error("pk_emu::launch: empty thread_body");
+  const Schedule schedule = read_schedule();
+
+  t_stacks.reserve(threads_per_block);
+  auto block = std::make_unique<Block>();
+  Block& b = *block;
+  b.grid = grid;
+  b.nthreads = threads_per_block;
+  b.smem_bytes = shared_bytes;
+  b.smem = t_shared.ensure(shared_bytes);
+  b.body = &thread_body;
+  b.fibers.resize(threads_per_block);
+  b.warps.resize(threads_per_block / 32);
+  b.order.resize(threads_per_block);
+  b.warp_order.resize(threads_per_block / 32);
+  size_t queue_size = 1;
+  while (queue_size < threads_per_block) queue_size *= 2;
+  b.queue.resize(queue_size);
+  ClearBlock clear;
+  t_block = &b;
+#ifdef PK_EMU_ASAN
+  {
+    pthread_attr_t attr;
+    void* addr = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &addr, &size);
+      pthread_attr_destroy(&attr);
+    }
+    b.main_stack_bottom = addr;
+    b.main_stack_size = size;
+  }
+#endif
+
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.idx = Dim3{x, y, z};
+        std::memset(b.smem, 0xFF, shared_bytes);
+        for (size_t i = 0; i < kCanaryBytes; ++i) {
+          b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
+          b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));
+        }
+        b.queue_head = b.queue_count = 0;
+        set_order(b, schedule, (uint64_t(z) * grid.y + y) * grid.x + x);
+        for (unsigned t : b.order) {
+          Fiber& f = b.fibers[t];
+          f.tid = t;
+          f.state = FiberState::ready;
+          f.started = false;
+          f.warp_calls = f.block_calls = 0;
+          b.push(&f);
+        }
+        for (Warp& w : b.warps) {
+          w.arrived = 0;
+          w.generation = 0;
+        }
+        b.block_arrived = 0;
+        b.live = threads_per_block;
+        b.aborting = b.failed = false;
+
+        poison_canaries(b, true);
+        {
+          struct Unpoison {
+            const Block& b;
+            ~Unpoison() { poison_canaries(b, false); }
+          } unpoison{b};
+          switch_to(b, b.main_ctx, &b.main_asan_fake_stack, b.pop());  // returns when no fiber can run any more
+        }
+
+        if (b.failed) {
+          std::string error = b.error;
+          abort_all(b);
+          throw std::runtime_error(error);
+        }
+        if (b.live > 0) {
+          std::string error = deadlock_message(b);
+          abort_all(b);
+          throw std::runtime_error(error);
+        }
+        for (size_t i = 0; i < kCanaryBytes; ++i) {
+          if (static_cast<unsigned char>(b.smem[-1 - static_cast<ptrdiff_t>(i)]) != canary_byte(i)) {
+            throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) +
+                                     ": shared memory was written before its start (at byte offset -" +
+                                     std::to_string(i + 1) + ")");
+          }
+        }
+        for (size_t i = 0; i < kCanaryBytes; ++i) {
+          if (static_cast<unsigned char>(b.smem[shared_bytes + i]) != canary_byte(i)) {
+            throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) + ": shared memory was written past its " +
+                                     std::to_string(shared_bytes) + " bytes (at byte offset " +
+                                     std::to_string(shared_bytes + i) + ")");
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace pk_emu

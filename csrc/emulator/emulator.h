@@ -1,0 +1,75 @@
+// pk_emu: a host-side emulator of the few CUDA features the kernels in csrc/ use, so that the same kernel source,
+// built with g++ and -DPK_EMULATE (see csrc/platform.h), runs on the CPU in tests.
+//
+// Each emulated CUDA thread is a user-space fiber; the threads of a block run on the calling OS thread, scheduled
+// cooperatively (a fiber runs until it waits at a barrier or finishes). Blocks run one after another.
+// Warp-level instructions (shfl, ldmatrix, mma.sync) are collectives: every lane of the warp must call the same
+// one; the last lane to arrive computes the results for the whole warp. sync_threads waits for every thread of the
+// block. A launch that can make no progress (some threads wait at a barrier that others never reach) is reported
+// as a deadlock instead of hanging.
+//
+// $PK_EMU_SCHEDULE (forward | reverse | random[:seed], read at each launch) sets the order in which a block's threads
+// start and are woken from barriers; see README.md.
+//
+// Not thread-safe across a launch (one launch per OS thread at a time; separate OS threads may launch
+// concurrently). Nothing here may be called from outside a launched thread, except launch itself.
+// See README.md beside this file for what the emulator does not model.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+namespace pk_emu {
+
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+
+// Runs `thread_body` once per emulated CUDA thread, for every block of `grid` (blocks run one after another), with
+// `threads_per_block` threads (a multiple of 32, <= 1024) and `shared_bytes` of dynamic shared memory.
+// Throws std::runtime_error (the message names the block and thread) on: a deadlock (some lanes of a warp skip a
+// collective, or some threads skip sync_threads), an exception thrown in a thread, a warp whose lanes call different
+// collectives, a shared-memory address out of the block's buffer or misaligned (ldmatrix, cp_async), a write
+// just past either end of the shared buffer (checked when the block ends), a bad launch configuration, or an unknown
+// $PK_EMU_SCHEDULE.
+// Returns only after every thread finished.
+void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body);
+
+unsigned thread_index();  // threadIdx.x
+Dim3 block_index();       // blockIdx
+Dim3 grid_dim();          // gridDim
+unsigned block_dim();     // blockDim.x
+
+// This block's dynamic shared memory: 128-byte aligned, filled with 0xFF bytes at block start (so a read of
+// never-written shared memory shows up as NaN in f32, f16 and bf16 alike).
+char* shared_memory();
+
+// __syncthreads(): waits until every thread of the block has called it.
+void sync_threads();
+
+// __shfl_xor_sync(0xffffffff, value, lane_mask): the value of lane (lane ^ lane_mask); a source lane outside the
+// warp (lane_mask >= 32) gives the caller its own value, as shfl.sync.bfly does.
+float shfl_xor(float value, int lane_mask);
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: each lane passes ITS row address (lanes 8i..8i+7 give the 8 row
+// addresses of matrix i, each 16-byte aligned and inside shared memory); r[j] receives this lane's 32-bit piece of
+// matrix j: without .trans, lane l gets row l/4, elements 2(l%4) (low half) and 2(l%4)+1 (high half); with .trans,
+// lane l gets column l/4, rows 2(l%4) (low half) and 2(l%4)+1 (high half).
+void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose);
+
+enum class Element { f16, bf16 };
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: d = a*b + c with the PTX ISA fragment layouts
+// (g = lane/4, t = lane%4; low half of a register = the element with the lower index):
+//   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
+//   b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
+//   c[0..1] = C[g][2t..2t+1]   c[2..3] = C[g+8][2t..2t+1]   (d likewise)
+// Products are exact and summed in double, then rounded once to float (hardware sums in fp32 with its own order and
+// rounding, so results can differ from a GPU's in the last bits). d may alias c.
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], Element type);
+
+// cp.async.cg.shared.global [dst], [src], 16, src_size: copies 16 bytes when `copy`, else writes 16 zero bytes
+// (src_size = 0; src is not read). dst must lie in shared memory; dst and src must be 16-byte aligned.
+// Completes immediately in the emulator.
+void cp_async_16(void* shared_dst, const void* global_src, bool copy);
+
+}  // namespace pk_emu
