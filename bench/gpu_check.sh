@@ -8,7 +8,9 @@
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py)
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
-# Environment: GPU_TESTS (pytest targets, default tests), TEST_TIMEOUT, BENCH_TIMEOUT (seconds).
+# First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
+# Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (seconds),
+#   MAX_JOBS (parallel compile jobs, default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -34,6 +36,33 @@ except ImportError:
 print(f"card={torch.cuda.get_device_name()} sms={torch.cuda.get_device_properties(0).multi_processor_count} "
       f"torch={torch.__version__} triton={triton.__version__} transformers={tv} commit=$PREFIX_KERNELS_COMMIT")
 PY
+
+echo "== CUDA extension: building prefix_kernels._C in place for this card (log: $out/build.txt)"
+# Built here, for this card's arch only: a binary built on the CPU machines links another torch. A failed build
+# is reported in the summary and does not stop the Triton tests and benchmarks.
+archs=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))")
+build_start=$(date +%s)
+rm -f prefix_kernels/_C*.so build/cuda_extension.log
+(
+  unset PREFIX_KERNELS_SKIP_CUDA_BUILD
+  export PREFIX_KERNELS_FORCE_CUDA_BUILD=1 PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS="${MAX_JOBS:-16}"
+  echo "nvcc: $(nvcc --version 2>&1 | tail -n 1)"
+  timeout "${BUILD_TIMEOUT:-240}" python3 setup.py -q build_ext --inplace
+) > "$out/build.txt" 2>&1
+build_status=$?
+build_s=$(( $(date +%s) - build_start ))
+[ -f build/cuda_extension.log ] && { echo "== build/cuda_extension.log"; cat build/cuda_extension.log; } >> "$out/build.txt"
+ext=$(python3 -c "from prefix_kernels import cuda; print('loads' if cuda._C is not None else cuda.UNAVAILABLE_REASON)" 2>&1 \
+  | tail -n 1)
+if [ $build_status = 0 ] && [ "$ext" = loads ]; then
+  build_summary="built for $archs in ${build_s} s, loads"
+elif ! compgen -G "csrc/*.cu" > /dev/null && ! compgen -G "csrc/*.cpp" > /dev/null; then
+  build_summary="nothing to build (csrc/ has no .cu/.cpp sources)"
+else
+  build_summary="FAILED (exit $build_status, ${build_s} s, archs $archs): $(grep -m 1 -E ": (fatal )?error[: #]|prefix-kernels:" \
+    "$out/build.txt" | cut -c1-200); extension: $ext"
+fi
+echo "build: $build_summary" | tee -a "$out/build.txt"
 
 if [ $tune_forward = 1 ]; then
   echo "== forward launch-config sweep at the ANCHORS training shapes"
@@ -61,6 +90,7 @@ fi
 
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
+echo "cuda extension: $build_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
