@@ -92,15 +92,19 @@ PK_DEVICE void cp_async_16(void* shared_dst, const void* global_src, bool copy) 
 }
 
 PK_DEVICE void cp_async_commit() {
-#ifndef PK_EMULATE
+#ifdef PK_EMULATE
+  pk_emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
-// Wait until at most `kPending` committed groups are still in flight (the emulator copies synchronously).
+// Wait until at most `kPending` committed groups of this thread are still in flight.
 template <int kPending>
 PK_DEVICE void cp_async_wait() {
-#ifndef PK_EMULATE
+#ifdef PK_EMULATE
+  pk_emu::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
 }

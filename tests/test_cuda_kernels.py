@@ -1,5 +1,6 @@
-"""The CUDA kernels (csrc/) against the float64 reference: the forward and the decode, fp16 and bf16, head dims
-64 and 128, GQA group 3, causal, key_padding_mask, several prefixes with prefix_lens, rows that see nothing.
+"""The CUDA kernels (csrc/) against the float64 reference and against the Triton kernels: the forward and the
+decode, fp16 and bf16, head dims 64 and 128, GQA group 3, causal, key_padding_mask, several prefixes with
+prefix_lens, rows that see nothing.
 
 Without a GPU they run in the host emulation (tests/cuda_emulation.py: the same source through g++, warp-level
 instructions emulated), bf16 included since no Triton interpreter is involved; on a GPU, the built extension.
@@ -9,27 +10,36 @@ import torch
 
 from conftest import HAS_CUDA
 from cuda_emulation import emulated_kernels, unavailable_reason
-from helpers import (Case, assert_attention_matches_truth, attention_loss, assert_close_to_truth, loss_weights,
-                     make_inputs, truth_and_reference_error, truth_and_reference_grad_errors)
+from helpers import (ERROR_FLOOR, Case, assert_attention_matches_truth, assert_close_to_truth, attention_loss,
+                     loss_weights, make_inputs, max_error, truth_and_reference_error,
+                     truth_and_reference_grad_errors)
 from prefix_kernels import cuda, prefix_attention
 from prefix_kernels.validation import validate
 
 DTYPES = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")]
 
 
+# The emulator runs one warp ahead until it blocks in sync_threads, first warp 0 then the last warp: a tile
+# overwritten while another warp still reads it, or read before its cp.async landed and was published by a
+# sync_threads, fails the test (csrc/emulator/README.md).
+EMULATOR_SCHEDULES = ("greedy", "greedy-reverse")
+
+
 def _kernel_params():
     emulated_skip = ("on a GPU the built extension is tested instead" if HAS_CUDA else unavailable_reason())
     gpu_skip = None if HAS_CUDA and cuda.UNAVAILABLE_REASON is None else (
         "no GPU" if not HAS_CUDA else cuda.UNAVAILABLE_REASON)
-    return [pytest.param("emulated", id="emulated", marks=[pytest.mark.skip(reason=emulated_skip)] if emulated_skip
-                         else []),
-            pytest.param("gpu", id="gpu", marks=[pytest.mark.skip(reason=gpu_skip)] if gpu_skip else [])]
+    emulated = [pytest.param(f"emulated:{schedule}", id=f"emulated-{schedule}",
+                             marks=[pytest.mark.skip(reason=emulated_skip)] if emulated_skip else [])
+                for schedule in EMULATOR_SCHEDULES]
+    return emulated + [pytest.param("gpu", id="gpu", marks=[pytest.mark.skip(reason=gpu_skip)] if gpu_skip else [])]
 
 
 @pytest.fixture(params=_kernel_params())
-def kernels(request):
+def kernels(request, monkeypatch):
     """Routes backend="cuda" to the kernels under test for the duration of a test; yields the tensors' device."""
-    if request.param == "emulated":
+    if request.param.startswith("emulated:"):
+        monkeypatch.setenv("PK_EMU_SCHEDULE", request.param.split(":", 1)[1])  # read by the emulator at each launch
         emulated_kernels()
         previous = cuda.use_kernels("prefix_kernels_emulated", "cpu")
         device = torch.device("cpu")
@@ -70,6 +80,8 @@ def _validated(tensors, options):
 
 
 def _check_op(op_name, case, dtype, device):
+    """The op against the float64 truth, and against the Triton kernels on the same inputs (the two backends
+    must agree as closely as each agrees with the truth). bf16 Triton needs a GPU (the interpreter breaks it)."""
     *tensors, options = make_inputs(case, dtype, device)
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
     call = _validated(tensors, options)
@@ -78,6 +90,12 @@ def _check_op(op_name, case, dtype, device):
     out, lse = op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
                   call.prefix_lens, call.causal, call.scale)
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return
+    with torch.no_grad():
+        triton_out, triton_lse = prefix_attention(*tensors, return_lse=True, backend="triton", **options)
+    assert max_error(out, triton_out) <= 2 * reference_error + ERROR_FLOOR[dtype], "CUDA vs Triton: out"
+    assert max_error(lse, triton_lse) <= 1e-3, "CUDA vs Triton: lse"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -218,6 +218,13 @@ struct Fiber {
   uint64_t warp_calls = 0;   // warp collectives called
   uint64_t block_calls = 0;  // sync_threads called
   void* asan_fake_stack = nullptr;
+  struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;  // null: zero fill
+    uint64_t group;
+  };
+  std::vector<AsyncCopy> in_flight;  // this thread's cp.async copies not landed yet
+  uint64_t groups_committed = 0;     // the open group's number
 };
 
 constexpr size_t kCanaryBytes = 1024;  // checked on both sides of the shared buffer when a block ends
@@ -236,6 +243,13 @@ struct Block {
   std::vector<std::array<unsigned, 32>> warp_order;  // per warp: its lanes in that order
   std::vector<Fiber*> queue;  // ring buffer of ready fibers (a power of two long); each fiber is in it at most once
   size_t queue_head = 0, queue_count = 0;
+  std::vector<uint16_t> chunk_in_flight;  // per 16-byte shared chunk: cp.async copies into it not landed yet
+  // per chunk, when its last cp.async landed: the landing thread and how many sync_threads it had passed then.
+  // Another thread may read the chunk only after passing one more (the barrier that publishes the copy).
+  std::vector<int64_t> chunk_landed_epoch;
+  std::vector<unsigned> chunk_landed_by;
+  bool greedy = false;         // pop the ready fiber that comes first in `order`, not the oldest
+  std::vector<unsigned> rank;  // thread id -> its position in `order`
 
   unsigned block_arrived = 0;
   unsigned live = 0;
@@ -254,6 +268,15 @@ struct Block {
   }
   Fiber* pop() {
     if (queue_count == 0) return nullptr;
+    if (greedy) {  // bring the first-ranked ready fiber to the head
+      const size_t mask = queue.size() - 1;
+      size_t best = queue_head;
+      for (size_t i = 1; i < queue_count; ++i) {
+        const size_t at = (queue_head + i) & mask;
+        if (rank[queue[at]->tid] < rank[queue[best]->tid]) best = at;
+      }
+      std::swap(queue[best], queue[queue_head]);
+    }
     Fiber* f = queue[queue_head];
     queue_head = (queue_head + 1) & (queue.size() - 1);
     --queue_count;
@@ -371,6 +394,9 @@ void record_error(Block& b, unsigned tid, const std::string& what) {
   } catch (...) {
     record_error(b, f.tid, "a non-standard exception was thrown");
   }
+  if (!f.in_flight.empty() && !b.aborting)
+    record_error(b, f.tid, std::to_string(f.in_flight.size()) +
+                               " cp.async copies were never waited for (cp_async_wait) before the thread finished");
   f.state = FiberState::done;
   --b.live;
   leave(b, f);
@@ -537,6 +563,17 @@ void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
         const Block& b = *t_block;
         check_aligned(b, row_address, 16, "ldmatrix_x4", "row");
         check_shared(b, row_address, 16, "ldmatrix_x4");
+        const size_t chunk = static_cast<size_t>(shared_offset(b, row_address)) / 16;
+        if (b.chunk_in_flight[chunk] != 0)
+          throw std::runtime_error("ldmatrix_x4 reads shared offset " + std::to_string(chunk * 16) +
+                                   " while a cp.async into it has not landed (a missing cp_async_wait or "
+                                   "sync_threads)");
+        const Fiber& reader = *b.current;
+        if (b.chunk_landed_by[chunk] != reader.tid &&
+            static_cast<int64_t>(reader.block_calls) <= b.chunk_landed_epoch[chunk])
+          throw std::runtime_error("ldmatrix_x4 reads shared offset " + std::to_string(chunk * 16) +
+                                   " that thread " + std::to_string(b.chunk_landed_by[chunk]) +
+                                   "'s cp.async landed in without a sync_threads since (the copy is not visible)");
         slot.address = static_cast<const unsigned char*>(row_address);
       },
       [transpose](LaneSlot* lanes) {
@@ -608,10 +645,45 @@ void cp_async_16(void* shared_dst, const void* global_src, bool copy) {
   check_aligned(b, shared_dst, 16, "cp_async_16", "destination");
   check_shared(b, shared_dst, 16, "cp_async_16");
   check_aligned(b, global_src, 16, "cp_async_16", "source");
-  if (copy)
-    std::memcpy(shared_dst, global_src, 16);
-  else
-    std::memset(shared_dst, 0, 16);
+  uint16_t& chunk = b.chunk_in_flight[shared_offset(b, shared_dst) / 16];
+  if (chunk != 0)
+    throw std::runtime_error("cp_async_16 into shared offset " + std::to_string(shared_offset(b, shared_dst)) +
+                             " while an earlier cp.async into it has not landed");
+  ++chunk;
+  Fiber& f = *b.current;
+  f.in_flight.push_back({static_cast<unsigned char*>(shared_dst),
+                         copy ? static_cast<const unsigned char*>(global_src) : nullptr, f.groups_committed});
+}
+
+void cp_async_commit() {
+  Block& b = block_of("cp_async_commit");
+  ++b.current->groups_committed;
+}
+
+void cp_async_wait(int pending_groups) {
+  Block& b = block_of("cp_async_wait");
+  Fiber& f = *b.current;
+  if (pending_groups < 0) throw std::runtime_error("cp_async_wait: negative group count");
+  // Groups 0 .. committed-1 are closed; all but the newest `pending_groups` of them land now. The open group
+  // (copies issued since the last commit) is not waited for by wait_group.
+  const uint64_t land_below = f.groups_committed > static_cast<uint64_t>(pending_groups)
+                                  ? f.groups_committed - static_cast<uint64_t>(pending_groups) : 0;
+  size_t kept = 0;
+  for (const Fiber::AsyncCopy& c : f.in_flight) {
+    if (c.group < land_below) {
+      if (c.src)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+      const size_t chunk = static_cast<size_t>(shared_offset(b, c.dst)) / 16;
+      --b.chunk_in_flight[chunk];
+      b.chunk_landed_epoch[chunk] = static_cast<int64_t>(f.block_calls);
+      b.chunk_landed_by[chunk] = f.tid;
+    } else {
+      f.in_flight[kept++] = c;
+    }
+  }
+  f.in_flight.resize(kept);
 }
 
 namespace {
@@ -736,9 +808,13 @@ void poison_canaries(const Block& b, bool poison) {
 
 // $PK_EMU_SCHEDULE, read at each launch: the order in which a block's threads start and are woken from barriers.
 // "forward" (default): thread 0 first; "reverse": the last thread first; "random" or "random:<seed>": a permutation
-// drawn per block. Running a kernel's tests under several orders exposes more missing-barrier races.
+// drawn per block. These interleave the warps collective by collective (lockstep). "greedy" and "greedy-reverse"
+// instead always run the first (last) thread that can run, so one warp runs ahead until it blocks in
+// sync_threads: a shared tile overwritten while another warp still reads it (a missing sync_threads) shows up.
+// Running a kernel's tests under several orders exposes more missing-barrier races.
 struct Schedule {
   enum Kind { forward, reverse, random } kind = forward;
+  bool greedy = false;
   uint64_t seed = 0;
 };
 
@@ -748,12 +824,17 @@ Schedule read_schedule() {
   if (!env || !*env || std::strcmp(env, "forward") == 0) return s;
   if (std::strcmp(env, "reverse") == 0) {
     s.kind = Schedule::reverse;
+  } else if (std::strcmp(env, "greedy") == 0) {
+    s.greedy = true;
+  } else if (std::strcmp(env, "greedy-reverse") == 0) {
+    s.kind = Schedule::reverse;
+    s.greedy = true;
   } else if (std::strncmp(env, "random", 6) == 0 && (env[6] == 0 || env[6] == ':')) {
     s.kind = Schedule::random;
     if (env[6] == ':') s.seed = std::strtoull(env + 7, nullptr, 10);
   } else {
     throw std::runtime_error(std::string("pk_emu::launch: PK_EMU_SCHEDULE=") + env +
-                             " is not one of forward, reverse, random, random:<seed>");
+                             " is not one of forward, reverse, random, random:<seed>, greedy, greedy-reverse");
   }
   return s;
 }
@@ -768,6 +849,9 @@ void set_order(Block& b, const Schedule& schedule, uint64_t block_linear) {
   }
   std::vector<unsigned> filled(b.warp_order.size(), 0);
   for (unsigned t : b.order) b.warp_order[t / 32][filled[t / 32]++] = t % 32;
+  b.greedy = schedule.greedy;
+  b.rank.resize(b.nthreads);
+  for (unsigned i = 0; i < b.nthreads; ++i) b.rank[b.order[i]] = i;
 }
 
 struct ClearBlock {
@@ -838,6 +922,9 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
       for (unsigned x = 0; x < grid.x; ++x) {
         b.idx = Dim3{x, y, z};
         std::memset(b.smem, 0xFF, shared_bytes);
+        b.chunk_in_flight.assign((shared_bytes + 15) / 16, 0);
+        b.chunk_landed_epoch.assign((shared_bytes + 15) / 16, -1);
+        b.chunk_landed_by.assign((shared_bytes + 15) / 16, 0);
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
           b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));
@@ -850,6 +937,8 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           f.state = FiberState::ready;
           f.started = false;
           f.warp_calls = f.block_calls = 0;
+          f.in_flight.clear();
+          f.groups_committed = 0;
           b.push(&f);
         }
         for (Warp& w : b.warps) {

@@ -69,7 +69,11 @@ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const fl
 
 // cp.async.cg.shared.global [dst], [src], 16, src_size: copies 16 bytes when `copy`, else writes 16 zero bytes
 // (src_size = 0; src is not read). dst must lie in shared memory; dst and src must be 16-byte aligned.
-// Completes immediately in the emulator.
+// Modelled asynchronously: the copy lands only when the issuing thread's cp_async_wait covers its group, and an
+// ldmatrix of a shared chunk with a copy still in flight is an error (a missing wait or sync_threads), as is a
+// second copy into a chunk with one in flight, or a thread that finishes with copies never waited for.
 void cp_async_16(void* shared_dst, const void* global_src, bool copy);
+void cp_async_commit();                 // cp.async.commit_group: closes this thread's open group
+void cp_async_wait(int pending_groups);  // cp.async.wait_group N: lands all but this thread's N newest groups
 
 }  // namespace pk_emu

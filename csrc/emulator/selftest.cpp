@@ -427,22 +427,33 @@ void test_indices() {
   CHECK(wrong == 0, "thread / block indices: %d wrong", wrong);
 }
 
-// cp_async_16 copies or zero-fills.
+// cp_async_16 copies or zero-fills, landing only when the issuing thread's wait covers its group.
 void test_cp_async() {
   alignas(16) static float global[32 * 4];
   for (int i = 0; i < 32 * 4; ++i) global[i] = static_cast<float>(i + 1);
   std::vector<float> got(32 * 4);
-  pk_emu::launch(Dim3{}, 32, 32 * 16, [&] {
+  int landed_early = 0, newest_landed = 0;
+  pk_emu::launch(Dim3{}, 32, 2 * 32 * 16, [&] {
     const unsigned t = pk_emu::thread_index();
     char* s = pk_emu::shared_memory();
-    pk_emu::cp_async_16(s + 16 * ((t * 5) % 32), &global[4 * t], t % 3 != 0);
+    char* mine = s + 16 * ((t * 5) % 32);
+    pk_emu::cp_async_16(mine, &global[4 * t], t % 3 != 0);
+    pk_emu::cp_async_commit();
+    landed_early += static_cast<unsigned char>(mine[0]) != 0xFF;  // still the 0xFF fill: nothing waited yet
+    pk_emu::cp_async_16(s + 512 + 16 * t, &global[4 * t], true);  // a second group
+    pk_emu::cp_async_commit();
+    pk_emu::cp_async_wait(1);  // lands the first group only
+    newest_landed += static_cast<unsigned char>(s[512 + 16 * t]) != 0xFF;
+    pk_emu::cp_async_wait(0);
     pk_emu::sync_threads();
-    std::memcpy(&got[4 * t], s + 16 * ((t * 5) % 32), 16);
+    std::memcpy(&got[4 * t], mine, 16);
   });
   int bad = 0;
   for (unsigned t = 0; t < 32; ++t)
     for (int i = 0; i < 4; ++i) bad += got[4 * t + i] != (t % 3 != 0 ? global[4 * t + i] : 0.0f);
   CHECK(bad == 0, "cp_async_16: %d wrong floats", bad);
+  CHECK(landed_early == 0, "cp_async_16: %d copies landed before any wait", landed_early);
+  CHECK(newest_landed == 0, "cp_async_wait(1): %d copies of the newest group landed", newest_landed);
 }
 
 // Sets $PK_EMU_SCHEDULE for a scope (the emulator reads it at each launch).
@@ -580,6 +591,8 @@ void test_bad_addresses() {
     alignas(16) static char global[64];
     pk_emu::launch(Dim3{}, 32, 128, [] {
       pk_emu::cp_async_16(pk_emu::shared_memory() + 16 * pk_emu::thread_index(), global, true);
+      pk_emu::cp_async_commit();
+      pk_emu::cp_async_wait(0);
     });
   }, {"thread 8", "cp_async_16", "outside"});
   expect_error("cp_async source misaligned", [] {
@@ -588,6 +601,26 @@ void test_bad_addresses() {
       pk_emu::cp_async_16(pk_emu::shared_memory(), global + 4, pk_emu::thread_index() != 0);
     });
   }, {"thread 0", "source", "not 16-byte aligned"});
+  expect_error("ldmatrix of a chunk whose cp.async has not landed (no sync after the wait)", [] {
+    alignas(16) static char global[32 * 16];
+    pk_emu::launch(Dim3{}, 64, 64 * 16, [] {
+      // Each warp loads its half and waits, then reads the other warp's half with no barrier in between:
+      // whichever warp the schedule runs second reads a copy it has no right to see yet.
+      const unsigned t = pk_emu::thread_index();
+      char* s = pk_emu::shared_memory();
+      pk_emu::cp_async_16(s + 16 * t, global + 16 * (t % 32), true);
+      pk_emu::cp_async_commit();
+      pk_emu::cp_async_wait(0);
+      uint32_t r[4];
+      pk_emu::ldmatrix_x4(r, s + 16 * ((t + 32) % 64), false);
+    });
+  }, {"ldmatrix_x4", "without a sync_threads"});
+  expect_error("a thread finishing with copies in flight", [] {
+    alignas(16) static char global[16];
+    pk_emu::launch(Dim3{}, 32, 32 * 16, [] {
+      pk_emu::cp_async_16(pk_emu::shared_memory() + 16 * pk_emu::thread_index(), global, true);
+    });
+  }, {"never waited"});
 #ifndef __SANITIZE_ADDRESS__  // under AddressSanitizer these stores are reported (and abort) as they happen
   expect_error("plain store past the end of shared memory", [] {
     pk_emu::launch(Dim3{}, 32, 100, [] {

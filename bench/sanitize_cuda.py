@@ -1,0 +1,50 @@
+"""A small sweep of the CUDA kernels (csrc/) for compute-sanitizer: every kernel, both dtypes, both head dims,
+masks and several prefixes, at sizes that make the tools finish in seconds. bench/gpu_check.sh runs it as
+    compute-sanitizer --tool memcheck   --error-exitcode 1 python3 bench/sanitize_cuda.py
+    compute-sanitizer --tool racecheck  --error-exitcode 1 python3 bench/sanitize_cuda.py
+and also checks each result against the reference, so a clean run is also a correct one."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import prefix_kernels
+from prefix_kernels.reference import prefix_attention_reference
+
+
+def sweep():
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            for seq_q, seq_k, prefix_len, prefixes in ((70, 75, 45, 1), (3, 140, 19, 2), (1, 0, 130, 1)):
+                yield dtype, head_dim, seq_q, seq_k, prefix_len, prefixes
+
+
+def main() -> int:
+    if prefix_kernels.cuda.UNAVAILABLE_REASON:
+        print(f"skipped: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
+        return 0
+    failures = 0
+    for dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep():
+        batch, heads_q, heads_kv = 3, 6, 2
+        q = torch.randn(batch, seq_q, heads_q, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+        k, v = (torch.randn(batch, heads_kv, seq_k, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        pk, pv = (torch.randn(prefixes, heads_kv, prefix_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        options = dict(causal=True, key_padding_mask=torch.rand(batch, seq_k, device="cuda") > 0.2)
+        if prefixes > 1:
+            options.update(prefix_index=torch.arange(batch, device="cuda") % prefixes,
+                           prefix_lens=torch.tensor([prefix_len, prefix_len // 2], device="cuda"))
+        with torch.no_grad():
+            out = prefix_kernels.prefix_attention(q, k, v, pk, pv, backend="cuda", **options)
+        expected = prefix_attention_reference(q, k, v, pk, pv, **options)
+        error = (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
+        ok = error < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} {str(dtype)[6:]:8} D={head_dim:3} S={seq_q:3} L={seq_k:3} P={prefix_len:3} "
+              f"N={prefixes} max error {error:.2e}")
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
