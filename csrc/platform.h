@@ -46,6 +46,7 @@ using Stream = void*;
 #define PK_RESTRICT __restrict__
 
 namespace pk {
+#ifdef __CUDACC__  // device code; ops.cpp (host compiler) only needs Dim3 and Stream from here
 PK_DEVICE unsigned thread_index() { return threadIdx.x; }
 PK_DEVICE unsigned block_index_x() { return blockIdx.x; }
 PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
@@ -55,6 +56,7 @@ PK_DEVICE char* shared_memory() {
   return pk_dynamic_shared;
 }
 PK_DEVICE void sync_threads() { __syncthreads(); }
+#endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 using Stream = cudaStream_t;
 }  // namespace pk

@@ -23,7 +23,8 @@ from .autograd import empty_out_and_lse
 AUTO_PREFERS_CUDA = False
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
-_HOW_TO_BUILD = "build it with `pip install -e .` where nvcc and a CUDA build of torch are present"
+_HOW_TO_BUILD = ("build it with `python3 setup.py build_ext --inplace` where nvcc and a CUDA build of torch are "
+                 "present")
 
 if importlib.util.find_spec("prefix_kernels._C") is None:  # the normal case on CPU machines
     _C = None
