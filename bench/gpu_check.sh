@@ -3,13 +3,16 @@
 # results to bench/results/<card>/ (and to $OUT on the device machine). Prints a short summary last.
 # Runs on the machine's own torch/triton/transformers (nothing is installed). Needs no network.
 #
-# Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--no-bench]
-#   default          tests, then the anchors preset (forward, fwd+bwd, decode, training step, generate)
+# Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--no-bench] [--no-sanitize]
+#   default          build, tests, compute-sanitizer on the CUDA kernels, then the anchors preset (forward, fwd+bwd,
+#                    decode, training step, generate; ours-cuda next to ours-triton)
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py)
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
+#   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize_*.txt)
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
-# Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (seconds),
+# Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
+#   BENCH_TIMEOUT (seconds),
 #   MAX_JOBS (parallel compile jobs, default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +21,13 @@ unset TRITON_INTERPRET
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
 export PREFIX_KERNELS_COMMIT="${PREFIX_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-tune_forward=0; tune_backward=0; bench=1
+tune_forward=0; tune_backward=0; bench=1; sanitize=1
 for arg in "$@"; do
   case "$arg" in
     --tune-forward) tune_forward=1 ;;
     --tune-backward) tune_backward=1 ;;
     --no-bench) bench=0 ;;
+    --no-sanitize) sanitize=0 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -77,6 +81,23 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short -m "not compi
   ${GPU_TESTS:-tests} > "$out/tests.txt" 2>&1
 test_status=$?
 
+sanitize_summary="skipped (extension not loaded)"
+if [ $sanitize = 1 ] && [ "$ext" = loads ]; then
+  echo "== compute-sanitizer memcheck + racecheck on a small sweep of the CUDA kernels (bench/sanitize_cuda.py)"
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [ -z "$sanitizer" ]; then
+    sanitize_summary="skipped (no compute-sanitizer)"
+  else
+    sanitize_summary=""
+    for tool in memcheck racecheck; do
+      timeout "${SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool $tool --error-exitcode 9 python3 bench/sanitize_cuda.py \
+        > "$out/sanitize_$tool.txt" 2>&1
+      sanitize_summary="$sanitize_summary $tool: exit $? ($(grep -m 1 -E "ERROR SUMMARY|RACECHECK SUMMARY" \
+        "$out/sanitize_$tool.txt" | sed 's/=* *//'))"
+    done
+  fi
+fi
+
 if [ $tune_backward = 1 ]; then
   echo "== backward launch-config sweep, then fwd+bwd with the best against the baselines"
   timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_backward.py --out "$out" \
@@ -91,6 +112,7 @@ fi
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
+echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
