@@ -133,6 +133,33 @@ def test_public_op_routes_decode_and_training_to_cuda(kernels):
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
+def test_torch_compile_fullgraph_traces_the_cuda_path(kernels):
+    """Forward (the CUDA op, shapes from its fake), backward (Triton) and the decode, in one fullgraph trace."""
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=20, prefix_len=9, head_dim=64, num_prefixes=2,
+                prefix_lens=(9, 4), padding="left")
+    *tensors, options = make_inputs(case, torch.float16, kernels)
+    extra = [options[name] for name in ("key_padding_mask", "prefix_index", "prefix_lens")]
+
+    def step(q, k, v, prefix_k, prefix_v, mask, prefix_index, prefix_lens):
+        out = prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, prefix_index=prefix_index,
+                               prefix_lens=prefix_lens, backend="cuda")
+        with torch.no_grad():  # the decode strategy: one query per sequence, no gradient
+            last = prefix_attention(q[:, :, -1:], k, v, prefix_k, prefix_v, key_padding_mask=mask,
+                                    prefix_index=prefix_index, prefix_lens=prefix_lens, backend="cuda")
+        return (out.float() ** 2).sum(), last
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_leaves = [t.detach().requires_grad_() for t in tensors]
+    compiled_leaves = [t.detach().requires_grad_() for t in tensors]
+    eager_loss, eager_last = step(*eager_leaves, *extra)
+    compiled_loss, compiled_last = compiled(*compiled_leaves, *extra)
+    eager_loss.backward()
+    compiled_loss.backward()
+    assert torch.equal(eager_last, compiled_last)
+    for a, b in zip(eager_leaves, compiled_leaves):
+        assert b.grad is not None and torch.equal(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(dtype=torch.float32), "float16 or bfloat16"),
     (dict(head_dim=80), "head dims"),
