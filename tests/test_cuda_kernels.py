@@ -110,6 +110,38 @@ def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
 
 
+def _random_case(generator, decode):
+    """Odd shapes drawn fresh each run (reproducible from the printed torch seed)."""
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    heads_kv = pick((1, 2))
+    num_prefixes = pick((1, 1, 2, 3))
+    prefix_len = pick((0, 1, 17, 64, 65, 130))
+    return Case(
+        batch=pick((1, 2, 3, 5)), heads_kv=heads_kv, heads_q=heads_kv * pick((1, 3, 4)),
+        seq_q=pick((1, 2, 5, 16)) if decode else pick((1, 17, 63, 64, 65, 100)),
+        seq_k=pick((0, 1, 9, 64, 97, 150)), prefix_len=prefix_len, head_dim=pick((64, 128)),
+        num_prefixes=num_prefixes,
+        prefix_lens=tuple(pick(range(prefix_len + 1)) for _ in range(num_prefixes)) if pick((0, 1)) else None,
+        causal=bool(pick((0, 1, 1))), padding=pick((None, "left", "random")), q_layout=pick(("bshd", "bhsd")),
+        kv_slice=bool(pick((0, 1))))
+
+
+@pytest.mark.parametrize("op_name", ["forward", "decode"])
+def test_random_shapes_match_reference(kernels, op_name):
+    generator = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
+    for _ in range(6):
+        case = _random_case(generator, decode=op_name == "decode")
+        if case.seq_k == 0 and case.padding:
+            case = Case(**{**case.__dict__, "padding": None})
+        dtype = DTYPES[int(torch.randint(2, (1,)))].values[0]
+        try:
+            _check_op(op_name, case, dtype, kernels)
+        except AssertionError as error:
+            raise AssertionError(f"{case.id} {dtype}: {error}") from error
+
+
 def test_public_op_routes_decode_and_training_to_cuda(kernels):
     """backend="cuda": short queries without grad take the CUDA decode, the rest the differentiable CUDA forward
     whose backward (Triton) sums the prefix gradient over the batch."""
