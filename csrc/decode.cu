@@ -19,9 +19,14 @@ constexpr int kProgramsPerSm = 2;    // enough programs to fill the GPU twice ov
 constexpr int kMinSplitTiles = 2;    // no split shorter than this many tiles: each split costs an fp32 partial
 constexpr int kMaxSplits = 32;
 constexpr int kMergeRowsPerBlock = 4;  // one warp per row
+// 64 rows per block (decode has few rows per (sequence, KV head)), 64-key tiles.
+template <typename T, int D>
+using DecodeAttention = BlockAttention<T, D, 1, 64>;
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
 
 template <typename T, int D>
-PK_DEVICE void store_partial(const DecodeParams& d, const BlockAttention<T, D>& attention, int slot,
+PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D>& attention, int slot,
                              const int64_t (&row)[2]) {
   float inv[2], lse[2];
   attention.finish(inv, lse);
@@ -34,6 +39,7 @@ PK_DEVICE void store_partial(const DecodeParams& d, const BlockAttention<T, D>& 
     }
   });
   if (attention.lane % 4 == 0)
+    PK_UNROLL
     for (int h = 0; h < 2; ++h)
       if (row[h] >= 0) d.work_lse[base + row[h]] = lse[h];
 }
@@ -80,10 +86,11 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
     return q + b * p.q_stride[0] + (h * p.group + g) * p.q_stride[1] + s * p.q_stride[2];
   };
 
-  BlockAttention<T, D> attention(shared_memory());
+  DecodeAttention<T, D> attention(shared_memory());
   attention.load_q_async(q_row, q);
   attention.run(num_tiles, tile, p.scale_log2, visible);
   int64_t row[2];
+  PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) {
     const int r = r0 + attention.row_of(hh);
     const int b = sequence_of(r), g = (r / p.seq_q) % p.group, s = r % p.seq_q;
@@ -122,8 +129,9 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
     return q + (r / p.seq_q) * p.q_stride[1] + (r % p.seq_q) * p.q_stride[2];
   };
 
-  BlockAttention<T, D> attention(shared_memory());
+  DecodeAttention<T, D> attention(shared_memory());
   int row_pos[2];
+  PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
   auto visible = [&](const KeyTile<T>& t, int hh, int key) {
     return key < t.end && (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
@@ -131,6 +139,7 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   attention.load_q_async(q_row, q);
   attention.run(num_tiles, tile, p.scale_log2, visible);
   int64_t row[2];
+  PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) {
     const int r = r0 + attention.row_of(hh);
     row[hh] = r < group_rows ? (static_cast<int64_t>(b) * p.heads_q + h * p.group) * p.seq_q + r : -1;
@@ -167,10 +176,12 @@ PK_KERNEL(32 * kMergeRowsPerBlock) decode_merge_kernel(const DecodeParams d) {
     const float weight = fast_exp2((d.work_lse[at] - m_use) * 1.4426950408889634f);
     total += weight;
     const float* part = d.work_out + at * D + lane * kColumns;
+    PK_UNROLL
     for (int c = 0; c < kColumns; ++c) acc[c] += weight * part[c];
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
   T* out = static_cast<T*>(d.attention.out) + row * D + lane * kColumns;
+  PK_UNROLL
   for (int c = 0; c < kColumns; c += 2)
     *reinterpret_cast<uint32_t*>(out + c) = pack2<T>(acc[c] * inv, acc[c + 1] * inv);
   if (lane == 0) d.attention.lse[row] = total > 0.f ? m_use + fast_log2(total) * kLn2 : -INFINITY;
@@ -214,7 +225,7 @@ void launch_decode(const DecodeParams& d, Stream stream) {
   PK_DISPATCH(p, {
     if (programs > 0)
       PK_LAUNCH((decode_partials_kernel<Element, kHeadDim>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
-                attention_shared_bytes<kHeadDim>(), stream, d);
+                (DecodeAttention<Element, kHeadDim>::kSharedBytes), stream, d);
     PK_LAUNCH((decode_merge_kernel<Element, kHeadDim>), merge_grid, 32 * kMergeRowsPerBlock, 0, stream, d);
   });
 }

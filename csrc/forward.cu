@@ -1,4 +1,4 @@
-// The fused forward (prefill and training forward): each block takes 64 consecutive queries of one (b, hq) and
+// The fused forward (prefill and training forward): each block takes 128 consecutive queries of one (b, hq) and
 // attends to its sequence's prefix (read in place from the ONE prefix copy, picked by prefix_index) and then to
 // its own keys, in one online softmax. Own tiles past the block's last causal key are never loaded; only tiles
 // that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are masked.
@@ -8,9 +8,21 @@
 
 namespace pk {
 
+namespace {
+
+// 32 rows per warp, 128 per block; 64-key tiles, 32 at head dim 128 (64 would spill: 255 registers + 160 bytes).
+template <typename T, int D>
+using ForwardAttention = BlockAttention<T, D, 2, D == 128 ? 32 : 64>;
+
 template <typename T, int D>
 PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
-  const int m0 = static_cast<int>(block_index_x()) * kBlockM;
+  using Attention = ForwardAttention<T, D>;
+  constexpr int kBlockM = Attention::kBlockM;
+  constexpr int kBlockN = Attention::kBlockN;
+  // Last query blocks first: under causal masking they have the most keys, so the long blocks start early and
+  // the short ones fill the tail.
+  const int m_blocks = (p.seq_q + kBlockM - 1) / kBlockM;
+  const int m0 = (m_blocks - 1 - static_cast<int>(block_index_x())) * kBlockM;
   const int bh = static_cast<int>(block_index_y());
   const int b = bh / p.heads_q, hq = bh % p.heads_q, h = hq / p.group;
   const int offset = p.seq_k - p.seq_q;  // query i sits at sequence position offset + i
@@ -47,39 +59,48 @@ PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
                       key0 + kBlockN > own_end || crosses_diagonal || key_ok != nullptr};
   };
 
-  BlockAttention<T, D> attention(shared_memory());
-  int row_pos[2];
-  for (int hh = 0; hh < 2; ++hh) row_pos[hh] = first_row_pos + attention.row_of(hh);
-  auto visible = [&](const KeyTile<T>& t, int hh, int key) {
+  Attention attention(shared_memory());
+  int row_pos[Attention::kRows];
+  PK_UNROLL
+  for (int i = 0; i < Attention::kRows; ++i) row_pos[i] = first_row_pos + attention.row_of(i);
+  auto visible = [&](const KeyTile<T>& t, int i, int key) {
     if (key >= t.end) return false;
     if (!t.own) return true;  // prefix keys: always visible up to the prefix's length
-    return (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
+    return (!p.causal || key <= row_pos[i]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
   };
 
   attention.load_q_async([&](int r) { return m0 + r < p.seq_q ? q + (m0 + r) * p.q_stride[2] : nullptr; }, q);
   attention.run(prefix_tiles + own_tiles, tile, p.scale_log2, visible);
 
-  float inv[2], lse[2];
+  float inv[Attention::kRows], lse[Attention::kRows];
   attention.finish(inv, lse);
   const int64_t row0 = static_cast<int64_t>(bh) * p.seq_q + m0;
   T* out = static_cast<T*>(p.out);
-  attention.for_each_output(inv, [&](int hh, int col, float x0, float x1) {
-    const int r = attention.row_of(hh);
+  attention.for_each_output(inv, [&](int i, int col, float x0, float x1) {
+    const int r = attention.row_of(i);
     if (m0 + r < p.seq_q)
       *reinterpret_cast<uint32_t*>(out + (row0 + r) * D + col) = pack2<T>(x0, x1);
   });
   if (attention.lane % 4 == 0)
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = attention.row_of(hh);
-      if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[hh];
+    PK_UNROLL
+    for (int i = 0; i < Attention::kRows; ++i) {
+      const int r = attention.row_of(i);
+      if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[i];
     }
 }
 
+}  // namespace
+
 void launch_forward(const AttentionParams& params, Stream stream) {
-  const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, kBlockM)),
-                  static_cast<unsigned>(params.batch * params.heads_q), 1};
-  PK_DISPATCH(params, PK_LAUNCH((forward_kernel<Element, kHeadDim>), grid, kThreads,
-                                attention_shared_bytes<kHeadDim>(), stream, params));
+  PK_DISPATCH(params, {
+    using Attention = ForwardAttention<Element, kHeadDim>;
+    constexpr int kBlockM = Attention::kBlockM;
+    constexpr size_t kShared = Attention::kSharedBytes;
+    allow_shared_bytes(forward_kernel<Element, kHeadDim>, kShared);
+    const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, kBlockM)),
+                    static_cast<unsigned>(params.batch * params.heads_q), 1};
+    PK_LAUNCH((forward_kernel<Element, kHeadDim>), grid, kThreads, kShared, stream, params);
+  });
 }
 
 }  // namespace pk

@@ -16,6 +16,7 @@
 #include "emulator/emulator.h"
 
 #define PK_KERNEL(max_threads) void  // a host function that pk_emu::launch runs once per emulated thread
+#define PK_UNROLL
 #define PK_DEVICE inline
 #define PK_RESTRICT __restrict__
 
@@ -26,6 +27,10 @@ inline unsigned block_index_y() { return pk_emu::block_index().y; }
 inline unsigned block_index_z() { return pk_emu::block_index().z; }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
+
+// More than 48 KiB of dynamic shared memory needs an opt-in per kernel on a GPU; the emulator allows up to 227 KiB.
+template <class Kernel>
+inline void allow_shared_bytes(Kernel, size_t) {}
 }  // namespace pk
 
 // kernel<<<grid, threads, shared_bytes, stream>>>(args...), emulated: every block, one at a time.
@@ -42,6 +47,8 @@ using Stream = void*;
 #include <cuda_runtime.h>
 
 #define PK_KERNEL(max_threads) __global__ void __launch_bounds__(max_threads)
+// Fixed-trip loops over register arrays must unroll fully, or the arrays spill to local memory.
+#define PK_UNROLL _Pragma("unroll")
 #define PK_DEVICE __device__ __forceinline__
 #define PK_RESTRICT __restrict__
 
@@ -56,6 +63,12 @@ PK_DEVICE char* shared_memory() {
   return pk_dynamic_shared;
 }
 PK_DEVICE void sync_threads() { __syncthreads(); }
+
+// More than 48 KiB of dynamic shared memory needs an opt-in per kernel (sm_80: up to 163 KiB, sm_90: 227 KiB).
+template <class Kernel>
+inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 using Stream = cudaStream_t;

@@ -57,6 +57,8 @@ FORWARD_CASES = [
     Case(batch=3, heads_q=6, heads_kv=2, seq_q=19, seq_k=29, prefix_len=21, head_dim=64, num_prefixes=2,
          prefix_lens=(0, 13), padding="empty-row"),                                         # rows that see nothing
     Case(batch=2, heads_q=3, heads_kv=3, seq_q=20, seq_k=5, prefix_len=0, head_dim=64),     # L < S, no prefix
+    Case(batch=1, heads_q=3, heads_kv=1, seq_q=150, seq_k=160, prefix_len=33, head_dim=128,
+         padding="left"),                                                                   # 2 blocks of 128 rows
     Case(batch=2, heads_q=6, heads_kv=2, seq_q=18, seq_k=130, prefix_len=7, head_dim=128, padding="random",
          kv_slice=True),                                                                    # strided K/V
 ]
