@@ -116,11 +116,13 @@ struct BlockAttention {
   }
 
   PK_DEVICE void load_q_fragments() {
-    if constexpr (kQInRegisters)
+    if constexpr (kQInRegisters) {
       PK_UNROLL
-      for (int rt = 0; rt < kRowTiles; ++rt)
+      for (int rt = 0; rt < kRowTiles; ++rt) {
         PK_UNROLL
         for (int kk = 0; kk < kDSteps; ++kk) load_q_fragment(q_frag[rt][kk], rt, kk);
+      }
+    }
   }
 
   // s = Q K^T for this warp's rows and the tile's 64 keys: s[rt][n][j] is key 8n + 2 (lane % 4) + (j & 1) of

@@ -38,10 +38,11 @@ PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D>&
       out[1] = x1;
     }
   });
-  if (attention.lane % 4 == 0)
+  if (attention.lane % 4 == 0) {
     PK_UNROLL
     for (int h = 0; h < 2; ++h)
       if (row[h] >= 0) d.work_lse[base + row[h]] = lse[h];
+  }
 }
 
 template <typename T, int D>

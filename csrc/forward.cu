@@ -81,12 +81,13 @@ PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
     if (m0 + r < p.seq_q)
       *reinterpret_cast<uint32_t*>(out + (row0 + r) * D + col) = pack2<T>(x0, x1);
   });
-  if (attention.lane % 4 == 0)
+  if (attention.lane % 4 == 0) {
     PK_UNROLL
     for (int i = 0; i < Attention::kRows; ++i) {
       const int r = attention.row_of(i);
       if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[i];
     }
+  }
 }
 
 }  // namespace

@@ -210,8 +210,9 @@ TORCH_LIBRARY_IMPL(PK_OPS_NAMESPACE, PK_OPS_DEVICE, m) {
 #ifndef PK_EMULATE
 // `import prefix_kernels._C` loads the library (which registers the ops above); the module itself is empty.
 PyMODINIT_FUNC PyInit__C() {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "prefix_kernels CUDA kernels (torch.ops.prefix_kernels_cuda)",
-                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "prefix_kernels CUDA kernels (torch.ops.prefix_kernels_cuda)", -1, nullptr, nullptr,
+                               nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 #endif

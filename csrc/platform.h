@@ -65,9 +65,11 @@ PK_DEVICE char* shared_memory() {
 PK_DEVICE void sync_threads() { __syncthreads(); }
 
 // More than 48 KiB of dynamic shared memory needs an opt-in per kernel (sm_80: up to 163 KiB, sm_90: 227 KiB).
+// A refusal shows up as the launch's error, which the caller checks.
 template <class Kernel>
 inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };

@@ -1,9 +1,9 @@
 """The differentiable op as torch.library custom ops: forward and backward ops, fake impls, and autograd.
 
 `prefix_kernels::prefix_attention_fwd` (Triton) and `prefix_kernels::prefix_attention_fwd_cuda` (csrc/) return
-(out, lse) and share one autograd whose backward is the Triton backward; both are differentiable outputs, and the LSE's gradient
-is folded into the backward's Delta (so `merge_attention_states` composes under autograd). The backward op takes
-`needs` (which of dq, dk, dv, dprefix_k, dprefix_v to compute) and returns empty tensors for the others. Only
+(out, lse) and share one autograd whose backward is the Triton backward. Both outputs are differentiable; the LSE's
+gradient is folded into the backward's Delta (so `merge_attention_states` composes under autograd). The backward op
+takes `needs` (which of dq, dk, dv, dprefix_k, dprefix_v to compute) and returns empty tensors for the others. Only
 q, k, v, prefix_k, prefix_v, out, lse (plus the small mask/index tensors) are saved: the prefix is saved as the
 ONE copy the caller passed, never anything of size B * P * D. Being opaque ops with fake impls, both trace under
 torch.compile(fullgraph=True).
