@@ -81,10 +81,13 @@ def _validated(tensors, options):
                     prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
 
 
-def _check_op(op_name, case, dtype, device):
+def _check_op(op_name, case, dtype, device, index_dtype=torch.int64):
     """The op against the float64 truth, and against the Triton kernels on the same inputs (the two backends
     must agree as closely as each agrees with the truth). bf16 Triton needs a GPU (the interpreter breaks it)."""
     *tensors, options = make_inputs(case, dtype, device)
+    for name in ("prefix_index", "prefix_lens"):  # the kernels read int32 and int64 index tensors
+        if options.get(name) is not None:
+            options[name] = options[name].to(index_dtype)
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
     call = _validated(tensors, options)
     assert cuda.unavailable_reason(call) is None
@@ -110,6 +113,32 @@ def test_forward_matches_reference(kernels, case, dtype):
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
 def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
+
+
+@pytest.mark.parametrize("op_name", ["forward", "decode"])
+def test_int32_prefix_index_and_lens(kernels, op_name):
+    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=3 if op_name == "decode" else 20, seq_k=25, prefix_len=37,
+                head_dim=64, num_prefixes=3, prefix_lens=(37, 5, 0), padding="left")
+    _check_op(op_name, case, torch.float16, kernels, index_dtype=torch.int32)
+
+
+def test_decode_replays_in_a_cuda_graph(kernels):
+    """The CUDA decode allocates from shapes only and never syncs: it captures and replays in a CUDA graph."""
+    if kernels.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=300, head_dim=128, num_prefixes=2,
+                prefix_lens=(300, 40))
+    *tensors, options = make_inputs(case, torch.bfloat16, kernels)
+    call = _validated(tensors, options)
+    eager, _ = cuda.cuda_decode_attention(call)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = cuda.cuda_decode_attention(call)
+    tensors[0].copy_(torch.randn_like(tensors[0]))  # new queries, same buffers
+    graph.replay()
+    expected, _ = cuda.cuda_decode_attention(call)
+    assert not torch.equal(eager, expected)
+    assert torch.equal(captured, expected)
 
 
 def _random_case(generator, decode):
@@ -138,8 +167,9 @@ def test_random_shapes_match_reference(kernels, op_name):
         if case.seq_k == 0 and case.padding:
             case = Case(**{**case.__dict__, "padding": None})
         dtype = DTYPES[int(torch.randint(2, (1,)))].values[0]
+        index_dtype = (torch.int32, torch.int64)[int(torch.randint(2, (1,)))]
         try:
-            _check_op(op_name, case, dtype, kernels)
+            _check_op(op_name, case, dtype, kernels, index_dtype)
         except AssertionError as error:
             raise AssertionError(f"{case.id} {dtype}: {error}") from error
 
