@@ -240,8 +240,11 @@ struct BlockAttention {
   }
 
   // The whole loop over `num_tiles` tiles (tile(t) -> KeyTile<T>). Q must have been issued with load_q_async.
+  // Rows from `rows_in_use` on are padding (past the sequence, or past the G * S rows of a decode group): a warp
+  // holding only such rows still loads its share of every tile and meets every barrier, but skips the math.
   template <class Tiles, class Visible>
-  PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible) {
+  PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
     if (num_tiles > 0) {
       const KeyTile<T> first = tile(0);
       load_keys_async(k_tile, first.k, first.k_stride, first.key0, first.end);
@@ -251,22 +254,24 @@ struct BlockAttention {
       const KeyTile<T> current = tile(t);
       cp_async_wait<0>();
       sync_threads();  // K(t) (and Q) landed; every warp is done with V(t - 1)
-      if (t == 0) load_q_fragments();
+      if (t == 0 && busy) load_q_fragments();
       load_keys_async(v_tile, current.v, current.v_stride, current.key0, current.end);
       cp_async_commit();
       float s[kRowTiles][kNTiles][4];
-      scores(s);
+      if (busy) scores(s);
       sync_threads();  // every warp is done with K(t)
       if (t + 1 < num_tiles) {
         const KeyTile<T> next = tile(t + 1);
         load_keys_async(k_tile, next.k, next.k_stride, next.key0, next.end);
       }
       cp_async_commit();
-      scale_and_mask(s, scale_log2, current, visible);
-      softmax(s);
+      if (busy) {
+        scale_and_mask(s, scale_log2, current, visible);
+        softmax(s);
+      }
       cp_async_wait<1>();  // V(t) landed; K(t + 1) may still be in flight
       sync_threads();
-      accumulate_pv(s);
+      if (busy) accumulate_pv(s);
     }
     cp_async_wait<0>();
   }

@@ -89,7 +89,7 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
 
   DecodeAttention<T, D> attention(shared_memory());
   attention.load_q_async(q_row, q);
-  attention.run(num_tiles, tile, p.scale_log2, visible);
+  attention.run(num_tiles, tile, p.scale_log2, visible, packed_rows - r0);
   int64_t row[2];
   PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) {
@@ -138,7 +138,8 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
     return key < t.end && (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
   };
   attention.load_q_async(q_row, q);
-  attention.run(num_tiles, tile, p.scale_log2, visible);
+  // With G * S < 64 (one query per sequence: G rows) only the first warp has rows: the other three only load.
+  attention.run(num_tiles, tile, p.scale_log2, visible, group_rows - r0);
   int64_t row[2];
   PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) {

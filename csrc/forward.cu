@@ -70,7 +70,7 @@ PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
   };
 
   attention.load_q_async([&](int r) { return m0 + r < p.seq_q ? q + (m0 + r) * p.q_stride[2] : nullptr; }, q);
-  attention.run(prefix_tiles + own_tiles, tile, p.scale_log2, visible);
+  attention.run(prefix_tiles + own_tiles, tile, p.scale_log2, visible, p.seq_q - m0);
 
   float inv[Attention::kRows], lse[Attention::kRows];
   attention.finish(inv, lse);
