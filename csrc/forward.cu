@@ -10,7 +10,7 @@ namespace pk {
 
 namespace {
 
-// 32 rows per warp, 128 per block; 64-key tiles, 32 at head dim 128 (64 would spill: 255 registers + 160 bytes).
+// 32 rows per warp, 128 per block; 64-key tiles, 32 at head dim 128 (64-key tiles spilled 160 B there).
 template <typename T, int D>
 using ForwardAttention = BlockAttention<T, D, 2, D == 128 ? 32 : 64>;
 
