@@ -136,3 +136,20 @@ def test_low_precision_generate_check_flags_wrong_logits_not_ties():
     assert ok["correct"] and ok["decisive_steps"] > 0 and ok["teacher_forced_match"] < 1.0
     wrong = _teacher_forced_check(stock + 0.2 * torch.randn(stock.shape, generator=generator), stock, tokens, case)
     assert not wrong["correct"] and wrong["logits_rel_err"] > wrong["tolerance"]
+
+
+def test_model_rows_time_the_cuda_backend_only_where_it_serves_the_model(monkeypatch):
+    from prefix_kernels import cuda
+    from prefix_kernels.bench.cases import ModelCase
+    from prefix_kernels.bench.models import _ours_variants, count_model_rows
+
+    bf16 = ModelCase(op="train_step", batch=2, seq=8, prefix=4, hidden=2048, heads_q=32)  # head dim 64
+    fp32 = ModelCase(op="train_step", batch=2, seq=8, prefix=4, dtype="fp32", hidden=2048, heads_q=32)
+    odd = ModelCase(op="generate", batch=2, seq=8, prefix=4, hidden=960, heads_q=12)      # head dim 80
+    monkeypatch.setattr(cuda, "UNAVAILABLE_REASON", None)
+    assert _ours_variants(bf16, "cuda") == [("ours", "auto"), ("ours-cuda", "cuda")]
+    assert _ours_variants(bf16, "cpu") == _ours_variants(fp32, "cuda") == _ours_variants(odd, "cuda") \
+        == [("ours", "auto")]
+    assert count_model_rows([bf16, fp32, odd], "cuda") == 3 + 2 + 2
+    monkeypatch.setattr(cuda, "UNAVAILABLE_REASON", "not built")
+    assert _ours_variants(bf16, "cuda") == [("ours", "auto")]

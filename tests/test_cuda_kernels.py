@@ -257,6 +257,38 @@ def test_patched_model_trains_through_cuda(kernels, monkeypatch):
         assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
+def test_shared_prefix_cache_serves_through_cuda(kernels, monkeypatch):
+    """SharedPrefixCache on backend="cuda": the left-padded suffixes and a generated token against the prompt's
+    KV (stored once) through the CUDA decode; logits match the same steps on the reference backend."""
+    transformers = pytest.importorskip("transformers")
+    import prefix_kernels
+    from prefix_kernels.hf.compat import cache_kwargs
+
+    launches = []
+    real_kernels = cuda.kernels
+    monkeypatch.setattr(cuda, "kernels", lambda: launches.append(1) or real_kernels())
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=3, num_key_value_heads=1, head_dim=64,
+                                      max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(kernels, torch.float16).eval()
+    prompt = torch.randint(1, 64, (1, 70), device=kernels)
+    suffixes = torch.randint(1, 64, (3, 5), device=kernels)
+    mask = torch.ones_like(suffixes)
+    mask[0, :2] = 0
+    logits = {}
+    for backend in ("torch", "cuda"):
+        with torch.no_grad():
+            cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt, backend=backend)
+            first = model(input_ids=suffixes, attention_mask=mask, **cache_kwargs(model, cache)).logits
+            step = model(input_ids=first[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                         **cache_kwargs(model, cache)).logits
+        logits[backend] = torch.cat([first[:, -1:], step], 1).float()
+        prefix_kernels.unpatch(model)
+    assert len(launches) == 2 * config.num_hidden_layers  # the suffixes, then one token, in every layer
+    scale = logits["torch"].std().item()
+    assert (logits["cuda"] - logits["torch"]).abs().max().item() <= 2e-2 * scale
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(dtype=torch.float32), "float16 or bfloat16"),
     (dict(head_dim=80), "head dims"),

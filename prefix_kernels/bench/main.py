@@ -74,7 +74,7 @@ def run(args, extra_providers=()) -> dict:
     if device.type != "cuda":
         print(f"note: {report.CPU_WARNING}", file=sys.stderr)
     started = time.perf_counter()
-    total = harness.count_op_rows(preset.ops, providers) + models.count_model_rows(preset.models)
+    total = harness.count_op_rows(preset.ops, providers) + models.count_model_rows(preset.models, device)
     progress = harness.Progress(total, enabled=not args.no_progress)
     try:
         ceilings = measure_ceilings(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)

@@ -12,6 +12,7 @@ Peak memory is what the step allocated beyond what was resident before it (weigh
 """
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -110,9 +111,9 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
     rows = [_guarded(_row(case, "peft", "baseline", "PEFT PrefixTuning (prefix expanded + cat in every layer)"),
                      peft_body, progress)]
 
-    def ours_body():
+    def ours_body(backend):
         reference_loss = loss_now()
-        patched = current["model"] = prefix_kernels.patch(peft_model)
+        patched = current["model"] = prefix_kernels.patch(peft_model, backend=backend)
         try:
             loss = loss_now()
             result = _timed(step, case, device)
@@ -125,8 +126,9 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
         result.update(loss=loss, reference_loss=reference_loss, loss_rel_err=rel, tolerance=tol, correct=rel <= tol)
         return result
 
-    rows.append(_guarded(_row(case, "ours", "ours", "prefix_kernels.patch(peft_model): attention through the kernels"),
-                         ours_body, progress))
+    for provider, backend in _ours_variants(case, device):
+        rows.append(_guarded(_row(case, provider, "ours", "prefix_kernels.patch(peft_model): attention through the "
+                                  f"kernels (backend={backend!r})"), functools.partial(ours_body, backend), progress))
     del model, peft_model, optimizer, params
     _free(device)
     return rows
@@ -135,6 +137,7 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
 def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
     import prefix_kernels
     from prefix_kernels.hf.compat import cache_kwargs
+    from prefix_kernels.hf.patch import _STATE_ATTR
 
     model = build_llama(case, device)
     model.eval()
@@ -166,12 +169,15 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
     rows = [_guarded(_row(case, "hf-generate", "baseline", "stock HF generate, prompt repeated in every row"),
                      stock_body, progress)]
 
-    def ours_body():
+    def ours_body(backend):
         produced = {}
+        if getattr(model, _STATE_ATTR, None) is not None:
+            prefix_kernels.unpatch(model)  # from_prompt patches the model for `backend` on first use
 
         def ours():
             with torch.no_grad():
-                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None])  # the prompt's KV, once, inside the timing
+                # the prompt's KV, once, inside the timing
+                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None], backend=backend)
                 out = model.generate(input_ids=suffixes, attention_mask=suffix_mask, **cache_kwargs(model, cache),
                                      **options)
             produced["new"] = out[:, -case.new_tokens:]
@@ -187,16 +193,17 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
                 result.update(correct=match == 1.0)
         if "logits" in stock_tokens:
             with torch.no_grad():
-                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None])
+                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None], backend=backend)
                 _, logits = _recorded_generate(model, suffixes, suffix_mask, options, force=stock_tokens["tokens"],
                                                **cache_kwargs(model, cache))
             result.update(_teacher_forced_check(logits, stock_tokens["logits"], stock_tokens["tokens"], case))
             del logits, cache
         return result
 
-    rows.append(_guarded(_row(case, "ours-shared-cache", "ours",
-                              "generate on own tokens with SharedPrefixCache.from_prompt (prompt KV stored once)"),
-                         ours_body, progress))
+    for provider, backend in _ours_variants(case, device):
+        rows.append(_guarded(_row(case, provider.replace("ours", "ours-shared-cache"), "ours",
+                                  "generate on own tokens with SharedPrefixCache.from_prompt (prompt KV stored once, "
+                                  f"backend={backend!r})"), functools.partial(ours_body, backend), progress))
     del model
     _free(device)
     return rows
@@ -276,5 +283,16 @@ def _run_model(case, device, progress) -> list[dict]:
     raise ValueError(f"unknown model op {case.op!r}")
 
 
-def count_model_rows(cases) -> int:
-    return 2 * len(cases)
+def _ours_variants(case: ModelCase, device) -> list[tuple[str, str]]:
+    """(provider, backend) of our rows: the default backend, and the CUDA kernels where the extension is built
+    and covers the model (CUDA tensors, fp16/bf16, head dim 64 or 128), timed side by side so that "auto" can be
+    told to prefer them once they win."""
+    from .. import cuda
+
+    serves = (cuda.UNAVAILABLE_REASON is None and torch.device(device).type == "cuda"
+              and case.torch_dtype in cuda.DTYPES and case.hidden // case.heads_q in cuda.HEAD_DIMS)
+    return [("ours", "auto")] + ([("ours-cuda", "cuda")] if serves else [])
+
+
+def count_model_rows(cases, device) -> int:
+    return sum(1 + len(_ours_variants(case, device)) for case in cases)
