@@ -289,6 +289,24 @@ def test_shared_prefix_cache_serves_through_cuda(kernels, monkeypatch):
     assert (logits["cuda"] - logits["torch"]).abs().max().item() <= 2e-2 * scale
 
 
+def test_ldmatrix_reads_are_free_of_bank_conflicts(kernels):
+    """The XOR swizzle of the shared tiles puts the 8 rows of every ldmatrix phase in 8 different bank groups (a
+    wrong swizzle gives right answers, slowly: only this catches it). Counted by the emulator."""
+    if kernels.type != "cpu":
+        pytest.skip("counted by the emulator")
+    ops = emulated_kernels()
+    ops.shared_memory_stats(True)
+    for head_dim in (64, 128):
+        for op_name, seq_q in (("forward", 40), ("decode", 2)):
+            case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=seq_q, seq_k=70, prefix_len=20, head_dim=head_dim)
+            *tensors, options = make_inputs(case, torch.bfloat16, kernels)
+            call = _validated(tensors, options)
+            getattr(ops, op_name)(call.q, call.k, call.v, call.prefix_k, call.prefix_v, None, None, None, True,
+                                  call.scale)
+    phases, extra = ops.shared_memory_stats(True)
+    assert phases > 0 and extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(dtype=torch.float32), "float16 or bfloat16"),
     (dict(head_dim=80), "head dims"),

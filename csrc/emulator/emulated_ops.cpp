@@ -6,3 +6,18 @@
 #include "../forward.cu"
 #include "../decode.cu"
 #include "../ops.cpp"
+
+namespace {
+
+// [ldmatrix phases, extra wavefronts from bank conflicts] since the last reset (csrc/emulator/emulator.h).
+std::vector<int64_t> shared_memory_stats(bool reset) {
+  const pk_emu::SharedMemoryStats stats = pk_emu::shared_memory_stats();
+  if (reset) pk_emu::reset_shared_memory_stats();
+  return {static_cast<int64_t>(stats.ldmatrix_phases), static_cast<int64_t>(stats.ldmatrix_extra_wavefronts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefix_kernels_emulated, m) {
+  m.def("shared_memory_stats(bool reset) -> int[]", &shared_memory_stats);
+}

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -556,6 +557,30 @@ float shfl_xor(float value, int lane_mask) {
   return s.out;
 }
 
+namespace {
+std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0};
+
+// The wavefronts beyond one that 8 row addresses of one ldmatrix phase cost (distinct rows in one bank group).
+unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8]) {
+  unsigned per_group[8] = {};
+  for (int i = 0; i < 8; ++i) {
+    bool repeat = false;  // the same row twice is a broadcast, not a conflict
+    for (int k = 0; k < i; ++k) repeat = repeat || rows[k] == rows[i];
+    if (!repeat) ++per_group[(shared_offset(b, rows[i]) / 16) % 8];
+  }
+  unsigned most = 0;
+  for (unsigned count : per_group) most = std::max(most, count);
+  return most - 1;
+}
+}  // namespace
+
+SharedMemoryStats shared_memory_stats() { return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load()}; }
+
+void reset_shared_memory_stats() {
+  g_ldmatrix_phases = 0;
+  g_ldmatrix_extra_wavefronts = 0;
+}
+
 void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
   const LaneSlot& s = collective(
       Op::ldmatrix, transpose, Element::f16, "ldmatrix_x4",
@@ -577,6 +602,14 @@ void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
         slot.address = static_cast<const unsigned char*>(row_address);
       },
       [transpose](LaneSlot* lanes) {
+        for (unsigned j = 0; j < 4; ++j) {
+          const unsigned char* const rows[8] = {lanes[8 * j].address,     lanes[8 * j + 1].address,
+                                                lanes[8 * j + 2].address, lanes[8 * j + 3].address,
+                                                lanes[8 * j + 4].address, lanes[8 * j + 5].address,
+                                                lanes[8 * j + 6].address, lanes[8 * j + 7].address};
+          ++g_ldmatrix_phases;
+          g_ldmatrix_extra_wavefronts += extra_wavefronts(*t_block, rows);
+        }
         // Matrix j's row i (8 b16 elements, 16 bytes) starts at the address given by lane 8j+i.
         for (unsigned l = 0; l < 32; ++l) {
           for (unsigned j = 0; j < 4; ++j) {

@@ -76,4 +76,14 @@ void cp_async_16(void* shared_dst, const void* global_src, bool copy);
 void cp_async_commit();                 // cp.async.commit_group: closes this thread's open group
 void cp_async_wait(int pending_groups);  // cp.async.wait_group N: lands all but this thread's N newest groups
 
+// Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
+// is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further
+// row in an already used group costs one more wavefront (a performance bug the results cannot show).
+struct SharedMemoryStats {
+  uint64_t ldmatrix_phases = 0;
+  uint64_t ldmatrix_extra_wavefronts = 0;
+};
+SharedMemoryStats shared_memory_stats();
+void reset_shared_memory_stats();
+
 }  // namespace pk_emu

@@ -427,6 +427,26 @@ void test_indices() {
   CHECK(wrong == 0, "thread / block indices: %d wrong", wrong);
 }
 
+// ldmatrix bank-conflict counting: rows 128 bytes apart share one bank group (8-way: 7 extra wavefronts per
+// phase); consecutive 16-byte rows do not; a repeated address is a broadcast.
+void test_bank_conflict_stats() {
+  const unsigned strides[3] = {128, 16, 0};
+  const uint64_t expected_extra[3] = {4 * 7, 0, 0};
+  for (int c = 0; c < 3; ++c) {
+    pk_emu::reset_shared_memory_stats();
+    pk_emu::launch(Dim3{}, 32, 32 * 128, [&] {
+      uint32_t r[4];
+      pk_emu::ldmatrix_x4(r, pk_emu::shared_memory() + strides[c] * pk_emu::thread_index(), false);
+    });
+    const pk_emu::SharedMemoryStats stats = pk_emu::shared_memory_stats();
+    CHECK(stats.ldmatrix_phases == 4 && stats.ldmatrix_extra_wavefronts == expected_extra[c],
+          "ldmatrix rows %u bytes apart: %llu phases, %llu extra wavefronts (expected 4, %llu)", strides[c],
+          static_cast<unsigned long long>(stats.ldmatrix_phases),
+          static_cast<unsigned long long>(stats.ldmatrix_extra_wavefronts),
+          static_cast<unsigned long long>(expected_extra[c]));
+  }
+}
+
 // cp_async_16 copies or zero-fills, landing only when the issuing thread's wait covers its group.
 void test_cp_async() {
   alignas(16) static float global[32 * 4];
@@ -732,6 +752,7 @@ int main() {
   test_sync(1024);
   test_indices();
   test_cp_async();
+  test_bank_conflict_stats();
   test_stack();
   std::printf("PK_EMU_SCHEDULE=%s\n", std::getenv("PK_EMU_SCHEDULE") ? std::getenv("PK_EMU_SCHEDULE") : "(unset)");
   {
