@@ -51,7 +51,7 @@ def kernels(request, monkeypatch):
 
 
 FORWARD_CASES = [
-    Case(batch=2, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=45, head_dim=64),   # 2 row blocks, GQA 3
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=45, head_dim=64),   # GQA 3, 1 warp idle
     Case(batch=1, heads_q=3, heads_kv=1, seq_q=33, seq_k=33, prefix_len=64, head_dim=128, causal=False,
          padding="left", q_layout="bhsd"),                                                  # a whole prefix tile
     Case(batch=3, heads_q=6, heads_kv=2, seq_q=19, seq_k=29, prefix_len=21, head_dim=64, num_prefixes=2,
