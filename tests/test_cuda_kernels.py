@@ -224,20 +224,31 @@ def test_torch_compile_fullgraph_traces_the_cuda_path(kernels):
         assert b.grad is not None and torch.equal(a.grad, b.grad)
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    """A list that grows by one each time the Python side fetches the CUDA ops (once per forward or decode)."""
+    calls = []
+    real_kernels = cuda.kernels
+    monkeypatch.setattr(cuda, "kernels", lambda: calls.append(1) or real_kernels())
+    return calls
+
+
+def _tiny_llama(transformers, device):
+    """Two layers, GQA 3, head dim 64 (a head dim the CUDA kernels take), fp16."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=3, num_key_value_heads=1, head_dim=64,
+                                      max_position_embeddings=128)
+    return transformers.AutoModelForCausalLM.from_config(config).to(device, torch.float16)
+
+
 def test_patched_model_trains_through_cuda(kernels, monkeypatch):
     """A Hugging Face model patched with backend="cuda" (fp16, GQA, head dim 64, left padding): loss and prefix
     gradients match the same model patched with the reference backend, and the CUDA forward did run."""
     transformers = pytest.importorskip("transformers")
     import prefix_kernels
 
-    launches = []
-    real_kernels = cuda.kernels
-    monkeypatch.setattr(cuda, "kernels", lambda: launches.append(1) or real_kernels())
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=3, num_key_value_heads=1, head_dim=64,
-                                      max_position_embeddings=128)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(kernels, torch.float16)
+    launches = _count_kernel_calls(monkeypatch)
+    model = _tiny_llama(transformers, kernels)
+    config = model.config
     prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=9).to(kernels, torch.float16)
     ids = torch.randint(1, 64, (3, 21), device=kernels)
     mask = torch.ones_like(ids)
@@ -264,13 +275,9 @@ def test_shared_prefix_cache_serves_through_cuda(kernels, monkeypatch):
     import prefix_kernels
     from prefix_kernels.hf.compat import cache_kwargs
 
-    launches = []
-    real_kernels = cuda.kernels
-    monkeypatch.setattr(cuda, "kernels", lambda: launches.append(1) or real_kernels())
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=3, num_key_value_heads=1, head_dim=64,
-                                      max_position_embeddings=128)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(kernels, torch.float16).eval()
+    launches = _count_kernel_calls(monkeypatch)
+    model = _tiny_llama(transformers, kernels).eval()
+    config = model.config
     prompt = torch.randint(1, 64, (1, 70), device=kernels)
     suffixes = torch.randint(1, 64, (3, 5), device=kernels)
     mask = torch.ones_like(suffixes)
