@@ -77,7 +77,10 @@ echo "== GPU tests"
 # pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
 # compilations dominate the wall time.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short -m "not compile" -p no:cacheprovider $parallel \
+# A hung kernel fails its own test (pytest-timeout, also on the image) instead of eating the whole call's time.
+per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${PER_TEST_TIMEOUT:-90}" || echo "")
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short --durations=15 -m "not compile" -p no:cacheprovider \
+  $parallel $per_test \
   ${GPU_TESTS:-tests} > "$out/tests.txt" 2>&1
 test_status=$?
 
