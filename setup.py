@@ -181,6 +181,10 @@ def cuda_extension():
             "cxx": ["-O3", "-std=c++20", "-Wall", "-Werror"],
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Werror=all-warnings"],
         },
+        # Link the process's libstdc++, never a private static copy: a compiler that adds -static-libstdc++ (the
+        # GPU image's CXX=/opt/gcc/bin/g++ does) leaves two libstdc++ in the process, and formatting a number into
+        # an error message then crashed (seen on an H100). An explicit -lstdc++ resolves before the static archive.
+        extra_link_args=["-lstdc++"],
     )
     return (ext, OptionalBuildExtension), None
 

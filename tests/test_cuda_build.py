@@ -7,6 +7,8 @@ Skipped where the extension is not built, with the reason prefix_kernels.cuda gi
 PREFIX_KERNELS_FORCE_CUDA_BUILD=1 (CI compiles csrc/ on its CPU machine): there a missing extension fails.
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -35,6 +37,15 @@ def test_extension_loaded(ops):
     assert cuda.UNAVAILABLE_REASON is None
     for name in OPS:
         assert hasattr(ops, name), f"prefix_kernels._C registers no prefix_kernels_cuda::{name}"
+
+
+def test_extension_links_the_shared_libstdcxx(ops):
+    """A private static libstdc++ copy in _C (a compiler wrapper adding -static-libstdc++) broke every number
+    formatted into an error message on the GPU image: a crash there, a silently dropped number elsewhere."""
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf to list the extension's shared-library dependencies")
+    dynamic = subprocess.run(["readelf", "-d", cuda._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, f"{cuda._C.__file__} does not link libstdc++ dynamically:\n{dynamic}"
 
 
 @pytest.mark.parametrize("name", OPS)
