@@ -10,6 +10,9 @@
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
 #   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize_*.txt)
+#   --tune-cuda      last, time the CUDA forward built with other tile shapes (TUNE_CUDA_VARIANTS, "rows,keys,blocks"
+#                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
+#                    Triton (bench/tune_cuda.py: tune_cuda.txt, tune_cuda.json)
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT (seconds),
@@ -21,13 +24,14 @@ unset TRITON_INTERPRET
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
 export PREFIX_KERNELS_COMMIT="${PREFIX_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-tune_forward=0; tune_backward=0; bench=1; sanitize=1
+tune_forward=0; tune_backward=0; tune_cuda=0; bench=1; sanitize=1
 for arg in "$@"; do
   case "$arg" in
     --tune-forward) tune_forward=1 ;;
     --tune-backward) tune_backward=1 ;;
     --no-bench) bench=0 ;;
     --no-sanitize) sanitize=0 ;;
+    --tune-cuda) tune_cuda=1 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -112,6 +116,30 @@ if [ $bench = 1 ]; then
     | tail -n 20 | tee "$out/bench_log.txt"
 fi
 
+if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
+  echo "== CUDA forward tile shapes: one build per variant, in parallel, each in its own copy of the tree"
+  rm -f "$out/tune_cuda.json" "$out/tune_cuda.txt"
+  variants=${TUNE_CUDA_VARIANTS:-"2,32,1 2,64,1 1,64,2 1,64,3"}
+  for variant in $variants; do
+    IFS=, read -r rows keys blocks <<< "$variant"
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}"
+    rm -rf "$copy" && mkdir -p "$copy"
+    tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
+    (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
+      PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
+      -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks" timeout "${BUILD_TIMEOUT:-240}" \
+      python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
+  done
+  wait
+  for variant in $variants; do
+    IFS=, read -r rows keys blocks <<< "$variant"
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}"
+    PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
+      --label "rows${rows}-keys${keys}-blocks${blocks}" --json "$out/tune_cuda.json" 2>&1 | tail -n 3 \
+      | tee -a "$out/tune_cuda.txt"
+  done
+fi
+
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
@@ -119,6 +147,7 @@ echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
+[ -f "$out/tune_cuda.txt" ] && grep -E "^rows" "$out/tune_cuda.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
 done

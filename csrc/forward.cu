@@ -10,12 +10,23 @@ namespace pk {
 
 namespace {
 
-// 32 rows per warp, 128 per block; 64-key tiles, 32 at head dim 128 (64-key tiles spilled 160 B there).
+// 32 rows per warp (two 16-row tiles), 128 per block; 64-key tiles, 32 at head dim 128 (64-key tiles spilled
+// 160 B there). PK_FORWARD_ROW_TILES, PK_FORWARD_KEYS_D128 and PK_FORWARD_MIN_BLOCKS exist for
+// bench/tune_cuda.py, which rebuilds with them (NVCC_APPEND_FLAGS) to time other shapes; the defaults ship.
+#ifndef PK_FORWARD_ROW_TILES
+#define PK_FORWARD_ROW_TILES 2
+#endif
+#ifndef PK_FORWARD_KEYS_D128
+#define PK_FORWARD_KEYS_D128 32
+#endif
+#ifndef PK_FORWARD_MIN_BLOCKS  // blocks per SM the register allocation must allow (1: up to 255 registers)
+#define PK_FORWARD_MIN_BLOCKS 1
+#endif
 template <typename T, int D>
-using ForwardAttention = BlockAttention<T, D, 2, D == 128 ? 32 : 64>;
+using ForwardAttention = BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64>;
 
 template <typename T, int D>
-PK_KERNEL(kThreads) forward_kernel(const AttentionParams p) {
+PK_KERNEL(kThreads, PK_FORWARD_MIN_BLOCKS) forward_kernel(const AttentionParams p) {
   using Attention = ForwardAttention<T, D>;
   constexpr int kBlockM = Attention::kBlockM;
   constexpr int kBlockN = Attention::kBlockN;

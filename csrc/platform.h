@@ -15,7 +15,7 @@
 
 #include "emulator/emulator.h"
 
-#define PK_KERNEL(max_threads) void  // a host function that pk_emu::launch runs once per emulated thread
+#define PK_KERNEL(...) void  // a host function that pk_emu::launch runs once per emulated thread
 #define PK_UNROLL
 #define PK_DEVICE inline
 #define PK_RESTRICT __restrict__
@@ -46,7 +46,8 @@ using Stream = void*;
 
 #include <cuda_runtime.h>
 
-#define PK_KERNEL(max_threads) __global__ void __launch_bounds__(max_threads)
+// PK_KERNEL(max threads per block[, min blocks per SM]): the second caps registers at 64K / (threads * blocks).
+#define PK_KERNEL(...) __global__ void __launch_bounds__(__VA_ARGS__)
 // Fixed-trip loops over register arrays must unroll fully, or the arrays spill to local memory.
 #define PK_UNROLL _Pragma("unroll")
 #define PK_DEVICE __device__ __forceinline__

@@ -1,0 +1,58 @@
+"""Time the CUDA forward (csrc/) as built now, next to the Triton forward, at the ANCHORS training shapes (GPU only).
+
+bench/gpu_check.sh --tune-cuda rebuilds the extension once per tile shape (PK_FORWARD_* defines through
+NVCC_APPEND_FLAGS, see csrc/forward.cu) and runs this after each build, appending one JSON line per shape to
+--json. The label names the build. Each variant is checked against the float32 reference on the same inputs
+before it is timed. Used to pick csrc/forward.cu's defaults; not a pass/fail test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+import prefix_kernels
+from prefix_kernels.reference import prefix_attention_reference
+
+SHAPES = [dict(B=8, S=2048, P=128), dict(B=16, S=1024, P=512)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--label", required=True, help="the build's tile shape, e.g. rows2-keys32-blocks1")
+    parser.add_argument("--json", required=True, help="JSON lines file to append to")
+    parser.add_argument("--heads", type=int, default=32)
+    args = parser.parse_args(argv)
+    if prefix_kernels.cuda.UNAVAILABLE_REASON:
+        raise SystemExit(f"{args.label}: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
+    dtype, device, H, D = torch.bfloat16, torch.device("cuda"), args.heads, 128
+    for shape in SHAPES:
+        B, S, P = shape["B"], shape["S"], shape["P"]
+        flops = 4 * B * H * D * (S * S / 2 + S * P)
+        q = torch.randn(B, S, H, D, device=device, dtype=dtype).transpose(1, 2)  # HF's layout, read in place
+        k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in "kv")
+        prefix_k, prefix_v = (torch.randn(H, P, D, device=device, dtype=dtype) for _ in "kv")
+        row = dict(label=args.label, card=torch.cuda.get_device_name(), shape=shape)
+        with torch.no_grad():
+            # Truth on one batch row (the full reference at these sizes is slow and large).
+            one = [t[:1] for t in (q, k, v)]
+            truth = prefix_attention_reference(*(t.float() for t in one), prefix_k.float(), prefix_v.float(),
+                                               causal=True)
+            for backend in ("cuda", "triton"):
+                run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
+                                                              scale=1 / math.sqrt(D), backend=backend)
+                error = (run()[:1].float() - truth).abs().max().item()
+                ms = triton.testing.do_bench(run, return_mode="median")
+                row[backend] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{args.label:24} B={B:2} S={S} P={P}: cuda {row['cuda']['ms']:.3f} ms "
+              f"{row['cuda']['tflops']:.0f} TFLOP/s (err {row['cuda']['max_error']:.2g}) | triton "
+              f"{row['triton']['ms']:.3f} ms {row['triton']['tflops']:.0f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
