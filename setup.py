@@ -110,6 +110,24 @@ def output_to(path):
             os.close(saved[1])
 
 
+def loaded_libstdcxx():
+    """The shared libstdc++ this process (python with torch imported) runs with, or None where that is unknown."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
+def needed_libraries(path):
+    """The DT_NEEDED entries of a shared object (readelf), or None without readelf."""
+    if shutil.which("readelf") is None:
+        return None
+    dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    return [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+
+
 def cuda_extension():
     """(the extension, its build_ext command) or (None, why not)."""
     if SKIP:
@@ -147,6 +165,12 @@ def cuda_extension():
             except (Exception, SystemExit) as exc:
                 self.failed(exc, time.monotonic() - start)
                 return
+            needed = needed_libraries(self.get_ext_fullpath("prefix_kernels._C"))
+            if needed is not None and not any(name.startswith("libstdc++.so") for name in needed):
+                self.failed(RuntimeError(f"the extension does not link libstdc++ dynamically (needs {needed}): "
+                                         "its private copy would crash formatting error messages"),
+                            time.monotonic() - start)
+                return
             say(f"built the CUDA extension prefix_kernels._C for {archs} in {time.monotonic() - start:.0f} s "
                 f"(log: {os.path.relpath(LOG)})")
 
@@ -164,12 +188,12 @@ def cuda_extension():
                     lines = log.read().splitlines()
                 first = next((i for i, line in enumerate(lines) if line.startswith("FAILED:")), max(len(lines) - 80, 0))
                 print("\n".join(lines[first:first + 150]), file=sys.stderr)
-                say(f"the CUDA extension failed to compile after {seconds:.0f} s (PREFIX_KERNELS_FORCE_CUDA_BUILD=1; "
+                say(f"the CUDA extension failed to build after {seconds:.0f} s (PREFIX_KERNELS_FORCE_CUDA_BUILD=1; "
                     f"whole log: {LOG})")
                 raise SystemExit(1)
             self.extensions = []  # nothing to copy in place or to package
             self.distribution.ext_modules = []
-            say(f"the CUDA extension failed to compile, installing without it (log: {LOG})")
+            say(f"the CUDA extension failed to build, installing without it (log: {LOG})")
 
     ext = CUDAExtension(
         "prefix_kernels._C",
@@ -181,10 +205,11 @@ def cuda_extension():
             "cxx": ["-O3", "-std=c++20", "-Wall", "-Werror"],
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Werror=all-warnings"],
         },
-        # Link the process's libstdc++, never a private static copy: a compiler that adds -static-libstdc++ (the
-        # GPU image's CXX=/opt/gcc/bin/g++ does) leaves two libstdc++ in the process, and formatting a number into
-        # an error message then crashed (seen on an H100). An explicit -lstdc++ resolves before the static archive.
-        extra_link_args=["-lstdc++"],
+        # Link the shared libstdc++ torch runs with, never a private static copy: the GPU image's
+        # CXX=/opt/gcc/bin/g++ linked libstdc++.a (a plain -lstdc++ found that too), and with two libstdc++ in the
+        # process, formatting a number into an error message crashed (H100). Named by path, the .so resolves our
+        # references before any static archive; build_extensions checks the result.
+        extra_link_args=[loaded_libstdcxx() or "-lstdc++"],
     )
     return (ext, OptionalBuildExtension), None
 

@@ -23,6 +23,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
+# Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit
+# (e396d34) for a later tree.
 export PREFIX_KERNELS_COMMIT="${PREFIX_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 tune_forward=0; tune_backward=0; tune_cuda=0; bench=1; sanitize=1
 for arg in "$@"; do
@@ -88,7 +90,7 @@ timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short --durations=1
   ${GPU_TESTS:-tests} > "$out/tests.txt" 2>&1
 test_status=$?
 
-sanitize_summary="skipped (extension not loaded)"
+sanitize_summary=" skipped ($([ $sanitize = 1 ] && echo "extension not loaded" || echo "--no-sanitize"))"
 if [ $sanitize = 1 ] && [ "$ext" = loads ]; then
   echo "== compute-sanitizer memcheck + racecheck on a small sweep of the CUDA kernels (bench/sanitize_cuda.py)"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

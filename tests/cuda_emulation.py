@@ -45,7 +45,7 @@ def emulated_kernels():
         sources=[str(CSRC / "emulator" / "emulated_ops.cpp"), str(CSRC / "emulator" / "emulator.cpp")],
         extra_include_paths=[str(CSRC), str(cuda_include_dir())],
         extra_cflags=["-DPK_EMULATE", "-O2", "-std=c++20", "-Wall", "-Werror", "-Wno-unused-function"],
-        extra_ldflags=["-lstdc++"],  # the process's libstdc++, as setup.py links it (see there)
+        extra_ldflags=["-lstdc++"],  # shared libstdc++, as setup.py insists (see there); enough for the host g++
         is_python_module=False,
         verbose=False,
     )
