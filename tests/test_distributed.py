@@ -49,6 +49,7 @@ class Tuned(torch.nn.Module):
 
 CASES = ("ddp-plain", "ddp-projection", "fsdp2-plain")
 try:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # torch < 2.6
     fully_shard = None
@@ -62,9 +63,12 @@ def _run_case(rank, case):
         ddp = torch.nn.parallel.DistributedDataParallel(tuned)  # keep it alive: its reducer all-reduces in backward
         ddp(shard).backward()
         return {name: p.grad.clone() for name, p in tuned.prefix.named_parameters()}
+    # A CPU mesh, named: by default fully_shard builds a CUDA mesh wherever CUDA is present, and on the H100
+    # machine this test's CPU model and gloo group then ended in a segfault of rank 0.
+    mesh = init_device_mesh("cpu", (WORLD,))
     for layer in tuned.model.model.layers:
-        fully_shard(layer)
-    fully_shard(tuned)  # the root group holds the prefix (and the embeddings, norm, head)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(tuned, mesh=mesh)  # the root group holds the prefix (and the embeddings, norm, head)
     tuned(shard).backward()
     return {name: p.grad.full_tensor() for name, p in tuned.prefix.named_parameters()}
 
