@@ -25,9 +25,9 @@ def prefix_attention(
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                           return_lse=return_lse, **call.options())
-    from .triton.decode import triton_decode_attention, use_decode
+    if call.uses_decode:  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
+        from .triton.decode import triton_decode_attention
 
-    if use_decode(call):  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
         out, lse = cuda_decode_attention(call) if chosen == "cuda" else triton_decode_attention(call)
     elif chosen == "cuda":  # differentiable: the CUDA forward, the Triton backward
         out, lse = cuda_prefix_attention(call)

@@ -40,8 +40,8 @@ def choose_backend(requested: str, call) -> str:
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
         return requested
-    # CUDA only once a GPU run has measured it faster than Triton (cuda.AUTO_PREFERS_CUDA).
-    if cuda.AUTO_PREFERS_CUDA and call.q.device.type == "cuda" and cuda.unavailable_reason(call) is None:
+    # CUDA only for the calls where a GPU run measured it faster than Triton (small decode calls).
+    if cuda.auto_prefers_cuda(call) and cuda.unavailable_reason(call) is None:
         return "cuda"
     if triton_unavailable_reason(call) is None:
         return "triton"

@@ -6,8 +6,8 @@ key_padding_mask, several prefixes and prefix_lens. Anything else (fp32, other h
 dims that are not contiguous) is served by Triton under backend="auto" and refused, with the reason, under
 backend="cuda". The backward of a CUDA forward is the Triton backward (same out/lse contract).
 
-"auto" does not pick CUDA yet: it picks the fastest backend, and no GPU run has yet measured the CUDA kernels
-faster than the Triton ones (bench/NOTES.md). Set AUTO_PREFERS_CUDA once one has.
+"auto" picks CUDA only where a GPU run measured it faster than Triton (auto_prefers_cuda; bench/NOTES.md): small
+decode calls. The forward (prefill, training) stays on Triton: 197 against 415 TFLOP/s on the H100.
 """
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from torch import Tensor
 
 from .autograd import empty_out_and_lse
 
-AUTO_PREFERS_CUDA = False
+# "auto" sends a decode call to CUDA while its packed prefix work, rows per KV head (B * G * S) times prefix keys,
+# is at most this. Such calls are launch-bound and the CUDA op launches for less host time (H100, generate with
+# 256 rows x 4096 keys per layer: 491 ms against 644 through Triton). Past it the prefix part turns compute-bound,
+# where the Triton decode is faster (1.8x at 1024 rows x 16384 keys); at 128 x 16384 and 1024 x 4096 the two
+# were even.
+AUTO_CUDA_DECODE_MAX_WORK = 256 * 4096
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 _HOW_TO_BUILD = ("build it with `python3 setup.py build_ext --inplace` where nvcc and a CUDA build of torch are "
@@ -112,6 +117,15 @@ def unavailable_reason(call) -> str | None:
         if reason:
             return reason
     return None
+
+
+def auto_prefers_cuda(call) -> bool:
+    """Whether "auto" should run this call on the CUDA kernels, where they can serve it (unavailable_reason)."""
+    if not call.uses_decode:
+        return False
+    batch, heads_q, seq_q, _ = call.q.shape
+    heads_kv, prefix_len = call.prefix_k.shape[1], call.prefix_k.shape[2]
+    return batch * (heads_q // heads_kv) * seq_q * prefix_len <= AUTO_CUDA_DECODE_MAX_WORK
 
 
 def _args(call):

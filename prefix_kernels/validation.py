@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .triton.configs import DECODE_MAX_SEQ_Q  # (configs.py imports no Triton)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
@@ -41,6 +43,12 @@ class PrefixAttentionCall:
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.q, self.k, self.v, self.prefix_k, self.prefix_v))
+
+    @property
+    def uses_decode(self) -> bool:
+        """The decode strategy (prefix batched across sequences, split-K, LSE merge; Triton and CUDA) serves
+        short query lengths when no gradient is needed (it has no backward)."""
+        return self.q.shape[2] <= DECODE_MAX_SEQ_Q and not self.needs_grad
 
 
 def _require_tensor(name, value):

@@ -232,6 +232,27 @@ def _count_kernel_calls(monkeypatch) -> list:
     return calls
 
 
+def test_auto_runs_small_decode_calls_on_cuda(kernels, monkeypatch):
+    """backend="auto" where the kernels serve the call: a small decode call runs on them and matches the truth; the
+    same call once its work passes cuda.AUTO_CUDA_DECODE_MAX_WORK, and a call with gradients, do not."""
+    launches = _count_kernel_calls(monkeypatch)
+    dtype = torch.float16
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=1, seq_k=21, prefix_len=11, head_dim=64)
+    *tensors, options = make_inputs(case, dtype, kernels)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    with torch.no_grad():
+        out, lse = prefix_attention(*tensors, return_lse=True, backend="auto", **options)
+    assert len(launches) == 1
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+    work = case.batch * (case.heads_q // case.heads_kv) * case.seq_q * case.prefix_len
+    monkeypatch.setattr(cuda, "AUTO_CUDA_DECODE_MAX_WORK", work - 1)
+    with torch.no_grad():
+        prefix_attention(*tensors, backend="auto", **options)
+    monkeypatch.setattr(cuda, "AUTO_CUDA_DECODE_MAX_WORK", work)
+    prefix_attention(*(t.detach().requires_grad_() for t in tensors), backend="auto", **options)
+    assert len(launches) == 1
+
+
 def _tiny_llama(transformers, device):
     """Two layers, GQA 3, head dim 64 (a head dim the CUDA kernels take), fp16."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=2,

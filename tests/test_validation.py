@@ -117,3 +117,26 @@ def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
         prefix_attention(**tensors, backend="triton", **options)
     out = prefix_attention(**tensors, **options)  # "auto" serves it with the reference
     assert out.shape == tensors["q"].shape
+
+
+@pytest.mark.parametrize("batch, heads, seq_q, prefix_len, grad, expected", [
+    (64, (32, 8), 1, 4096, False, True),     # generate at the ANCHORS serving shape: launch-bound, CUDA measured faster
+    (64, (32, 32), 1, 4096, False, True),    # memory-bound decode (even on the H100)
+    (256, (32, 8), 1, 16384, False, False),  # compute-bound packed decode: Triton 1.8x faster
+    (128, (32, 32), 1, 16384, False, False),
+    (4, (32, 8), 1, 4096, True, False),      # with gradients: the differentiable forward (Triton), not decode
+    (4, (32, 8), 64, 512, False, False),     # prefill
+])
+def test_auto_prefers_cuda_for_small_decode_calls_only(batch, heads, seq_q, prefix_len, grad, expected):
+    """The rule "auto" uses to pick the CUDA kernels (where they can serve the call), on shapes alone."""
+    from prefix_kernels import cuda
+    from prefix_kernels.validation import validate
+
+    heads_q, heads_kv = heads
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q = torch.empty(batch, heads_q, seq_q, 128, requires_grad=grad, **meta)
+    k = v = torch.empty(batch, heads_kv, 16, 128, **meta)
+    prefix_k = prefix_v = torch.empty(heads_kv, prefix_len, 128, **meta)
+    call = validate(q, k, v, prefix_k, prefix_v, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
+                    prefix_lens=None, window=None, softcap=None, backend="auto")
+    assert cuda.auto_prefers_cuda(call) is expected

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (DECODE_MAX_SEQ_Q, DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
+from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       decode_config, decode_splits)
 from .forward import _attend_tile, _load_rows, dot_precision
 
@@ -286,11 +286,6 @@ def _merge_two(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
-
-def use_decode(call) -> bool:
-    """The decode strategy serves short query lengths when no gradient is needed (it has no backward)."""
-    return call.q.shape[2] <= DECODE_MAX_SEQ_Q and not call.needs_grad
-
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
