@@ -102,12 +102,21 @@ struct BlockAttention {
     }
   }
 
-  PK_DEVICE static void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end) {
-    for (int i = static_cast<int>(thread_index()); i < kBlockN * Layout::kChunks; i += kThreads) {
-      const int r = i / Layout::kChunks, c = i % Layout::kChunks;
-      const int key = key0 + r;
-      const bool in_range = key < end;
-      cp_async_16(dst + Layout::offset(r, c), in_range ? base + key * stride + c * 8 : base, in_range);
+  // A K or V tile: each thread copies one 16-byte column (thread % kChunks) of the rows thread / kChunks +
+  // kRowsPerPass * j. The source then advances by a fixed stride and the destination by a fixed offset (a row's
+  // low 3 bits, hence its swizzle, are the same in every pass): a few instructions per chunk, in a loop the
+  // compiler unrolls (the generic strided loop cost ~25 per chunk in the SASS, with 64-bit math).
+  static constexpr int kRowsPerPass = kThreads / Layout::kChunks;  // 8 at head dim 128, 16 at 64
+  static_assert(kRowsPerPass % 8 == 0 && kBlockN % kRowsPerPass == 0, "passes must keep each row's swizzle");
+
+  PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end) const {
+    const int row = thread / Layout::kChunks, chunk = thread % Layout::kChunks;
+    T* to = dst + Layout::offset(row, chunk);
+    const T* from = base + (key0 + row) * stride + chunk * 8;
+    PK_UNROLL
+    for (int pass = 0; pass < kBlockN / kRowsPerPass; ++pass) {
+      const bool in_range = key0 + row + pass * kRowsPerPass < end;
+      cp_async_16(to + pass * kRowsPerPass * D, in_range ? from + pass * kRowsPerPass * stride : base, in_range);
     }
   }
 
