@@ -3,6 +3,8 @@
 train_step: one prefix-tuning optimizer step (forward, backward, AdamW on the prefix).
     peft  = a PeftModel with a PrefixTuningConfig (the prefix expanded to B copies and concatenated in every layer).
     ours  = the same PeftModel after `prefix_kernels.patch(peft_model)`.
+    ours-checkpointed = ours with the base model's gradient checkpointing on (PEFT's prefix tuning refuses it):
+            the memory a user of the patch can trade for recomputation.
 generate: greedy `generate` of new tokens for B rows that share one prompt.
     hf-generate = stock HF generate with the prompt repeated in each row.
     ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt`.
@@ -111,13 +113,17 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
     rows = [_guarded(_row(case, "peft", "baseline", "PEFT PrefixTuning (prefix expanded + cat in every layer)"),
                      peft_body, progress)]
 
-    def ours_body(backend):
+    def ours_body(backend, checkpointing=False):
         reference_loss = loss_now()
         patched = current["model"] = prefix_kernels.patch(peft_model, backend=backend)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         try:
             loss = loss_now()
             result = _timed(step, case, device)
         finally:
+            if checkpointing:
+                model.gradient_checkpointing_disable()
             prefix_kernels.unpatch(patched)
             current["model"] = peft_model
         result["tokens_per_s"] = tokens / (result["time_ms"] * 1e-3)
@@ -129,6 +135,9 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
     for provider, backend in _ours_variants(case, device):
         rows.append(_guarded(_row(case, provider, "ours", "prefix_kernels.patch(peft_model): attention through the "
                                   f"kernels (backend={backend!r})"), functools.partial(ours_body, backend), progress))
+    rows.append(_guarded(_row(case, "ours-checkpointed", "ours", "ours with the model's gradient checkpointing "
+                              "(backend='auto'; PEFT prefix tuning refuses checkpointing)"),
+                         functools.partial(ours_body, "auto", checkpointing=True), progress))
     del model, peft_model, optimizer, params
     _free(device)
     return rows
@@ -295,4 +304,5 @@ def _ours_variants(case: ModelCase, device) -> list[tuple[str, str]]:
 
 
 def count_model_rows(cases, device) -> int:
-    return sum(1 + len(_ours_variants(case, device)) for case in cases)
+    """Rows per case: the baseline, ours per backend, and ours-checkpointed for a train_step."""
+    return sum(1 + len(_ours_variants(case, device)) + (case.op == "train_step") for case in cases)
