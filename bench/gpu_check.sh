@@ -87,7 +87,7 @@ parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${PER_TEST_TIMEOUT:-90}" || echo "")
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short --durations=15 -m "not compile" -p no:cacheprovider \
   $parallel $per_test \
-  ${GPU_TESTS:-tests} > "$out/tests.txt" 2>&1
+  ${GPU_TESTS:-tests --ignore=tests/test_cuda_emulator.py} > "$out/tests.txt" 2>&1  # (the emulator is CPU-only)
 test_status=$?
 
 sanitize_summary=" skipped ($([ $sanitize = 1 ] && echo "extension not loaded" || echo "--no-sanitize"))"
