@@ -21,10 +21,10 @@ from torch import Tensor
 from .autograd import empty_out_and_lse
 
 # "auto" sends a decode call to CUDA while its packed prefix work, rows per KV head (B * G * S) times prefix keys,
-# is at most this. Such calls are launch-bound and the CUDA op launches for less host time (H100, generate with
-# 256 rows x 4096 keys per layer: 491 ms against 644 through Triton). Past it the prefix part turns compute-bound,
-# where the Triton decode is faster (1.8x at 1024 rows x 16384 keys); at 128 x 16384 and 1024 x 4096 the two
-# were even.
+# is at most this. On the H100, generate at 256 rows x 4096 keys per layer ran 491 ms through CUDA against 644
+# through Triton, where the two kernels alone timed even on memory-bound shapes: such small calls are bound by
+# host time per call (our reading; not profiled), less for the one torch op. Past it the prefix part turns
+# compute-bound, where the Triton decode is faster (1.8x at 1024 rows x 16384 keys).
 AUTO_CUDA_DECODE_MAX_WORK = 256 * 4096
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
