@@ -72,6 +72,17 @@ def test_baselines_agree_with_the_reference(smoke):
     assert _rows(result, provider="prebuilt", op="forward")[0]["speedup_vs"]["naive"] > 0
 
 
+def test_forward_rows_also_take_q_as_hf_hands_it(smoke):
+    """A forward case with q as a transposed [B, S, H, D] view (the patched HF model's layout): ours and the
+    baselines run on it, and ours is checked against the reference there too."""
+    _, result = smoke
+    rows = [r for r in _rows(result, kind="op", op="forward") if r["case"]["q_layout"] == "bshd"]
+    assert rows and all("q=bshd" in r["label"] for r in rows)
+    for provider in ("ours-triton", "naive"):
+        (row,) = [r for r in rows if r["provider"] == provider]
+        assert row["status"] == "ok" and row["correct"] is True, row
+
+
 def test_guard_flags_a_wrong_provider(smoke):
     out, result = smoke
     for row in _rows(result, provider="wrong"):

@@ -28,6 +28,7 @@ class OpCase:
     dtype: str = "bf16"
     causal: bool = True
     sweep: str = ""
+    q_layout: str = "bhsd"  # "bshd": q (and the output gradient) as HF hands them, a [B, S, H, D] buffer's view
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -35,8 +36,9 @@ class OpCase:
 
     @property
     def label(self) -> str:
+        layout = "" if self.q_layout == "bhsd" else f" q={self.q_layout}"
         return (f"B={self.batch} S={self.seq_q} L={self.seq_k} P={self.prefix} "
-                f"H={self.heads_q}/{self.heads_kv} D={self.head_dim} {self.dtype}")
+                f"H={self.heads_q}/{self.heads_kv} D={self.head_dim} {self.dtype}{layout}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +88,9 @@ def _anchors() -> Preset:
     decode = [OpCase("decode", b, 32, hkv, 1, l, p) for b, p, l, hkv in
               ((64, 4096, 256, 32), (256, 4096, 256, 8), (128, 16384, 256, 32), (256, 16384, 128, 8))]
     training = [(8, 2048, 128), (16, 1024, 512)]
-    ops = [OpCase(op, b, 32, 32, s, s, p) for op in ("forward", "fwd+bwd") for b, s, p in training]
+    # Each training shape twice: q contiguous, and q as a patched HF model passes it (transposed view, read in place).
+    ops = [OpCase(op, b, 32, 32, s, s, p, q_layout=layout) for op in ("forward", "fwd+bwd") for b, s, p in training
+           for layout in ("bhsd", "bshd")]
     models = [ModelCase("train_step", batch=16, seq=1024, prefix=128),
               ModelCase("generate", batch=64, seq=16, prefix=4096, new_tokens=32, repeats=2)]
     return Preset("anchors", "the ANCHORS.md decode and training shapes, bf16, head dim 128", ops + decode, models)
@@ -107,6 +111,7 @@ def _smoke() -> Preset:
     """Tiny fp32 shapes that run on a CPU in seconds (the timings mean nothing there)."""
     small = dict(heads_q=4, heads_kv=2, head_dim=32, dtype="fp32")
     ops = [OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, **small),
+           OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, q_layout="bshd", **small),
            OpCase("fwd+bwd", 2, seq_q=16, seq_k=16, prefix=8, **small),
            OpCase("decode", 3, seq_q=1, seq_k=16, prefix=8, **small)]
     # head dim 32 (hidden 64 over 2 query heads): the kernels take head dims 32..256

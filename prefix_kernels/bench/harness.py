@@ -176,7 +176,9 @@ def case_tensors(case: OpCase, device):
     dout = None
     if case.op == "fwd+bwd":
         gen = torch.Generator(device="cpu").manual_seed(1)
-        dout = torch.randn(inputs.q.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
+        b, h, s, d = inputs.q.shape
+        shape, dims = ((b, s, h, d), (0, 2, 1, 3)) if case.q_layout == "bshd" else ((b, h, s, d), (0, 1, 2, 3))
+        dout = torch.randn(shape, generator=gen).to(device=device, dtype=case.torch_dtype).permute(dims)
     return inputs, dout, reference_result(case, inputs, dout)
 
 

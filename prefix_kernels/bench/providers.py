@@ -69,7 +69,8 @@ def make_inputs(case: OpCase, device, *, seed: int = 0) -> Inputs:
         return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
     b, hq, hkv, s, l, p, d = case.batch, case.heads_q, case.heads_kv, case.seq_q, case.seq_k, case.prefix, case.head_dim
-    tensors = [rand(b, hq, s, d), rand(b, hkv, l, d), rand(b, hkv, l, d), rand(hkv, p, d), rand(hkv, p, d)]
+    q = rand(b, s, hq, d).transpose(1, 2) if case.q_layout == "bshd" else rand(b, hq, s, d)
+    tensors = [q, rand(b, hkv, l, d), rand(b, hkv, l, d), rand(hkv, p, d), rand(hkv, p, d)]
     if case.op == "fwd+bwd":
         tensors = [t.requires_grad_() for t in tensors]
     return Inputs(*tensors, scale=1.0 / math.sqrt(d))
