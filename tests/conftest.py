@@ -32,8 +32,9 @@ KERNEL_DTYPES = [_dtype_param(d) for d in (torch.float32, torch.float16, torch.b
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs each run, but reproducible from the printed seed when a test fails.
-    seed = int.from_bytes(os.urandom(4), "little")
+    # Fresh random inputs each run, but reproducible from the printed seed when a test fails:
+    # PREFIX_KERNELS_TEST_SEED=<seed> python3 -m pytest <that test>.
+    seed = int(os.environ.get("PREFIX_KERNELS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     print(f"torch seed: {seed}")  # pytest shows this on failure
     yield

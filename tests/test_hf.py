@@ -195,12 +195,21 @@ def test_peft_bridge_equals_peft(family, projection):
 
 def greedy_by_full_forwards(model, ids, mask, steps):
     """The oracle for generate(): full forwards, no cache, positions from the padding mask as generate does
-    (counted from 0 over the model's own tokens; PEFT and the patched model both add P)."""
+    (counted from 0 over the model's own tokens; PEFT and the patched model both add P). A row that has emitted an
+    end-of-sequence token continues with the pad token, as generate() fills finished rows."""
+    config = model.generation_config
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = torch.tensor([t for t in eos if t is not None], dtype=ids.dtype)
+    pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else None)
+    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
     with torch.no_grad():
         for _ in range(steps):
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
+            if pad is not None:
+                token = torch.where(finished, torch.full_like(token, pad), token)
+            finished |= torch.isin(token, eos)
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return ids
 
