@@ -166,3 +166,17 @@ def test_model_rows_time_the_cuda_backend_only_where_it_serves_the_model(monkeyp
     assert count_model_rows([bf16, fp32, odd], "cuda") == 4 + 3 + 2  # train_steps add ours-checkpointed
     monkeypatch.setattr(cuda, "UNAVAILABLE_REASON", "not built")
     assert _ours_variants(bf16, "cuda") == [("ours", "auto")]
+
+
+@pytest.mark.parametrize("op", ["decode", "forward", "fwd+bwd"])
+def test_profile_case_script_runs(op):
+    """bench/profile_case.py (what ncu attaches to) runs its call; on CPU through the reference."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "profile_case.py"
+    spec = importlib.util.spec_from_file_location("profile_case", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--device", "cpu", "--backend", "torch", "--op", op, "-B", "2", "-S", "5", "-L", "4", "-P", "3",
+                 "--heads", "6/2", "-D", "32", "--q-layout", "bshd", "--calls", "1"])
