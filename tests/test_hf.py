@@ -196,7 +196,8 @@ def test_peft_bridge_equals_peft(family, projection):
 def greedy_by_full_forwards(model, ids, mask, steps):
     """The oracle for generate(): full forwards, no cache, positions from the padding mask as generate does
     (counted from 0 over the model's own tokens; PEFT and the patched model both add P). A row that has emitted an
-    end-of-sequence token continues with the pad token, as generate() fills finished rows."""
+    end-of-sequence token continues with the pad token, as generate() fills finished rows, and generation stops
+    once every row has."""
     config = model.generation_config
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     eos = torch.tensor([t for t in eos if t is not None], dtype=ids.dtype)
@@ -211,6 +212,8 @@ def greedy_by_full_forwards(model, ids, mask, steps):
                 token = torch.where(finished, torch.full_like(token, pad), token)
             finished |= torch.isin(token, eos)
             ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            if finished.all():
+                break
     return ids
 
 
