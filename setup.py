@@ -206,9 +206,9 @@ def cuda_extension():
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Werror=all-warnings"],
         },
         # Link the shared libstdc++ torch runs with, never a private static copy: the GPU image's
-        # CXX=/opt/gcc/bin/g++ linked libstdc++.a (a plain -lstdc++ found that too), and with two libstdc++ in the
-        # process, formatting a number into an error message crashed (H100). Named by path, the .so resolves our
-        # references before any static archive; build_extensions checks the result.
+        # CXX=/opt/gcc/bin/g++ linked a static one (a plain -lstdc++ did not change that there), and with two
+        # libstdc++ in the process, formatting a number into an error message crashed (H100). Named by path, the
+        # .so resolves our references before any static archive; build_extensions checks the result.
         extra_link_args=[loaded_libstdcxx() or "-lstdc++"],
     )
     return (ext, OptionalBuildExtension), None

@@ -63,8 +63,8 @@ def _run_case(rank, case):
         ddp = torch.nn.parallel.DistributedDataParallel(tuned)  # keep it alive: its reducer all-reduces in backward
         ddp(shard).backward()
         return {name: p.grad.clone() for name, p in tuned.prefix.named_parameters()}
-    # A CPU mesh, named: by default fully_shard builds a CUDA mesh wherever CUDA is present, and on the H100
-    # machine this test's CPU model and gloo group then ended in a segfault of rank 0.
+    # A CPU mesh, named: by default fully_shard builds a CUDA mesh wherever CUDA is present, for this CPU model and
+    # gloo group. On the H100 machine this test segfaulted in rank 0; this is our reading of why (not re-run there).
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in tuned.model.model.layers:
         fully_shard(layer, mesh=mesh)
