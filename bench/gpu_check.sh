@@ -9,10 +9,12 @@
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py)
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
-#   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize_*.txt)
+#   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize.txt)
 #   --tune-cuda      last, time the CUDA forward built with other tile shapes (TUNE_CUDA_VARIANTS, "rows,keys,blocks"
 #                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
-#                    Triton (bench/tune_cuda.py: tune_cuda.txt, tune_cuda.json)
+#                    Triton (bench/tune_cuda.py: tune_cuda.json, its lines in log.txt)
+# The device tool returns at most 8 files: the default run with --tune-cuda writes exactly 8 (versions, build,
+# tests, sanitize, anchors.json, anchors.md, log, tune_cuda.json); add files only by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT (seconds),
@@ -37,6 +39,7 @@ for arg in "$@"; do
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
+rm -f "$out/log.txt"  # the run's human-readable log (benchmark tail, sweep lines), appended to below
 python3 - <<PY | tee "$out/versions.txt"
 import torch, triton
 try:
@@ -98,11 +101,13 @@ if [ $sanitize = 1 ] && [ "$ext" = loads ]; then
     sanitize_summary="skipped (no compute-sanitizer)"
   else
     sanitize_summary=""
+    rm -f "$out/sanitize.txt"
     for tool in memcheck racecheck; do
       timeout "${SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool $tool --error-exitcode 9 python3 bench/sanitize_cuda.py \
-        > "$out/sanitize_$tool.txt" 2>&1
+        > "/tmp/sanitize_$tool.txt" 2>&1
       sanitize_summary="$sanitize_summary $tool: exit $? ($(grep -m 1 -E "ERROR SUMMARY|RACECHECK SUMMARY" \
-        "$out/sanitize_$tool.txt" | sed 's/=* *//'))"
+        "/tmp/sanitize_$tool.txt" | sed 's/=* *//'))"
+      { echo "== compute-sanitizer --tool $tool"; cat "/tmp/sanitize_$tool.txt"; } >> "$out/sanitize.txt"
     done
   fi
 fi
@@ -115,12 +120,12 @@ fi
 if [ $bench = 1 ]; then
   echo "== benchmarks: anchors preset"
   timeout "${BENCH_TIMEOUT:-300}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
-    | tail -n 20 | tee "$out/bench_log.txt"
+    | tail -n 20 | tee -a "$out/log.txt"
 fi
 
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   echo "== CUDA forward tile shapes: one build per variant, in parallel, each in its own copy of the tree"
-  rm -f "$out/tune_cuda.json" "$out/tune_cuda.txt"
+  rm -f "$out/tune_cuda.json"
   variants=${TUNE_CUDA_VARIANTS:-"2,32,1 2,64,1 1,64,2 1,64,3"}
   for variant in $variants; do
     IFS=, read -r rows keys blocks <<< "$variant"
@@ -138,7 +143,7 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}"
     PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
       --label "rows${rows}-keys${keys}-blocks${blocks}" --json "$out/tune_cuda.json" 2>&1 | tail -n 3 \
-      | tee -a "$out/tune_cuda.txt"
+      | tee -a "$out/log.txt"
   done
 fi
 
@@ -149,7 +154,7 @@ echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
-[ -f "$out/tune_cuda.txt" ] && grep -E "^rows" "$out/tune_cuda.txt"
+[ -f "$out/log.txt" ] && grep -E "^rows[0-9]+-keys" "$out/log.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
 done
