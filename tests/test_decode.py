@@ -82,6 +82,53 @@ def test_dispatch_picks_decode_only_for_short_queries_without_grad(monkeypatch):
     assert out.requires_grad
 
 
+def test_decode_plan_is_computed_once_per_shape():
+    """The plan is cached by shape (a decode loop asks the same one every step) and still follows the shapes."""
+    case = Case(batch=3, heads_q=4, heads_kv=2, seq_q=1, seq_k=9, prefix_len=40, head_dim=32)
+    tensors, _ = _call(case, torch.float32)
+    q, k, _, prefix_k, _ = tensors
+    before = decode._plan_for_shapes.cache_info()
+    first = decode.decode_plan(q, k, prefix_k.unsqueeze(0), sms=MANY_SMS)
+    assert decode.decode_plan(q, k, prefix_k.unsqueeze(0), sms=MANY_SMS) is first
+    assert decode._plan_for_shapes.cache_info().hits >= before.hits + 1
+    longer = decode.decode_plan(q, k, torch.randn(1, 2, 4000, 32), sms=MANY_SMS)
+    assert longer[1][2] * longer[1][3] >= 4000 > first[1][2] * first[1][3]  # the splits cover the new prefix
+
+
+def test_decode_under_torch_compile_and_fake_tensors_goes_through_the_custom_op():
+    """In eager mode the launcher is called directly (less host time); torch.compile and FakeTensor must still
+    see the opaque custom op: fullgraph tracing fails if the launcher leaks into the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=2, seq_k=9, prefix_len=11, head_dim=32, padding="left")
+    tensors, options = _call(case, torch.float32)
+    mask = options["key_padding_mask"]
+
+    def step(q, k, v, prefix_k, prefix_v, mask):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, return_lse=True,
+                                backend="triton")
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    with torch.no_grad():
+        out, lse = torch.compile(step, fullgraph=True, backend=recording_backend)(*tensors, mask)
+    assert graphs and "prefix_attention_decode" in graphs[0]
+    ref_out, ref_lse = prefix_attention(*tensors, key_padding_mask=mask, return_lse=True, backend="torch")
+    assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (*tensors, mask)]
+        fake_out, fake_lse = step(*fakes)
+    assert fake_out.shape == out.shape and fake_lse.shape == lse.shape
+    with torch.no_grad():  # make_fx traces real tensors under a dispatch mode: it must record the op too
+        traced = make_fx(step)(*tensors, mask)
+    assert "prefix_attention_decode" in str(traced.graph)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_merge_kernel_matches_reference_with_empty_rows(dtype):
     shape = (2, 3, 5, 80)

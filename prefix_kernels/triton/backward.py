@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, prefix_grad_chunks
+from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
 from .forward import _load_rows, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
@@ -424,7 +424,7 @@ def _strides_or_zero(t, n):
 
 def preprocess_launch(out, grad_out, lse, grad_lse, delta):
     batch, heads_q, seq_q, head_dim = out.shape
-    grid = (triton.cdiv(seq_q, PREPROCESS_BLOCK_M), batch * heads_q)
+    grid = (cdiv(seq_q, PREPROCESS_BLOCK_M), batch * heads_q)
     args = (out, grad_out, lse, grad_lse, delta, *out.stride(), *grad_out.stride(), *_strides_or_zero(grad_lse, 3),
             heads_q, seq_q)
     kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=PREPROCESS_BLOCK_M,
@@ -438,7 +438,7 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dq
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    grid = (cdiv(seq_q, config.block_m), batch * heads_q)
     args = (
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, kpm, prefix_index, prefix_lens,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(),
@@ -461,7 +461,7 @@ def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_pad
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dkdv
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    grid = (triton.cdiv(seq_k, config.block_n), batch * heads_kv)
+    grid = (cdiv(seq_k, config.block_n), batch * heads_kv)
     args = (
         q, k, v, grad_out, lse, delta, dk, dv, kpm,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
@@ -482,8 +482,8 @@ def dprefix_chunks(q, prefix_k, config=None) -> int:
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
-    programs = num_prefixes * heads_kv * triton.cdiv(prefix_len, config.block_n)
-    query_tiles = batch * (heads_q // heads_kv) * triton.cdiv(seq_q, config.block_m)
+    programs = num_prefixes * heads_kv * cdiv(prefix_len, config.block_n)
+    query_tiles = batch * (heads_q // heads_kv) * cdiv(seq_q, config.block_m)
     return prefix_grad_chunks(programs, query_tiles, q.device)
 
 
@@ -494,14 +494,14 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
     group = heads_q // heads_kv
-    query_tiles = batch * group * triton.cdiv(seq_q, config.block_m)
+    query_tiles = batch * group * cdiv(seq_q, config.block_m)
     grad_strides = dpk.stride() if dpk.dim() == 5 else (0, *dpk.stride())
     assert dpk.stride() == dpv.stride()
-    grid = (triton.cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
+    grid = (cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
     args = (
         q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
-        batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), triton.cdiv(query_tiles, chunks),
+        batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), cdiv(query_tiles, chunks),
     )
     kwargs = dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),

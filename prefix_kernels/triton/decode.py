@@ -21,14 +21,16 @@ can be captured in a CUDA graph:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
-                      decode_config, decode_splits)
+                      cdiv, decode_config, decode_splits)
 from .forward import _attend_tile, _load_rows, dot_precision
 
 
@@ -296,16 +298,21 @@ def _sm_count(device: torch.device) -> int:
 def decode_plan(q, k, prefix_k, *, config=None, sms=None):
     """Everything about the launch that follows from shapes: (config, prefix (rows, row blocks, splits, chunk),
     own (rows, row blocks, splits, chunk))."""
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_k = k.shape[1], k.shape[2]
-    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    return _plan_for_shapes(tuple(q.shape), k.shape[1], k.shape[2], prefix_k.shape[0], prefix_k.shape[2], q.dtype,
+                            sms or _sm_count(q.device), config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, sms, config):
+    # Cached: a decode loop asks the same shapes every step, and the host time per step is what decode
+    # latency is made of when the GPU work is ~0.1 ms.
+    batch, heads_q, seq_q, head_dim = q_shape
     group = heads_q // heads_kv
-    config = config or decode_config(head_dim, q.dtype, batch * group * seq_q, group * seq_q)
-    sms = sms or _sm_count(q.device)
+    config = config or decode_config(head_dim, dtype, batch * group * seq_q, group * seq_q)
     p_rows = batch * group * seq_q
-    p_rb = triton.cdiv(p_rows, config.prefix.block_m)
+    p_rb = cdiv(p_rows, config.prefix.block_m)
     o_rows = group * seq_q
-    o_rb = triton.cdiv(o_rows, config.own.block_m)
+    o_rb = cdiv(o_rows, config.own.block_m)
     # One tile width for both chunkings: the prefix tiles are at least as wide as the own ones.
     block_n = max(config.prefix.block_n, config.own.block_n)
     (p_splits, p_chunk), (o_splits, o_chunk) = decode_splits(
@@ -314,12 +321,13 @@ def decode_plan(q, k, prefix_k, *, config=None, sms=None):
 
 
 def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
-                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None):
-    """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check."""
+                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None, plan=None):
+    """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check. `plan`:
+    decode_plan's answer for these tensors, when the caller already has it."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     num_prefixes = prefix_k.shape[0]
-    config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk) = decode_plan(
+    config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk) = plan or decode_plan(
         q, k, prefix_k, config=config, sms=sms)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     prefix_programs = p_rb * num_prefixes * heads_kv * p_splits
@@ -349,7 +357,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
 def merge_partials_launch(work_out, work_lse, out, lse, slots):
     rows, head_dim = work_out.shape[1], work_out.shape[2]
     heads_q, seq_q = out.shape[1], out.shape[2]
-    grid = (triton.cdiv(rows, MERGE_BLOCK_M),)
+    grid = (cdiv(rows, MERGE_BLOCK_M),)
     args = (work_out, work_lse, out, lse, rows, heads_q, seq_q, *out.stride(), slots)
     kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=MERGE_BLOCK_M,
                   num_warps=MERGE_NUM_WARPS)
@@ -364,7 +372,8 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    _, (_, _, p_splits, _), (_, _, o_splits, _) = decode_plan(q, k, prefix_k, config=config, sms=sms)
+    plan = decode_plan(q, k, prefix_k, config=config, sms=sms)
+    _, (_, _, p_splits, _), (_, _, o_splits, _) = plan
     slots = p_splits + o_splits
     rows = batch * heads_q * seq_q
     # Sized from shapes only: CUDA-graph safe. Each row is written once per slot.
@@ -378,7 +387,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
                                            scale=scale, key_padding_mask=key_padding_mask,
                                            prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-                                           softcap=softcap, order=order, config=config, sms=sms)
+                                           softcap=softcap, order=order, plan=plan)
         _decode_partials[grid](*args, **kwargs)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     _merge_partials[grid](*args, **kwargs)
@@ -388,7 +397,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
 def merge_two_launch(out_a, lse_a, out_b, lse_b, out, lse):
     """(grid, args, kwargs) of _merge_two on [R, D] / [R] views."""
     rows, head_dim = out_a.shape
-    grid = (triton.cdiv(rows, MERGE_BLOCK_M),)
+    grid = (cdiv(rows, MERGE_BLOCK_M),)
     args = (out_a, lse_a, out_b, lse_b, out, lse, rows, *out_a.stride(), *out_b.stride(), *out.stride())
     kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=MERGE_BLOCK_M,
                   num_warps=MERGE_NUM_WARPS)
@@ -431,7 +440,16 @@ def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, pr
 
 
 def triton_decode_attention(call):
-    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the decode strategy."""
-    return torch.ops.prefix_kernels.prefix_attention_decode(
-        call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
-        call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
+    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the decode strategy.
+
+    The custom op is what torch.compile, FakeTensor and other dispatch modes must see; in plain eager mode its
+    dispatch only adds host time (~20 us of a ~0.1 ms step; the decode has no autograd), so it is called
+    directly there."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or type(call.q) is not torch.Tensor:
+        return torch.ops.prefix_kernels.prefix_attention_decode(
+            call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
+            call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
+    return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, causal=call.causal,
+                                   scale=call.scale, key_padding_mask=call.key_padding_mask,
+                                   prefix_index=call.prefix_index, prefix_lens=call.prefix_lens,
+                                   window=call.window, softcap=call.softcap)

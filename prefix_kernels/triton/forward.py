@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .configs import block_d_for, forward_config
+from .configs import block_d_for, cdiv, forward_config
 
 
 
@@ -240,7 +240,7 @@ def forward_launch(
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = config or forward_config(head_dim, q.dtype, seq_q, tma_capable=_has_tma(q.device))
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
-    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    grid = (cdiv(seq_q, config.block_m), batch * heads_q)
     block_d = block_d_for(head_dim)
     sources = (k, v, prefix_k, prefix_v)
     use_desc = config.tma and all(_tma_compatible(t) for t in sources)
