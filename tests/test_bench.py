@@ -9,7 +9,9 @@ from prefix_kernels.bench import main as bench_main
 from prefix_kernels.bench.cases import OpCase, get_preset
 from prefix_kernels.bench.main import parse_args, run
 from prefix_kernels.bench.providers import Prepared, Provider
+from prefix_kernels.bench.report import markdown
 from prefix_kernels.bench.roofline import floor_ms, op_bytes, op_flops
+from prefix_kernels.bench.timing import graph_bench_ms
 
 
 def _drops_the_prefix(case, inputs):
@@ -187,3 +189,26 @@ def test_profile_case_script_runs(op):
     spec.loader.exec_module(module)
     module.main(["--device", "cpu", "--backend", "torch", "--op", op, "-B", "2", "-S", "5", "-L", "4", "-P", "3",
                  "--heads", "6/2", "-D", "32", "--q-layout", "bshd", "--calls", "1"])
+
+
+def test_decode_rows_say_how_they_were_timed(smoke):
+    """On CUDA, decode rows are CUDA-graph replays with the eager time kept (or eager with the reason capture
+    failed); the markdown says which. Rendered here from the CPU smoke's rows with those fields set."""
+    _, result = smoke
+    rows = [dict(r) for r in _rows(result, kind="op", op="decode") if r["status"] == "ok"][:2]
+    assert len(rows) == 2 and all(r["timing"] == "eager" for r in rows)  # CPU: no graphs
+    rows[0].update(timing="cuda-graph", eager_ms=rows[0]["time_ms"] * 3, time_ms=rows[0]["time_ms"])
+    rows[1].update(graph_failure="RuntimeError: a host sync")
+    text = markdown(dict(result, rows=rows))
+    assert "CUDA-graph replays" in text and "(eager " in text
+    assert "not capturable in a CUDA graph: RuntimeError: a host sync" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_timing_captures_a_clean_call_and_reports_a_host_sync():
+    x = torch.randn(1024, 1024, device="cuda")
+    ms, why_not = graph_bench_ms(lambda: x @ x, warmup_ms=1, rep_ms=5)
+    assert ms > 0 and why_not is None
+    ms, why_not = graph_bench_ms(lambda: (x @ x).sum().item(), warmup_ms=1, rep_ms=5)
+    assert ms is None and why_not
+    assert (x @ x).isfinite().all()  # the failed capture left the device usable

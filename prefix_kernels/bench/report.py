@@ -115,7 +115,12 @@ def _footnote(notes: list, text: str) -> str:
 
 def _status_cell(row: dict, notes: list) -> str:
     if row["status"] == "ok":
-        return _ms(row["time_ms"]) + (" **WRONG**" if row.get("correct") is False else "")
+        timing = ""
+        if "eager_ms" in row:  # time_ms is a CUDA-graph replay
+            timing = f" (eager {_ms(row['eager_ms'])})"
+        elif "graph_failure" in row:
+            timing = f" eager {_footnote(notes, 'not capturable in a CUDA graph: ' + row['graph_failure'])}"
+        return _ms(row["time_ms"]) + timing + (" **WRONG**" if row.get("correct") is False else "")
     return f"{row['status']} {_footnote(notes, row.get('reason', ''))}"
 
 
@@ -157,8 +162,11 @@ def markdown(result: dict) -> str:
         rows = [r for r in op_rows if r["op"] == op]
         if not rows:
             continue
-        lines += [f"## {op}", "",
-                  "| shape | provider | time | TFLOP/s | % of floor | peak mem | max err | "
+        lines += [f"## {op}", ""]
+        if any("eager_ms" in r for r in rows):
+            lines += ["Times are CUDA-graph replays (no host time per call: what a serving loop that captures its "
+                      "step pays, and what the floor bounds); the eager time is in parentheses.", ""]
+        lines += ["| shape | provider | time | TFLOP/s | % of floor | peak mem | max err | "
                   + " | ".join(f"vs {b}" for b in BASELINES) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
         labels = list(dict.fromkeys(r["label"] for r in rows))
