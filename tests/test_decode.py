@@ -1,5 +1,7 @@
 """The decode strategy (S <= 16, no gradients) against the float64 reference and the prefill kernel, the Triton
 merge of attention states, and CUDA-graph safety. Small shapes: this runs under the interpreter on CPU."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from helpers import Case, assert_attention_matches_truth, make_inputs, max_error
 from prefix_kernels import merge_attention_states, prefix_attention
 from prefix_kernels.reference import merge_attention_states_reference
 from prefix_kernels.triton import decode
+from prefix_kernels.triton.configs import DecodeConfig
 from prefix_kernels.triton.forward import prefix_attention_forward
 from prefix_kernels.validation import validate
 
@@ -56,6 +59,30 @@ def test_decode_matches_reference_and_prefill(case, dtype):
                                                         **call.options())
     assert max_error(out, prefill_out) <= 2 * reference_error + 1e-5
     assert max_error(lse, prefill_lse) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", [c for c in CASES if c.prefix_len > 0], ids=lambda c: c.id)
+def test_decode_prefix_through_tma_descriptors_matches_reference(case, dtype):
+    """The Hopper prefix part (prefix K/V tiles through TMA descriptors, zero fill past P) computes the same
+    function, split-K included. Runs on sm_90+ GPUs and in the interpreter."""
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    tensors, options = _call(case, dtype)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    config = DecodeConfig(replace(base.prefix, tma=True), base.own)
+    rows = call.q.shape[0] * call.q.shape[1] * call.q.shape[2]
+    work = torch.empty(64, rows, call.q.shape[-1], device=DEVICE), torch.empty(64, rows, device=DEVICE)
+    _, _, kwargs = decode.decode_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v, *work,
+                                        config=config, sms=MANY_SMS, **call.options())
+    assert kwargs["USE_DESC"], "these tensors qualify for descriptors: the TMA path must be the one tested"
+
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                              sms=MANY_SMS, **call.options())
+
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
 def test_split_k_is_exercised():
@@ -151,9 +178,10 @@ def test_merge_kernel_matches_reference_with_empty_rows(dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_decode_step_captures_in_a_cuda_graph_without_host_sync():
-    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=40, prefix_len=300, head_dim=64, num_prefixes=2,
-                prefix_lens=(300, 100), padding="left")
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128-tma-on-sm90"])
+def test_decode_step_captures_in_a_cuda_graph_without_host_sync(head_dim):
+    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=40, prefix_len=300, head_dim=head_dim,
+                num_prefixes=2, prefix_lens=(300, 100), padding="left")
     tensors, options = _call(case, torch.float16)
     run = lambda: prefix_attention(*tensors, return_lse=True, **options)  # noqa: E731
     stream = torch.cuda.Stream()

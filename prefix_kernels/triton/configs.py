@@ -203,12 +203,26 @@ class DecodeConfig:
     own: ForwardConfig     # block_m rows of one sequence's (g, s) queries, block_n own keys per tile
 
 
-def _decode_prefix_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardConfig:
+# The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) when it is compute-bound or fits one row block
+# anyway: the forward's TMA tile (HOPPER_TMA_CONFIGS), which beat 128-row pointer tiles by 15% / 6% in the forward
+# sweep. It replaces (128 rows, 8 warps, pointer loads), which ncu showed at 36% SM throughput on the compute-bound
+# B=256 G=4 P=16384 decode (H100). Not timed in decode yet (bench/NOTES.md).
+HOPPER_DECODE_PREFIX_CONFIGS = {128: ForwardConfig(64, 64, 4, 3, tma=True)}
+# Up to this many packed rows one 128-row block holds them all: the prefix is read from memory exactly once, which
+# is what the memory-bound middle (e.g. B=128, G=1: 89% of the copy floor on the H100) needs; two 64-row blocks
+# would each stream it.
+DECODE_ONE_BLOCK_ROWS = 128
+
+
+def _decode_prefix_config(block_d: int, dtype: torch.dtype, rows: int, tma_capable: bool) -> ForwardConfig:
     if dtype == torch.float32:  # the accurate path: IEEE dots on CUDA cores, small tiles (see _long_query_config)
         return ForwardConfig(16, 16, 4, 2) if block_d >= 128 else ForwardConfig(32, 32, 4, 2)
     if block_d >= 256:
         # 8 warps: a 64 x 256 fp32 accumulator on 4 warps spilled ~1 KB (ptxas, sm_80 and sm_90).
         return ForwardConfig(64, 32, 8, 2)
+    one_block = 64 < rows <= DECODE_ONE_BLOCK_ROWS
+    if tma_capable and block_d in HOPPER_DECODE_PREFIX_CONFIGS and not one_block:
+        return HOPPER_DECODE_PREFIX_CONFIGS[block_d]
     # Large packed row counts (B * G * S > 64, the serving case) take 128-row tiles: the prefix part of a big batch
     # is compute-bound (B=256, G=4, P=16k is ~69 GFLOP per step), so tensor-core tile efficiency matters there.
     if rows > 64:
@@ -227,10 +241,12 @@ def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardCo
     return ForwardConfig(32 if block_d >= 256 else 64, block_n, 4, 2)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_rows: int) -> DecodeConfig:
-    """packed_rows = B * G * S (the prefix matrix of one KV head), group_rows = G * S (one sequence's rows)."""
+def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_rows: int,
+                  tma_capable: bool = False) -> DecodeConfig:
+    """packed_rows = B * G * S (the prefix matrix of one KV head), group_rows = G * S (one sequence's rows);
+    tma_capable: the GPU has TMA (sm_90+)."""
     block_d = block_d_for(head_dim)
-    return DecodeConfig(_decode_prefix_config(block_d, dtype, packed_rows),
+    return DecodeConfig(_decode_prefix_config(block_d, dtype, packed_rows, tma_capable),
                         _decode_own_config(block_d, dtype, group_rows))
 
 
@@ -257,15 +273,17 @@ def decode_splits(prefix_programs: int, prefix_keys: int, own_programs: int, own
 
 
 def decode_launch_space() -> list[tuple[int, torch.dtype, DecodeConfig]]:
-    """Every (block_d, dtype, config) that decode_config can return."""
+    """Every (block_d, dtype, config) that decode_config can return (prefix TMA configs: sm_90 only)."""
     space = []
     for dtype in FLOAT_DTYPES:
         for block_d in BLOCK_D_CHOICES:
             seen = set()
             for packed_rows in (1, 64, 65, 4096):
                 for group_rows in (1, 17, 33, 512):
-                    config = decode_config(block_d, dtype, max(packed_rows, group_rows), group_rows)
-                    if config not in seen:
-                        seen.add(config)
-                        space.append((block_d, dtype, config))
+                    for tma_capable in (False, True):
+                        config = decode_config(block_d, dtype, max(packed_rows, group_rows), group_rows,
+                                               tma_capable)
+                        if config not in seen:
+                            seen.add(config)
+                            space.append((block_d, dtype, config))
     return space

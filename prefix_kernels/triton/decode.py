@@ -27,11 +27,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
-from .forward import _attend_tile, _load_rows, dot_precision
+from .forward import _attend_tile, _has_tma, _load_rows, _tma_compatible, dot_precision
 
 
 @triton.jit
@@ -56,6 +57,7 @@ def _prefix_part(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr,
     HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
     # Row blocks vary fastest: the blocks reading one (prefix, head, split) tile range run side by side (L2 reuse).
     rb = pid % RB
@@ -99,21 +101,24 @@ def _prefix_part(
     any_mine = tl.max(mine.to(tl.int32), 0) > 0
     end = tl.where(any_mine, tl.maximum(end, start), start)
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
-    n64 = n.to(tl.int64)
-    h64 = h.to(tl.int64)
-    pk_base = PK + n64 * stride_pkn + h64 * stride_pkh
-    pv_base = PV + n64 * stride_pvn + h64 * stride_pvh
+    if USE_DESC:  # PK, PV are 4-D TMA tensor descriptors, addressed by (int32) coordinates [n, h, key, 0]
+        pk_base = PK
+        pv_base = PV
+    else:
+        pk_base = PK + n.to(tl.int64) * stride_pkn + h.to(tl.int64) * stride_pkh
+        pv_base = PV + n.to(tl.int64) * stride_pvn + h.to(tl.int64) * stride_pvh
     for start_n in range(start, full_end, BLOCK_N):  # every prefix key is visible: no mask in full tiles
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, end, 0, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION, n, h, USE_DESC)
     for start_n in range(full_end, end, BLOCK_N):  # the partial last tile of the split, if any
+        # (TMA zero-fills keys past P; keys past `end` but inside P are read and masked here)
         visible = tl.broadcast_to((start_n + offs_n)[None, :] < end, (BLOCK_M, BLOCK_N))
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, end, visible, sm_scale, softcap, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION, n, h, USE_DESC)
     out_rows = (b * HQ + hq) * S + s
     _store_partial(acc, m_i, l_i, WOut, WLse, split, out_rows, mine, offs_d, d_ok, R, HEAD_DIM)
 
@@ -196,7 +201,7 @@ def _decode_partials(
     P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if pid < PREFIX_PROGRAMS:
@@ -207,7 +212,7 @@ def _decode_partials(
             stride_pvn, stride_pvh, stride_pvs, stride_pvd,
             HQ, HKV, S, P, R, P_NH, P_ROWS, P_RB, P_CHUNK, sm_scale, softcap,
             GROUP, HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_SOFTCAP, HAS_PREFIX_INDEX, HAS_PREFIX_LENS,
-            HAS_ORDER, DOT_PRECISION)
+            HAS_ORDER, DOT_PRECISION, USE_DESC)
     else:
         _own_part(
             pid - PREFIX_PROGRAMS, Q, K, V, KPM, WOut, WLse,
@@ -299,16 +304,16 @@ def decode_plan(q, k, prefix_k, *, config=None, sms=None):
     """Everything about the launch that follows from shapes: (config, prefix (rows, row blocks, splits, chunk),
     own (rows, row blocks, splits, chunk))."""
     return _plan_for_shapes(tuple(q.shape), k.shape[1], k.shape[2], prefix_k.shape[0], prefix_k.shape[2], q.dtype,
-                            sms or _sm_count(q.device), config)
+                            sms or _sm_count(q.device), config, _has_tma(q.device))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, sms, config):
+def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, sms, config, tma_capable):
     # Cached: a decode loop asks the same shapes every step, and the host time per step is what decode
     # latency is made of when the GPU work is ~0.1 ms.
     batch, heads_q, seq_q, head_dim = q_shape
     group = heads_q // heads_kv
-    config = config or decode_config(head_dim, dtype, batch * group * seq_q, group * seq_q)
+    config = config or decode_config(head_dim, dtype, batch * group * seq_q, group * seq_q, tma_capable)
     p_rows = batch * group * seq_q
     p_rb = cdiv(p_rows, config.prefix.block_m)
     o_rows = group * seq_q
@@ -332,8 +337,15 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     prefix_programs = p_rb * num_prefixes * heads_kv * p_splits
     grid = (prefix_programs + o_rb * batch * heads_kv * o_splits,)
+    block_d = block_d_for(head_dim)
+    prefix_sources = (prefix_k, prefix_v)
+    use_desc = config.prefix.tma and all(_tma_compatible(t) for t in prefix_sources)
+    if use_desc:
+        prefix_sources = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, config.prefix.block_n,
+                                                                                         block_d])
+                               for t in prefix_sources)
     args = (
-        q, k, v, prefix_k, prefix_v, kpm, prefix_index, prefix_lens, order, work_out, work_lse,
+        q, k, v, *prefix_sources, kpm, prefix_index, prefix_lens, order, work_out, work_lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, heads_kv, seq_q, seq_k, prefix_k.shape[2], batch * heads_q * seq_q, scale, float(softcap or 1.0),
@@ -342,12 +354,12 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         batch * heads_kv, o_rows, o_rb, o_chunk,
     )
     kwargs = dict(
-        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d,
         P_BLOCK_M=config.prefix.block_m, P_BLOCK_N=config.prefix.block_n,
         O_BLOCK_M=config.own.block_m, O_BLOCK_N=config.own.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
-        HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
         # One launch holds both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
         num_warps=max(config.prefix.num_warps, config.own.num_warps), num_stages=config.prefix.num_stages,
     )

@@ -35,7 +35,7 @@ def decode_cases():
             _, args, kwargs = _decode_case(block_d, dtype, config, features)
             p, o = config.prefix, config.own
             name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
-                    f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}-{label}")
+                    f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-{label}")
             yield name, _decode_partials, args, kwargs
     for dtype in FLOAT_DTYPES:
         dtype_name = str(dtype).removeprefix("torch.")
