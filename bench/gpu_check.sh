@@ -3,18 +3,24 @@
 # results to bench/results/<card>/ (and to $OUT on the device machine). Prints a short summary last.
 # Runs on the machine's own torch/triton/transformers (nothing is installed). Needs no network.
 #
-# Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--no-bench] [--no-sanitize]
+# Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--tune-decode] [--tune-cuda] [--no-bench]
+#                                [--no-sanitize]
 #   default          build, tests, compute-sanitizer on the CUDA kernels, then the anchors preset (forward, fwd+bwd,
 #                    decode, training step, generate; ours-cuda next to ours-triton)
-#   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py)
+#   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py; after the anchors preset,
+#                    its lines in log.txt)
+#   --tune-decode    also time the decode's prefix tiles, default vs pointer (bench/tune_decode.py; after the
+#                    anchors preset, its lines in log.txt)
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
 #   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize.txt)
 #   --tune-cuda      last, time the CUDA forward built with other tile shapes (TUNE_CUDA_VARIANTS, "rows,keys,blocks"
 #                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
 #                    Triton (bench/tune_cuda.py: tune_cuda.json, its lines in log.txt)
-# The device tool returns at most 8 files: the default run with --tune-cuda writes exactly 8 (versions, build,
-# tests, sanitize, anchors.json, anchors.md, log, tune_cuda.json); add files only by merging others.
+# The device tool returns at most 8 files: the default run writes 7 (versions, build, tests, sanitize,
+# anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each (their lines go
+# to log.txt), --tune-backward several: with the sanitizer name one of the three, with --no-sanitize two; add
+# files only by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT (seconds),
@@ -28,7 +34,7 @@ out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device too
 # Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit
 # (e396d34) for a later tree.
 export PREFIX_KERNELS_COMMIT="${PREFIX_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-tune_forward=0; tune_backward=0; tune_cuda=0; bench=1; sanitize=1
+tune_forward=0; tune_backward=0; tune_cuda=0; tune_decode=0; bench=1; sanitize=1
 for arg in "$@"; do
   case "$arg" in
     --tune-forward) tune_forward=1 ;;
@@ -36,6 +42,7 @@ for arg in "$@"; do
     --no-bench) bench=0 ;;
     --no-sanitize) sanitize=0 ;;
     --tune-cuda) tune_cuda=1 ;;
+    --tune-decode) tune_decode=1 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -77,11 +84,6 @@ else
 fi
 echo "build: $build_summary" | tee -a "$out/build.txt"
 
-if [ $tune_forward = 1 ]; then
-  echo "== forward launch-config sweep at the ANCHORS training shapes"
-  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 \
-    | tee "$out/tune_forward.txt"
-fi
 echo "== GPU tests"
 # pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
 # compilations dominate the wall time.
@@ -123,6 +125,17 @@ if [ $bench = 1 ]; then
     | tail -n 20 | tee -a "$out/log.txt"
 fi
 
+# The sweeps come after the anchors preset: a sweep cut short by the time limit costs only itself.
+if [ $tune_decode = 1 ]; then
+  echo "== decode prefix tiles (default vs pointer) at the ANCHORS decode shapes, CUDA-graph replays"
+  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_decode.py --json "$out/tune_decode.json" 2>&1 \
+    | sed 's/^/tune_decode: /' | tee -a "$out/log.txt"
+fi
+if [ $tune_forward = 1 ]; then
+  echo "== forward launch-config sweep at the ANCHORS training shapes"
+  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 \
+    | sed 's/^/tune_forward: /' | tee -a "$out/log.txt"
+fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   echo "== CUDA forward tile shapes: one build per variant, in parallel, each in its own copy of the tree"
   rm -f "$out/tune_cuda.json"
@@ -152,7 +165,7 @@ grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
 echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
-[ -f "$out/tune_forward.txt" ] && grep -E "^B=|^  \{" "$out/tune_forward.txt" | head -n 16
+[ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30
 [ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
 [ -f "$out/log.txt" ] && grep -E "^rows[0-9]+-keys" "$out/log.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do

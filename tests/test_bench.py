@@ -212,3 +212,18 @@ def test_graph_timing_captures_a_clean_call_and_reports_a_host_sync():
     ms, why_not = graph_bench_ms(lambda: (x @ x).sum().item(), warmup_ms=1, rep_ms=5)
     assert ms is None and why_not
     assert (x @ x).isfinite().all()  # the failed capture left the device usable
+
+
+def test_decode_tile_sweep_script_runs(tmp_path):
+    """bench/tune_decode.py (a GPU sweep) checked end to end on the smoke shapes: every tile and the split timed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = tmp_path / "tune_decode.json"
+    subprocess.run([sys.executable, str(root / "bench" / "tune_decode.py"), "--preset", "smoke", "--device", "cpu",
+                    "--json", str(out)], check=True, env=env, timeout=600, capture_output=True)
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["times_ms"]) == {"default", "pointer", "split"} and all(t > 0 for t in row["times_ms"].values())

@@ -1,0 +1,59 @@
+"""Time the Triton decode at the ANCHORS decode shapes with each prefix tile it can choose (GPU only).
+
+The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound) next to the pointer tiles that
+sm_80 uses, each replayed from a CUDA graph (device time only), and the PyTorch split baseline in the same run.
+Used to pick configs.HOPPER_DECODE_PREFIX_CONFIGS; not a pass/fail test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from prefix_kernels.bench.cases import get_preset
+from prefix_kernels.bench.providers import PROVIDERS, make_inputs
+from prefix_kernels.bench.timing import bench_ms, graph_bench_ms
+from prefix_kernels.triton.configs import decode_config
+from prefix_kernels.triton.decode import prefix_attention_decode
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--preset", default="anchors", help="smoke: small shapes, to check the script on CPU")
+    parser.add_argument("--device", default="cuda", help="cpu (under TRITON_INTERPRET=1) only to check the script")
+    args = parser.parse_args(argv)
+    split = PROVIDERS["split"]
+    if args.device == "cuda":
+        timer = graph_bench_ms
+    else:
+        def timer(fn):
+            return bench_ms(fn, args.device), None
+    results = []
+    for case in (c for c in get_preset(args.preset).ops if c.op == "decode"):
+        inputs = make_inputs(case, args.device)
+        q, k, v, prefix_k, prefix_v = inputs.q, inputs.k, inputs.v, inputs.prefix_k[None], inputs.prefix_v[None]
+        group = case.heads_q // case.heads_kv
+        configs = {"default": None, "pointer": decode_config(case.head_dim, q.dtype, case.batch * group * case.seq_q,
+                                                               group * case.seq_q, tma_capable=False)}
+        row = dict(label=case.label, times_ms={})
+        for name, config in configs.items():
+            run = lambda: prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,  # noqa: E731
+                                                  config=config)
+            row["times_ms"][name], _ = timer(run)
+        prepared = split.prepare(case, inputs)
+        with torch.no_grad():
+            row["times_ms"]["split"], _ = timer(prepared.forward)
+        results.append(row)
+        print(f"{case.label}: " + ", ".join(f"{n} {t:.3f} ms" if t else f"{n} n/a" for n, t in row["times_ms"].items()),
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name() if args.device == "cuda" else args.device, torch=torch.__version__, triton=triton.__version__,
+                           results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
