@@ -18,7 +18,7 @@ from ..reference import prefix_attention_reference
 from .cases import OpCase
 from .providers import GRAD_NAMES, PROVIDERS, Inputs, Provider, Unavailable, make_inputs
 from .roofline import floor_ms, op_flops
-from .timing import PeakMemory, bench_ms, graph_bench_ms
+from .timing import GRAPH_TIMING_BELOW_MS, PeakMemory, bench_ms, graph_bench_ms
 
 # Error of a provider against the float32 reference, relative to the reference's largest magnitude.
 # Loose enough for a correct low-precision kernel, tight enough to catch a wrong one (a dropped prefix,
@@ -165,7 +165,7 @@ def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, 
     call, check = guarded_call(case, provider, inputs, dout, reference)
     time_ms = bench_ms(call, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     timing = dict(timing="eager")
-    if case.op == "decode" and torch.device(device).type == "cuda":
+    if case.op == "decode" and torch.device(device).type == "cuda" and time_ms < GRAPH_TIMING_BELOW_MS:
         # Decode steps are ~0.1 ms: eagerly timed they also measure the host. Every provider is replayed from
         # a CUDA graph where it can be captured (time_ms, held against the floor); the eager time is kept.
         graph_ms, why_not = graph_bench_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms)

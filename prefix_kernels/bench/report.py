@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .providers import BASELINES
+from .timing import GRAPH_TIMING_BELOW_MS
 
 CPU_WARNING = ("No GPU: these timings were taken on a CPU and mean nothing (the smoke preset checks that the "
                "suite runs and that every provider agrees with the reference, not speed).")
@@ -164,8 +165,9 @@ def markdown(result: dict) -> str:
             continue
         lines += [f"## {op}", ""]
         if any("eager_ms" in r for r in rows):
-            lines += ["Times are CUDA-graph replays (no host time per call: what a serving loop that captures its "
-                      "step pays, and what the floor bounds); the eager time is in parentheses.", ""]
+            lines += ["Times with an eager time in parentheses are CUDA-graph replays (no host time per call: what a "
+                      "serving loop that captures its step pays, and what the floor bounds); rows slower than "
+                      f"{GRAPH_TIMING_BELOW_MS:g} ms eagerly are eager times.", ""]
         lines += ["| shape | provider | time | TFLOP/s | % of floor | peak mem | max err | "
                   + " | ".join(f"vs {b}" for b in BASELINES) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(BASELINES)]
