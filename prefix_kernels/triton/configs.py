@@ -203,14 +203,13 @@ class DecodeConfig:
     own: ForwardConfig     # block_m rows of one sequence's (g, s) queries, block_n own keys per tile
 
 
-# The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) when it is compute-bound or fits one row block
-# anyway: the forward's TMA tile (HOPPER_TMA_CONFIGS), which beat 128-row pointer tiles by 15% / 6% in the forward
-# sweep. It replaces (128 rows, 8 warps, pointer loads), which ncu showed at 36% SM throughput on the compute-bound
-# B=256 G=4 P=16384 decode (H100). Not timed in decode yet (bench/NOTES.md).
+# The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) once it spans several row blocks (compute-bound
+# serving batches): the forward's TMA tile (HOPPER_TMA_CONFIGS). H100, CUDA-graph replays, same run
+# (bench/results/nvidia-h100-80gb-hbm3/tune_decode.json): B=256 G=4 P=4096 0.144 vs 0.158 ms for the pointer tile,
+# B=256 G=4 P=16384 0.190 vs 0.220; at 64 packed rows both took 0.131 ms.
 HOPPER_DECODE_PREFIX_CONFIGS = {128: ForwardConfig(64, 64, 4, 3, tma=True)}
-# Up to this many packed rows one 128-row block holds them all: the prefix is read from memory exactly once, which
-# is what the memory-bound middle (e.g. B=128, G=1: 89% of the copy floor on the H100) needs; two 64-row blocks
-# would each stream it.
+# Up to this many packed rows one block holds them all and the prefix is read from memory exactly once, which is
+# what the memory-bound cases need (B=128 G=1 P=16384: 89% of the copy floor on the H100 with one 128-row block).
 DECODE_ONE_BLOCK_ROWS = 128
 
 
@@ -220,8 +219,7 @@ def _decode_prefix_config(block_d: int, dtype: torch.dtype, rows: int, tma_capab
     if block_d >= 256:
         # 8 warps: a 64 x 256 fp32 accumulator on 4 warps spilled ~1 KB (ptxas, sm_80 and sm_90).
         return ForwardConfig(64, 32, 8, 2)
-    one_block = 64 < rows <= DECODE_ONE_BLOCK_ROWS
-    if tma_capable and block_d in HOPPER_DECODE_PREFIX_CONFIGS and not one_block:
+    if tma_capable and block_d in HOPPER_DECODE_PREFIX_CONFIGS and rows > DECODE_ONE_BLOCK_ROWS:
         return HOPPER_DECODE_PREFIX_CONFIGS[block_d]
     # Large packed row counts (B * G * S > 64, the serving case) take 128-row tiles: the prefix part of a big batch
     # is compute-bound (B=256, G=4, P=16k is ~69 GFLOP per step), so tensor-core tile efficiency matters there.
