@@ -21,10 +21,12 @@ from torch import Tensor
 from .autograd import empty_out_and_lse
 
 # "auto" sends a decode call to CUDA while its packed prefix work, rows per KV head (B * G * S) times prefix keys,
-# is at most this. On the H100, generate at 256 rows x 4096 keys per layer ran 491 ms through CUDA against 644
-# through Triton, where the two kernels alone timed even on memory-bound shapes: such small calls are bound by
-# host time per call (our reading; not profiled), less for the one torch op. Past it the prefix part turns
-# compute-bound, where the Triton decode is faster (1.8x at 1024 rows x 16384 keys).
+# is at most this. Such calls are bound by host time per call, less for the one torch op: on the H100 (c194848) at
+# B=64 P=4096 the CUDA decode took 0.159 ms eagerly against Triton's 0.380, while replayed from CUDA graphs
+# Triton was the faster kernel (0.131 vs 0.158), so code that captures its decode step should name
+# backend="triton" (auto does not switch under capture: the usual eager warm-up would leave the Triton kernel cold
+# for the capture). Past it the prefix part turns compute-bound, where the Triton decode is faster in any case
+# (0.193 vs 0.336 ms at 1024 rows x 16384 keys).
 AUTO_CUDA_DECODE_MAX_WORK = 256 * 4096
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
