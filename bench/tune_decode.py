@@ -1,13 +1,15 @@
-"""Time the Triton decode at the ANCHORS decode shapes with each prefix tile it can choose (GPU only).
+"""Time the Triton decode at the ANCHORS decode shapes with each launch choice it has (GPU only).
 
-The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound) next to the pointer tiles that
-sm_80 uses, each replayed from a CUDA graph (device time only), and the PyTorch split baseline in the same run.
-Used to pick configs.HOPPER_DECODE_PREFIX_CONFIGS; not a pass/fail test.
+The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
+uses, and the default with the interleaved program order (DecodeConfig.interleave), each replayed from a CUDA
+graph (device time only), and the PyTorch split baseline in the same run. Used to pick the decode entries of
+prefix_kernels/triton/configs.py; not a pass/fail test.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 import triton
@@ -17,6 +19,7 @@ from prefix_kernels.bench.providers import PROVIDERS, make_inputs
 from prefix_kernels.bench.timing import bench_ms, graph_bench_ms
 from prefix_kernels.triton.configs import decode_config
 from prefix_kernels.triton.decode import prefix_attention_decode
+from prefix_kernels.triton.forward import _has_tma
 
 
 def main(argv=None):
@@ -36,8 +39,11 @@ def main(argv=None):
         inputs = make_inputs(case, args.device)
         q, k, v, prefix_k, prefix_v = inputs.q, inputs.k, inputs.v, inputs.prefix_k[None], inputs.prefix_v[None]
         group = case.heads_q // case.heads_kv
-        configs = {"default": None, "pointer": decode_config(case.head_dim, q.dtype, case.batch * group * case.seq_q,
-                                                               group * case.seq_q, tma_capable=False)}
+        rows, group_rows = case.batch * group * case.seq_q, group * case.seq_q
+        default = decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=_has_tma(q.device))
+        configs = {"default": None,
+                   "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=False),
+                   "interleaved": replace(default, interleave=True)}
         row = dict(label=case.label, times_ms={})
         for name, config in configs.items():
             run = lambda: prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,  # noqa: E731

@@ -85,6 +85,31 @@ def test_decode_prefix_through_tma_descriptors_matches_reference(case, dtype):
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
+# More prefix programs (split-K over a long prefix) than own programs: the interleaved order's leftovers are prefix.
+PREFIX_HEAVY = Case(batch=1, heads_q=3, heads_kv=1, seq_q=1, seq_k=5, prefix_len=300, head_dim=32)
+
+
+@pytest.mark.parametrize("case", CASES + [PREFIX_HEAVY], ids=lambda c: c.id)
+def test_interleaved_program_order_computes_the_same(case):
+    """DecodeConfig.interleave only reorders programs (prefix and own alternating): the same numbers, split-K,
+    several prefixes and more prefix than own programs included."""
+    tensors, options = _call(case, torch.float32)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                          config=base, sms=MANY_SMS, **call.options())
+    interleaved = replace(base, interleave=True)
+    _, _, kwargs = decode.decode_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                        torch.empty(64, 1, 1), torch.empty(64, 1), config=interleaved,
+                                        sms=MANY_SMS, **call.options())
+    assert kwargs["INTERLEAVE"]
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                              config=interleaved, sms=MANY_SMS, **call.options())
+    assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same programs, same arithmetic
+    ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
+    assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
+
+
 def test_split_k_is_exercised():
     tensors, options = _call(CASES[-1], torch.float32)
     call = _validated(tensors, options)

@@ -201,6 +201,12 @@ MERGE_NUM_WARPS = 4
 class DecodeConfig:
     prefix: ForwardConfig  # block_m rows of the packed (b, g, s) matrix, block_n prefix keys per tile
     own: ForwardConfig     # block_m rows of one sequence's (g, s) queries, block_n own keys per tile
+    # Program order: False = every prefix program, then every own program; True = the two alternate until the
+    # fewer runs out (all prefix programs still start in the first waves, so no long one is left as a tail).
+    # Why it may pay: at B=256 G=4 P=4096 (H100, c194848) the step took 0.143 ms, about the compute-bound prefix
+    # phase (~0.045 ms) plus the memory-bound own phase (~0.092 ms): with prefix programs first the two do not
+    # overlap. Not timed yet (bench/tune_decode.py times it); off until a GPU run shows it.
+    interleave: bool = False
 
 
 # The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) once it spans several row blocks (compute-bound

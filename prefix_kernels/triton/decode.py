@@ -201,12 +201,24 @@ def _decode_partials(
     P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    if pid < PREFIX_PROGRAMS:
+    if INTERLEAVE:  # prefix and own programs alternate until the fewer kind runs out (DecodeConfig.interleave)
+        own_programs = tl.num_programs(0) - PREFIX_PROGRAMS
+        paired = tl.minimum(PREFIX_PROGRAMS, own_programs)
+        if pid < 2 * paired:
+            is_prefix = pid % 2 == 0
+            local = pid // 2
+        else:
+            is_prefix = PREFIX_PROGRAMS > own_programs
+            local = pid - paired
+    else:
+        is_prefix = pid < PREFIX_PROGRAMS
+        local = tl.where(is_prefix, pid, pid - PREFIX_PROGRAMS)
+    if is_prefix:
         _prefix_part(
-            pid, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
+            local, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
             stride_qb, stride_qh, stride_qs, stride_qd,
             stride_pkn, stride_pkh, stride_pks, stride_pkd,
             stride_pvn, stride_pvh, stride_pvs, stride_pvd,
@@ -215,7 +227,7 @@ def _decode_partials(
             HAS_ORDER, DOT_PRECISION, USE_DESC)
     else:
         _own_part(
-            pid - PREFIX_PROGRAMS, Q, K, V, KPM, WOut, WLse,
+            local, Q, K, V, KPM, WOut, WLse,
             stride_qb, stride_qh, stride_qs, stride_qd,
             stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd,
@@ -360,6 +372,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
+        INTERLEAVE=config.interleave,
         # One launch holds both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
         num_warps=max(config.prefix.num_warps, config.own.num_warps), num_stages=config.prefix.num_stages,
     )

@@ -7,6 +7,8 @@ specialization is the one a real launch gets.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, decode_launch_space
@@ -37,6 +39,15 @@ def decode_cases():
             name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
                     f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-{label}")
             yield name, _decode_partials, args, kwargs
+    # The interleaved program order (DecodeConfig.interleave; timed by bench/tune_decode.py, not chosen by
+    # decode_config yet) on the bf16 serving configs of head dim 128.
+    for block_d, dtype, config in decode_launch_space():
+        if dtype == torch.bfloat16 and block_d == 128:
+            config = replace(config, interleave=True)
+            _, args, kwargs = _decode_case(block_d, dtype, config, {**NO_FEATURES, "causal": True})
+            p, o = config.prefix, config.own
+            yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}-w{kwargs['num_warps']}"
+                   f"-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-interleave-none"), _decode_partials, args, kwargs
     for dtype in FLOAT_DTYPES:
         dtype_name = str(dtype).removeprefix("torch.")
         for block_d in BLOCK_D_CHOICES:
