@@ -18,8 +18,9 @@
 #                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
 #                    Triton (bench/tune_cuda.py: tune_cuda.json, its lines in log.txt)
 # The device tool returns at most 8 files: the default run writes 7 (versions, build, tests, sanitize,
-# anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each (their lines go
-# to log.txt), --tune-backward several: with the sanitizer name one of the three, with --no-sanitize two; add
+# anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each, --tune-backward
+# three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: with the sanitizer one
+# of the three, with --no-sanitize two, and --tune-backward with one more only as --no-bench --no-sanitize; add
 # files only by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
@@ -117,7 +118,7 @@ fi
 if [ $tune_backward = 1 ]; then
   echo "== backward launch-config sweep, then fwd+bwd with the best against the baselines"
   timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_backward.py --out "$out" \
-    ${TUNE_PROVIDERS:+--providers $TUNE_PROVIDERS} 2>&1 | tee "$out/tune_backward.txt"
+    ${TUNE_PROVIDERS:+--providers $TUNE_PROVIDERS} 2>&1 | sed 's/^/tune_backward: /' | tee -a "$out/log.txt"
 fi
 if [ $bench = 1 ]; then
   echo "== benchmarks: anchors preset"
@@ -166,7 +167,7 @@ echo "cuda extension: $build_summary"
 echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30
-[ -f "$out/tune_backward.txt" ] && grep -E "^best" "$out/tune_backward.txt"
+[ -f "$out/log.txt" ] && grep -E "^tune_backward: best" "$out/log.txt"
 [ -f "$out/log.txt" ] && grep -E "^rows[0-9]+-keys" "$out/log.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
