@@ -203,12 +203,13 @@ def test_merge_kernel_matches_reference_with_empty_rows(dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128-tma-on-sm90"])
-def test_decode_step_captures_in_a_cuda_graph_without_host_sync(head_dim):
-    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=40, prefix_len=300, head_dim=head_dim,
+@pytest.mark.parametrize("backend, batch, head_dim", [("auto", 5, 64), ("triton", 5, 64), ("triton", 50, 128)],
+                         ids=["auto-d64", "triton-d64", "triton-d128-150-packed-rows-tma-on-sm90"])
+def test_decode_step_captures_in_a_cuda_graph_without_host_sync(backend, batch, head_dim):
+    case = Case(batch=batch, heads_q=6, heads_kv=2, seq_q=1, seq_k=40, prefix_len=300, head_dim=head_dim,
                 num_prefixes=2, prefix_lens=(300, 100), padding="left")
     tensors, options = _call(case, torch.float16)
-    run = lambda: prefix_attention(*tensors, return_lse=True, **options)  # noqa: E731
+    run = lambda: prefix_attention(*tensors, return_lse=True, backend=backend, **options)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
