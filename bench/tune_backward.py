@@ -25,7 +25,8 @@ from prefix_kernels.triton.backward import prefix_attention_backward
 from prefix_kernels.triton.configs import BackwardConfig, ForwardConfig, backward_config
 from prefix_kernels.triton.forward import prefix_attention_forward
 
-DQ_CANDIDATES = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)]
+DQ_CANDIDATES = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
+                 (128, 64, 8, 3, False, True)]  # the last: the longest query blocks first (heavy_first)
 KV_CANDIDATES = [(32, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]
 PARTS = {"dq": ((True, False, False, False, False), DQ_CANDIDATES),
          "dkdv": ((False, True, True, False, False), KV_CANDIDATES),

@@ -269,3 +269,35 @@ def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     # timed d128 key-major tiles spill ~450 B with every mask feature on).
     for line, amount in spilled.items():
         assert amount <= 512, line
+
+
+def test_heavy_first_block_order_gives_identical_forward_and_dq():
+    """ForwardConfig.heavy_first only reverses the order of query blocks (forward and dq kernels): the same
+    programs, so bit-identical out, lse and dq, with a partial last block and the causal skip in play."""
+    from dataclasses import replace
+
+    from prefix_kernels.triton.configs import backward_config, forward_config
+    from prefix_kernels.triton.forward import forward_launch, prefix_attention_forward
+    from prefix_kernels.validation import validate
+
+    case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=40, seq_k=50, prefix_len=13, head_dim=32, padding="left")
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    call = validate(*tensors, scale=None, backend="triton", **{"prefix_index": None, "prefix_lens": None, **options})
+    base = replace(forward_config(32, torch.float32, case.seq_q), block_m=16)  # 3 query blocks, the last partial
+    reversed_ = replace(base, heavy_first=True)
+    _, _, kwargs = forward_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v, torch.empty_like(call.q),
+                                  torch.empty(call.q.shape[:3], device=DEVICE), config=reversed_, **call.options())
+    assert kwargs["HEAVY_FIRST"]
+    results = []
+    for config in (base, reversed_):
+        out, lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                            **call.options())
+        bwd = replace(backward_config(32, torch.float32, case.seq_q), dq=config)
+        dq = triton_backward.prefix_attention_backward(
+            call.q, call.k, call.v, call.prefix_k, call.prefix_v, out, lse, torch.ones_like(out), None,
+            needs=(True, False, False, False, False), config=bwd, **call.options())[0]
+        results.append((out, lse, dq))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    truth = prefix_attention_reference(*tensors, **options)
+    assert max_error(results[1][0], truth) < 1e-5

@@ -109,8 +109,12 @@ def _prefix_attention_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
+    if HEAVY_FIRST:  # ForwardConfig.heavy_first: the longest (last) query blocks of each head start first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     hq = (pid_bh % HQ).to(tl.int64)
@@ -450,7 +454,8 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), HEAVY_FIRST=config.heavy_first, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return grid, args, kwargs
 

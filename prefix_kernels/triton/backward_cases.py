@@ -7,6 +7,8 @@ is the one a real launch gets.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .backward import (_bwd_preprocess, _prefix_attention_bwd_dkdv, _prefix_attention_bwd_dprefix,
@@ -60,6 +62,16 @@ def backward_cases():
             name = (f"bwd-{kernel}-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}"
                     f"-w{config.num_warps}-s{config.num_stages}-{label}")
             yield name, fn, args, kwargs
+    # The dq kernel with the reversed query-block order (ForwardConfig.heavy_first; timed by
+    # bench/tune_backward.py, not chosen by backward_config yet), bf16 head dim 128, causal as in training.
+    q, k, prefix_k, lse, options = case_tensors(128, torch.bfloat16, 4096, {**NO_FEATURES, "causal": True})
+    config = backward_config(128, torch.bfloat16, 4096)
+    config = replace(config, dq=replace(config.dq, heavy_first=True))
+    _, args, kwargs = dq_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, lse,
+                                torch.empty(q.shape, dtype=torch.bfloat16), config=config, **options)
+    dq = config.dq
+    yield (f"bwd-dq-bfloat16-d128-m{dq.block_m}-n{dq.block_n}-w{dq.num_warps}-s{dq.num_stages}-heavy-first-causal",
+           _prefix_attention_bwd_dq, args, kwargs)
     for dtype in FLOAT_DTYPES:
         for block_d in BLOCK_D_CHOICES:
             for has_dlse in (False, True):

@@ -107,9 +107,12 @@ def _prefix_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DESC: tl.constexpr = False,
+    USE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
+    if HEAVY_FIRST:  # ForwardConfig.heavy_first: the longest (last) query blocks of each head start first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     hq = pid_bh % HQ
@@ -258,7 +261,7 @@ def forward_launch(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
+        DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc, HEAVY_FIRST=config.heavy_first,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs

@@ -1,6 +1,8 @@
 """The forward kernel's launchable configurations as compile-check cases (see compile_check.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .configs import forward_launch_space
@@ -52,4 +54,13 @@ def forward_cases():
             dtype_name = str(dtype).removeprefix("torch.")
             name = (f"fwd-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
                     f"-s{config.num_stages}{'-tma' if config.tma else ''}-{label}")
+            yield name, _prefix_attention_fwd, args, kwargs
+    # The reversed query-block order (ForwardConfig.heavy_first; timed by bench/tune_forward.py, not chosen by
+    # forward_config yet) on the bf16 training configs of head dim 128, causal as in training.
+    for block_d, dtype, config in forward_launch_space():
+        if block_d == 128 and dtype == torch.bfloat16 and config.block_m >= 64:
+            config = replace(config, heavy_first=True)
+            _, args, kwargs = _case_with(config, block_d, dtype, 4096, {**NO_FEATURES, "causal": True})
+            name = (f"fwd-bfloat16-d128-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
+                    f"-s{config.num_stages}{'-tma' if config.tma else ''}-heavy-first-causal")
             yield name, _prefix_attention_fwd, args, kwargs
