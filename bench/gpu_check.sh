@@ -17,11 +17,11 @@
 #   --tune-cuda      last, time the CUDA forward built with other tile shapes (TUNE_CUDA_VARIANTS, "rows,keys,blocks"
 #                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
 #                    Triton (bench/tune_cuda.py: tune_cuda.json, its lines in log.txt)
-# The device tool returns at most 8 files: the default run writes 7 (versions, build, tests, sanitize,
-# anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each, --tune-backward
-# three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: with the sanitizer one
-# of the three, with --no-sanitize two, and --tune-backward with one more only as --no-bench --no-sanitize; add
-# files only by merging others.
+# The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
+# sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
+# --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
+# the three with the default run, and all three with --tune-backward as --no-bench --no-sanitize; add files only
+# by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT (seconds),
@@ -48,7 +48,7 @@ for arg in "$@"; do
   esac
 done
 rm -f "$out/log.txt"  # the run's human-readable log (benchmark tail, sweep lines), appended to below
-python3 - <<PY | tee "$out/versions.txt"
+python3 - <<PY | tee "$out/build.txt"  # the versions: the first line of build.txt (one file fewer to bring back)
 import torch, triton
 try:
     import transformers; tv = transformers.__version__
@@ -69,7 +69,7 @@ rm -f prefix_kernels/_C*.so build/cuda_extension.log
   export PREFIX_KERNELS_FORCE_CUDA_BUILD=1 PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS="${MAX_JOBS:-16}"
   echo "nvcc: $(nvcc --version 2>&1 | tail -n 1)"
   timeout "${BUILD_TIMEOUT:-240}" python3 setup.py -q build_ext --inplace
-) > "$out/build.txt" 2>&1
+) >> "$out/build.txt" 2>&1
 build_status=$?
 build_s=$(( $(date +%s) - build_start ))
 [ -f build/cuda_extension.log ] && { echo "== build/cuda_extension.log"; cat build/cuda_extension.log; } >> "$out/build.txt"
