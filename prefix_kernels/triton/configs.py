@@ -23,7 +23,7 @@ class ForwardConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False  # K/V tiles through TMA tensor descriptors (sm_90+; the forward kernel only)
+    tma: bool = False  # K/V tiles through TMA tensor descriptors (sm_90+; the forward, and the decode prefix part)
     # Query blocks in reverse order within each (sequence, head) (the forward and dq kernels): under causality the
     # last blocks see the most keys (at S=2048, P=128, 64-row blocks: 2176 keys vs 192), and launched last they
     # leave the longest programs as the grid's tail; reversed, the tail is the shortest ones. K/V stay shared in

@@ -15,7 +15,8 @@ can be captured in a CUDA graph:
    - own programs: one (sequence, KV head, split of its own keys, block of rows), rows = the G*S queries of the
      group, so each sequence's own K/V is read once for all heads of its group.
    Both kinds share one launch: the long prefix programs come first, the many short own programs fill around
-   them, and there is no tail between two kernels.
+   them, and there is no tail between two kernels (DecodeConfig.interleave alternates the two kinds instead).
+   On sm_90 a prefix part of more than 128 packed rows reads its K/V tiles through TMA descriptors.
 2. `_merge_partials` combines the slots of each row by their LSEs into out (q's dtype) and lse (float32);
    rows that saw nothing anywhere get zeros and -inf.
 """
