@@ -46,19 +46,21 @@ def main(argv=None):
                    "interleaved": replace(default, interleave=True)}
         row = dict(label=case.label, times_ms={})
         for name, config in configs.items():
-            run = lambda: prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,  # noqa: E731
-                                                  config=config)
+            def run(config=config):
+                return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,
+                                               config=config)
             row["times_ms"][name], _ = timer(run)
         prepared = split.prepare(case, inputs)
         with torch.no_grad():
             row["times_ms"]["split"], _ = timer(prepared.forward)
         results.append(row)
-        print(f"{case.label}: " + ", ".join(f"{n} {t:.3f} ms" if t else f"{n} n/a" for n, t in row["times_ms"].items()),
-              flush=True)
+        times = row["times_ms"].items()
+        print(f"{case.label}: " + ", ".join(f"{n} {t:.3f} ms" if t else f"{n} n/a" for n, t in times), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name() if args.device == "cuda" else args.device, torch=torch.__version__, triton=triton.__version__,
-                           results=results), f, indent=1)
+            card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+            json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__, results=results), f,
+                      indent=1)
 
 
 if __name__ == "__main__":
