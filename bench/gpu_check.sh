@@ -9,7 +9,7 @@
 #                    decode, training step, generate; ours-cuda next to ours-triton)
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py; after the anchors preset,
 #                    its lines in log.txt)
-#   --tune-decode    also time the decode's prefix tiles, default vs pointer (bench/tune_decode.py; after the
+#   --tune-decode    also time the decode: default, pointer tiles, interleaved order (bench/tune_decode.py; after the
 #                    anchors preset, its lines in log.txt)
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
@@ -128,7 +128,7 @@ fi
 
 # The sweeps come after the anchors preset: a sweep cut short by the time limit costs only itself.
 if [ $tune_decode = 1 ]; then
-  echo "== decode prefix tiles (default vs pointer) at the ANCHORS decode shapes, CUDA-graph replays"
+  echo "== decode variants (default, pointer tiles, interleaved order) at the ANCHORS decode shapes, CUDA-graph replays"
   timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_decode.py --json "$out/tune_decode.json" 2>&1 \
     | sed 's/^/tune_decode: /' | tee -a "$out/log.txt"
 fi
