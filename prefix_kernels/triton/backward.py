@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
-from .forward import _load_rows, _softcap_log2, dot_precision
+from .forward import _load_rows, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
 
@@ -111,10 +111,7 @@ def _prefix_attention_bwd_dq(
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAVY_FIRST: tl.constexpr = False,
 ):
-    if HEAVY_FIRST:  # ForwardConfig.heavy_first: the longest (last) query blocks of each head start first
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
+    pid_m = _query_block(HEAVY_FIRST)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     hq = (pid_bh % HQ).to(tl.int64)

@@ -29,6 +29,15 @@ def _load_rows(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.constex
 
 
 @triton.jit
+def _query_block(HEAVY_FIRST: tl.constexpr):
+    """This program's query block along grid axis 0; with ForwardConfig.heavy_first the longest (last) blocks of
+    each head start first (forward and dq kernels)."""
+    if HEAVY_FIRST:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw q.k -> scores in log2 units: scale, optional tanh soft-capping (Gemma 2), times log2(e)."""
     if HAS_SOFTCAP:
@@ -109,10 +118,7 @@ def _prefix_attention_fwd(
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
-    if HEAVY_FIRST:  # ForwardConfig.heavy_first: the longest (last) query blocks of each head start first
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
+    pid_m = _query_block(HEAVY_FIRST)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     hq = pid_bh % HQ
