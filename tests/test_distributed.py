@@ -7,6 +7,7 @@ FSDP2: patch first, then fully_shard each decoder layer and the root that holds 
 every layer's attention, not through its own forward, so it must stay with the root's parameter group).
 The attention runs through the patch with backend "auto" (the Triton kernels; the interpreter on CPU).
 """
+import gc
 import os
 import socket
 
@@ -80,8 +81,14 @@ def _worker(rank, port, out_dir):
     try:
         for case in CASES:  # one spawn for all cases: starting the processes is most of the time
             torch.save(_run_case(rank, case), os.path.join(out_dir, f"rank{rank}-{case}.pt"))
+            gc.collect()  # DDP's reducer and FSDP2's state sit in reference cycles that hold gloo work objects
+        dist.barrier()  # neither rank tears the group down while the other is still in a collective
     finally:
         dist.destroy_process_group()
+    # The results are on disk. Skip the interpreter's finalization: a CI run aborted there once ("terminate called
+    # without an active exception", SIGABRT in rank 1 after its work), torch's gloo threads being torn down while
+    # they still held Python objects (pytorch/pytorch#179291). An error before this line still fails the test.
+    os._exit(0)
 
 
 def _free_port():
