@@ -6,15 +6,17 @@ from .hf.patch import patch, unpatch
 from .hf.prefix_tuning import PrefixTuning
 
 __all__ = ["prefix_attention", "merge_attention_states", "reference", "PrefixTuning", "patch", "unpatch",
-           "SharedPrefixCache"]
+           "SharedPrefixCache", "StaticSharedPrefixCache"]
+
+_CACHES = ("SharedPrefixCache", "StaticSharedPrefixCache")
 
 
 def __getattr__(name):
-    # SharedPrefixCache subclasses a transformers cache: imported (with transformers) on first use only.
-    if name == "SharedPrefixCache":
-        from .hf.cache import SharedPrefixCache
+    # The caches subclass transformers caches: imported (with transformers) on first use only.
+    if name in _CACHES:
+        from .hf import cache
 
-        return SharedPrefixCache
+        return getattr(cache, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,11 +18,16 @@ unpatched model with an empty prefix (the stock model, through the kernels; pref
 cache passed to the patched model's forward takes the place of the patch's prefix for that forward. On a model that
 is already patched with a learned prefix, from_prompt's prompt attends to that prefix and the cache serves both
 (learned prefix, then prompt), as the patched model would continue them.
+
+StaticSharedPrefixCache is the same with the own tokens in preallocated buffers (transformers' StaticLayer), so
+that generate() compiles its decode step (CUDA graphs on a GPU); its layers and the mask function agree on what a
+step sees (see _OwnStaticLayer).
 """
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, StaticLayer
 
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
@@ -67,17 +72,41 @@ def _check_model(model):
     family_of(model)  # a clear error for families the kernels cannot serve
 
 
-class SharedPrefixCache(DynamicCache):
-    """A DynamicCache of each sequence's own tokens plus one shared prefix K/V per layer (a prefix source).
+def _prompt_kv(model, prompt_ids):
+    """Each layer's K/V of `prompt_ids` ([P] or [1, P]) after the model's patched prefix, if any: [Hkv, P', D]."""
+    ids = torch.as_tensor(prompt_ids, device=next(model.parameters()).device).long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be one non-empty sequence, [P] or [1, P], got shape {tuple(ids.shape)}")
+    state = getattr(model, _STATE_ATTR, None)
+    source = state.source if state is not None else None
+    if getattr(source, "prefix_index", None) is not None:
+        raise ValueError("the model is patched with several prefixes (prefix_index); a shared prompt cache "
+                         "continues one: patch it with one prefix")
+    layers = kv_geometry(model)[0]
+    with torch.no_grad():
+        # A plain cache, so that a patched model attends to its own prefix source.
+        out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, DynamicCache()))
+        prompt = output_cache(out)
+        keys, values = [], []
+        for layer in range(layers):
+            k, v = prompt.layers[layer].keys[0], prompt.layers[layer].values[0]
+            learned = source.layer_prefix(layer) if source is not None else None
+            if learned is None and source is not None and int(source.prefix_length):
+                raise ValueError(f"the model's patched prefix has no K/V on layer {layer}; a prompt cache "
+                                 "over it would misplace positions on that layer")
+            if learned is not None:
+                k = torch.cat([learned[0].detach().to(k.dtype), k], dim=1)
+                v = torch.cat([learned[1].detach().to(v.dtype), v], dim=1)
+            keys.append(k.contiguous())
+            values.append(v.contiguous())
+    return keys, values
 
-    prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE).
-    window: the model's sliding window, if its layers slide: the cache refuses to grow past it (the kernels apply
-    the window to the own keys only, the prefix is always visible).
-    After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
-    """
 
-    def __init__(self, prefix_k, prefix_v, *, window=None):
-        super().__init__()
+class _SharedPrefix:
+    """What both caches share: one prefix K/V per layer (the prefix source interface) and the constructors."""
+
+    def _init_prefix(self, prefix_k, prefix_v, window):
         if len(prefix_k) != len(prefix_v):
             raise ValueError(f"{len(prefix_k)} prefix key tensors but {len(prefix_v)} value tensors")
         well_formed = all(k.dim() == 3 and k.shape == v.shape for k, v in zip(prefix_k, prefix_v))
@@ -92,67 +121,28 @@ class SharedPrefixCache(DynamicCache):
     def layer_prefix(self, layer_idx):
         return self.prefix_k[layer_idx], self.prefix_v[layer_idx]
 
-    # ---- the cache: own tokens only ----
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self.window is not None and self.prefix_length + keys.shape[-2] > self.window:
+    def _check_window(self, own_length):
+        if self.window is not None and self.prefix_length + own_length > self.window:
             raise ValueError(f"the shared prefix ({self.prefix_length} tokens) and the sequences' own tokens "
-                             f"({keys.shape[-2]}) exceed the model's sliding window ({self.window}); "
+                             f"({own_length}) exceed the model's sliding window ({self.window}); "
                              "SharedPrefixCache serves sliding-window models only within their window")
-        return keys, values
-
-    def reset(self):
-        """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch.
-
-        Not DynamicCache.reset(): on transformers 5.17 that zeroes the layers' tensors but keeps their length, and
-        the next generate() would continue after that many zero keys; 5.2x drops them, as this does on both.
-        """
-        for layer in self.layers:
-            layer.keys = layer.values = None
-            layer.is_initialized = False   # the next update() initializes the layer afresh
-            if isinstance(getattr(layer, "cumulative_length", None), int):
-                layer.cumulative_length = 0
 
     # ---- constructors ----
     @classmethod
-    def from_prompt(cls, model, prompt_ids, *, backend="auto"):
+    def from_prompt(cls, model, prompt_ids, *, backend="auto", **options):
         """Run `model` once on `prompt_ids` ([P] or [1, P]) and keep each layer's prompt K/V, once.
 
         model: a supported transformers model, stock or patched (prefix_kernels.patch); an unpatched model is
         patched with an empty prefix (backend is passed to patch() then).
+        options: the cache's own (StaticSharedPrefixCache: max_cache_len).
         """
         _check_model(model)
-        ids = torch.as_tensor(prompt_ids, device=next(model.parameters()).device).long()
-        ids = ids[None] if ids.dim() == 1 else ids
-        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(f"prompt_ids must be one non-empty sequence, [P] or [1, P], got shape {tuple(ids.shape)}")
-        state = getattr(model, _STATE_ATTR, None)
-        source = state.source if state is not None else None
-        if getattr(source, "prefix_index", None) is not None:
-            raise ValueError("the model is patched with several prefixes (prefix_index); a shared prompt cache "
-                             "continues one: patch it with one prefix")
-        layers = kv_geometry(model)[0]
-        with torch.no_grad():
-            # A plain cache, so that a patched model attends to its own prefix source.
-            out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, DynamicCache()))
-            prompt = output_cache(out)
-            keys, values = [], []
-            for layer in range(layers):
-                k, v = prompt.layers[layer].keys[0], prompt.layers[layer].values[0]
-                learned = source.layer_prefix(layer) if source is not None else None
-                if learned is None and source is not None and int(source.prefix_length):
-                    raise ValueError(f"the model's patched prefix has no K/V on layer {layer}; a prompt cache "
-                                     "over it would misplace positions on that layer")
-                if learned is not None:
-                    k = torch.cat([learned[0].detach().to(k.dtype), k], dim=1)
-                    v = torch.cat([learned[1].detach().to(v.dtype), v], dim=1)
-                keys.append(k.contiguous())
-                values.append(v.contiguous())
+        keys, values = _prompt_kv(model, prompt_ids)
         _ensure_patched(model, backend)
-        return cls(keys, values, window=_sliding_window(model))
+        return cls(keys, values, window=_sliding_window(model), **options)
 
     @classmethod
-    def from_prefix(cls, model, prefix, *, backend="auto"):
+    def from_prefix(cls, model, prefix, *, backend="auto", **options):
         """Serve a learned prefix: any prefix source (PrefixTuning, PrefixTuning.export(), ...), copied detached.
 
         The sequences continue the prefix alone (the model's own patched prefix, if any, is not added).
@@ -180,4 +170,104 @@ class SharedPrefixCache(DynamicCache):
                 keys.append(k)
                 values.append(v)
         _ensure_patched(model, backend)
-        return cls(keys, values, window=_sliding_window(model))
+        return cls(keys, values, window=_sliding_window(model), **options)
+
+
+class SharedPrefixCache(_SharedPrefix, DynamicCache):
+    """A DynamicCache of each sequence's own tokens plus one shared prefix K/V per layer (a prefix source).
+
+    prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE).
+    window: the model's sliding window, if its layers slide: the cache refuses to grow past it (the kernels apply
+    the window to the own keys only, the prefix is always visible).
+    After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
+    StaticSharedPrefixCache is the same with preallocated own tokens, for compiled (CUDA-graph) decoding.
+    """
+
+    def __init__(self, prefix_k, prefix_v, *, window=None):
+        DynamicCache.__init__(self)
+        self._init_prefix(prefix_k, prefix_v, window)
+
+    # ---- the cache: own tokens only ----
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._check_window(keys.shape[-2])
+        return keys, values
+
+    def reset(self):
+        """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch.
+
+        Not DynamicCache.reset(): on transformers 5.17 that zeroes the layers' tensors but keeps their length, and
+        the next generate() would continue after that many zero keys; 5.2x drops them, as this does on both.
+        """
+        for layer in self.layers:
+            layer.keys = layer.values = None
+            layer.is_initialized = False   # the next update() initializes the layer afresh
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = 0
+
+
+class _OwnStaticLayer(StaticLayer):
+    """A StaticLayer of the sequences' own tokens: [B, Hkv, max_cache_len, D], allocated once, written in place.
+
+    What update() returns follows the kernels' causal alignment (the last query sees the last key). One new token
+    (a decode step: what generate() compiles) gets the whole buffer, at a fixed address and shape; the slots not
+    written yet are hidden by the mask (hf/attention.py's padding_mask_function). Several new tokens (the prefill,
+    which generate() runs eagerly) get exactly the keys written so far, a host sync that only prefills pay.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[-2]
+        if new == 1:
+            return super().update(key_states, value_states, *args, **kwargs)
+        written = int(self.cumulative_length) + new
+        if written > self.max_cache_len:
+            raise ValueError(f"the sequences' own tokens ({written}) exceed the StaticSharedPrefixCache's "
+                             f"max_cache_len ({self.max_cache_len}); size it for the longest row's own tokens "
+                             "plus max_new_tokens")
+        if self.is_initialized and key_states.shape[0] != self.batch_size:
+            raise ValueError(f"this StaticSharedPrefixCache holds batches of {self.batch_size} rows, got "
+                             f"{key_states.shape[0]}: build one cache per batch size")
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, :written], values[:, :, :written]
+
+
+class StaticSharedPrefixCache(_SharedPrefix, Cache):
+    """SharedPrefixCache with the own tokens preallocated (max_cache_len per row): generate() compiles its decode
+    step with this cache (transformers' automatic compilation of compileable caches on GPUs: torch.compile,
+    mode "reduce-overhead", i.e. CUDA graphs), which removes the per-layer host time of an eager decode step.
+
+        cache = StaticSharedPrefixCache.from_prompt(model, prompt_ids, max_cache_len=suffix_width + max_new_tokens)
+
+    The buffers take their batch size from the first batch: reset() between batches of that size.
+    """
+
+    def __init__(self, prefix_k, prefix_v, *, max_cache_len, window=None):
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive int (own tokens per row), got {max_cache_len!r}")
+        self._init_prefix(prefix_k, prefix_v, window)
+        self._check_window(max_cache_len)
+        Cache.__init__(self, layers=[_OwnStaticLayer(max_cache_len=max_cache_len) for _ in self.prefix_k])
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: the compiled step reads the prefix in place. Unmarked, CUDA-graph replays would copy
+            # every layer's prefix into the graph's own inputs on every step.
+            for t in self.prefix_k + self.prefix_v:
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self):
+        """Forget the own tokens (the prefix stays); the buffers keep their address for the compiled step."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.zero_()
+
+    def load_prompt(self, model, prompt_ids):
+        """Serve another prompt of the same length: its K/V is written over the prefix in place (the compiled step
+        and its CUDA graphs stay valid), and the own tokens are forgotten."""
+        keys, values = _prompt_kv(model, prompt_ids)
+        if keys[0].shape != self.prefix_k[0].shape:
+            raise ValueError(f"load_prompt replaces the prefix in place: the new prompt's K/V per layer is "
+                             f"{tuple(keys[0].shape)}, the cache's {tuple(self.prefix_k[0].shape)}; build a new cache "
+                             "for another length")
+        with torch.no_grad():
+            for target, source in zip(self.prefix_k + self.prefix_v, keys + values):
+                target.copy_(source)
+        self.reset()

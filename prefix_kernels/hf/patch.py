@@ -81,8 +81,11 @@ def kv_geometry(model) -> tuple[int, int, int]:
     return len(attention_modules(model)), heads_kv, head_dim
 
 
-def _cache_length(cache) -> int:
-    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+def _cache_length(cache):
+    """The tokens a cache holds: an int, or for a static cache a 0-d tensor (StaticLayer counts on the device;
+    reading it would sync the host and break a compiled graph)."""
+    length = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    return length if isinstance(length, torch.Tensor) else int(length)
 
 
 def serves_prefix(cache) -> bool:
@@ -97,13 +100,17 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
     model's own tokens from 0 (generate() derives them from the padding mask), so they are shifted by P too,
     unless the caller already did (PEFT shifts them itself: shift_given=False). A cache that serves a prefix
     (serves_prefix) is the source of this forward, in place of `source`, for the attention `modules` too."""
-    var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    # Positional arguments by name, without inspect's binding at call time: under torch.compile (a static cache's
+    # decode step) dynamo cannot trace Signature.bind on transformers 5.17 (a mappingproxy it sees mutated).
+    positional = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # of the bound forward: no self
 
     def hook(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        arguments = dict(bound)
-        if var_kw is not None:
-            arguments.update(arguments.pop(var_kw, {}))
+        if len(args) > len(positional):
+            raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments; the prefix_kernels "
+                            f"patch names at most {len(positional)} ({', '.join(positional)})")
+        arguments = dict(zip(positional, args))
+        arguments.update(kwargs)
         cache = arguments.get("cache", arguments.get("past_key_values"))
         active = cache if serves_prefix(cache) else source
         for attention in modules:
@@ -118,14 +125,19 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         batch, seq = tokens.shape[:2]
         prefix_len = int(active.prefix_length)
         past = _cache_length(cache)
+        # The checks below need the length on the host. A static cache counts on the device: it is read (a sync)
+        # for a prefill only, never in a compiled step; its decode steps get a mask over the whole buffer, which
+        # passes the reset check anyway.
+        checked = past if isinstance(past, int) else \
+            (int(past) if seq > 1 and not torch.compiler.is_compiling() else 0)
         mask = arguments.get("attention_mask")
-        if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and past and \
-                mask.shape[1] < past + seq:
+        if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and checked and \
+                mask.shape[1] < checked + seq:
             # A fresh batch on a cache that still holds an earlier batch's own tokens would attend to them.
-            raise ValueError(f"this SharedPrefixCache already holds {past} own tokens per row from an earlier "
+            raise ValueError(f"this SharedPrefixCache already holds {checked} own tokens per row from an earlier "
                              f"call, but the attention mask covers only {mask.shape[1]} keys; call "
                              "cache.reset() before serving a new batch with it")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and \
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and isinstance(past, int) and \
                 mask.shape[1] == prefix_len + past + seq:
             mask = mask[:, prefix_len:]
             arguments["attention_mask"] = mask

@@ -1,0 +1,152 @@
+"""StaticSharedPrefixCache: the own tokens preallocated, so that generate() can compile its decode step.
+
+What a GPU run compiles (torch.compile, mode "reduce-overhead": CUDA graphs) is checked here on CPU through the same
+door: transformers' automatic compilation of compileable caches (on CPU only when the compile config asks), with
+fullgraph=True, so that a graph break, a host sync or a recompilation per step fails the test.
+"""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.attention import padding_mask_function  # noqa: E402
+from test_cache import (NEW, PROMPT, SUFFIXES, VOCAB, generate, left_padded, random_inputs, rows_of,  # noqa: E402
+                        stock_rows, tiny_model)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield
+
+
+def static_cache(model, prompt, width, new=NEW, backend="auto"):
+    return prefix_kernels.StaticSharedPrefixCache.from_prompt(model, prompt, max_cache_len=width + new,
+                                                              backend=backend)
+
+
+def compiled_decode(device):
+    """generate()'s compile config with fullgraph: one graph for the decode step or an error. On a GPU what
+    generate() uses by default (inductor, "reduce-overhead": CUDA graphs); on CPU dynamo alone (backend "eager",
+    the kernels under the interpreter), forced there by the config's flag."""
+    if device.type == "cuda":
+        return dict(compile_config=transformers.CompileConfig(fullgraph=True))
+    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = True
+    return dict(compile_config=config)
+
+
+def scores(model, ids, mask, cache, **options):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                             do_sample=False, pad_token_id=0, past_key_values=cache, output_logits=True,
+                             return_dict_in_generate=True, **options)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def test_mask_of_a_static_decode_step():
+    """One query over a static layer's whole buffer: the written slots (q_offset of them, plus the one being
+    written) that the padding mask keeps; nothing past them."""
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    got = padding_mask_function(2, 1, 7, q_offset=torch.tensor(3), attention_mask=mask)
+    assert torch.equal(got, torch.tensor([[0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool))
+    got = padding_mask_function(2, 1, 7, q_offset=torch.tensor(3), attention_mask=None)
+    assert torch.equal(got, torch.tensor([[1, 1, 1, 1, 0, 0, 0]] * 2, dtype=torch.bool))
+    # a dynamic cache (q_offset an int): the keys are exactly the mask's, as before
+    assert padding_mask_function(2, 1, 4, q_offset=3, attention_mask=None) is None
+    assert torch.equal(padding_mask_function(2, 1, 4, q_offset=3, attention_mask=mask), mask.bool())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_equals_stock_and_the_dynamic_cache(family):
+    model = tiny_model(family)
+    prompt, suffixes = random_inputs()
+    want = stock_rows(model, prompt, suffixes)
+    ids, mask = left_padded(suffixes)
+    dynamic = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    want_ids, want_logits = scores(model, ids, mask, dynamic)
+
+    cache = static_cache(model, prompt, ids.shape[1])
+    assert cache.is_compileable and cache.prefix_length == PROMPT
+    got_ids, got_logits = scores(model, ids, mask, cache)
+    for i, (got, expected) in enumerate(zip(rows_of(got_ids, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    # the own part is one preallocated buffer per layer; the last generated token is not fed back
+    assert cache.layers[0].keys.shape[:3] == (len(SUFFIXES), 2, ids.shape[1] + NEW)
+    assert int(cache.get_seq_length()) == ids.shape[1] + NEW - 1
+
+    # reset() keeps the prompt and the buffers (their addresses: the compiled step's inputs)
+    address = cache.layers[0].keys.data_ptr()
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0
+    again, again_logits = scores(model, ids, mask, cache)
+    assert torch.equal(again, got_ids) and cache.layers[0].keys.data_ptr() == address
+    torch.testing.assert_close(again_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decode_step_is_one_graph_and_equals_stock(device):
+    """The decode step through the Triton kernels (the custom op), compiled whole: tokens equal the stock model's,
+    one graph for every step and both batches (a recompilation per step would be a new graph)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama").to(device)
+    prompt, suffixes = random_inputs()
+    prompt, suffixes = prompt.to(device), [s.to(device) for s in suffixes]
+    want = stock_rows(model, prompt, suffixes)
+    ids, mask = (t.to(device) for t in left_padded(suffixes))
+    cache = static_cache(model, prompt, ids.shape[1], backend="triton")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        out = generate(model, ids, mask, past_key_values=cache, **compiled_decode(device))
+        for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+            assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+        cache.reset()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_load_prompt_replaces_the_prefix_in_place():
+    model = tiny_model("llama")
+    prompt, suffixes = random_inputs()
+    other = torch.randint(2, VOCAB, (PROMPT,))
+    ids, mask = left_padded(suffixes)
+    cache = static_cache(model, prompt, ids.shape[1])
+    generate(model, ids, mask, past_key_values=cache)
+    address = cache.prefix_k[0].data_ptr()
+    cache.load_prompt(model, other)
+    assert cache.prefix_k[0].data_ptr() == address and int(cache.get_seq_length()) == 0
+    out = generate(model, ids, mask, past_key_values=cache)
+    for got, expected in zip(rows_of(out, suffixes, ids.shape[1]), stock_rows(model, other, suffixes)):
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="another length"):
+        cache.load_prompt(model, other[:-1])
+
+
+def test_refusals():
+    model = tiny_model("llama")
+    prompt, suffixes = random_inputs()
+    ids, mask = left_padded(suffixes)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        prefix_kernels.StaticSharedPrefixCache.from_prompt(model, prompt, max_cache_len=0)
+    cache = static_cache(model, prompt, ids.shape[1] - 1, new=0)  # no room for the suffixes
+    with pytest.raises(ValueError, match="exceed the StaticSharedPrefixCache's max_cache_len"):
+        generate(model, ids, mask, past_key_values=cache)
+    cache = static_cache(model, prompt, ids.shape[1])
+    generate(model, ids, mask, past_key_values=cache)
+    # a new batch without reset() would continue after the old rows' tokens
+    with pytest.raises(ValueError, match="reset"):
+        generate(model, ids, mask, past_key_values=cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="holds batches of 3 rows"):
+        generate(model, ids[:2], mask[:2], past_key_values=cache)
+    config = transformers.MistralConfig(**{**model.config.to_dict(), "model_type": "mistral"},
+                                        sliding_window=PROMPT + 4)
+    mistral = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="sliding window"):
+        static_cache(mistral, prompt, ids.shape[1])
