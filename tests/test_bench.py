@@ -54,7 +54,7 @@ def test_smoke_writes_json_and_markdown(smoke):
     for provider in ("ours-triton", "naive", "prebuilt", "flex"):
         assert ("fwd+bwd", provider) in ops
     assert {("train_step", "peft"), ("train_step", "ours"), ("train_step", "ours-checkpointed"),
-            ("generate", "hf-generate"), ("generate", "ours-shared-cache")} <= ops
+            ("generate", "hf-generate"), ("generate", "ours-shared-cache"), ("generate", "ours-static-cache")} <= ops
     md = (out / "smoke.md").read_text()
     assert "mean nothing" in md
     for heading in ("## forward", "## fwd+bwd", "## decode", "## model level"):
@@ -138,7 +138,8 @@ def test_model_rows_of_ours_run_and_are_correct(smoke):
         for row in rows:  # train_step: ours and ours-checkpointed (the same loss with recomputation)
             assert row["status"] == "ok", row.get("reason")
             assert row["correct"] is True
-    assert _rows(result, kind="model", op="generate", role="ours")[0]["token_match"] == 1.0
+    for row in _rows(result, kind="model", op="generate", role="ours"):  # the dynamic and the static cache
+        assert row["token_match"] == 1.0, row["provider"]
 
 
 def test_low_precision_generate_check_flags_wrong_logits_not_ties():
@@ -192,7 +193,8 @@ def test_model_rows_time_the_cuda_backend_only_where_it_serves_the_model(monkeyp
     assert _ours_variants(bf16, "cuda") == [("ours", "auto"), ("ours-cuda", "cuda")]
     assert _ours_variants(bf16, "cpu") == _ours_variants(fp32, "cuda") == _ours_variants(odd, "cuda") \
         == [("ours", "auto")]
-    assert count_model_rows([bf16, fp32, odd], "cuda") == 4 + 3 + 2  # train_steps add ours-checkpointed
+    # train_steps add ours-checkpointed, generates ours-static-cache
+    assert count_model_rows([bf16, fp32, odd], "cuda") == 4 + 3 + 3
     monkeypatch.setattr(cuda, "UNAVAILABLE_REASON", "not built")
     assert _ours_variants(bf16, "cuda") == [("ours", "auto")]
 

@@ -8,6 +8,8 @@ train_step: one prefix-tuning optimizer step (forward, backward, AdamW on the pr
 generate: greedy `generate` of new tokens for B rows that share one prompt.
     hf-generate = stock HF generate with the prompt repeated in each row.
     ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt`.
+    ours-static-cache = the same with `StaticSharedPrefixCache` (kept across calls, the prompt reloaded in place),
+            whose decode step transformers compiles on a GPU (CUDA graphs).
     fp32: its new tokens must equal stock's; bf16/fp16: its logits, teacher-forced on stock's
     tokens, must match stock's within the dtype's noise (_teacher_forced_check says why tokens cannot be the check).
 Peak memory is what the step allocated beyond what was resident before it (weights, optimizer state, inputs).
@@ -178,15 +180,27 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
     rows = [_guarded(_row(case, "hf-generate", "baseline", "stock HF generate, prompt repeated in every row"),
                      stock_body, progress)]
 
-    def ours_body(backend):
-        produced = {}
+    def ours_body(backend, static=False):
+        produced, held = {}, {}
         if getattr(model, _STATE_ATTR, None) is not None:
             prefix_kernels.unpatch(model)  # from_prompt patches the model for `backend` on first use
 
+        def prompt_cache():
+            """The prompt's KV, once per generate (inside the timing): a new SharedPrefixCache, or the one
+            StaticSharedPrefixCache refilled in place (its compiled step and CUDA graphs stay valid), as a server
+            would keep it."""
+            if not static:
+                return prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None], backend=backend)
+            if "cache" in held:
+                held["cache"].load_prompt(model, prompt[None])
+            else:
+                held["cache"] = prefix_kernels.StaticSharedPrefixCache.from_prompt(
+                    model, prompt[None], backend=backend, max_cache_len=case.seq + case.new_tokens)
+            return held["cache"]
+
         def ours():
             with torch.no_grad():
-                # the prompt's KV, once, inside the timing
-                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None], backend=backend)
+                cache = prompt_cache()
                 out = model.generate(input_ids=suffixes, attention_mask=suffix_mask, **cache_kwargs(model, cache),
                                      **options)
             produced["new"] = out[:, -case.new_tokens:]
@@ -202,7 +216,7 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
                 result.update(correct=match == 1.0)
         if "logits" in stock_tokens:
             with torch.no_grad():
-                cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt[None], backend=backend)
+                cache = prompt_cache()
                 _, logits = _recorded_generate(model, suffixes, suffix_mask, options, force=stock_tokens["tokens"],
                                                **cache_kwargs(model, cache))
             result.update(_teacher_forced_check(logits, stock_tokens["logits"], stock_tokens["tokens"], case))
@@ -213,6 +227,13 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
         rows.append(_guarded(_row(case, provider.replace("ours", "ours-shared-cache"), "ours",
                                   "generate on own tokens with SharedPrefixCache.from_prompt (prompt KV stored once, "
                                   f"backend={backend!r})"), functools.partial(ours_body, backend), progress))
+    # transformers compiles the decode step of a compileable cache on a GPU (torch.compile, "reduce-overhead":
+    # CUDA graphs); the first, untimed call pays the compilation. Triton: the faster decode replayed from graphs.
+    static_backend = "triton" if torch.device(device).type == "cuda" else "auto"
+    rows.append(_guarded(_row(case, "ours-static-cache", "ours",
+                              "generate with StaticSharedPrefixCache (own tokens preallocated, the decode step "
+                              f"compiled by transformers on a GPU: CUDA graphs), backend={static_backend!r}"),
+                         functools.partial(ours_body, static_backend, static=True), progress))
     del model
     _free(device)
     return rows
@@ -307,5 +328,6 @@ def _ours_variants(case: ModelCase, device) -> list[tuple[str, str]]:
 
 
 def count_model_rows(cases, device) -> int:
-    """Rows per case: the baseline, ours per backend, and ours-checkpointed for a train_step."""
-    return sum(1 + len(_ours_variants(case, device)) + (case.op == "train_step") for case in cases)
+    """Rows per case: the baseline, ours per backend, and ours-checkpointed (train_step) or ours-static-cache
+    (generate)."""
+    return sum(2 + len(_ours_variants(case, device)) for case in cases)
