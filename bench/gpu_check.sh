@@ -122,7 +122,7 @@ if [ $tune_backward = 1 ]; then
 fi
 if [ $bench = 1 ]; then
   echo "== benchmarks: anchors preset"
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
+  timeout "${BENCH_TIMEOUT:-450}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
     | tail -n 20 | tee -a "$out/log.txt"
 fi
 
