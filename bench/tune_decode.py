@@ -1,8 +1,9 @@
 """Time the Triton decode at the ANCHORS decode shapes with each launch choice it has (GPU only).
 
 The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
-uses, and the default with the interleaved program order (DecodeConfig.interleave), each replayed from a CUDA
-graph (device time only), and the PyTorch split baseline in the same run. Used to pick the decode entries of
+uses, the default with the interleaved program order (DecodeConfig.interleave), and where the packed rows span
+several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each replayed from a CUDA graph (device
+time only), and the PyTorch split baseline in the same run. Used to pick the decode entries of
 prefix_kernels/triton/configs.py; not a pass/fail test.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 from prefix_kernels.bench.cases import get_preset
 from prefix_kernels.bench.providers import PROVIDERS, make_inputs
 from prefix_kernels.bench.timing import bench_ms, graph_bench_ms
-from prefix_kernels.triton.configs import decode_config
+from prefix_kernels.triton.configs import DECODE_ONE_BLOCK_ROWS, HOPPER_DECODE_PREFIX_CANDIDATES, decode_config
 from prefix_kernels.triton.decode import prefix_attention_decode
 from prefix_kernels.triton.forward import _has_tma
 
@@ -44,6 +45,11 @@ def main(argv=None):
         configs = {"default": None,
                    "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=False),
                    "interleaved": replace(default, interleave=True)}
+        # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
+        # GPU at every shape, so that the smoke check runs them
+        if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":
+            configs.update({name: replace(default, prefix=prefix)
+                            for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items()})
         row = dict(label=case.label, times_ms={})
         for name, config in configs.items():
             def run(config=config):

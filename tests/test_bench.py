@@ -252,5 +252,8 @@ def test_decode_tile_sweep_script_runs(tmp_path):
                              device, "--json", str(out)], env=env, timeout=600, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())["results"]
-    assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "split"}
+    from prefix_kernels.triton.configs import HOPPER_DECODE_PREFIX_CANDIDATES
+
+    taller = set(HOPPER_DECODE_PREFIX_CANDIDATES) if device == "cpu" else set()  # on a GPU: past 128 rows only
+    assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "split"} | taller
     assert all(t > 0 for t in row["times_ms"].values())

@@ -220,6 +220,13 @@ class DecodeConfig:
 # (bench/results/nvidia-h100-80gb-hbm3/tune_decode.json): B=256 G=4 P=4096 0.144 vs 0.158 ms for the pointer tile,
 # B=256 G=4 P=16384 0.190 vs 0.220; at 64 packed rows both took 0.131 ms.
 HOPPER_DECODE_PREFIX_CONFIGS = {128: ForwardConfig(64, 64, 4, 3, tma=True)}
+# Taller prefix tiles for the compute-bound serving case (B=256 G=4 P=16384 ran at 51% of its compute floor with the
+# 64-row tile: ~360 TFLOP/s in the kernel): timed against the default by bench/tune_decode.py on sm_90, not chosen
+# by decode_config until a GPU run shows one faster. ptxas for sm_90 (bf16, D=128): these three spill nothing;
+# 128 x 128 and 64 x 128 tiles spilled 68 bytes at 255 registers, 128 x 64 on 4 warps 980 bytes (not candidates).
+HOPPER_DECODE_PREFIX_CANDIDATES = {"tma-128x64": ForwardConfig(128, 64, 8, 3, tma=True),
+                                   "tma-128x64-2st": ForwardConfig(128, 64, 8, 2, tma=True),
+                                   "tma-128x32": ForwardConfig(128, 32, 8, 3, tma=True)}
 # Up to this many packed rows one block holds them all and the prefix is read from memory exactly once, which is
 # what the memory-bound cases need (B=128 G=1 P=16384: 89% of the copy floor on the H100 with one 128-row block).
 DECODE_ONE_BLOCK_ROWS = 128

@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, decode_launch_space
+from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, HOPPER_DECODE_PREFIX_CANDIDATES, decode_config, \
+    decode_launch_space
 from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch, merge_partials_launch, \
     merge_two_launch
 from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
@@ -48,6 +49,11 @@ def decode_cases():
             p, o = config.prefix, config.own
             yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}-w{kwargs['num_warps']}"
                    f"-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-interleave-none"), _decode_partials, args, kwargs
+    # The taller prefix tiles that bench/tune_decode.py times on sm_90 (bf16, head dim 128, the serving case).
+    for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items():
+        config = replace(decode_config(128, torch.bfloat16, 1024, 4, tma_capable=True), prefix=prefix)
+        _, args, kwargs = _decode_case(128, torch.bfloat16, config, {**NO_FEATURES, "causal": True})
+        yield f"dec-bfloat16-d128-{name}-tma-tune-none", _decode_partials, args, kwargs
     for dtype in FLOAT_DTYPES:
         dtype_name = str(dtype).removeprefix("torch.")
         for block_d in BLOCK_D_CHOICES:
