@@ -89,6 +89,20 @@ def test_greedy_equals_stock_and_the_dynamic_cache(family):
     torch.testing.assert_close(again_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "gemma"])
+def test_other_families_equal_stock(family):
+    """Learned positions (GPT-2), OPT's positions from the mask, GPT-NeoX's partial rotary, Gemma: per row equal."""
+    from test_hf import CONFIGS
+
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
+    prompt, suffixes = random_inputs()
+    want = stock_rows(model, prompt, suffixes)
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, past_key_values=static_cache(model, prompt, ids.shape[1]))
+    for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+
+
 def test_compiled_decode_step_is_one_graph_and_equals_stock(device):
     """The decode step through the Triton kernels (the custom op), compiled whole: tokens equal the stock model's,
     one graph for every step and both batches (a recompilation per step would be a new graph)."""
