@@ -151,6 +151,11 @@ def test_refusals():
     cache = static_cache(model, prompt, ids.shape[1] - 1, new=0)  # no room for the suffixes
     with pytest.raises(ValueError, match="exceed the StaticSharedPrefixCache's max_cache_len"):
         generate(model, ids, mask, past_key_values=cache)
+    cache = static_cache(model, prompt, ids.shape[1], new=2)  # room for 2 of the NEW tokens: refused at the third
+    room = ids.shape[1] + 2
+    with pytest.raises(ValueError, match=rf"\({room} \+ 1\) exceed the StaticSharedPrefixCache's max_cache_len "
+                                         rf"\({room}\)"):
+        generate(model, ids, mask, past_key_values=cache)
     cache = static_cache(model, prompt, ids.shape[1])
     generate(model, ids, mask, past_key_values=cache)
     # a new batch without reset() would continue after the old rows' tokens

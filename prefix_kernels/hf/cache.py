@@ -219,11 +219,7 @@ class _OwnStaticLayer(StaticLayer):
         new = key_states.shape[-2]
         if new == 1:
             return super().update(key_states, value_states, *args, **kwargs)
-        written = int(self.cumulative_length) + new
-        if written > self.max_cache_len:
-            raise ValueError(f"the sequences' own tokens ({written}) exceed the StaticSharedPrefixCache's "
-                             f"max_cache_len ({self.max_cache_len}); size it for the longest row's own tokens "
-                             "plus max_new_tokens")
+        written = int(self.cumulative_length) + new  # (its room was checked by the patch's hook: check_room)
         if self.is_initialized and key_states.shape[0] != self.batch_size:
             raise ValueError(f"this StaticSharedPrefixCache holds batches of {self.batch_size} rows, got "
                              f"{key_states.shape[0]}: build one cache per batch size")
@@ -258,6 +254,15 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.cumulative_length.zero_()
+
+    def check_room(self, held, new):
+        """Called by the patch before each eager forward (not in a compiled step, where an overflow is a
+        device-side assert): `new` tokens after `held` must fit the buffers."""
+        room = self.layers[0].max_cache_len
+        if held + new > room:
+            raise ValueError(f"the sequences' own tokens ({held} + {new}) exceed the StaticSharedPrefixCache's "
+                             f"max_cache_len ({room}): size it for the suffix width plus max_new_tokens, and reset() "
+                             "it before each new batch")
 
     def load_prompt(self, model, prompt_ids):
         """Serve another prompt of the same length: its K/V is written over the prefix in place (the compiled step

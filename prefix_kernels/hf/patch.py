@@ -88,6 +88,10 @@ def _cache_length(cache):
     return length if isinstance(length, torch.Tensor) else int(length)
 
 
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def serves_prefix(cache) -> bool:
     """Whether a cache passed to the model is itself a prefix source (SharedPrefixCache): it then replaces the
     patch's source for that forward, and its own layers hold only the sequences' own tokens."""
@@ -125,11 +129,12 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         batch, seq = tokens.shape[:2]
         prefix_len = int(active.prefix_length)
         past = _cache_length(cache)
-        # The checks below need the length on the host. A static cache counts on the device: it is read (a sync)
-        # for a prefill only, never in a compiled step; its decode steps get a mask over the whole buffer, which
-        # passes the reset check anyway.
-        checked = past if isinstance(past, int) else \
-            (int(past) if seq > 1 and not torch.compiler.is_compiling() else 0)
+        # The checks below need the length on the host. A static cache counts on the device: it is read (one sync
+        # per forward) in eager forwards only, never in a compiled step or a CUDA-graph capture.
+        host_reads = not torch.compiler.is_compiling() and not _capturing(tokens.device)
+        checked = past if isinstance(past, int) else (int(past) if host_reads else 0)
+        if host_reads and hasattr(cache, "check_room"):
+            cache.check_room(checked, seq)
         mask = arguments.get("attention_mask")
         if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and checked and \
                 mask.shape[1] < checked + seq:
