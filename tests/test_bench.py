@@ -36,6 +36,31 @@ def smoke(tmp_path_factory):
     return out, run(args, extra_providers=[WRONG])
 
 
+def _sends_sigterm(case, inputs):
+    """What `timeout` does to a run past its limit: SIGTERM, here while this provider's row is set up."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    return _drops_the_prefix(case, inputs)
+
+
+def test_a_run_stopped_by_sigterm_writes_the_rows_it_finished(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    args = parse_args(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--quiet",
+                       "--warmup-ms", "1", "--rep-ms", "1", "--ops", "forward", "--providers", "naive"])
+    stopper = Provider("stopper", "sends SIGTERM (test only)", "ours", ("forward",), _sends_sigterm)
+    result = run(args, extra_providers=[stopper])
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+    assert "SIGTERM" in result["interrupted"]
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["interrupted"] == result["interrupted"]
+    finished = [(r["op"], r["provider"], r["status"]) for r in data["rows"]]
+    assert finished == [("forward", "naive", "ok")]  # the naive row before the stop, none after it
+    assert "Interrupted" in (tmp_path / "smoke.md").read_text()
+
+
 def _rows(result, **match):
     return [r for r in result["rows"] if all(r.get(k) == v for k, v in match.items())]
 

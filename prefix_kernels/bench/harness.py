@@ -190,9 +190,11 @@ def case_tensors(case: OpCase, device):
     return inputs, dout, reference_result(case, inputs, dout)
 
 
-def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, progress: Progress | None = None):
-    """Every applicable (case, provider) pair, measured in this process. Returns a list of row dicts."""
-    rows = []
+def run_ops(cases, providers, *, device, ceilings, warmup_ms=25, rep_ms=100, progress: Progress | None = None,
+            sink: list | None = None):
+    """Every applicable (case, provider) pair, measured in this process. Returns a list of row dicts, appended to
+    `sink` (when given) as each finishes, so that an interrupted run keeps them."""
+    rows = sink if sink is not None else []
     device = torch.device(device)
     for case in cases:
         floor = floor_ms(case, ceilings)

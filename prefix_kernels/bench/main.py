@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +52,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class Interrupted(BaseException):
+    """SIGTERM (what `timeout` sends) during the rows. A BaseException: the per-row guards, which catch Exception
+    so that one broken provider does not sink the run, let it through to run()."""
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Turn SIGTERM into Interrupted while the rows run (main thread only: where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args, extra_providers=()) -> dict:
     """Run what `args` selects; returns the result dict (also written to disk). Tests call this directly."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -76,25 +101,32 @@ def run(args, extra_providers=()) -> dict:
     started = time.perf_counter()
     total = harness.count_op_rows(preset.ops, providers) + models.count_model_rows(preset.models, device)
     progress = harness.Progress(total, enabled=not args.no_progress)
-    try:
-        ceilings = measure_ceilings(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-        rows = harness.run_ops(preset.ops, providers, device=device, ceilings=ceilings, warmup_ms=args.warmup_ms,
-                               rep_ms=args.rep_ms, progress=progress)
-        if preset.models:
-            try:
-                import peft  # noqa: F401
-                import transformers  # noqa: F401
-            except ImportError as exc:
-                rows += [dict(kind="model", op=c.op, case=c.as_dict(), label=c.label, provider="all", role="baseline",
-                              description="model-level rows", status="n/a",
-                              reason=f"transformers and peft are needed ({exc})") for c in preset.models]
-            else:
-                rows += models.run_models(preset.models, device, progress)
-    finally:
-        progress.close()
+    ceilings = measure_ceilings(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    rows: list[dict] = []  # filled row by row: a run stopped by a time limit still writes what it finished
+    interrupted = None
+    with _interruptible():
+        try:
+            harness.run_ops(preset.ops, providers, device=device, ceilings=ceilings, warmup_ms=args.warmup_ms,
+                            rep_ms=args.rep_ms, progress=progress, sink=rows)
+            if preset.models:
+                try:
+                    import peft  # noqa: F401
+                    import transformers  # noqa: F401
+                except ImportError as exc:
+                    rows += [dict(kind="model", op=c.op, case=c.as_dict(), label=c.label, provider="all",
+                                  role="baseline", description="model-level rows", status="n/a",
+                                  reason=f"transformers and peft are needed ({exc})") for c in preset.models]
+                else:
+                    models.run_models(preset.models, device, progress, sink=rows)
+        except Interrupted as exc:
+            interrupted = f"stopped by {exc} after {len(rows)} of {total} rows"
+            progress.write(f"interrupted: {interrupted}; writing the rows finished so far")
+        finally:
+            progress.close()
     report.ratios(rows)
     result = dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
-                  tolerance=harness.TOLERANCE, rows=rows, wall_s=time.perf_counter() - started)
+                  tolerance=harness.TOLERANCE, rows=rows, wall_s=time.perf_counter() - started,
+                  interrupted=interrupted)
     plot_files, plot_note = report.plots(result, out_dir, preset_name)
     result.update(plots=plot_files, plots_note=plot_note)
     md = report.markdown(result)
@@ -118,4 +150,4 @@ def main(argv=None) -> int:
     wrong = [r for r in result["rows"] if r.get("correct") is False]
     for row in wrong:
         print(f"WRONG: {row['provider']} on {row['op']} {row['label']}", file=sys.stderr)
-    return 1 if wrong else 0
+    return 1 if wrong or result["interrupted"] else 0

@@ -298,8 +298,9 @@ def _teacher_forced_check(ours, stock, tokens, case) -> dict:
                 correct=rel_err <= tolerance and decisive_misses == 0)
 
 
-def run_models(cases, device, progress=None) -> list[dict]:
-    rows = []
+def run_models(cases, device, progress=None, sink: list | None = None) -> list[dict]:
+    """The model rows of `cases`, appended to `sink` (when given) case by case."""
+    rows = sink if sink is not None else []
     with warnings.catch_warnings():
         # transformers/PEFT deprecation notices (past_key_values -> cache, ...) are not ours to act on here
         warnings.simplefilter("ignore", FutureWarning)

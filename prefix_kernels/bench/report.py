@@ -153,6 +153,8 @@ def markdown(result: dict) -> str:
              f"{env['date']}; {versions}; commit `{env['commit'][:12]}`{dirty}.", ""]
     if env["cpu_timings_meaningless"]:
         lines += [f"**{CPU_WARNING}**", ""]
+    if result.get("interrupted"):
+        lines += [f"**Interrupted ({result['interrupted']}): only the rows finished before are below.**", ""]
     lines += [f"Ceilings measured in this run: copy {ceil['bandwidth_bytes_per_s'] / 1e12:.3g} TB/s (bytes read + "
               f"written), {ceil['matmul_dtype']} {ceil['matmul_n']}^3 matmul "
               f"{ceil['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s. Speedup columns: the baseline's time / this "
