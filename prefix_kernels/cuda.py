@@ -23,10 +23,13 @@ from .autograd import empty_out_and_lse
 # "auto" sends a decode call to CUDA while its packed prefix work, rows per KV head (B * G * S) times prefix keys,
 # is at most this. Such calls are bound by host time per call, less for the one torch op: on the H100 (c194848) at
 # B=64 P=4096 the CUDA decode took 0.159 ms eagerly against Triton's 0.380, while replayed from CUDA graphs
-# Triton was the faster kernel (0.131 vs 0.158), so code that captures its decode step should name
-# backend="triton" (auto does not switch under capture: the usual eager warm-up would leave the Triton kernel cold
-# for the capture). Past it the prefix part turns compute-bound, where the Triton decode is faster in any case
-# (0.193 vs 0.336 ms at 1024 rows x 16384 keys).
+# Triton was the faster kernel (0.131 vs 0.158; on all four ANCHORS decode shapes), so code that captures its
+# decode step by hand should name backend="triton" (auto does not switch under a manual capture: the usual eager
+# warm-up would leave the Triton kernel cold for the capture). Under torch.compile auto keeps to Triton: a compiled
+# decode step is replayed from CUDA graphs in the usual mode ("reduce-overhead", what generate() compiles a static
+# cache's step with), whose warm-up run launches the kernel the graph then captures. Past the threshold the prefix
+# part turns compute-bound, where the Triton decode is faster in any case (0.193 vs 0.336 ms at 1024 rows x 16384
+# keys).
 AUTO_CUDA_DECODE_MAX_WORK = 256 * 4096
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -123,7 +126,7 @@ def unavailable_reason(call) -> str | None:
 
 def auto_prefers_cuda(call) -> bool:
     """Whether "auto" should run this call on the CUDA kernels, where they can serve it (unavailable_reason)."""
-    if not call.uses_decode:
+    if not call.uses_decode or torch.compiler.is_compiling():
         return False
     batch, heads_q, seq_q, _ = call.q.shape
     heads_kv, prefix_len = call.prefix_k.shape[1], call.prefix_k.shape[2]

@@ -1,4 +1,6 @@
 """Bad input is refused before any launch, with a message that names the argument; backend choice."""
+from unittest import mock
+
 import pytest
 import torch
 
@@ -140,3 +142,6 @@ def test_auto_prefers_cuda_for_small_decode_calls_only(batch, heads, seq_q, pref
     call = validate(q, k, v, prefix_k, prefix_v, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
                     prefix_lens=None, window=None, softcap=None, backend="auto")
     assert cuda.auto_prefers_cuda(call) is expected
+    # in a compiled step (CUDA graphs, where the Triton decode measured faster on every shape): never
+    with mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+        assert cuda.auto_prefers_cuda(call) is False
