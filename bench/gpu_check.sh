@@ -171,5 +171,5 @@ echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/log.txt" ] && grep -E "^rows[0-9]+-keys" "$out/log.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
-  [ -f "$md" ] && grep -E "^\| (train_step|generate) \|" "$md" | cut -d'|' -f2-6,9
+  [ -f "$md" ] && grep -E "^\| (train_step|generate) \|" "$md" | cut -d'|' -f2-7,10
 done

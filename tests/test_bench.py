@@ -82,7 +82,7 @@ def test_smoke_writes_json_and_markdown(smoke):
             ("generate", "hf-generate"), ("generate", "ours-shared-cache"), ("generate", "ours-static-cache")} <= ops
     md = (out / "smoke.md").read_text()
     assert "mean nothing" in md
-    for heading in ("## forward", "## fwd+bwd", "## decode", "## model level"):
+    for heading in ("## forward", "## fwd+bwd", "## decode", "## model level", "prefill / step"):
         assert heading in md
 
 
@@ -165,6 +165,8 @@ def test_model_rows_of_ours_run_and_are_correct(smoke):
             assert row["correct"] is True
     for row in _rows(result, kind="model", op="generate", role="ours"):  # the dynamic and the static cache
         assert row["token_match"] == 1.0, row["provider"]
+    for row in _rows(result, kind="model", op="generate"):  # where the time goes: prefill, then per step
+        assert row["prefill_ms"] > 0 and row["step_ms"] > 0, row["provider"]
 
 
 def test_low_precision_generate_check_flags_wrong_logits_not_ties():

@@ -172,6 +172,8 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
     def stock_body():
         result = _timed(stock, case, device)
         result["tokens_per_s"] = new_tokens / (result["time_ms"] * 1e-3)
+        result.update(_step_times(lambda processors: model.generate(
+            input_ids=full, attention_mask=torch.ones_like(full), logits_processor=processors, **options), device))
         if not exact:  # the reference for ours' teacher-forced check, untimed, on the stock (unpatched) model
             stock_tokens["tokens"], stock_tokens["logits"] = _recorded_generate(
                 model, full, torch.ones_like(full), options)
@@ -208,6 +210,10 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
 
         result = _timed(ours, case, device)
         result["tokens_per_s"] = new_tokens / (result["time_ms"] * 1e-3)
+        with torch.no_grad():  # the prompt's KV is part of ours' prefill here
+            result.update(_step_times(lambda processors: model.generate(
+                input_ids=suffixes, attention_mask=suffix_mask, logits_processor=processors,
+                **cache_kwargs(model, prompt_cache()), **options), device))
         if "new" in stock_tokens:
             # Free-running greedy tokens: in fp32 they must be equal, every one.
             match = float((produced["new"] == stock_tokens["new"]).float().mean())
@@ -236,6 +242,39 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
     del model
     _free(device)
     return rows
+
+
+def _step_times(run_generate, device) -> dict:
+    """Where a generate's time goes, from one more (untimed) call: prefill_ms, from the call to the first
+    next-token logits, and step_ms, the median time between consecutive logits (one decode step). On a GPU the
+    marks are CUDA events, i.e. the device's timeline with the gaps where it waited for the host; elsewhere host
+    clocks. `run_generate(logits_processor)` runs the generate with the marking processor."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    on_gpu = torch.device(device).type == "cuda"
+    marks = []
+
+    def mark():
+        if on_gpu:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            mark()
+            return scores
+
+    mark()
+    with torch.no_grad():
+        run_generate(LogitsProcessorList([Clock()]))
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        gaps = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    else:
+        gaps = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+    return dict(prefill_ms=gaps[0], step_ms=statistics.median(gaps[1:]) if len(gaps) > 1 else None)
 
 
 def _recorded_generate(model, ids, mask, options, force=None, **extra):

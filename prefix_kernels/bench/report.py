@@ -193,14 +193,15 @@ def markdown(result: dict) -> str:
     model_rows = [r for r in result["rows"] if r["kind"] == "model"]
     if model_rows:
         lines += ["## model level", "",
-                  "| op | shape | provider | time | tokens/s | peak mem beyond resident | check | vs baseline |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| op | shape | provider | time | tokens/s | prefill / step | peak mem beyond resident | check | "
+                  "vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         baseline_time = {(r["op"], r["label"]): r["time_ms"] for r in model_rows
                          if r["role"] == "baseline" and r["status"] == "ok"}
         for row in model_rows:
             if row["status"] != "ok":
                 lines.append(f"| {row['op']} | {row['label']} | {row['provider']} | {_status_cell(row, notes)} "
-                             "| | | | |")
+                             "| | | | | |")
                 continue
             check = "-"
             if "logits_rel_err" in row:  # low precision: the teacher-forced logits are the check (models.py)
@@ -216,8 +217,11 @@ def markdown(result: dict) -> str:
                 check += " **WRONG**"
             base = baseline_time.get((row["op"], row["label"]))
             vs = f"{base / row['time_ms']:.2f}x" if base and row["role"] != "baseline" else ""
+            split = ""  # generate: the prefill and one decode step (models._step_times)
+            if row.get("step_ms") is not None:
+                split = f"{_ms(row['prefill_ms'])} / {_ms(row['step_ms'])}"
             lines.append(f"| {row['op']} | {row['label']} | {row['provider']} | {_ms(row['time_ms'])} | "
-                         f"{row['tokens_per_s']:.0f} | {_mib(row['peak_bytes'])} | {check} | {vs} |")
+                         f"{row['tokens_per_s']:.0f} | {split} | {_mib(row['peak_bytes'])} | {check} | {vs} |")
         lines.append("")
     if notes:
         lines += ["Notes:", ""] + [f"{i + 1}. {text}" for i, text in enumerate(notes)] + [""]
