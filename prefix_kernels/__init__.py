@@ -2,11 +2,12 @@
 from .attention import prefix_attention
 from .merge import merge_attention_states
 from . import reference
+from .hf.lean import lean_training
 from .hf.patch import patch, unpatch
 from .hf.prefix_tuning import PrefixTuning
 
 __all__ = ["prefix_attention", "merge_attention_states", "reference", "PrefixTuning", "patch", "unpatch",
-           "SharedPrefixCache", "StaticSharedPrefixCache"]
+           "lean_training", "SharedPrefixCache", "StaticSharedPrefixCache"]
 
 _CACHES = ("SharedPrefixCache", "StaticSharedPrefixCache")
 

@@ -1,0 +1,134 @@
+"""lean_training: the same losses and prefix gradients as the stock modules, with less kept for backward.
+
+"Kept for backward" is measured exactly, on CPU: the bytes of every distinct storage autograd saves during a forward
+(torch.autograd.graph.saved_tensors_hooks), which is the activation memory a GPU step holds at its peak.
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.lean import causal_lm_loss, lean_training  # noqa: E402
+
+VOCAB, HIDDEN, INTER, LAYERS, B, S, P = 96, 64, 160, 2, 3, 13, 5
+
+
+def tiny(family="llama", dtype=torch.float32):
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "mistral": transformers.MistralConfig}[family]
+    config = config_class(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    model.requires_grad_(False)
+    prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
+    with torch.no_grad():
+        for p in prefix.parameters():
+            p.normal_(0, 1)
+    prefix_kernels.patch(model, prefix, backend="torch")  # the naive attention: bf16 runs on CPU too
+    return model, prefix
+
+
+def step(model, prefix, ids, labels):
+    prefix.zero_grad()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in prefix.named_parameters()}
+
+
+def saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fp32_loss_and_prefix_gradients_equal_stock(family):
+    model, prefix = tiny(family)
+    ids = torch.randint(0, VOCAB, (B, S))
+    labels = ids.clone()
+    labels[0, :4] = -100  # ignored positions
+    want_loss, want_grads = step(model, prefix, ids, labels)
+    assert lean_training(model) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
+    got_loss, got_grads = step(model, prefix, ids, labels)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+    # restored: the class's own forward and loss again
+    assert lean_training(model, enable=False) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert "_loss_function" not in model.__dict__
+    again_loss, _ = step(model, prefix, ids, labels)
+    assert torch.equal(again_loss, want_loss)
+
+
+def test_bf16_logits_equal_and_gradients_within_rounding():
+    model, prefix = tiny(dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (B, S))
+    with torch.no_grad():
+        want_logits = model(input_ids=ids).logits
+    want_loss, want_grads = step(model, prefix, ids, ids)
+    lean_training(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want_logits)  # the forward's own operations
+    got_loss, got_grads = step(model, prefix, ids, ids)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-3, atol=0)  # float32 reductions in both
+    for name, want in want_grads.items():
+        error = (got_grads[name].float() - want.float()).norm() / want.float().norm()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"  # bf16 rounding of reordered float32 sums
+
+
+def test_keeps_less_for_backward():
+    """One [tokens, intermediate] tensor fewer per MLP, the norms' inputs at half the bytes (all but the first
+    layer's input norm, whose input needs no gradient in either), bf16 logits instead of a float32 log-softmax:
+    the bytes autograd saves drop by that much, less the loss's per-token log-sum-exp and labels."""
+    model, prefix = tiny(dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (B, S))
+
+    def forward():
+        model(input_ids=ids, labels=ids)
+
+    stock = saved_bytes(forward)
+    lean_training(model)
+    lean = saved_bytes(forward)
+    tokens = B * S
+    expected = (LAYERS * tokens * INTER * 2         # the MLP activation (bf16)
+                + 2 * LAYERS * tokens * HIDDEN * 2  # the norms: a bf16 input instead of a float32 copy
+                + tokens * VOCAB * (4 - 2))         # bf16 logits instead of a float32 log-softmax
+    assert expected - tokens * 16 <= stock - lean <= expected, (stock, lean, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("items", [None, 17])
+def test_loss_equals_transformers_loss(dtype, items):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.randn(2, 9, VOCAB, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 9))
+    labels[1, 3:6] = -100
+    want = ForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=items)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    got = causal_lm_loss(logits, labels, VOCAB, num_items_in_batch=items)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the same float32 value, or one ulp off
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=tol, atol=tol)
+
+
+def test_chunked_loss_equals_one_chunk(monkeypatch):
+    from prefix_kernels.hf import lean
+
+    logits = torch.randn(1, 11, VOCAB, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (1, 11))
+    whole = causal_lm_loss(logits, labels, VOCAB)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    monkeypatch.setattr(lean, "_LOSS_ROWS_PER_CHUNK_BYTES", 4 * VOCAB * 3)  # three rows a chunk
+    chunked = causal_lm_loss(logits, labels, VOCAB)
+    (chunked_grad,) = torch.autograd.grad(chunked, logits)
+    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)
