@@ -61,6 +61,28 @@ def test_a_run_stopped_by_sigterm_writes_the_rows_it_finished(tmp_path):
     assert "Interrupted" in (tmp_path / "smoke.md").read_text()
 
 
+def test_sigterm_inside_a_model_case_keeps_its_finished_rows(tmp_path, monkeypatch):
+    import signal
+
+    from prefix_kernels.bench import models
+
+    calls = []
+    step_times = models._step_times
+
+    def stop_on_the_second_row(*args, **kwargs):  # hf-generate's, then the first of ours: SIGTERM there
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_times(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_step_times", stop_on_the_second_row)
+    args = parse_args(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--quiet",
+                       "--warmup-ms", "1", "--rep-ms", "1", "--ops", "generate"])
+    result = run(args)
+    assert "SIGTERM" in result["interrupted"]
+    assert [(r["provider"], r["status"]) for r in result["rows"]] == [("hf-generate", "ok")]
+
+
 def _rows(result, **match):
     return [r for r in result["rows"] if all(r.get(k) == v for k, v in match.items())]
 

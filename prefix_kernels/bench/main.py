@@ -100,8 +100,8 @@ def run(args, extra_providers=()) -> dict:
         print(f"note: {report.CPU_WARNING}", file=sys.stderr)
     started = time.perf_counter()
     total = harness.count_op_rows(preset.ops, providers) + models.count_model_rows(preset.models, device)
-    progress = harness.Progress(total, enabled=not args.no_progress)
     ceilings = measure_ceilings(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    progress = harness.Progress(total, enabled=not args.no_progress)
     rows: list[dict] = []  # filled row by row: a run stopped by a time limit still writes what it finished
     interrupted = None
     with _interruptible():

@@ -82,7 +82,7 @@ def _guarded(row: dict, body, progress) -> dict:
     return row
 
 
-def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
+def train_step_rows(case: ModelCase, device, progress=None, rows=None) -> list[dict]:
     import prefix_kernels
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -113,8 +113,9 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
         result["tokens_per_s"] = tokens / (result["time_ms"] * 1e-3)
         return result
 
-    rows = [_guarded(_row(case, "peft", "baseline", "PEFT PrefixTuning (prefix expanded + cat in every layer)"),
-                     peft_body, progress)]
+    rows = rows if rows is not None else []  # appended row by row (an interrupted run keeps them)
+    rows.append(_guarded(_row(case, "peft", "baseline", "PEFT PrefixTuning (prefix expanded + cat in every layer)"),
+                         peft_body, progress))
 
     def ours_body(backend, checkpointing=False, lean=False):
         reference_loss = loss_now()
@@ -153,7 +154,7 @@ def train_step_rows(case: ModelCase, device, progress=None) -> list[dict]:
     return rows
 
 
-def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
+def generate_rows(case: ModelCase, device, progress=None, rows=None) -> list[dict]:
     import prefix_kernels
     from prefix_kernels.hf.compat import cache_kwargs
     from prefix_kernels.hf.patch import _STATE_ATTR
@@ -187,8 +188,9 @@ def generate_rows(case: ModelCase, device, progress=None) -> list[dict]:
                 model, full, torch.ones_like(full), options)
         return result
 
-    rows = [_guarded(_row(case, "hf-generate", "baseline", "stock HF generate, prompt repeated in every row"),
-                     stock_body, progress)]
+    rows = rows if rows is not None else []  # appended row by row (an interrupted run keeps them)
+    rows.append(_guarded(_row(case, "hf-generate", "baseline", "stock HF generate, prompt repeated in every row"),
+                         stock_body, progress))
 
     def ours_body(backend, static=False):
         produced, held = {}, {}
@@ -345,21 +347,21 @@ def _teacher_forced_check(ours, stock, tokens, case) -> dict:
 
 
 def run_models(cases, device, progress=None, sink: list | None = None) -> list[dict]:
-    """The model rows of `cases`, appended to `sink` (when given) case by case."""
+    """The model rows of `cases`, appended to `sink` (when given) row by row."""
     rows = sink if sink is not None else []
     with warnings.catch_warnings():
         # transformers/PEFT deprecation notices (past_key_values -> cache, ...) are not ours to act on here
         warnings.simplefilter("ignore", FutureWarning)
         for case in cases:
-            rows += _run_model(case, device, progress)
+            _run_model(case, device, progress, rows)
     return rows
 
 
-def _run_model(case, device, progress) -> list[dict]:
+def _run_model(case, device, progress, rows) -> list[dict]:
     if case.op == "train_step":
-        return train_step_rows(case, device, progress)
+        return train_step_rows(case, device, progress, rows)
     if case.op == "generate":
-        return generate_rows(case, device, progress)
+        return generate_rows(case, device, progress, rows)
     raise ValueError(f"unknown model op {case.op!r}")
 
 
