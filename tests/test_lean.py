@@ -68,6 +68,17 @@ def test_fp32_loss_and_prefix_gradients_equal_stock(family):
     assert torch.equal(again_loss, want_loss)
 
 
+def test_modules_with_an_instance_forward_are_left_alone():
+    """accelerate's hooks (device maps, offload) set forward on the instance: such a module keeps it."""
+    model, _ = tiny()
+    hooked = model.model.layers[0].mlp
+    hooked.forward = hooked.forward  # what add_hook_to_module does, in essence
+    assert lean_training(model)["mlp"] == LAYERS - 1
+    assert hooked.__dict__["forward"].__func__ is type(hooked).forward
+    lean_training(model, enable=False)
+    assert "forward" in hooked.__dict__  # still its own
+
+
 def test_bf16_logits_equal_and_gradients_within_rounding():
     model, prefix = tiny(dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (B, S))

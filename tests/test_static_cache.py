@@ -89,6 +89,24 @@ def test_greedy_equals_stock_and_the_dynamic_cache(family):
     torch.testing.assert_close(again_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_one_token_suffixes_on_a_fresh_cache():
+    """The first forward of a new cache with one token per row: a prefill (the layer is not initialized, its count
+    still the int 0), so it must get the written key only, not the whole buffer."""
+    model = tiny_model("llama")
+    prompt, _ = random_inputs()
+    suffixes = [torch.randint(2, VOCAB, (1,)) for _ in range(2)]
+    want = stock_rows(model, prompt, suffixes)
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, past_key_values=static_cache(model, prompt, 1))
+    for got, expected in zip(rows_of(out, suffixes, 1), want):
+        assert torch.equal(got, expected)
+    with torch.no_grad():  # and a plain forward, without a mask
+        got = model(input_ids=ids[:1], past_key_values=static_cache(model, prompt, 1)).logits[0, -1]
+        dynamic = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+        expected = model(input_ids=ids[:1], past_key_values=dynamic).logits[0, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "gemma"])
 def test_other_families_equal_stock(family):
     """Learned positions (GPT-2), OPT's positions from the mask, GPT-NeoX's partial rotary, Gemma: per row equal."""
@@ -164,6 +182,9 @@ def test_refusals():
     cache.reset()
     with pytest.raises(ValueError, match="holds batches of 3 rows"):
         generate(model, ids[:2], mask[:2], past_key_values=cache)
+    # transformers' own StaticCache hands every step its whole buffer: refused on a patched model, not misread
+    with pytest.raises(ValueError, match="StaticCache .* is not supported"):
+        generate(model, ids, mask, cache_implementation="static")
     config = transformers.MistralConfig(**{**model.config.to_dict(), "model_type": "mistral"},
                                         sliding_window=PROMPT + 4)
     mistral = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()

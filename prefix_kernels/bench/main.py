@@ -57,21 +57,23 @@ class Interrupted(BaseException):
     so that one broken provider does not sink the run, let it through to run()."""
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
-def _interruptible():
-    """Turn SIGTERM into Interrupted while the rows run (main thread only: where Python delivers signals)."""
+def _on_sigterm(action):
+    """SIGTERM does `action` inside the block (main thread only: where Python delivers signals): Interrupted while
+    the rows run, nothing while the results are written (`timeout` then waits for the files)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, action)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed from C, which Python cannot reinstall; the default is the closest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run(args, extra_providers=()) -> dict:
@@ -104,40 +106,42 @@ def run(args, extra_providers=()) -> dict:
     progress = harness.Progress(total, enabled=not args.no_progress)
     rows: list[dict] = []  # filled row by row: a run stopped by a time limit still writes what it finished
     interrupted = None
-    with _interruptible():
-        try:
-            harness.run_ops(preset.ops, providers, device=device, ceilings=ceilings, warmup_ms=args.warmup_ms,
-                            rep_ms=args.rep_ms, progress=progress, sink=rows)
-            if preset.models:
-                try:
-                    import peft  # noqa: F401
-                    import transformers  # noqa: F401
-                except ImportError as exc:
-                    rows += [dict(kind="model", op=c.op, case=c.as_dict(), label=c.label, provider="all",
-                                  role="baseline", description="model-level rows", status="n/a",
-                                  reason=f"transformers and peft are needed ({exc})") for c in preset.models]
-                else:
-                    models.run_models(preset.models, device, progress, sink=rows)
-        except Interrupted as exc:
-            interrupted = f"stopped by {exc} after {len(rows)} of {total} rows"
-            progress.write(f"interrupted: {interrupted}; writing the rows finished so far")
-        finally:
-            progress.close()
-    report.ratios(rows)
-    result = dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
-                  tolerance=harness.TOLERANCE, rows=rows, wall_s=time.perf_counter() - started,
-                  interrupted=interrupted)
-    plot_files, plot_note = report.plots(result, out_dir, preset_name)
-    result.update(plots=plot_files, plots_note=plot_note)
-    md = report.markdown(result)
-    if plot_note:
-        md += f"\nPlots: {plot_note}\n"
-    elif plot_files:
-        md += "\nPlots: " + ", ".join(f"![{f}]({f})" for f in plot_files) + "\n"
-    json_path, md_path = out_dir / f"{preset_name}.json", out_dir / f"{preset_name}.md"
-    report.write_json(json_path, result)
-    md_path.write_text(md)
-    result["files"] = dict(json=str(json_path), markdown=str(md_path), plots=[str(out_dir / f) for f in plot_files])
+    with _on_sigterm(signal.SIG_IGN):  # writing the results is never interrupted
+        with _on_sigterm(_raise_interrupted):
+            try:
+                harness.run_ops(preset.ops, providers, device=device, ceilings=ceilings, warmup_ms=args.warmup_ms,
+                                rep_ms=args.rep_ms, progress=progress, sink=rows)
+                if preset.models:
+                    try:
+                        import peft  # noqa: F401
+                        import transformers  # noqa: F401
+                    except ImportError as exc:
+                        rows += [dict(kind="model", op=c.op, case=c.as_dict(), label=c.label, provider="all",
+                                      role="baseline", description="model-level rows", status="n/a",
+                                      reason=f"transformers and peft are needed ({exc})") for c in preset.models]
+                    else:
+                        models.run_models(preset.models, device, progress, sink=rows)
+            except Interrupted as exc:
+                interrupted = f"stopped by {exc} after {len(rows)} of {total} rows"
+        progress.close()
+        if interrupted:
+            print(f"interrupted: {interrupted}; writing the rows finished so far", file=sys.stderr)
+        report.ratios(rows)
+        result = dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
+                      tolerance=harness.TOLERANCE, rows=rows, wall_s=time.perf_counter() - started,
+                      interrupted=interrupted)
+        plot_files, plot_note = report.plots(result, out_dir, preset_name)
+        result.update(plots=plot_files, plots_note=plot_note)
+        md = report.markdown(result)
+        if plot_note:
+            md += f"\nPlots: {plot_note}\n"
+        elif plot_files:
+            md += "\nPlots: " + ", ".join(f"![{f}]({f})" for f in plot_files) + "\n"
+        json_path, md_path = out_dir / f"{preset_name}.json", out_dir / f"{preset_name}.md"
+        report.write_json(json_path, result)
+        md_path.write_text(md)
+        result["files"] = dict(json=str(json_path), markdown=str(md_path),
+                               plots=[str(out_dir / f) for f in plot_files])
     if not args.quiet:
         print(md)
     print(f"wrote {json_path} and {md_path} in {result['wall_s']:.0f} s", file=sys.stderr)

@@ -277,8 +277,11 @@ def _step_times(run_generate, device) -> dict:
             return scores
 
     mark()
-    with torch.no_grad():
-        run_generate(LogitsProcessorList([Clock()]))
+    try:
+        with torch.no_grad():
+            run_generate(LogitsProcessorList([Clock()]))
+    except Exception as exc:  # an aside of the row: its failure must not discard the row's timing
+        return dict(step_split_error=f"{type(exc).__name__}: {exc}")
     if on_gpu:
         torch.cuda.synchronize(device)
         gaps = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]

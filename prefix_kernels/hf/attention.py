@@ -32,15 +32,20 @@ def padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset
                           attention_mask=None, **kwargs):
     """AttentionMaskInterface entry: the [B, kv_length] bool padding mask (True = real key), or None.
 
-    A static cache's decode step (one query; q_offset is then a tensor, StaticLayer's count of written tokens, so
-    that nothing syncs) attends to the layer's whole buffer of kv_length slots: those not written yet are no keys.
+    A static cache's layer (q_offset is then a tensor, StaticLayer's count of written tokens) holds positions from
+    slot 0 (hf/cache.py's _OwnStaticLayer): its decode step (one query, nothing synced) attends to the whole buffer of
+    kv_length slots, those not written yet being no keys; a step of several queries gets the written keys only, so
+    its mask is the mask's first columns.
     """
-    if q_length == 1 and isinstance(q_offset, torch.Tensor):
-        written = torch.arange(kv_length, device=q_offset.device) <= q_offset  # the slot being written included
+    if isinstance(q_offset, torch.Tensor):
+        if q_length == 1:
+            written = torch.arange(kv_length, device=q_offset.device) <= q_offset  # the slot being written included
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :kv_length].to(device=written.device, dtype=torch.bool)
+                written = written & torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[1]))
+            return written.expand(batch_size, kv_length)
         if attention_mask is not None:
-            attention_mask = attention_mask[:, :kv_length].to(device=written.device, dtype=torch.bool)
-            written = written & torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[1]))
-        return written.expand(batch_size, kv_length)
+            return attention_mask[:, :int(q_offset) + q_length].to(torch.bool)
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].to(torch.bool)

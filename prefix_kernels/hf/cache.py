@@ -210,19 +210,20 @@ class _OwnStaticLayer(StaticLayer):
     """A StaticLayer of the sequences' own tokens: [B, Hkv, max_cache_len, D], allocated once, written in place.
 
     What update() returns follows the kernels' causal alignment (the last query sees the last key). One new token
-    (a decode step: what generate() compiles) gets the whole buffer, at a fixed address and shape; the slots not
-    written yet are hidden by the mask (hf/attention.py's padding_mask_function). Several new tokens (the prefill,
-    which generate() runs eagerly) get exactly the keys written so far, a host sync that only prefills pay.
+    on an initialized layer (a decode step: what generate() compiles) gets the whole buffer, at a fixed address and
+    shape; the slots not written yet are hidden by the mask (hf/attention.py's padding_mask_function, which knows
+    the layer is static from its tensor count). Anything else (the prefill, which generate() runs eagerly, even of
+    one token: before initialization the count is still the int 0) gets exactly the keys written so far, a host
+    sync that only those steps pay; compiled (generate's prefill_chunk_size), that sync is traced as a
+    data-dependent size.
     """
 
     def update(self, key_states, value_states, *args, **kwargs):
         new = key_states.shape[-2]
-        if new == 1:
+        if new == 1 and self.is_initialized:
             return super().update(key_states, value_states, *args, **kwargs)
-        written = int(self.cumulative_length) + new  # (its room was checked by the patch's hook: check_room)
-        if self.is_initialized and key_states.shape[0] != self.batch_size:
-            raise ValueError(f"this StaticSharedPrefixCache holds batches of {self.batch_size} rows, got "
-                             f"{key_states.shape[0]}: build one cache per batch size")
+        # (its room and batch size were checked by the patch's hook: check_room)
+        written = int(self.cumulative_length) + new if self.is_initialized else new
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         return keys[:, :, :written], values[:, :, :written]
 
@@ -255,10 +256,14 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
             if layer.is_initialized:
                 layer.cumulative_length.zero_()
 
-    def check_room(self, held, new):
+    def check_room(self, held, new, batch):
         """Called by the patch before each eager forward (not in a compiled step, where an overflow is a
-        device-side assert): `new` tokens after `held` must fit the buffers."""
-        room = self.layers[0].max_cache_len
+        device-side assert): `new` tokens after `held` must fit the buffers, `batch` rows their batch size."""
+        first = self.layers[0]
+        if first.is_initialized and batch != first.batch_size:
+            raise ValueError(f"this StaticSharedPrefixCache holds batches of {first.batch_size} rows, got {batch}: "
+                             "build one cache per batch size")
+        room = first.max_cache_len
         if held + new > room:
             raise ValueError(f"the sequences' own tokens ({held} + {new}) exceed the StaticSharedPrefixCache's "
                              f"max_cache_len ({room}): size it for the suffix width plus max_new_tokens, and reset() "

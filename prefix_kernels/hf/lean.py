@@ -16,8 +16,10 @@ lean_training replaces, on the modules it recognizes (counted in its answer):
 together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one).
 
 The forward numbers are the stock modules' exactly (the same operations); the gradients are the same formulas
-(MLP: the same operations, so equal; norm and loss: float32 rounding order may differ by an ulp). Other modules,
-and models that are not frozen, are left as they are. lean_training(model, enable=False) restores the stock ones.
+(MLP: the same operations, so equal; norm and loss: float32 rounding order may differ by an ulp), weights' included
+where they train, so a model that is not frozen stays correct (it only saves less there). Other modules are left
+as they are, and so are modules whose forward is already set on the instance (accelerate's hooks for device maps
+and offload). lean_training(model, enable=False) restores the stock ones.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 # RMSNorm classes whose forward is Llama's: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 # (Gemma's (1 + w) in float32 is another formula: not replaced).
 LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
-_ORIGINAL_FORWARD = "_prefix_kernels_lean"
+_REPLACED = "_prefix_kernels_lean"
 _LOSS_ROWS_PER_CHUNK_BYTES = 1 << 28   # float32 bytes of logits the loss upcasts at a time
 
 
@@ -75,7 +77,7 @@ class _RMSNorm(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # The stock chain rule: out = w * n, n = (x32 * r).to(dtype), r = rsqrt(mean(x32^2) + eps)
-            grad_n = (grad * weight).float()
+            grad_n = (grad * weight).to(x.dtype).float()  # the stock grad of n, in n's dtype (x's)
             grad_r = (grad_n * x32).sum(-1, keepdim=True)
             grad_mean = -0.5 * grad_r * rstd.pow(3)
             grad_x32 = grad_n * rstd + (grad_mean / x.shape[-1]).expand_as(x32) * (2.0 * x32)
@@ -162,15 +164,17 @@ def lean_training(model, enable: bool = True) -> dict:
                 "norm" if type(module).__name__ in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon") else None)
         if kind is None:
             continue
-        replaced = _ORIGINAL_FORWARD in module.__dict__
-        if enable and not replaced:
-            module.__dict__[_ORIGINAL_FORWARD] = True
+        replaced = _REPLACED in module.__dict__
+        # A forward already set on the instance (an accelerate hook: device maps, offload) is left alone.
+        if enable and not replaced and "forward" not in module.__dict__:
+            module.__dict__[_REPLACED] = True
             module.forward = types.MethodType(_swiglu_forward if kind == "mlp" else _norm_forward, module)
             counts[kind] += 1
         elif not enable and replaced:
-            del module.__dict__[_ORIGINAL_FORWARD], module.__dict__["forward"]
+            del module.__dict__[_REPLACED], module.__dict__["forward"]
             counts[kind] += 1
-    if enable and "_loss_function" not in target.__dict__:
+    causal_lm = type(target).__name__.endswith("ForCausalLM")  # the loss replaced is the causal-LM one
+    if enable and causal_lm and "_loss_function" not in target.__dict__:
         target.loss_function = causal_lm_loss
         counts["loss"] = 1
     elif not enable and target.__dict__.get("_loss_function") is causal_lm_loss:

@@ -116,6 +116,12 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         arguments = dict(zip(positional, args))
         arguments.update(kwargs)
         cache = arguments.get("cache", arguments.get("past_key_values"))
+        if not serves_prefix(cache) and getattr(cache, "is_compileable", False):
+            # transformers' StaticCache hands every step its whole buffer, unwritten slots included, and the
+            # kernels' causal alignment would put the queries at its end.
+            raise ValueError(f"a patched model serves a DynamicCache, or a StaticSharedPrefixCache for compiled "
+                             f"decoding; {type(cache).__name__} (static layers, e.g. cache_implementation='static') "
+                             "is not supported")
         active = cache if serves_prefix(cache) else source
         for attention in modules:
             attention.__dict__[SOURCE_ATTR] = active
@@ -134,7 +140,7 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         host_reads = not torch.compiler.is_compiling() and not _capturing(tokens.device)
         checked = past if isinstance(past, int) else (int(past) if host_reads else 0)
         if host_reads and hasattr(cache, "check_room"):
-            cache.check_room(checked, seq)
+            cache.check_room(checked, seq, batch)
         mask = arguments.get("attention_mask")
         if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and checked and \
                 mask.shape[1] < checked + seq:
