@@ -68,6 +68,20 @@ def test_fp32_loss_and_prefix_gradients_equal_stock(family):
     assert torch.equal(again_loss, want_loss)
 
 
+def test_with_gradient_checkpointing():
+    """Recomputed layers run the lean modules twice (forward, then again in backward): the same prefix gradients."""
+    model, prefix = tiny()
+    ids = torch.randint(0, VOCAB, (B, S))
+    want_loss, want_grads = step(model, prefix, ids, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    lean_training(model)
+    got_loss, got_grads = step(model, prefix, ids, ids)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+
+
 def test_modules_with_an_instance_forward_are_left_alone():
     """accelerate's hooks (device maps, offload) set forward on the instance: such a module keeps it."""
     model, _ = tiny()
