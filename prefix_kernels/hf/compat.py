@@ -15,15 +15,16 @@ import inspect
 _NAMES: dict = {}
 
 
-def _base(model):
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel: its forward is PEFT's, the base model's tells
+def base_model(model):
+    """The transformers model inside a PeftModel (get_base_model()), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def cache_argument(model) -> str:
     """The keyword under which `model` (a transformers model or a PeftModel) takes a cache, in its forward and in
     generate(): "cache" on transformers >= 5.2x, "past_key_values" before."""
-    forward = type(_base(model)).forward
+    forward = type(base_model(model)).forward  # a PeftModel's forward is PEFT's; the base model's tells
     name = _NAMES.get(forward)
     if name is None:
         # inspect.signature follows the deprecate_kwarg wrapper to the function's own parameters.

@@ -28,6 +28,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .compat import base_model
+
 # RMSNorm classes whose forward is Llama's: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 # (Gemma's (1 + w) in float32 is another formula: not replaced).
 LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
@@ -149,15 +151,10 @@ def _is_swiglu(module) -> bool:
         isinstance(act, (torch.nn.SiLU, SiLUActivation))
 
 
-def _causal_lm(model):
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel: the loss is its base model's
-    return get_base() if callable(get_base) else model
-
-
 def lean_training(model, enable: bool = True) -> dict:
     """Replace (enable=True) or restore (False) the modules and loss described above; returns how many of each
     were changed: {"mlp": n, "norm": n, "loss": 0 or 1}. `model`: a transformers causal LM or a PeftModel."""
-    target = _causal_lm(model)
+    target = base_model(model)  # a PeftModel: the modules and the loss are its base model's
     counts = {"mlp": 0, "norm": 0, "loss": 0}
     for module in target.modules():
         kind = ("mlp" if _is_swiglu(module) else
