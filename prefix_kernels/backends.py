@@ -8,11 +8,15 @@ from . import cuda
 
 def triton_unavailable_reason(call) -> str | None:
     """Why the Triton backend cannot serve this call, or None if it can."""
+    return triton_device_reason(call.q.device)
+
+
+def triton_device_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on tensors of this device, or None if they can."""
     try:
         from .triton import forward
     except ImportError as exc:
         return f"Triton is not importable ({exc}); install triton or use backend='torch'"
-    device = call.q.device
     if device.type == "cuda":
         if torch.compiler.is_compiling():
             # A device query is a graph break under torch.compile(fullgraph=True); an old GPU then fails in

@@ -101,7 +101,7 @@ def test_smoke_writes_json_and_markdown(smoke):
     for provider in ("ours-triton", "naive", "prebuilt", "flex"):
         assert ("fwd+bwd", provider) in ops
     assert {("train_step", "peft"), ("train_step", "ours"), ("train_step", "ours-checkpointed"),
-            ("train_step", "ours-lean"),
+            ("train_step", "ours-lean"), ("train_step", "ours-lean-torch"),
             ("generate", "hf-generate"), ("generate", "ours-shared-cache"), ("generate", "ours-static-cache")} <= ops
     md = (out / "smoke.md").read_text()
     assert "mean nothing" in md
@@ -243,8 +243,8 @@ def test_model_rows_time_the_cuda_backend_only_where_it_serves_the_model(monkeyp
     assert _ours_variants(bf16, "cuda") == [("ours", "auto"), ("ours-cuda", "cuda")]
     assert _ours_variants(bf16, "cpu") == _ours_variants(fp32, "cuda") == _ours_variants(odd, "cuda") \
         == [("ours", "auto")]
-    # train_steps add ours-checkpointed and ours-lean, generates ours-static-cache
-    assert count_model_rows([bf16, fp32, odd], "cuda") == 5 + 4 + 3
+    # train_steps add ours-checkpointed, ours-lean and ours-lean-torch, generates ours-static-cache
+    assert count_model_rows([bf16, fp32, odd], "cuda") == 6 + 5 + 3
     monkeypatch.setattr(cuda, "UNAVAILABLE_REASON", "not built")
     assert _ours_variants(bf16, "cuda") == [("ours", "auto")]
 

@@ -48,14 +48,20 @@ def saved_bytes(fn):
     return sum(storages.values())
 
 
+# "triton" runs the fused kernels (under the interpreter on CPU: fp32 and fp16 only, so the bf16 model tests run
+# the PyTorch formulas here and both on a GPU); the kernels' own sweep is tests/test_lean_ops.py.
+BF16_BACKEND = "auto" if torch.cuda.is_available() else "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_fp32_loss_and_prefix_gradients_equal_stock(family):
+def test_fp32_loss_and_prefix_gradients_equal_stock(family, backend):
     model, prefix = tiny(family)
     ids = torch.randint(0, VOCAB, (B, S))
     labels = ids.clone()
     labels[0, :4] = -100  # ignored positions
     want_loss, want_grads = step(model, prefix, ids, labels)
-    assert lean_training(model) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
+    assert lean_training(model, backend=backend) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
     got_loss, got_grads = step(model, prefix, ids, labels)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     for name in want_grads:
@@ -99,7 +105,7 @@ def test_bf16_logits_equal_and_gradients_within_rounding():
     with torch.no_grad():
         want_logits = model(input_ids=ids).logits
     want_loss, want_grads = step(model, prefix, ids, ids)
-    lean_training(model)
+    lean_training(model, backend=BF16_BACKEND)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want_logits)  # the forward's own operations
     got_loss, got_grads = step(model, prefix, ids, ids)
@@ -120,7 +126,7 @@ def test_keeps_less_for_backward():
         model(input_ids=ids, labels=ids)
 
     stock = saved_bytes(forward)
-    lean_training(model)
+    lean_training(model, backend=BF16_BACKEND)
     lean = saved_bytes(forward)
     tokens = B * S
     expected = (LAYERS * tokens * INTER * 2         # the MLP activation (bf16)
@@ -129,9 +135,10 @@ def test_keeps_less_for_backward():
     assert expected - tokens * 16 <= stock - lean <= expected, (stock, lean, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "torch"), (torch.float32, "triton"),
+                                           (torch.float16, "triton"), (torch.bfloat16, "torch")])
 @pytest.mark.parametrize("items", [None, 17])
-def test_loss_equals_transformers_loss(dtype, items):
+def test_loss_equals_transformers_loss(dtype, backend, items):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     logits = torch.randn(2, 9, VOCAB, dtype=dtype, requires_grad=True)
@@ -139,21 +146,22 @@ def test_loss_equals_transformers_loss(dtype, items):
     labels[1, 3:6] = -100
     want = ForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=items)
     (want_grad,) = torch.autograd.grad(want, logits)
-    got = causal_lm_loss(logits, labels, VOCAB, num_items_in_batch=items)
+    got = causal_lm_loss(logits, labels, VOCAB, num_items_in_batch=items, backend=backend)
     (got_grad,) = torch.autograd.grad(got, logits)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the same float32 value, or one ulp off
+    # one rounding of the same float32 value, or one ulp off
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=tol, atol=tol)
 
 
 def test_chunked_loss_equals_one_chunk(monkeypatch):
-    from prefix_kernels.hf import lean
+    from prefix_kernels import lean_reference
 
     logits = torch.randn(1, 11, VOCAB, requires_grad=True)
     labels = torch.randint(0, VOCAB, (1, 11))
-    whole = causal_lm_loss(logits, labels, VOCAB)
+    whole = causal_lm_loss(logits, labels, VOCAB, backend="torch")
     (whole_grad,) = torch.autograd.grad(whole, logits)
-    monkeypatch.setattr(lean, "_LOSS_ROWS_PER_CHUNK_BYTES", 4 * VOCAB * 3)  # three rows a chunk
-    chunked = causal_lm_loss(logits, labels, VOCAB)
+    monkeypatch.setattr(lean_reference, "LOSS_CHUNK_BYTES", 4 * VOCAB * 3)  # three rows a chunk
+    chunked = causal_lm_loss(logits, labels, VOCAB, backend="torch")
     (chunked_grad,) = torch.autograd.grad(chunked, logits)
     assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)

@@ -5,7 +5,8 @@ train_step: one prefix-tuning optimizer step (forward, backward, AdamW on the pr
     ours  = the same PeftModel after `prefix_kernels.patch(peft_model)`.
     ours-checkpointed = ours with the base model's gradient checkpointing on (PEFT's prefix tuning refuses it):
             the memory a user of the patch can trade for recomputation.
-    ours-lean = ours with prefix_kernels.lean_training (MLP, norms and loss keep less for backward).
+    ours-lean = ours with prefix_kernels.lean_training (fused Triton MLP, norm and loss kernels that keep less for
+            backward); ours-lean-torch = the same with lean_training's PyTorch formulas (what the fusion gives).
 generate: greedy `generate` of new tokens for B rows that share one prompt.
     hf-generate = stock HF generate with the prompt repeated in each row.
     ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt`.
@@ -117,13 +118,13 @@ def train_step_rows(case: ModelCase, device, progress=None, rows=None) -> list[d
     rows.append(_guarded(_row(case, "peft", "baseline", "PEFT PrefixTuning (prefix expanded + cat in every layer)"),
                          peft_body, progress))
 
-    def ours_body(backend, checkpointing=False, lean=False):
+    def ours_body(backend, checkpointing=False, lean=None):
         reference_loss = loss_now()
         patched = current["model"] = prefix_kernels.patch(peft_model, backend=backend)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lean:
-            prefix_kernels.lean_training(peft_model)
+            prefix_kernels.lean_training(peft_model, backend=lean)
         try:
             loss = loss_now()
             result = _timed(step, case, device)
@@ -146,9 +147,12 @@ def train_step_rows(case: ModelCase, device, progress=None, rows=None) -> list[d
     rows.append(_guarded(_row(case, "ours-checkpointed", "ours", "ours with the model's gradient checkpointing "
                               "(backend='auto'; PEFT prefix tuning refuses checkpointing)"),
                          functools.partial(ours_body, "auto", checkpointing=True), progress))
-    rows.append(_guarded(_row(case, "ours-lean", "ours", "ours with prefix_kernels.lean_training (backend='auto'; "
-                              "the frozen model's MLP, norms and loss keep less for backward)"),
-                         functools.partial(ours_body, "auto", lean=True), progress))
+    rows.append(_guarded(_row(case, "ours-lean", "ours", "ours with prefix_kernels.lean_training (backend='auto': "
+                              "fused Triton RMSNorm, SwiGLU and loss kernels that also keep less for backward)"),
+                         functools.partial(ours_body, "auto", lean="auto"), progress))
+    rows.append(_guarded(_row(case, "ours-lean-torch", "ours", "ours-lean with lean_training's PyTorch formulas "
+                              "(backend='torch': the same memory, the stock ops' passes)"),
+                         functools.partial(ours_body, "auto", lean="torch"), progress))
     del model, peft_model, optimizer, params
     _free(device)
     return rows
@@ -380,6 +384,6 @@ def _ours_variants(case: ModelCase, device) -> list[tuple[str, str]]:
 
 
 def count_model_rows(cases, device) -> int:
-    """Rows per case: the baseline, ours per backend, and ours-checkpointed and ours-lean (train_step) or
-    ours-static-cache (generate)."""
-    return sum(2 + (case.op == "train_step") + len(_ours_variants(case, device)) for case in cases)
+    """Rows per case: the baseline, ours per backend, and ours-checkpointed, ours-lean and ours-lean-torch
+    (train_step) or ours-static-cache (generate)."""
+    return sum(2 + 2 * (case.op == "train_step") + len(_ours_variants(case, device)) for case in cases)

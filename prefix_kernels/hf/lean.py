@@ -15,119 +15,119 @@ lean_training replaces, on the modules it recognizes (counted in its answer):
 
 together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one).
 
-The forward numbers are the stock modules' exactly (the same operations); the gradients are the same formulas
-(MLP: the same operations, so equal; norm and loss: float32 rounding order may differ by an ulp), weights' included
+With backend "auto" (the default) each of these is one fused Triton kernel per direction where Triton runs
+(prefix_kernels/triton/lean_ops.py): the stock chains make several passes over float32 copies of every activation,
+which on a frozen model is most of the step's time outside the matmuls. Elsewhere, and with backend "torch", the
+same formulas run as PyTorch ops (prefix_kernels/lean_reference.py).
+
+The numbers are the stock modules' (the same operations with the same rounding points; the Triton exp, rsqrt and
+float32 sums may differ from PyTorch's by an ulp, which bf16 rounding can show), weights' gradients included
 where they train, so a model that is not frozen stays correct (it only saves less there). Other modules are left
 as they are, and so are modules whose forward is already set on the instance (accelerate's hooks for device maps
 and offload). lean_training(model, enable=False) restores the stock ones.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 
+from .. import lean_reference
+from ..backends import triton_device_reason
 from .compat import base_model
+
+BACKENDS = ("auto", "triton", "torch")
 
 # RMSNorm classes whose forward is Llama's: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 # (Gemma's (1 + w) in float32 is another formula: not replaced).
 LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 _REPLACED = "_prefix_kernels_lean"
-_LOSS_ROWS_PER_CHUNK_BYTES = 1 << 28   # float32 bytes of logits the loss upcasts at a time
+
+
+def _lean_ops(backend: str, x: torch.Tensor, op: str, width: int = 0):
+    """The module of formulas that runs `op` on `x`: the Triton kernels or the PyTorch reference (see lean_training's
+    `backend`); "triton" that cannot serve the call raises ValueError saying why."""
+    if backend == "torch":
+        return lean_reference
+    reason = triton_device_reason(x.device)
+    if reason is None:
+        from ..triton import lean_ops
+
+        reason = lean_ops.lean_ops_reason(op, width)
+        if reason is None:
+            return lean_ops
+    if backend == "triton":
+        raise ValueError(f"lean_training(backend='triton') cannot run {op}: {reason}")
+    return lean_reference
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only: backward recomputes silu(gate) with the forward's own ops."""
+    """silu(gate) * up, saving gate and up only: backward recomputes silu(gate)."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, backend):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        ctx.ops = _lean_ops(backend, gate, "swiglu")
+        return ctx.ops.swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return grad_gate, grad_up
+        grad_gate, grad_up = ctx.ops.swiglu_backward(grad, gate, up, *ctx.needs_input_grad[:2])
+        return grad_gate, grad_up, None
 
 
 class _RMSNorm(torch.autograd.Function):
     """Llama's RMSNorm, saving the input in its dtype and rstd (float32, one per row) instead of a float32 copy."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (x32 * rstd).to(x.dtype)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * normed
+    def forward(ctx, x, weight, eps, backend):
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.ops = _lean_ops(backend, x, "rms_norm", x.shape[-1])
+        out, rstd = ctx.ops.rms_norm_forward(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return out.view(x.shape[:-1] + out.shape[-1:])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
-        normed32 = x32 * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            product = grad * normed32.to(x.dtype)
-            grad_weight = product.sum(tuple(range(product.dim() - weight.dim()))).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # The stock chain rule: out = w * n, n = (x32 * r).to(dtype), r = rsqrt(mean(x32^2) + eps)
-            grad_n = (grad * weight).to(x.dtype).float()  # the stock grad of n, in n's dtype (x's)
-            grad_r = (grad_n * x32).sum(-1, keepdim=True)
-            grad_mean = -0.5 * grad_r * rstd.pow(3)
-            grad_x32 = grad_n * rstd + (grad_mean / x.shape[-1]).expand_as(x32) * (2.0 * x32)
-            grad_x = grad_x32.to(x.dtype)
-        return grad_x, grad_weight, None
+        rows, weight, rstd = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x, grad_weight = ctx.ops.rms_norm_backward(grad_rows, rows, weight, rstd, *ctx.needs_input_grad[:2])
+        if grad_x is not None:
+            grad_x = grad_x.view(grad.shape[:-1] + grad_x.shape[-1:])
+        return grad_x, grad_weight, None, None
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of [N, V] logits against [N] labels (0 where ignored), saving the logits (as given)
-    and each row's log-sum-exp; float32 upcasts happen a chunk of rows at a time, in forward and in backward."""
+    and each row's log-sum-exp, never a float32 copy of all of them."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index):
-        rows = max(1, _LOSS_ROWS_PER_CHUNK_BYTES // (4 * logits.shape[1]))
+    def forward(ctx, logits, labels, ignore_index, backend):
         keep = labels != ignore_index
         safe = torch.where(keep, labels, 0)
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        picked = torch.empty_like(lse)
-        for start in range(0, logits.shape[0], rows):
-            chunk = logits[start:start + rows].float()
-            lse[start:start + rows] = torch.logsumexp(chunk, dim=-1)
-            picked[start:start + rows] = chunk.gather(1, safe[start:start + rows, None])[:, 0]
+        ctx.ops = _lean_ops(backend, logits, "cross_entropy", logits.shape[-1])
+        loss, lse = ctx.ops.cross_entropy_forward(logits, safe, keep)
         ctx.save_for_backward(logits, safe, keep, lse)
-        ctx.rows = rows
-        return torch.where(keep, lse - picked, 0.0)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, safe, keep, lse = ctx.saved_tensors
-        grad = torch.where(keep, grad, 0.0)
-        grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.rows):
-            stop = start + ctx.rows
-            probs = torch.exp(logits[start:stop].float() - lse[start:stop, None])
-            probs.scatter_add_(1, safe[start:stop, None], -keep[start:stop, None].float())
-            grad_logits[start:stop] = probs * grad[start:stop, None]
-        return grad_logits, None, None
+        return ctx.ops.cross_entropy_backward(grad, logits, safe, keep, lse), None, None, None
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                   **kwargs):
+                   backend="auto", **kwargs):
     """transformers' ForCausalLMLoss (same shift, same reductions), through _TokenCrossEntropy."""
     if shift_labels is None:
         labels = F.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:].contiguous()
     flat = logits.reshape(-1, vocab_size)
     targets = shift_labels.reshape(-1).to(flat.device)
-    per_token = _TokenCrossEntropy.apply(flat, targets, ignore_index)
+    per_token = _TokenCrossEntropy.apply(flat, targets, ignore_index, backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(per_token.device)
@@ -136,11 +136,12 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
 
 
 def _swiglu_forward(self, x):
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    backend = self.__dict__[_REPLACED]
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x), backend))
 
 
 def _norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, self.__dict__[_REPLACED])
 
 
 def _is_swiglu(module) -> bool:
@@ -151,9 +152,20 @@ def _is_swiglu(module) -> bool:
         isinstance(act, (torch.nn.SiLU, SiLUActivation))
 
 
-def lean_training(model, enable: bool = True) -> dict:
+def _is_lean_loss(loss_function) -> bool:
+    return isinstance(loss_function, functools.partial) and loss_function.func is causal_lm_loss
+
+
+def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
     """Replace (enable=True) or restore (False) the modules and loss described above; returns how many of each
-    were changed: {"mlp": n, "norm": n, "loss": 0 or 1}. `model`: a transformers causal LM or a PeftModel."""
+    were changed: {"mlp": n, "norm": n, "loss": 0 or 1}. `model`: a transformers causal LM or a PeftModel.
+
+    backend: "auto" = the fused Triton kernels where they can run (CUDA tensors; CPU under TRITON_INTERPRET=1),
+    else the PyTorch formulas; "triton" = the kernels or a ValueError at the first call they cannot serve;
+    "torch" = the PyTorch formulas. Calling it again on a lean model switches the backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"lean_training: backend must be one of {BACKENDS}, got {backend!r}")
     target = base_model(model)  # a PeftModel: the modules and the loss are its base model's
     counts = {"mlp": 0, "norm": 0, "loss": 0}
     for module in target.modules():
@@ -162,19 +174,22 @@ def lean_training(model, enable: bool = True) -> dict:
         if kind is None:
             continue
         replaced = _REPLACED in module.__dict__
+        if enable and replaced:
+            module.__dict__[_REPLACED] = backend
         # A forward already set on the instance (an accelerate hook: device maps, offload) is left alone.
-        if enable and not replaced and "forward" not in module.__dict__:
-            module.__dict__[_REPLACED] = True
+        elif enable and "forward" not in module.__dict__:
+            module.__dict__[_REPLACED] = backend
             module.forward = types.MethodType(_swiglu_forward if kind == "mlp" else _norm_forward, module)
             counts[kind] += 1
         elif not enable and replaced:
             del module.__dict__[_REPLACED], module.__dict__["forward"]
             counts[kind] += 1
     causal_lm = type(target).__name__.endswith("ForCausalLM")  # the loss replaced is the causal-LM one
-    if enable and causal_lm and "_loss_function" not in target.__dict__:
-        target.loss_function = causal_lm_loss
-        counts["loss"] = 1
-    elif not enable and target.__dict__.get("_loss_function") is causal_lm_loss:
+    lean_loss = _is_lean_loss(target.__dict__.get("_loss_function"))
+    if enable and causal_lm and (lean_loss or "_loss_function" not in target.__dict__):
+        target.loss_function = functools.partial(causal_lm_loss, backend=backend)
+        counts["loss"] = int(not lean_loss)
+    elif not enable and lean_loss:
         del target.__dict__["_loss_function"]
         counts["loss"] = 1
     return counts

@@ -85,10 +85,12 @@ def all_cases():
     from .backward_cases import backward_cases
     from .decode_cases import decode_cases
     from .forward_cases import forward_cases
+    from .lean_cases import lean_cases
 
     yield from forward_cases()
     yield from backward_cases()
     yield from decode_cases()
+    yield from lean_cases()
 
 
 def main(argv=None) -> int:

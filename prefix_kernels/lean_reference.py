@@ -1,0 +1,75 @@
+"""The stock formulas of lean_training's ops in PyTorch: the CPU path and the oracle for the Triton kernels.
+
+Same signatures as prefix_kernels.triton.lean_ops. Inputs are 2-D rows ([rows, width]; SwiGLU any shape);
+each function computes what the stock transformers modules compute, with their rounding points:
+  RMSNorm (Llama's): out = w * (x.float() * rstd).to(x.dtype), rstd = rsqrt(mean(x.float()^2) + eps)
+  SwiGLU:            out = silu(gate) * up
+  cross-entropy:     per row logsumexp(logits.float()) - logits[target], 0 where the row is ignored
+The loss upcasts a bounded chunk of rows at a time (LOSS_CHUNK_BYTES of float32), in forward and in backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_CHUNK_BYTES = 1 << 28
+
+
+def rms_norm_forward(x, weight, eps):
+    """(out [rows, width] in promote(weight, x) dtype, rstd [rows] float32)."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+    return weight * (x32 * rstd[:, None]).to(x.dtype), rstd
+
+
+def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
+    """(dx or None, dw or None): the stock chain rule through the rounding of the normalized rows."""
+    x32 = x.float()
+    normed = (x32 * rstd[:, None]).to(x.dtype)
+    dw = (grad * normed).sum(0).to(weight.dtype) if need_dw else None
+    dx = None
+    if need_dx:
+        grad_n = (grad * weight).to(x.dtype).float()
+        mean_gx = (grad_n * x32).sum(-1, keepdim=True) / x.shape[-1]
+        dx = (rstd[:, None] * (grad_n - x32 * (rstd[:, None].pow(2) * mean_gx))).to(x.dtype)
+    return dx, dw
+
+
+def swiglu_forward(gate, up):
+    return F.silu(gate) * up
+
+
+def swiglu_backward(grad, gate, up, need_gate, need_up):
+    """(d gate or None, d up or None), silu(gate) recomputed with the forward's own op."""
+    dup = grad * F.silu(gate) if need_up else None
+    dgate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+    return dgate, dup
+
+
+def _chunk_rows(logits) -> int:
+    return max(1, LOSS_CHUNK_BYTES // (4 * max(1, logits.shape[1])))
+
+
+def cross_entropy_forward(logits, targets, keep):
+    """(loss [rows] float32, 0 where not keep; lse [rows] float32). targets: valid indices on every row."""
+    rows = _chunk_rows(logits)
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    picked = torch.empty_like(lse)
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start:start + rows].float()
+        lse[start:start + rows] = torch.logsumexp(chunk, dim=-1)
+        picked[start:start + rows] = chunk.gather(1, targets[start:start + rows, None])[:, 0]
+    return torch.where(keep, lse - picked, 0.0), lse
+
+
+def cross_entropy_backward(grad, logits, targets, keep, lse):
+    """d logits (logits' dtype) = (softmax - onehot(target)) * grad, 0 on rows not kept."""
+    rows = _chunk_rows(logits)
+    grad = torch.where(keep, grad.float(), 0.0)
+    dlogits = torch.empty_like(logits)
+    for start in range(0, logits.shape[0], rows):
+        stop = start + rows
+        probs = torch.exp(logits[start:stop].float() - lse[start:stop, None])
+        probs.scatter_add_(1, targets[start:stop, None], -torch.ones_like(probs[:, :1]))
+        dlogits[start:stop] = probs * grad[start:stop, None]
+    return dlogits

@@ -1,0 +1,275 @@
+"""Fused Triton kernels for lean_training's elementwise work: RMSNorm, SwiGLU and the per-token cross-entropy.
+
+A frozen model's training step spends most of its non-matmul time moving activations through chains of small
+PyTorch ops (the stock RMSNorm alone makes ~6 passes over a float32 copy of its input in forward and more in
+backward). Each kernel here does one such chain in one pass, with the stock rounding points kept (a value the
+stock code rounds to the activations' dtype is rounded here too), so results match the formulas in
+prefix_kernels/lean_reference.py (same signatures; the tests cross-check them) up to float32 summation order.
+
+Each *_launch function returns (grid, args, kwargs) for its kernel: shared by the launcher and the compile check.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import cdiv
+
+# RMSNorm holds a whole row in registers: rows wider than this go to the reference formula (lean_ops_reason).
+MAX_NORM_WIDTH = 16384
+ELEMENTWISE_BLOCK = 1024
+LOSS_BLOCK_V = 4096
+
+
+@triton.jit
+def _rms_norm_fwd(x_ptr, w_ptr, out_ptr, rstd_ptr, n_cols, x_row_stride, out_row_stride, eps,
+                  BLOCK: tl.constexpr):
+    """out = w * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) in float32: one row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the stock rounding to x's dtype
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(grad_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
+                  grad_row_stride, x_row_stride, dx_row_stride,
+                  BLOCK: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr):
+    """dx (and this program's share of dw) for rows pid, pid + programs, ...; dw partials are summed by the host.
+
+    The stock chain rule: grad_n = (grad * w) rounded to x's dtype, dx = rstd * (grad_n - x * rstd^2 *
+    mean(grad_n * x)); dw = sum over rows of (grad * n) rounded to grad's dtype.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    first_row = pid.to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(0, tl.cdiv(n_rows - pid, programs)):
+        row64 = first_row + step * programs
+        grad = tl.load(grad_ptr + row64 * grad_row_stride + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row64 * x_row_stride + cols, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row64)
+        if NEED_DX:
+            grad_n = (grad * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+            mean_gx = tl.sum(grad_n * x, axis=0) / n_cols
+            dx = rstd * (grad_n - x * (rstd * rstd * mean_gx))
+            tl.store(dx_ptr + row64 * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if NEED_DW:
+            normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += (grad * normed).to(grad_ptr.dtype.element_ty).to(tl.float32)
+    if NEED_DW:
+        tl.store(dw_partial_ptr + first_row * n_cols + cols, dw, mask=ok)
+
+
+@triton.jit
+def _silu_rounded(gate, DTYPE: tl.constexpr):
+    """F.silu in float32, rounded to the activations' dtype as the stock module's output is."""
+    return (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_fwd(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    gate = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    act = _silu_rounded(gate, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, (act * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_bwd(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr,
+                NEED_DGATE: tl.constexpr, NEED_DUP: tl.constexpr):
+    """d up = grad * silu(gate); d gate = silu'(gate) * (grad * up), each product rounded where stock rounds."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dtype = grad_ptr.dtype.element_ty
+    grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if NEED_DUP:
+        act = _silu_rounded(gate, dtype)
+        tl.store(dup_ptr + offs, (grad * act).to(dtype), mask=ok)
+    if NEED_DGATE:
+        up = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        grad_act = (grad * up).to(dtype).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        tl.store(dgate_ptr + offs, (grad_act * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=ok)
+
+
+@triton.jit
+def _cross_entropy_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, n_vocab, row_stride, BLOCK_V: tl.constexpr):
+    """Per row: lse = logsumexp(logits) in float32 (one streaming pass, running max per lane), loss = lse - logit
+    of the target. The host zeroes the loss of ignored rows (their target is any valid index)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    cols = tl.arange(0, BLOCK_V)
+    run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < n_vocab, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, x)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # lanes that saw only -inf stay at sum 0
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+        run_max = new_max
+    row_max = tl.max(run_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    lse = shift + tl.log(tl.sum(run_sum * tl.exp(run_max - shift), axis=0))
+    target_logit = tl.load(row_ptr + tl.load(targets_ptr + row)).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, lse - target_logit)
+
+
+@triton.jit
+def _cross_entropy_bwd(grad_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr, n_vocab, row_stride,
+                       drow_stride, BLOCK_V: tl.constexpr):
+    """d logits = (softmax(logits) - onehot(target)) * grad[row]; grad is 0 on ignored rows."""
+    row = tl.program_id(0).to(tl.int64)
+    grad = tl.load(grad_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    target = tl.load(targets_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_vocab, BLOCK_V):
+        ok = start + cols < n_vocab
+        x = tl.load(logits_ptr + row * row_stride + start + cols, mask=ok, other=0.0).to(tl.float32)
+        prob = tl.exp(x - lse) - tl.where(start + cols == target, 1.0, 0.0)
+        tl.store(dlogits_ptr + row * drow_stride + start + cols, (prob * grad).to(dlogits_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+def _row_warps(block: int) -> int:
+    return 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] with unit column stride (a view when the rows already are)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def lean_ops_reason(op: str, width: int) -> str | None:
+    """Why these kernels cannot take `op` at this row width, or None."""
+    if op == "rms_norm" and width > MAX_NORM_WIDTH:
+        return f"the RMSNorm kernel holds a row in registers: width {width} > {MAX_NORM_WIDTH}"
+    return None
+
+
+def rms_norm_forward_launch(x, weight, out, rstd, eps):
+    block = triton.next_power_of_2(x.shape[1])
+    args = (x, weight, out, rstd, x.shape[1], x.stride(0), out.stride(0), float(eps))
+    return (x.shape[0],), args, dict(BLOCK=block, num_warps=_row_warps(block))
+
+
+def rms_norm_backward_launch(grad, x, weight, rstd, dx, dw_partial, programs, need_dx, need_dw):
+    block = triton.next_power_of_2(x.shape[1])
+    args = (grad, x, weight, rstd, dx, dw_partial, x.shape[0], x.shape[1], grad.stride(0), x.stride(0),
+            dx.stride(0) if dx is not None else 0)
+    kwargs = dict(BLOCK=block, NEED_DX=need_dx, NEED_DW=need_dw, num_warps=_row_warps(block))
+    return (programs,), args, kwargs
+
+
+def swiglu_forward_launch(gate, up, out):
+    return (cdiv(gate.numel(), ELEMENTWISE_BLOCK),), (gate, up, out, gate.numel()), dict(BLOCK=ELEMENTWISE_BLOCK,
+                                                                                            num_warps=4)
+
+
+def swiglu_backward_launch(grad, gate, up, dgate, dup):
+    args = (grad, gate, up, dgate, dup, gate.numel())
+    kwargs = dict(BLOCK=ELEMENTWISE_BLOCK, NEED_DGATE=dgate is not None, NEED_DUP=dup is not None, num_warps=4)
+    return (cdiv(gate.numel(), ELEMENTWISE_BLOCK),), args, kwargs
+
+
+def _loss_block(n_vocab: int) -> int:
+    return min(LOSS_BLOCK_V, triton.next_power_of_2(n_vocab))
+
+
+def cross_entropy_forward_launch(logits, targets, loss, lse):
+    block = _loss_block(logits.shape[1])
+    args = (logits, targets, loss, lse, logits.shape[1], logits.stride(0))
+    return (logits.shape[0],), args, dict(BLOCK_V=block, num_warps=_row_warps(block))
+
+
+def cross_entropy_backward_launch(grad, logits, targets, lse, dlogits):
+    block = _loss_block(logits.shape[1])
+    args = (grad, logits, targets, lse, dlogits, logits.shape[1], logits.stride(0), dlogits.stride(0))
+    return (logits.shape[0],), args, dict(BLOCK_V=block, num_warps=_row_warps(block))
+
+
+# The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
+
+def rms_norm_forward(x, weight, eps):
+    x = _rows_view(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.numel():
+        grid, args, kwargs = rms_norm_forward_launch(x, weight, out, rstd, eps)
+        _rms_norm_fwd[grid](*args, **kwargs)
+    return out, rstd
+
+
+def _dw_programs(x: torch.Tensor) -> int:
+    """Programs for a backward that also sums dw: enough to fill the GPU, few enough that the partials stay small."""
+    if x.device.type == "cuda":
+        return min(x.shape[0], 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(x.shape[0], 4)
+
+
+def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
+    grad, x = _rows_view(grad), _rows_view(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    programs = max(1, _dw_programs(x) if need_dw else x.shape[0])
+    dw_partial = torch.empty((programs, x.shape[1]), dtype=torch.float32, device=x.device) if need_dw else None
+    if x.numel() and (need_dx or need_dw):
+        grid, args, kwargs = rms_norm_backward_launch(grad, x, weight, rstd, dx, dw_partial, programs, need_dx,
+                                                      need_dw)
+        _rms_norm_bwd[grid](*args, **kwargs)
+    dw = None
+    if need_dw:
+        dw = dw_partial.sum(0).to(weight.dtype) if x.shape[0] else torch.zeros_like(weight)
+    return dx, dw
+
+
+def swiglu_forward(gate, up):
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    if gate.numel():
+        grid, args, kwargs = swiglu_forward_launch(gate, up, out)
+        _swiglu_fwd[grid](*args, **kwargs)
+    return out
+
+
+def swiglu_backward(grad, gate, up, need_gate, need_up):
+    grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
+    dgate = torch.empty_like(gate) if need_gate else None
+    dup = torch.empty_like(up) if need_up else None
+    if gate.numel() and (need_gate or need_up):
+        grid, args, kwargs = swiglu_backward_launch(grad, gate, up, dgate, dup)
+        _swiglu_bwd[grid](*args, **kwargs)
+    return dgate, dup
+
+
+def cross_entropy_forward(logits, targets, keep):
+    logits = _rows_view(logits)
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    if logits.numel():
+        grid, args, kwargs = cross_entropy_forward_launch(logits, targets, loss, lse)
+        _cross_entropy_fwd[grid](*args, **kwargs)
+    return torch.where(keep, loss, 0.0), lse
+
+
+def cross_entropy_backward(grad, logits, targets, keep, lse):
+    logits = _rows_view(logits)
+    grad = torch.where(keep, grad.float(), 0.0)
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.numel():
+        grid, args, kwargs = cross_entropy_backward_launch(grad, logits, targets, lse, dlogits)
+        _cross_entropy_bwd[grid](*args, **kwargs)
+    return dlogits

@@ -1,0 +1,141 @@
+"""lean_training's fused Triton kernels against the PyTorch formulas (prefix_kernels.lean_reference).
+
+Truth is the reference formula on float64 copies of the same inputs; the kernel's error must be within about
+twice the low-precision reference's own. On CPU the kernels run under the interpreter (fp32, fp16); with a GPU,
+bf16 as well. Odd widths, strided rows, ignored and -inf rows, the weight gradient's multi-program sum.
+"""
+import pytest
+import torch
+
+from prefix_kernels import lean_reference as ref
+from prefix_kernels.backends import triton_device_reason
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if triton_device_reason(torch.device(DEVICE)) is not None:
+    pytest.skip(f"Triton cannot run here: {triton_device_reason(torch.device(DEVICE))}", allow_module_level=True)
+
+from prefix_kernels.hf.lean import _lean_ops, lean_training  # noqa: E402
+from prefix_kernels.triton import lean_ops  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def ids(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def assert_within_reference_error(name, got, want, truth):
+    """|got - truth| <= 2 |want - truth| + a floor of float32 resolution, max over the tensor."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
+    truth = truth.double()
+    kernel_error = (got.double() - truth).abs().max().item()
+    reference_error = (want.double() - truth).abs().max().item()
+    floor = 4e-7 * truth.abs().max().item() + 1e-12
+    assert kernel_error <= 2 * reference_error + floor, (name, kernel_error, reference_error)
+
+
+def as64(*tensors):
+    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("width", [80, 203])
+@pytest.mark.parametrize("weight_dtype", ["same", "float32"])
+def test_rms_norm_forward_and_backward(dtype, width, weight_dtype):
+    rows = 37
+    # rows of a wider buffer: a unit column stride and a row stride larger than the width (read in place)
+    x = (torch.randn(rows, width + 7, device=DEVICE) * 3).to(dtype)[:, :width]
+    weight = (1 + 0.5 * torch.randn(width, device=DEVICE)).to(dtype if weight_dtype == "same" else torch.float32)
+    eps = 1e-6
+    out, rstd = lean_ops.rms_norm_forward(x, weight, eps)
+    want_out, want_rstd = ref.rms_norm_forward(x, weight, eps)
+    truth_out, truth_rstd = ref.rms_norm_forward(*as64(x, weight), eps)
+    assert_within_reference_error("out", out, want_out, truth_out)
+    assert_within_reference_error("rstd", rstd, want_rstd, truth_rstd)
+
+    grad = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+    for need_dx, need_dw in [(True, True), (True, False), (False, True)]:
+        dx, dw = lean_ops.rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw)
+        want_dx, want_dw = ref.rms_norm_backward(grad, x, weight, want_rstd, need_dx, need_dw)
+        truth_dx, truth_dw = ref.rms_norm_backward(*as64(grad, x, weight, truth_rstd), need_dx, need_dw)
+        assert (dx is None) == (not need_dx) and (dw is None) == (not need_dw)
+        if need_dx:
+            assert_within_reference_error("dx", dx, want_dx, truth_dx)
+        if need_dw:
+            assert_within_reference_error("dw", dw, want_dw, truth_dw)
+
+
+def test_rms_norm_weight_gradient_sums_every_row_once():
+    """More rows than programs: each program's loop over rows and the host's sum of partials cover every row."""
+    rows, width = 11, 16
+    x = torch.randn(rows, width, device=DEVICE)
+    weight = torch.randn(width, device=DEVICE)
+    _, rstd = lean_ops.rms_norm_forward(x, weight, 1e-5)
+    grad = torch.zeros(rows, width, device=DEVICE)
+    grad[-1] = 1.0  # only the last row: lost if the strided loop stops early, doubled if visited twice
+    _, dw = lean_ops.rms_norm_backward(grad, x, weight, rstd, False, True)
+    torch.testing.assert_close(dw, x[-1] * rstd[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_swiglu_forward_and_backward(dtype):
+    gate = (torch.randn(37, 203, device=DEVICE) * 4).to(dtype)
+    up = torch.randn(37, 203, device=DEVICE).to(dtype)
+    assert_within_reference_error("out", lean_ops.swiglu_forward(gate, up), ref.swiglu_forward(gate, up),
+                                  ref.swiglu_forward(*as64(gate, up)))
+    grad = torch.randn(37, 203, device=DEVICE).to(dtype)
+    for need in [(True, True), (True, False), (False, True)]:
+        got = lean_ops.swiglu_backward(grad, gate, up, *need)
+        want = ref.swiglu_backward(grad, gate, up, *need)
+        truth = ref.swiglu_backward(*as64(grad, gate, up), *need)
+        for name, g, w, t, needed in zip(("dgate", "dup"), got, want, truth, need):
+            assert (g is None) == (not needed)
+            if needed:
+                assert_within_reference_error(name, g, w, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("vocab", [97, 5003])  # one block; two blocks, the second partial
+def test_cross_entropy_forward_and_backward(dtype, vocab):
+    rows = 13
+    logits = (torch.randn(rows, vocab + 5, device=DEVICE) * 4).to(dtype)[:, :vocab]  # strided rows
+    logits[2, vocab // 2:] = float("-inf")  # a masked part of the vocabulary
+    targets = torch.randint(0, vocab // 2, (rows,), device=DEVICE)
+    keep = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+    keep[[0, 5]] = False
+    loss, lse = lean_ops.cross_entropy_forward(logits, targets, keep)
+    want_loss, want_lse = ref.cross_entropy_forward(logits, targets, keep)
+    truth_loss, truth_lse = ref.cross_entropy_forward(logits.double(), targets, keep)
+    assert torch.equal(loss[~keep], torch.zeros(2, device=DEVICE))
+    assert_within_reference_error("loss", loss, want_loss, truth_loss)
+    assert_within_reference_error("lse", lse, want_lse, truth_lse)
+
+    grad = torch.randn(rows, device=DEVICE)
+    dlogits = lean_ops.cross_entropy_backward(grad, logits, targets, keep, lse)
+    want = ref.cross_entropy_backward(grad, logits, targets, keep, want_lse)
+    truth = ref.cross_entropy_backward(grad.double(), logits.double(), targets, keep, truth_lse)
+    assert dlogits.is_contiguous() and not dlogits.isnan().any()
+    assert torch.equal(dlogits[~keep], torch.zeros_like(dlogits[~keep]))
+    assert torch.equal(dlogits[2, vocab // 2:], torch.zeros_like(dlogits[2, vocab // 2:]))
+    assert_within_reference_error("dlogits", dlogits, want, truth)
+
+
+def test_empty_inputs():
+    x = torch.empty(0, 64, device=DEVICE)
+    weight = torch.ones(64, device=DEVICE)
+    out, rstd = lean_ops.rms_norm_forward(x, weight, 1e-6)
+    assert out.shape == (0, 64) and rstd.shape == (0,)
+    dx, dw = lean_ops.rms_norm_backward(out, x, weight, rstd, True, True)
+    assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros(64, device=DEVICE))
+    assert lean_ops.swiglu_forward(x, x).shape == (0, 64)
+
+
+def test_backend_choice_and_refusals():
+    x = torch.empty(2, lean_ops.MAX_NORM_WIDTH + 1, device=DEVICE)
+    assert _lean_ops("auto", x, "rms_norm", x.shape[-1]) is ref  # too wide for a row in registers
+    with pytest.raises(ValueError, match="rms_norm.*width 16385"):
+        _lean_ops("triton", x, "rms_norm", x.shape[-1])
+    assert _lean_ops("auto", x, "swiglu") is lean_ops
+    assert _lean_ops("torch", x, "swiglu") is ref
+    with pytest.raises(ValueError, match="backend must be one of .*'tritn'"):
+        lean_training(torch.nn.Linear(2, 2), backend="tritn")
