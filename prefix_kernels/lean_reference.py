@@ -4,6 +4,8 @@ Same signatures as prefix_kernels.triton.lean_ops. Inputs are 2-D rows ([rows, w
 each function computes what the stock transformers modules compute, with their rounding points:
   RMSNorm (Llama's): out = w * (x.float() * rstd).to(x.dtype), rstd = rsqrt(mean(x.float()^2) + eps)
   SwiGLU:            out = silu(gate) * up
+  rotary embedding:  q * cos + rotate_half(q) * sin (Llama's apply_rotary_pos_emb, q and k [B, H, S, D],
+                     cos and sin [B or 1, S, D]); backward its transpose, as autograd of it computes
   cross-entropy:     per row logsumexp(logits.float()) - logits[target], 0 where the row is ignored
 The loss upcasts a bounded chunk of rows at a time (LOSS_CHUNK_BYTES of float32), in forward and in backward.
 """
@@ -44,6 +46,27 @@ def swiglu_backward(grad, gate, up, need_gate, need_up):
     dup = grad * F.silu(gate) if need_up else None
     dgate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
     return dgate, dup
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_half_transposed(y):
+    half = y.shape[-1] // 2
+    return torch.cat((y[..., half:], -y[..., :half]), dim=-1)
+
+
+def rope_forward(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_backward(grad_q, grad_k, cos, sin, need_q, need_k):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (grad_q * cos + _rotate_half_transposed(grad_q * sin) if need_q else None,
+            grad_k * cos + _rotate_half_transposed(grad_k * sin) if need_k else None)
 
 
 def _chunk_rows(logits) -> int:

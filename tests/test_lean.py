@@ -61,13 +61,13 @@ def test_fp32_loss_and_prefix_gradients_equal_stock(family, backend):
     labels = ids.clone()
     labels[0, :4] = -100  # ignored positions
     want_loss, want_grads = step(model, prefix, ids, labels)
-    assert lean_training(model, backend=backend) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
+    assert lean_training(model, backend=backend) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "rope": 1, "loss": 1}
     got_loss, got_grads = step(model, prefix, ids, labels)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
     # restored: the class's own forward and loss again
-    assert lean_training(model, enable=False) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "loss": 1}
+    assert lean_training(model, enable=False) == {"mlp": LAYERS, "norm": 2 * LAYERS + 1, "rope": 1, "loss": 1}
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert "_loss_function" not in model.__dict__
     again_loss, _ = step(model, prefix, ids, labels)
@@ -165,3 +165,36 @@ def test_chunked_loss_equals_one_chunk(monkeypatch):
     chunked = causal_lm_loss(logits, labels, VOCAB, backend="torch")
     (chunked_grad,) = torch.autograd.grad(chunked, logits)
     assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)
+
+
+def test_rotary_embedding_through_the_kernel_only_for_lean_models(monkeypatch):
+    """apply_rotary_pos_emb is a module-level function: lean_training replaces it in the modeling file by a
+    dispatcher that runs the kernel on a lean model's cos/sin only; another model of the family, not lean, gets
+    the stock function's results; the last lean model's restore puts the original back."""
+    from transformers.models.llama import modeling_llama
+
+    from prefix_kernels.triton import lean_ops
+
+    original = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    real = lean_ops.rope_forward
+    monkeypatch.setattr(lean_ops, "rope_forward", lambda *a: calls.append(1) or real(*a))
+    lean_model, lean_prefix = tiny()
+    other, other_prefix = tiny()
+    ids = torch.randint(0, VOCAB, (B, S))
+    want_loss, want_grads = step(lean_model, lean_prefix, ids, ids)
+    other_loss, _ = step(other, other_prefix, ids, ids)
+    assert lean_training(lean_model, backend="triton")["rope"] == 1
+    second, _ = tiny()
+    lean_training(second, backend="torch")  # "torch": the dispatcher hands its calls to the original
+    assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is original
+    got_loss, got_grads = step(lean_model, lean_prefix, ids, ids)
+    assert len(calls) == LAYERS
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+    assert torch.equal(step(other, other_prefix, ids, ids)[0], other_loss) and len(calls) == LAYERS
+    lean_training(lean_model, enable=False)
+    assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is original  # `second` still uses it
+    lean_training(second, enable=False)
+    assert modeling_llama.apply_rotary_pos_emb is original

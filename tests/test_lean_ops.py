@@ -139,3 +139,44 @@ def test_backend_choice_and_refusals():
     assert _lean_ops("torch", x, "swiglu") is ref
     with pytest.raises(ValueError, match="backend must be one of .*'tritn'"):
         lean_training(torch.nn.Linear(2, 2), backend="tritn")
+
+
+def stock_rope(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return getattr(apply_rotary_pos_emb, "__wrapped__", apply_rotary_pos_emb)(q, k, cos, sin)
+
+
+def rope_inputs(dtype, dim, cos_batch):
+    batch, heads_q, heads_kv, seq = 2, 6, 2, 19
+    # q and k as HF hands them: [B, S, H, D] projections viewed as [B, H, S, D]
+    q = torch.randn(batch, seq, heads_q, dim, device=DEVICE).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, seq, heads_kv, dim, device=DEVICE).to(dtype).transpose(1, 2)
+    angles = torch.rand(cos_batch, seq, dim // 2, device=DEVICE) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    return q, k, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dim", [64, 80])
+@pytest.mark.parametrize("cos_batch", [1, 2])  # one row of positions broadcast over the batch, or one per row
+def test_rope_forward_and_backward_equal_stock(dtype, dim, cos_batch):
+    """The kernel rounds where transformers' apply_rotary_pos_emb and its autograd round: equal to it (the
+    interpreter and the GPU compute the same float32 products and sums), and the reference formula is too."""
+    q, k, cos, sin = rope_inputs(dtype, dim, cos_batch)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    want_q, want_k = stock_rope(q, k, cos, sin)
+    grad_q, grad_k = torch.randn_like(want_q), torch.randn_like(want_k)
+    want_dq, want_dk = torch.autograd.grad((want_q, want_k), (q, k), (grad_q, grad_k))
+    for ops in (lean_ops, ref):
+        got_q, got_k = ops.rope_forward(q.detach(), k.detach(), cos, sin)
+        assert got_q.stride() == q.stride()  # HF's layout kept: no copy for the attention to undo
+        got_dq, got_dk = ops.rope_backward(grad_q, grad_k, cos, sin, True, True)
+        for name, got, want in [("q", got_q, want_q), ("k", got_k, want_k), ("dq", got_dq, want_dq),
+                                ("dk", got_dk, want_dk)]:
+            if dtype == torch.float32 and DEVICE == "cuda":  # the GPU may contract a product and a sum (FMA)
+                torch.testing.assert_close(got, want, rtol=2e-7, atol=2e-7)
+            else:
+                assert torch.equal(got, want), (ops.__name__, name, (got.float() - want.float()).abs().max())
+    assert lean_ops.rope_backward(grad_q, grad_k, cos, sin, False, True)[0] is None

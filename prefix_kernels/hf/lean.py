@@ -29,6 +29,7 @@ and offload). lean_training(model, enable=False) restores the stock ones.
 from __future__ import annotations
 
 import functools
+import sys
 import types
 
 import torch
@@ -100,6 +101,22 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None, None
 
 
+class _Rope(torch.autograd.Function):
+    """Llama's apply_rotary_pos_emb on q and k [B, H, S, D] with cos, sin [B or 1, S, D] (no gradient for them)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, backend):
+        ctx.ops = _lean_ops(backend, q, "rope")
+        ctx.save_for_backward(cos, sin)
+        return ctx.ops.rope_forward(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        grad_q, grad_k = ctx.ops.rope_backward(grad_q, grad_k, cos, sin, *ctx.needs_input_grad[:2])
+        return grad_q, grad_k, None, None, None
+
+
 class _TokenCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of [N, V] logits against [N] labels (0 where ignored), saving the logits (as given)
     and each row's log-sum-exp, never a float32 copy of all of them."""
@@ -135,6 +152,72 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     return per_token.sum() / (targets != ignore_index).sum()
 
 
+# The rotary embedding is applied by a module-level function of each modeling file, not by a module, so it is
+# replaced there (ROPE_MODULES: the files whose apply_rotary_pos_emb is Llama's formula) by a dispatcher that
+# runs the kernel only on cos/sin a lean model's rotary-embedding module made (they carry its backend in
+# _ROPE_TAG) and hands every other call, from any other model, to the original function unchanged.
+ROPE_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+_ROPE_TAG = "_prefix_kernels_lean_rope"
+_rope_installs: dict = {}  # modeling module -> [original apply_rotary_pos_emb, lean rotary modules using it]
+
+
+def _rope_dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        backend = getattr(cos, _ROPE_TAG, None)
+        if backend in (None, "torch") or not _rope_covered(q, k, cos, sin, unsqueeze_dim):
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return _Rope.apply(q, k, cos, sin, backend)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    return apply_rotary_pos_emb
+
+
+def _rope_covered(q, k, cos, sin, unsqueeze_dim) -> bool:
+    """The calls the kernel computes exactly as the stock function: same dtype and device throughout (no type
+    promotion), [B, H, S, D] q and k, [B or 1, S, D] cos and sin that need no gradient."""
+    if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return False
+    batch, _, seq, dim = q.shape
+    return (dim % 2 == 0 and k.shape[0] == batch and k.shape[2:] == (seq, dim) and cos.shape[1:] == (seq, dim)
+            and cos.shape[0] in (1, batch) and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.device == k.device == cos.device == sin.device
+            and not (cos.requires_grad or sin.requires_grad))
+
+
+def _rope_module(module):
+    """The modeling module whose apply_rotary_pos_emb this rotary-embedding module's outputs feed, or None."""
+    if not type(module).__name__.endswith("RotaryEmbedding"):
+        return None
+    name = type(module).__module__
+    family = name.rsplit(".", 1)[-1].removeprefix("modeling_")
+    modeling = sys.modules.get(name)
+    return modeling if family in ROPE_MODULES and hasattr(modeling, "apply_rotary_pos_emb") else None
+
+
+def _rope_install(modeling):
+    entry = _rope_installs.get(modeling.__name__)
+    if entry is None:
+        entry = _rope_installs[modeling.__name__] = [modeling.apply_rotary_pos_emb, 0]
+        modeling.apply_rotary_pos_emb = _rope_dispatcher(entry[0])
+    entry[1] += 1
+
+
+def _rope_uninstall(modeling):
+    entry = _rope_installs[modeling.__name__]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _rope_installs[modeling.__name__]
+        if getattr(modeling.apply_rotary_pos_emb, "__wrapped__", None) is entry[0]:  # not replaced since by others
+            modeling.apply_rotary_pos_emb = entry[0]
+
+
+def _rotary_forward(self, *args, **kwargs):
+    cos, sin = type(self).forward(self, *args, **kwargs)
+    setattr(cos, _ROPE_TAG, self.__dict__[_REPLACED])
+    setattr(sin, _ROPE_TAG, self.__dict__[_REPLACED])
+    return cos, sin
+
+
 def _swiglu_forward(self, x):
     backend = self.__dict__[_REPLACED]
     return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x), backend))
@@ -152,13 +235,16 @@ def _is_swiglu(module) -> bool:
         isinstance(act, (torch.nn.SiLU, SiLUActivation))
 
 
+_LEAN_FORWARDS = {"mlp": _swiglu_forward, "norm": _norm_forward, "rope": _rotary_forward}
+
+
 def _is_lean_loss(loss_function) -> bool:
     return isinstance(loss_function, functools.partial) and loss_function.func is causal_lm_loss
 
 
 def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
     """Replace (enable=True) or restore (False) the modules and loss described above; returns how many of each
-    were changed: {"mlp": n, "norm": n, "loss": 0 or 1}. `model`: a transformers causal LM or a PeftModel.
+    were changed: {"mlp": n, "norm": n, "rope": n, "loss": 0 or 1}. `model`: a transformers causal LM or a PeftModel.
 
     backend: "auto" = the fused Triton kernels where they can run (CUDA tensors; CPU under TRITON_INTERPRET=1),
     else the PyTorch formulas; "triton" = the kernels or a ValueError at the first call they cannot serve;
@@ -167,10 +253,12 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
     if backend not in BACKENDS:
         raise ValueError(f"lean_training: backend must be one of {BACKENDS}, got {backend!r}")
     target = base_model(model)  # a PeftModel: the modules and the loss are its base model's
-    counts = {"mlp": 0, "norm": 0, "loss": 0}
+    counts = {"mlp": 0, "norm": 0, "rope": 0, "loss": 0}
     for module in target.modules():
+        modeling = _rope_module(module)
         kind = ("mlp" if _is_swiglu(module) else
-                "norm" if type(module).__name__ in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon") else None)
+                "norm" if type(module).__name__ in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon") else
+                "rope" if modeling is not None else None)
         if kind is None:
             continue
         replaced = _REPLACED in module.__dict__
@@ -179,10 +267,14 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
         # A forward already set on the instance (an accelerate hook: device maps, offload) is left alone.
         elif enable and "forward" not in module.__dict__:
             module.__dict__[_REPLACED] = backend
-            module.forward = types.MethodType(_swiglu_forward if kind == "mlp" else _norm_forward, module)
+            module.forward = types.MethodType(_LEAN_FORWARDS[kind], module)
+            if kind == "rope":
+                _rope_install(modeling)
             counts[kind] += 1
         elif not enable and replaced:
             del module.__dict__[_REPLACED], module.__dict__["forward"]
+            if kind == "rope":
+                _rope_uninstall(modeling)
             counts[kind] += 1
     causal_lm = type(target).__name__.endswith("ForCausalLM")  # the loss replaced is the causal-LM one
     lean_loss = _is_lean_loss(target.__dict__.get("_loss_function"))

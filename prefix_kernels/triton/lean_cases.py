@@ -9,6 +9,7 @@ from . import lean_ops
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NORM_WIDTHS = (80, 2048, 8192, lean_ops.MAX_NORM_WIDTH)
 VOCABS = (97, 32000, 128256)
+ROPE_DIMS = (64, 80, 128, 256)
 GRADIENT_SUBSETS = ((True, True), (True, False), (False, True))
 
 
@@ -45,6 +46,15 @@ def lean_cases():
             _, args, kwargs = lean_ops.swiglu_backward_launch(act, act, act, act if need_gate else None,
                                                               act if need_up else None)
             yield f"lean-swiglu-bwd-{d}-dgate{int(need_gate)}-dup{int(need_up)}", lean_ops._swiglu_bwd, args, kwargs
+
+        for dim in ROPE_DIMS:
+            for seq in (1, 4096):  # a decode step's one position; the widest position tile
+                x = torch.empty(2, seq, 8, dim, dtype=dtype).transpose(1, 2)  # HF's [B, H, S, D] view
+                cos = torch.empty(1, seq, dim, dtype=dtype)
+                for backward in (False, True):
+                    _, args, kwargs = lean_ops.rope_launch(x, cos, cos, torch.empty_like(x), backward)
+                    yield (f"lean-rope-{'bwd' if backward else 'fwd'}-{d}-d{dim}-s{seq}", lean_ops._rope, args,
+                           kwargs)
 
         for vocab in VOCABS:
             logits = torch.empty(4, vocab, dtype=dtype)

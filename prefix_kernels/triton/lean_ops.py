@@ -1,4 +1,4 @@
-"""Fused Triton kernels for lean_training's elementwise work: RMSNorm, SwiGLU and the per-token cross-entropy.
+"""Fused Triton kernels for lean_training's elementwise work: RMSNorm, SwiGLU, rotary embedding, cross-entropy.
 
 A frozen model's training step spends most of its non-matmul time moving activations through chains of small
 PyTorch ops (the stock RMSNorm alone makes ~6 passes over a float32 copy of its input in forward and more in
@@ -145,6 +145,43 @@ def _cross_entropy_bwd(grad_ptr, logits_ptr, targets_ptr, lse_ptr, dlogits_ptr, 
                  mask=ok)
 
 
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
+          x_sb, x_sh, x_ss, cos_sb, cos_ss, sin_sb, sin_ss, out_sb, out_sh, out_ss,
+          BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    """Rotary embedding of one (batch, head)'s BLOCK_S positions, halves [x1, x2] of the head dim, the stock
+    rounding of each product and of the sum (q*cos + rotate_half(q)*sin, rotate_half(x) = [-x2, x1]):
+      forward   out1 = x1*c1 - x2*s1,  out2 = x2*c2 + x1*s2
+      backward  dx1 = g1*c1 + g2*s2,   dx2 = g2*c2 - g1*s1   (the transpose: what autograd of stock computes)
+    cos/sin are [B or 1, S, D] (a batch stride of 0 broadcasts one row of positions)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    pos = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_HALF)
+    ok = (pos < seq)[:, None] & (cols < half)[None, :]
+    pos64 = pos.to(tl.int64)[:, None]
+    x_at = x_ptr + b * x_sb + h * x_sh + pos64 * x_ss + cols[None, :]
+    cos_at = cos_ptr + b * cos_sb + pos64 * cos_ss + cols[None, :]
+    sin_at = sin_ptr + b * sin_sb + pos64 * sin_ss + cols[None, :]
+    dtype = out_ptr.dtype.element_ty
+    x1 = tl.load(x_at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_at + half, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_at, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_at + half, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_at, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_at + half, mask=ok, other=0.0).to(tl.float32)
+    if BACKWARD:
+        out1 = (x1 * c1).to(dtype).to(tl.float32) + (x2 * s2).to(dtype).to(tl.float32)
+        out2 = (x2 * c2).to(dtype).to(tl.float32) - (x1 * s1).to(dtype).to(tl.float32)
+    else:
+        out1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+        out2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    out_at = out_ptr + b * out_sb + h * out_sh + pos64 * out_ss + cols[None, :]
+    tl.store(out_at, out1.to(dtype), mask=ok)
+    tl.store(out_at + half, out2.to(dtype), mask=ok)
+
+
 def _row_warps(block: int) -> int:
     return 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
 
@@ -200,6 +237,22 @@ def cross_entropy_backward_launch(grad, logits, targets, lse, dlogits):
     block = _loss_block(logits.shape[1])
     args = (grad, logits, targets, lse, dlogits, logits.shape[1], logits.stride(0), dlogits.stride(0))
     return (logits.shape[0],), args, dict(BLOCK_V=block, num_warps=_row_warps(block))
+
+
+ROPE_TILE = 2048  # (positions x half the head dim) per program: ~90 registers at 4 warps, no spills
+
+
+def rope_launch(x, cos, sin, out, backward):
+    """x, out [B, H, S, D] with unit last stride; cos, sin [B or 1, S, D] with unit last stride."""
+    batch, heads, seq, dim = x.shape
+    block_half = triton.next_power_of_2(dim // 2)
+    block_s = min(max(1, ROPE_TILE // block_half), triton.next_power_of_2(seq))
+    cos_sb = cos.stride(0) if cos.shape[0] == batch else 0
+    sin_sb = sin.stride(0) if sin.shape[0] == batch else 0
+    args = (x, cos, sin, out, heads, seq, dim // 2, x.stride(0), x.stride(1), x.stride(2), cos_sb, cos.stride(1),
+            sin_sb, sin.stride(1), out.stride(0), out.stride(1), out.stride(2))
+    kwargs = dict(BLOCK_S=block_s, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4)
+    return (cdiv(seq, block_s), batch * heads), args, kwargs
 
 
 # The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
@@ -273,3 +326,21 @@ def cross_entropy_backward(grad, logits, targets, keep, lse):
         grid, args, kwargs = cross_entropy_backward_launch(grad, logits, targets, lse, dlogits)
         _cross_entropy_bwd[grid](*args, **kwargs)
     return dlogits
+
+
+def _rope_one(x, cos, sin, backward):
+    x = _rows_view(x)
+    out = torch.empty_like(x)  # the input's layout (HF's q is a transposed view; so is the stock result)
+    if x.numel():
+        grid, args, kwargs = rope_launch(x, _rows_view(cos), _rows_view(sin), out, backward)
+        _rope[grid](*args, **kwargs)
+    return out
+
+
+def rope_forward(q, k, cos, sin):
+    return _rope_one(q, cos, sin, False), _rope_one(k, cos, sin, False)
+
+
+def rope_backward(grad_q, grad_k, cos, sin, need_q, need_k):
+    return (_rope_one(grad_q, cos, sin, True) if need_q else None,
+            _rope_one(grad_k, cos, sin, True) if need_k else None)
