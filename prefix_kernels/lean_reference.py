@@ -17,21 +17,26 @@ import torch.nn.functional as F
 LOSS_CHUNK_BYTES = 1 << 28
 
 
+def _wide(t):
+    """The stock float32 upcast; float64 stays float64 (the tests' truth runs these formulas in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_norm_forward(x, weight, eps):
-    """(out [rows, width] in promote(weight, x) dtype, rstd [rows] float32)."""
-    x32 = x.float()
+    """(out [rows, width] in promote(weight, x) dtype, rstd [rows] float32; float64 for float64 rows)."""
+    x32 = _wide(x)
     rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
     return weight * (x32 * rstd[:, None]).to(x.dtype), rstd
 
 
 def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
     """(dx or None, dw or None): the stock chain rule through the rounding of the normalized rows."""
-    x32 = x.float()
+    x32 = _wide(x)
     normed = (x32 * rstd[:, None]).to(x.dtype)
     dw = (grad * normed).sum(0).to(weight.dtype) if need_dw else None
     dx = None
     if need_dx:
-        grad_n = (grad * weight).to(x.dtype).float()
+        grad_n = _wide((grad * weight).to(x.dtype))
         mean_gx = (grad_n * x32).sum(-1, keepdim=True) / x.shape[-1]
         dx = (rstd[:, None] * (grad_n - x32 * (rstd[:, None].pow(2) * mean_gx))).to(x.dtype)
     return dx, dw
@@ -76,10 +81,10 @@ def _chunk_rows(logits) -> int:
 def cross_entropy_forward(logits, targets, keep):
     """(loss [rows] float32, 0 where not keep; lse [rows] float32). targets: valid indices on every row."""
     rows = _chunk_rows(logits)
-    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    lse = torch.empty(logits.shape[0], dtype=_wide(logits[:0]).dtype, device=logits.device)
     picked = torch.empty_like(lse)
     for start in range(0, logits.shape[0], rows):
-        chunk = logits[start:start + rows].float()
+        chunk = _wide(logits[start:start + rows])
         lse[start:start + rows] = torch.logsumexp(chunk, dim=-1)
         picked[start:start + rows] = chunk.gather(1, targets[start:start + rows, None])[:, 0]
     return torch.where(keep, lse - picked, 0.0), lse
@@ -88,11 +93,11 @@ def cross_entropy_forward(logits, targets, keep):
 def cross_entropy_backward(grad, logits, targets, keep, lse):
     """d logits (logits' dtype) = (softmax - onehot(target)) * grad, 0 on rows not kept."""
     rows = _chunk_rows(logits)
-    grad = torch.where(keep, grad.float(), 0.0)
+    grad = torch.where(keep, _wide(grad), 0.0)
     dlogits = torch.empty_like(logits)
     for start in range(0, logits.shape[0], rows):
         stop = start + rows
-        probs = torch.exp(logits[start:stop].float() - lse[start:stop, None])
+        probs = torch.exp(_wide(logits[start:stop]) - lse[start:stop, None])
         probs.scatter_add_(1, targets[start:stop, None], -torch.ones_like(probs[:, :1]))
         dlogits[start:stop] = probs * grad[start:stop, None]
     return dlogits

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,9 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
 # _ROPE_TAG) and hands every other call, from any other model, to the original function unchanged.
 ROPE_MODULES = ("llama", "mistral", "qwen2", "qwen3")
 _ROPE_TAG = "_prefix_kernels_lean_rope"
-_rope_installs: dict = {}  # modeling module -> [original apply_rotary_pos_emb, lean rotary modules using it]
+# modeling module name -> (the original apply_rotary_pos_emb, the live lean rotary modules using the dispatcher);
+# weak, so that a lean model dropped without lean_training(enable=False) does not keep the dispatcher forever.
+_rope_installs: dict = {}
 
 
 def _rope_dispatcher(original):
@@ -194,21 +197,30 @@ def _rope_module(module):
     return modeling if family in ROPE_MODULES and hasattr(modeling, "apply_rotary_pos_emb") else None
 
 
-def _rope_install(modeling):
+def _rope_install(modeling, module):
     entry = _rope_installs.get(modeling.__name__)
     if entry is None:
-        entry = _rope_installs[modeling.__name__] = [modeling.apply_rotary_pos_emb, 0]
+        entry = _rope_installs[modeling.__name__] = (modeling.apply_rotary_pos_emb, weakref.WeakSet())
         modeling.apply_rotary_pos_emb = _rope_dispatcher(entry[0])
-    entry[1] += 1
+    entry[1].add(module)
 
 
-def _rope_uninstall(modeling):
-    entry = _rope_installs[modeling.__name__]
-    entry[1] -= 1
-    if entry[1] == 0:
-        del _rope_installs[modeling.__name__]
-        if getattr(modeling.apply_rotary_pos_emb, "__wrapped__", None) is entry[0]:  # not replaced since by others
-            modeling.apply_rotary_pos_emb = entry[0]
+def _rope_uninstall(modeling, module):
+    """Stop `module` using the dispatcher; the last live one's restore puts the original function back."""
+    entry = _rope_installs.get(modeling.__name__)
+    if entry is not None:
+        entry[1].discard(module)
+    _rope_sweep()
+
+
+def _rope_sweep():
+    """Put the original function back where no live lean rotary module uses the dispatcher any more."""
+    for name, (original, users) in list(_rope_installs.items()):
+        if not users:
+            del _rope_installs[name]
+            modeling = sys.modules[name]
+            if getattr(modeling.apply_rotary_pos_emb, "__wrapped__", None) is original:  # not replaced since
+                modeling.apply_rotary_pos_emb = original
 
 
 def _rotary_forward(self, *args, **kwargs):
@@ -253,6 +265,7 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
     if backend not in BACKENDS:
         raise ValueError(f"lean_training: backend must be one of {BACKENDS}, got {backend!r}")
     target = base_model(model)  # a PeftModel: the modules and the loss are its base model's
+    _rope_sweep()  # lean models dropped without a restore since the last call
     counts = {"mlp": 0, "norm": 0, "rope": 0, "loss": 0}
     for module in target.modules():
         modeling = _rope_module(module)
@@ -269,12 +282,12 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
             module.__dict__[_REPLACED] = backend
             module.forward = types.MethodType(_LEAN_FORWARDS[kind], module)
             if kind == "rope":
-                _rope_install(modeling)
+                _rope_install(modeling, module)
             counts[kind] += 1
         elif not enable and replaced:
             del module.__dict__[_REPLACED], module.__dict__["forward"]
             if kind == "rope":
-                _rope_uninstall(modeling)
+                _rope_uninstall(modeling, module)
             counts[kind] += 1
     causal_lm = type(target).__name__.endswith("ForCausalLM")  # the loss replaced is the causal-LM one
     lean_loss = _is_lean_loss(target.__dict__.get("_loss_function"))
