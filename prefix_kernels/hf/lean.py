@@ -13,12 +13,16 @@ lean_training replaces, on the modules it recognizes (counted in its answer):
   the causal-LM loss (model.loss_function)           keeps the logits in their dtype and a per-token log-sum-exp,
                                                      not a float32 log-softmax (-half)
 
-together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one).
+together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one), and
+
+  the rotary embedding (ROPE_MODULES' apply_rotary_pos_emb, see _rope_dispatcher): q and k in one pass each,
+  in the layout HF hands them (it keeps nothing more or less: cos and sin, as stock)
 
 With backend "auto" (the default) each of these is one fused Triton kernel per direction where Triton runs
 (prefix_kernels/triton/lean_ops.py): the stock chains make several passes over float32 copies of every activation,
-which on a frozen model is most of the step's time outside the matmuls. Elsewhere, and with backend "torch", the
-same formulas run as PyTorch ops (prefix_kernels/lean_reference.py).
+which on a frozen model is most of the step's time outside the matmuls (~5 GB of traffic per layer on that config,
+by counting the stock ops' reads and writes). Elsewhere, and with backend "torch", the same formulas run as PyTorch
+ops (prefix_kernels/lean_reference.py; the rotary embedding then is the stock function itself).
 
 The numbers are the stock modules' (the same operations with the same rounding points; the Triton exp, rsqrt and
 float32 sums may differ from PyTorch's by an ulp, which bf16 rounding can show), weights' gradients included
