@@ -1,6 +1,7 @@
 """The stock formulas of lean_training's ops in PyTorch: the CPU path and the oracle for the Triton kernels.
 
-Same signatures as prefix_kernels.triton.lean_ops. Inputs are 2-D rows ([rows, width]; SwiGLU any shape);
+Same signatures as prefix_kernels.triton.lean_ops. The norm takes [..., width] (its rstd is flat, one per row),
+the loss [rows, vocab], SwiGLU any shape;
 each function computes what the stock transformers modules compute, with their rounding points:
   RMSNorm (Llama's): out = w * (x.float() * rstd).to(x.dtype), rstd = rsqrt(mean(x.float()^2) + eps)
   SwiGLU:            out = silu(gate) * up
@@ -23,22 +24,23 @@ def _wide(t):
 
 
 def rms_norm_forward(x, weight, eps):
-    """(out [rows, width] in promote(weight, x) dtype, rstd [rows] float32; float64 for float64 rows)."""
+    """(out [..., width] in promote(weight, x) dtype, rstd [rows] float32; float64 for float64 x)."""
     x32 = _wide(x)
-    rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
-    return weight * (x32 * rstd[:, None]).to(x.dtype), rstd
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd.reshape(-1)
 
 
 def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
     """(dx or None, dw or None): the stock chain rule through the rounding of the normalized rows."""
     x32 = _wide(x)
-    normed = (x32 * rstd[:, None]).to(x.dtype)
-    dw = (grad * normed).sum(0).to(weight.dtype) if need_dw else None
+    rstd = rstd.view(x.shape[:-1] + (1,))
+    normed = (x32 * rstd).to(x.dtype)
+    dw = (grad * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if need_dw else None
     dx = None
     if need_dx:
         grad_n = _wide((grad * weight).to(x.dtype))
         mean_gx = (grad_n * x32).sum(-1, keepdim=True) / x.shape[-1]
-        dx = (rstd[:, None] * (grad_n - x32 * (rstd[:, None].pow(2) * mean_gx))).to(x.dtype)
+        dx = (rstd * (grad_n - x32 * (rstd.pow(2) * mean_gx))).to(x.dtype)
     return dx, dw
 
 

@@ -2,7 +2,8 @@
 
 Truth is the reference formula on float64 copies of the same inputs; the kernel's error must be within about
 twice the low-precision reference's own. On CPU the kernels run under the interpreter (fp32, fp16); with a GPU,
-bf16 as well. Odd widths, strided rows, ignored and -inf rows, the weight gradient's multi-program sum.
+bf16 as well. Odd widths, strided rows, ignored rows and partly -inf rows, the weight gradient's multi-program sum;
+and in fp16 against transformers' own modules and autograd, to the bit (the rounding points must be stock's).
 """
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_rms_norm_forward_and_backward(dtype, width, weight_dtype):
 
 def test_rms_norm_weight_gradient_sums_every_row_once():
     """More rows than programs: each program's loop over rows and the host's sum of partials cover every row."""
-    rows, width = 11, 16
+    programs = lean_ops._dw_programs(torch.empty(10**6, 1, device=DEVICE))
+    rows, width = 2 * programs + 3, 16
     x = torch.randn(rows, width, device=DEVICE)
     weight = torch.randn(width, device=DEVICE)
     _, rstd = lean_ops.rms_norm_forward(x, weight, 1e-5)
@@ -130,6 +132,73 @@ def test_empty_inputs():
     assert lean_ops.swiglu_forward(x, x).shape == (0, 64)
 
 
+def test_cross_entropy_refuses_out_of_range_labels():
+    logits = torch.randn(3, 10, device=DEVICE)
+    keep = torch.tensor([True, False, True], device=DEVICE)
+    lean_ops.cross_entropy_forward(logits, torch.tensor([9, 50, 0], device=DEVICE), keep)  # ignored: any value
+    for bad in (10, -3):
+        with pytest.raises(ValueError, match=f"labels: {bad} is out of range for a vocabulary of 10"):
+            lean_ops.cross_entropy_forward(logits, torch.tensor([0, 0, bad], device=DEVICE), keep)
+
+
+def count_ulp_flips(got, want):
+    """Elements that differ; asserts none differs by more than one step of the dtype's grid."""
+    differ = got != want
+    if differ.any():
+        spacing = torch.finfo(want.dtype).eps * want[differ].float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+        assert ((got[differ].float() - want[differ].float()).abs() <= spacing * 1.0001).all()
+    return int(differ.sum())
+
+
+def test_fp16_equals_transformers_modules_and_autograd():
+    """The stock rounding points: LlamaRMSNorm, LlamaMLP's SwiGLU and ForCausalLMLoss through autograd, in fp16,
+    against the kernels. A kernel that skipped a rounding (more accurate, but not stock) fails here; the float64
+    comparisons above would let it pass. Rare one-ulp flips allowed where a float32 exp or sum is reordered."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    dtype = torch.float16
+    x = (torch.randn(4, 33, 203, device=DEVICE) * 3).to(dtype).requires_grad_(True)
+    norm = LlamaRMSNorm(203, eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(203))
+    want = norm(x)
+    grad = torch.randn_like(want)
+    want_dx, want_dw = torch.autograd.grad(want, (x, norm.weight), grad)
+    got, rstd = lean_ops.rms_norm_forward(x.detach(), norm.weight.detach(), 1e-6)
+    got_dx, got_dw = lean_ops.rms_norm_backward(grad, x.detach(), norm.weight.detach(), rstd, True, True)
+    flips = {"norm": count_ulp_flips(got, want), "norm dx": count_ulp_flips(got_dx, want_dx),
+             "norm dw": count_ulp_flips(got_dw, want_dw)}
+
+    gate = (torch.randn(5, 301, device=DEVICE) * 4).to(dtype).requires_grad_(True)
+    up = torch.randn(5, 301, device=DEVICE).to(dtype).requires_grad_(True)
+    want = torch.nn.functional.silu(gate) * up
+    grad = torch.randn_like(want)
+    want_dgate, want_dup = torch.autograd.grad(want, (gate, up), grad)
+    got_dgate, got_dup = lean_ops.swiglu_backward(grad, gate.detach(), up.detach(), True, True)
+    flips.update(swiglu=count_ulp_flips(lean_ops.swiglu_forward(gate.detach(), up.detach()), want),
+                 dgate=count_ulp_flips(got_dgate, want_dgate), dup=count_ulp_flips(got_dup, want_dup))
+
+    logits = (torch.randn(2, 9, 997, device=DEVICE) * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 997, (2, 9), device=DEVICE)
+    labels[1, 2:5] = -100
+    want = ForCausalLMLoss(logits, labels, 997)
+    (want_dlogits,) = torch.autograd.grad(want, logits)
+    from prefix_kernels.hf.lean import causal_lm_loss
+
+    got = causal_lm_loss(logits, labels, 997, backend="triton")
+    (got_dlogits,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    flips["dlogits"] = count_ulp_flips(got_dlogits, want_dlogits)
+    sizes = {"norm": x.numel(), "norm dx": x.numel(), "norm dw": 203, "swiglu": gate.numel(),
+             "dgate": gate.numel(), "dup": gate.numel(), "dlogits": logits.numel()}
+    # Elementwise work is bit-equal under the interpreter (it computes what torch's CPU ops compute); a float32
+    # sum in another order (the norm's mean, the loss's log-sum-exp) or the GPU's exp may flip a rare rounding.
+    elementwise = ("swiglu", "dgate", "dup") if DEVICE == "cpu" else ()
+    for name, count in flips.items():
+        assert count <= (0 if name in elementwise else 0.002 * sizes[name] + 1), flips
+
+
 def test_backend_choice_and_refusals():
     x = torch.empty(2, lean_ops.MAX_NORM_WIDTH + 1, device=DEVICE)
     assert _lean_ops("auto", x, "rms_norm", x.shape[-1]) is ref  # too wide for a row in registers
@@ -137,6 +206,9 @@ def test_backend_choice_and_refusals():
         _lean_ops("triton", x, "rms_norm", x.shape[-1])
     assert _lean_ops("auto", x, "swiglu") is lean_ops
     assert _lean_ops("torch", x, "swiglu") is ref
+    assert _lean_ops("auto", x.double(), "swiglu") is ref  # the kernels compute in float32
+    with pytest.raises(ValueError, match="not torch.float64"):
+        _lean_ops("triton", x.double(), "swiglu")
     with pytest.raises(ValueError, match="backend must be one of .*'tritn'"):
         lean_training(torch.nn.Linear(2, 2), backend="tritn")
 
@@ -180,3 +252,23 @@ def test_rope_forward_and_backward_equal_stock(dtype, dim, cos_batch):
             else:
                 assert torch.equal(got, want), (ops.__name__, name, (got.float() - want.float()).abs().max())
     assert lean_ops.rope_backward(grad_q, grad_k, cos, sin, False, True)[0] is None
+
+
+def test_autograd_functions_refuse_a_second_backward_and_return_their_own_tensors():
+    from prefix_kernels.hf.lean import _RMSNorm, _SwiGLU
+
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(16, device=DEVICE)
+    out = _RMSNorm.apply(x, weight, 1e-6, "triton")
+    assert out.shape == x.shape and out._base is None  # not a view: the caller may modify it in place
+    out.mul_(2)
+    # a double backward (the incoming gradient itself differentiable) raises instead of dropping terms
+    grad = torch.ones_like(out, requires_grad=True)
+    (dx,) = torch.autograd.grad(out, x, grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.sum().backward()
+    gate = torch.randn(5, device=DEVICE, requires_grad=True)
+    act = _SwiGLU.apply(gate, gate.detach(), "triton")
+    (dgate,) = torch.autograd.grad(act, gate, torch.ones_like(act, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dgate.sum().backward()

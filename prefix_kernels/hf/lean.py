@@ -24,9 +24,11 @@ which on a frozen model is most of the step's time outside the matmuls (~5 GB of
 by counting the stock ops' reads and writes). Elsewhere, and with backend "torch", the same formulas run as PyTorch
 ops (prefix_kernels/lean_reference.py; the rotary embedding then is the stock function itself).
 
-The numbers are the stock modules' (the same operations with the same rounding points; the Triton exp, rsqrt and
-float32 sums may differ from PyTorch's by an ulp, which bf16 rounding can show), weights' gradients included
-where they train, so a model that is not frozen stays correct (it only saves less there). Other modules are left
+The numbers are the stock modules' (the same operations with the same rounding points, so fp16/bf16 results
+agree with stock's to the last bit but for rare one-ulp flips; on a GPU the kernels' exp is the fast exp2, whose
+relative error, ~1e-6 for large arguments, shows in float32 models only), weights' gradients included where they
+train, so a model that is not frozen stays correct (it only saves less there). First-order gradients only (a
+second backward through these modules raises). Other modules are left
 as they are, and so are modules whose forward is already set on the instance (accelerate's hooks for device maps
 and offload). lean_training(model, enable=False) restores the stock ones.
 """
@@ -39,6 +41,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import lean_reference
 from ..backends import triton_device_reason
@@ -61,7 +64,7 @@ def _lean_ops(backend: str, x: torch.Tensor, op: str, width: int = 0):
     if reason is None:
         from ..triton import lean_ops
 
-        reason = lean_ops.lean_ops_reason(op, width)
+        reason = lean_ops.lean_ops_reason(op, x.dtype, width)
         if reason is None:
             return lean_ops
     if backend == "triton":
@@ -79,6 +82,7 @@ class _SwiGLU(torch.autograd.Function):
         return ctx.ops.swiglu_forward(gate, up)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = ctx.ops.swiglu_backward(grad, gate, up, *ctx.needs_input_grad[:2])
@@ -90,19 +94,16 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, backend):
-        rows = x.reshape(-1, x.shape[-1])
         ctx.ops = _lean_ops(backend, x, "rms_norm", x.shape[-1])
-        out, rstd = ctx.ops.rms_norm_forward(rows, weight, eps)
-        ctx.save_for_backward(rows, weight, rstd)
-        return out.view(x.shape[:-1] + out.shape[-1:])
+        out, rstd = ctx.ops.rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        rows, weight, rstd = ctx.saved_tensors
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_x, grad_weight = ctx.ops.rms_norm_backward(grad_rows, rows, weight, rstd, *ctx.needs_input_grad[:2])
-        if grad_x is not None:
-            grad_x = grad_x.view(grad.shape[:-1] + grad_x.shape[-1:])
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = ctx.ops.rms_norm_backward(grad, x, weight, rstd, *ctx.needs_input_grad[:2])
         return grad_x, grad_weight, None, None
 
 
@@ -116,6 +117,7 @@ class _Rope(torch.autograd.Function):
         return ctx.ops.rope_forward(q, k, cos, sin)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         grad_q, grad_k = ctx.ops.rope_backward(grad_q, grad_k, cos, sin, *ctx.needs_input_grad[:2])
@@ -136,6 +138,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, safe, keep, lse = ctx.saved_tensors
         return ctx.ops.cross_entropy_backward(grad, logits, safe, keep, lse), None, None, None

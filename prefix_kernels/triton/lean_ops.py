@@ -4,7 +4,8 @@ A frozen model's training step spends most of its non-matmul time moving activat
 PyTorch ops (the stock RMSNorm alone makes ~6 passes over a float32 copy of its input in forward and more in
 backward). Each kernel here does one such chain in one pass, with the stock rounding points kept (a value the
 stock code rounds to the activations' dtype is rounded here too), so results match the formulas in
-prefix_kernels/lean_reference.py (same signatures; the tests cross-check them) up to float32 summation order.
+prefix_kernels/lean_reference.py (same signatures; the tests cross-check them) up to float32 summation order and
+the GPU's fast exp2 (tl.exp: ~1e-6 relative for large arguments; below fp16/bf16 resolution).
 
 Each *_launch function returns (grid, args, kwargs) for its kernel: shared by the launcher and the compile check.
 """
@@ -191,8 +192,10 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def lean_ops_reason(op: str, width: int) -> str | None:
-    """Why these kernels cannot take `op` at this row width, or None."""
+def lean_ops_reason(op: str, dtype: torch.dtype, width: int) -> str | None:
+    """Why these kernels cannot take `op` on this dtype at this row width, or None."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the kernels compute in float32 and take float16, bfloat16 and float32, not {dtype}"
     if op == "rms_norm" and width > MAX_NORM_WIDTH:
         return f"the RMSNorm kernel holds a row in registers: width {width} > {MAX_NORM_WIDTH}"
     return None
@@ -258,11 +261,11 @@ def rope_launch(x, cos, sin, out, backward):
 # The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
 
 def rms_norm_forward(x, weight, eps):
-    x = _rows_view(x)
+    rows = _rows_view(x.reshape(-1, x.shape[-1]))
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    if x.numel():
-        grid, args, kwargs = rms_norm_forward_launch(x, weight, out, rstd, eps)
+    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    if rows.numel():
+        grid, args, kwargs = rms_norm_forward_launch(rows, weight.contiguous(), out.view(rows.shape), rstd, eps)
         _rms_norm_fwd[grid](*args, **kwargs)
     return out, rstd
 
@@ -275,17 +278,19 @@ def _dw_programs(x: torch.Tensor) -> int:
 
 
 def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
-    grad, x = _rows_view(grad), _rows_view(x)
+    width = x.shape[-1]
+    grad_rows, rows = _rows_view(grad.reshape(-1, width)), _rows_view(x.reshape(-1, width))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    programs = max(1, _dw_programs(x) if need_dw else x.shape[0])
-    dw_partial = torch.empty((programs, x.shape[1]), dtype=torch.float32, device=x.device) if need_dw else None
-    if x.numel() and (need_dx or need_dw):
-        grid, args, kwargs = rms_norm_backward_launch(grad, x, weight, rstd, dx, dw_partial, programs, need_dx,
-                                                      need_dw)
+    programs = max(1, _dw_programs(rows) if need_dw else rows.shape[0])
+    dw_partial = torch.empty((programs, width), dtype=torch.float32, device=x.device) if need_dw else None
+    if rows.numel() and (need_dx or need_dw):
+        grid, args, kwargs = rms_norm_backward_launch(grad_rows, rows, weight.contiguous(), rstd,
+                                                      dx.view(rows.shape) if need_dx else None, dw_partial,
+                                                      programs, need_dx, need_dw)
         _rms_norm_bwd[grid](*args, **kwargs)
     dw = None
     if need_dw:
-        dw = dw_partial.sum(0).to(weight.dtype) if x.shape[0] else torch.zeros_like(weight)
+        dw = dw_partial.sum(0).to(weight.dtype) if rows.shape[0] else torch.zeros_like(weight)
     return dx, dw
 
 
@@ -310,6 +315,12 @@ def swiglu_backward(grad, gate, up, need_gate, need_up):
 
 def cross_entropy_forward(logits, targets, keep):
     logits = _rows_view(logits)
+    # The kernel reads the target's logit unchecked; one host sync per loss call refuses what stock would.
+    out_of_range = keep & ((targets < 0) | (targets >= logits.shape[1]))
+    if out_of_range.any():
+        bad = int(targets[out_of_range][0])
+        raise ValueError(f"labels: {bad} is out of range for a vocabulary of {logits.shape[1]} (nor the ignore "
+                         "index)")
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     if logits.numel():
