@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
+from .device import on_first_tensor_device
 from .forward import _load_rows, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
@@ -515,6 +516,7 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
     return grid, args, kwargs
 
 
+@on_first_tensor_device
 def prefix_attention_backward(
     q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, *, needs=(True,) * 5, causal, scale,
     key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None, prefix_chunks=None,

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
+from .device import on_first_tensor_device
 from .forward import _attend_tile, _has_tma, _load_rows, _tma_compatible, dot_precision
 
 
@@ -390,6 +391,7 @@ def merge_partials_launch(work_out, work_lse, out, lse, slots):
     return grid, args, kwargs
 
 
+@on_first_tensor_device
 def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask=None,
                             prefix_index=None, prefix_lens=None, window=None, softcap=None, config=None, sms=None):
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D)."""
@@ -430,6 +432,7 @@ def merge_two_launch(out_a, lse_a, out_b, lse_b, out, lse):
     return grid, args, kwargs
 
 
+@on_first_tensor_device
 def merge_attention_states_triton(out_a, lse_a, out_b, lse_b):
     """Triton merge of two partial attentions [..., D] / [...] (shapes already checked)."""
     head_dim = out_a.shape[-1]

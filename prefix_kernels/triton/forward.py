@@ -13,6 +13,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import block_d_for, cdiv, forward_config
+from .device import on_first_tensor_device
 
 
 
@@ -284,6 +285,7 @@ def _tma_compatible(t: torch.Tensor) -> bool:
             and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
 
 
+@on_first_tensor_device
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 

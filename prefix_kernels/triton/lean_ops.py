@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv
+from .device import on_first_tensor_device
 
 # RMSNorm holds a whole row in registers: rows wider than this go to the reference formula (lean_ops_reason).
 MAX_NORM_WIDTH = 16384
@@ -260,6 +261,7 @@ def rope_launch(x, cos, sin, out, backward):
 
 # The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
 
+@on_first_tensor_device
 def rms_norm_forward(x, weight, eps):
     rows = _rows_view(x.reshape(-1, x.shape[-1]))
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
@@ -277,6 +279,7 @@ def _dw_programs(x: torch.Tensor) -> int:
     return min(x.shape[0], 4)
 
 
+@on_first_tensor_device
 def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
     width = x.shape[-1]
     grad_rows, rows = _rows_view(grad.reshape(-1, width)), _rows_view(x.reshape(-1, width))
@@ -294,6 +297,7 @@ def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
     return dx, dw
 
 
+@on_first_tensor_device
 def swiglu_forward(gate, up):
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
@@ -303,6 +307,7 @@ def swiglu_forward(gate, up):
     return out
 
 
+@on_first_tensor_device
 def swiglu_backward(grad, gate, up, need_gate, need_up):
     grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
     dgate = torch.empty_like(gate) if need_gate else None
@@ -313,6 +318,7 @@ def swiglu_backward(grad, gate, up, need_gate, need_up):
     return dgate, dup
 
 
+@on_first_tensor_device
 def cross_entropy_forward(logits, targets, keep):
     logits = _rows_view(logits)
     # The kernel reads the target's logit unchecked; one host sync per loss call refuses what stock would.
@@ -329,6 +335,7 @@ def cross_entropy_forward(logits, targets, keep):
     return torch.where(keep, loss, 0.0), lse
 
 
+@on_first_tensor_device
 def cross_entropy_backward(grad, logits, targets, keep, lse):
     logits = _rows_view(logits)
     grad = torch.where(keep, grad.float(), 0.0)
@@ -348,10 +355,12 @@ def _rope_one(x, cos, sin, backward):
     return out
 
 
+@on_first_tensor_device
 def rope_forward(q, k, cos, sin):
     return _rope_one(q, cos, sin, False), _rope_one(k, cos, sin, False)
 
 
+@on_first_tensor_device
 def rope_backward(grad_q, grad_k, cos, sin, need_q, need_k):
     return (_rope_one(grad_q, cos, sin, True) if need_q else None,
             _rope_one(grad_k, cos, sin, True) if need_k else None)

@@ -1,0 +1,30 @@
+"""Launch on the tensors' GPU: Triton launches a kernel on the *current* CUDA device, wherever its tensors are.
+
+A model split across GPUs (transformers' device_map="auto") runs a layer on cuda:1 while cuda:0 is current: without
+this, its kernels would run on cuda:0 against cuda:1 memory. Every launcher entry point is wrapped; the check costs
+one current-device query per call, and nothing when the device is already current (the usual case).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+def launch_device(t):
+    """A context that makes t's CUDA device current for a launch (a no-op when it is, or t is not on a GPU)."""
+    if (getattr(t, "is_cuda", False) and not torch.compiler.is_compiling()
+            and t.device.index != torch.cuda.current_device()):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_first_tensor_device(launcher):
+    """Wrap a launcher whose first argument is a tensor on the device its kernels must run on."""
+    @functools.wraps(launcher)
+    def on_device(first, *args, **kwargs):
+        with launch_device(first):
+            return launcher(first, *args, **kwargs)
+
+    return on_device
