@@ -31,11 +31,11 @@ def static_cache(model, prompt, width, new=NEW, backend="auto"):
 
 def compiled_decode(device):
     """generate()'s compile config with fullgraph: one graph for the decode step or an error. On a GPU what
-    generate() uses by default (inductor, "reduce-overhead": CUDA graphs); on CPU dynamo alone (backend "eager",
-    the kernels under the interpreter), forced there by the config's flag."""
+    generate() uses by default (inductor, "reduce-overhead": CUDA graphs); on CPU inductor without graphs (its C++
+    code around the kernels' custom op, which runs under the interpreter), forced there by the config's flag."""
     if device.type == "cuda":
         return dict(compile_config=transformers.CompileConfig(fullgraph=True))
-    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config = transformers.CompileConfig(fullgraph=True, backend="inductor", mode=None)
     config._compile_all_devices = True
     return dict(compile_config=config)
 
