@@ -207,3 +207,46 @@ def test_rotary_embedding_through_the_kernel_only_for_lean_models(monkeypatch):
     assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is original  # `second` still uses it
     lean_training(second, enable=False)
     assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_rotary_dispatcher_passes_other_calls_through_and_follows_copies():
+    """Calls the kernel does not cover (an older signature with position_ids, another unsqueeze_dim, untagged cos)
+    reach the function it replaced with their arguments; a deep copy of a lean model (TRL's reference model) uses
+    the kernel too once lean_training is called on it, after the original is restored."""
+    import copy
+
+    from transformers.models.llama import modeling_llama
+
+    from prefix_kernels.hf.lean import _RopeInstall
+    from prefix_kernels.triton import lean_ops
+
+    seen = []
+    dispatcher = _RopeInstall(lambda *args, **kwargs: seen.append((args[4:], kwargs)) or "replaced").dispatcher
+    q = k = torch.randn(2, 3, 5, 8, device=DEVICE)
+    cos, sin = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
+    assert dispatcher(q, k, cos, sin) == "replaced"  # untagged: another model's call
+    setattr(cos, "_prefix_kernels_lean_rope", "triton")
+    for args, kwargs in [((None, 1), {}), ((2,), {}), ((), {"position_ids": None}), ((), {"unsqueeze_dim": 2})]:
+        assert dispatcher(q, k, cos, sin, *args, **kwargs) == "replaced"
+    assert seen == [((), {}), ((None, 1), {}), ((2,), {}), ((), {"position_ids": None}), ((), {"unsqueeze_dim": 2})]
+    for args, kwargs in [((), {}), ((1,), {}), ((), {"unsqueeze_dim": 1})]:  # the kernel's calls
+        got_q, _ = dispatcher(q, k, cos, sin, *args, **kwargs)
+        want_q = modeling_llama.rotate_half(q) * sin.unsqueeze(1) + q * cos.unsqueeze(1)
+        torch.testing.assert_close(got_q, want_q)
+    assert len(seen) == 5
+
+    model, _ = tiny()
+    lean_training(model, backend="triton")
+    twin = copy.deepcopy(model)
+    lean_training(model, enable=False)  # the original's restore must not take the kernel away from the copy
+    lean_training(twin, backend="triton")
+    calls = []
+    real = lean_ops.rope_forward
+    try:
+        lean_ops.rope_forward = lambda *a: calls.append(1) or real(*a)
+        twin(input_ids=torch.randint(0, VOCAB, (B, S), device=DEVICE))
+    finally:
+        lean_ops.rope_forward = real
+    assert len(calls) == LAYERS
+    lean_training(twin, enable=False)
+    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__")

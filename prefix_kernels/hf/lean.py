@@ -15,7 +15,7 @@ lean_training replaces, on the modules it recognizes (counted in its answer):
 
 together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one), and
 
-  the rotary embedding (ROPE_MODULES' apply_rotary_pos_emb, see _rope_dispatcher): q and k in one pass each,
+  the rotary embedding (ROPE_MODULES' apply_rotary_pos_emb, see _RopeInstall): q and k in one pass each,
   in the layout HF hands them (it keeps nothing more or less: cos and sin, as stock)
 
 With backend "auto" (the default) each of these is one fused Triton kernel per direction where Triton runs
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import types
 import weakref
 
@@ -161,30 +162,40 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
 
 
 # The rotary embedding is applied by a module-level function of each modeling file, not by a module, so it is
-# replaced there (ROPE_MODULES: the files whose apply_rotary_pos_emb is Llama's formula) by a dispatcher that
-# runs the kernel only on cos/sin a lean model's rotary-embedding module made (they carry its backend in
-# _ROPE_TAG) and hands every other call, from any other model, to the original function unchanged.
-ROPE_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+# replaced there (ROPE_MODULES: transformers' own files whose apply_rotary_pos_emb is Llama's formula) by a
+# dispatcher that runs the kernel only on cos/sin a lean model's rotary-embedding module made (they carry its
+# backend in _ROPE_TAG) and hands every other call, from any other model or with other arguments, to the function
+# it replaced, unchanged.
+ROPE_MODULES = tuple(f"transformers.models.{family}.modeling_{family}" for family in ("llama", "mistral", "qwen2",
+                                                                                      "qwen3"))
 _ROPE_TAG = "_prefix_kernels_lean_rope"
-# modeling module name -> (the original apply_rotary_pos_emb, the live lean rotary modules using the dispatcher);
-# weak, so that a lean model dropped without lean_training(enable=False) does not keep the dispatcher forever.
+# modeling module name -> _RopeInstall; its users are weak, so that a lean model dropped without
+# lean_training(enable=False) does not keep the dispatcher forever (the next lean_training call sweeps it).
 _rope_installs: dict = {}
+_rope_lock = threading.Lock()
 
 
-def _rope_dispatcher(original):
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        backend = getattr(cos, _ROPE_TAG, None)
-        if backend in (None, "torch") or not _rope_covered(q, k, cos, sin, unsqueeze_dim):
-            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-        return _Rope.apply(q, k, cos, sin, backend)
+class _RopeInstall:
+    def __init__(self, replaced):
+        self.replaced = replaced  # the function found in the module (transformers' own, or another library's)
+        self.users = weakref.WeakSet()
 
-    apply_rotary_pos_emb.__wrapped__ = original
-    return apply_rotary_pos_emb
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            backend = getattr(cos, _ROPE_TAG, None)
+            if backend in (None, "torch") or not _rope_covered(q, k, cos, sin, args, kwargs):
+                return replaced(q, k, cos, sin, *args, **kwargs)
+            return _Rope.apply(q, k, cos, sin, backend)
+
+        apply_rotary_pos_emb.__wrapped__ = replaced
+        self.dispatcher = apply_rotary_pos_emb
 
 
-def _rope_covered(q, k, cos, sin, unsqueeze_dim) -> bool:
-    """The calls the kernel computes exactly as the stock function: same dtype and device throughout (no type
-    promotion), [B, H, S, D] q and k, [B or 1, S, D] cos and sin that need no gradient."""
+def _rope_covered(q, k, cos, sin, args, kwargs) -> bool:
+    """The calls the kernel computes exactly as the stock function: no argument but unsqueeze_dim=1, same dtype and
+    device throughout (no type promotion), [B, H, S, D] q and k, [B or 1, S, D] cos and sin that need no gradient."""
+    unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+    if len(args) + len(kwargs) > 1 or (kwargs and "unsqueeze_dim" not in kwargs) or not isinstance(unsqueeze_dim, int):
+        return False
     if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
         return False
     batch, _, seq, dim = q.shape
@@ -196,38 +207,44 @@ def _rope_covered(q, k, cos, sin, unsqueeze_dim) -> bool:
 
 def _rope_module(module):
     """The modeling module whose apply_rotary_pos_emb this rotary-embedding module's outputs feed, or None."""
-    if not type(module).__name__.endswith("RotaryEmbedding"):
+    if not type(module).__name__.endswith("RotaryEmbedding") or type(module).__module__ not in ROPE_MODULES:
         return None
-    name = type(module).__module__
-    family = name.rsplit(".", 1)[-1].removeprefix("modeling_")
-    modeling = sys.modules.get(name)
-    return modeling if family in ROPE_MODULES and hasattr(modeling, "apply_rotary_pos_emb") else None
+    modeling = sys.modules.get(type(module).__module__)
+    return modeling if hasattr(modeling, "apply_rotary_pos_emb") else None
 
 
 def _rope_install(modeling, module):
-    entry = _rope_installs.get(modeling.__name__)
-    if entry is None:
-        entry = _rope_installs[modeling.__name__] = (modeling.apply_rotary_pos_emb, weakref.WeakSet())
-        modeling.apply_rotary_pos_emb = _rope_dispatcher(entry[0])
-    entry[1].add(module)
+    """Make `module`'s outputs go through the dispatcher (again, if it was swept or replaced since: a deep copy of
+    a lean model, or another library's patch on top of ours)."""
+    with _rope_lock:
+        entry = _rope_installs.get(modeling.__name__)
+        if entry is None or modeling.apply_rotary_pos_emb is not entry.dispatcher:
+            previous = entry.users if entry is not None else ()
+            entry = _rope_installs[modeling.__name__] = _RopeInstall(modeling.apply_rotary_pos_emb)
+            entry.users.update(previous)
+            modeling.apply_rotary_pos_emb = entry.dispatcher
+        entry.users.add(module)
 
 
 def _rope_uninstall(modeling, module):
-    """Stop `module` using the dispatcher; the last live one's restore puts the original function back."""
-    entry = _rope_installs.get(modeling.__name__)
-    if entry is not None:
-        entry[1].discard(module)
+    """Stop `module` using the dispatcher; the last live one's restore puts the replaced function back."""
+    with _rope_lock:
+        entry = _rope_installs.get(modeling.__name__)
+        if entry is not None:
+            entry.users.discard(module)
     _rope_sweep()
 
 
 def _rope_sweep():
-    """Put the original function back where no live lean rotary module uses the dispatcher any more."""
-    for name, (original, users) in list(_rope_installs.items()):
-        if not users:
-            del _rope_installs[name]
-            modeling = sys.modules[name]
-            if getattr(modeling.apply_rotary_pos_emb, "__wrapped__", None) is original:  # not replaced since
-                modeling.apply_rotary_pos_emb = original
+    """Put the replaced function back where no live lean rotary module uses the dispatcher any more (only where the
+    dispatcher is still what the module holds: a patch made on top of it is left to its owner)."""
+    with _rope_lock:
+        for name, entry in list(_rope_installs.items()):
+            if not entry.users:
+                del _rope_installs[name]
+                modeling = sys.modules.get(name)
+                if modeling is not None and modeling.apply_rotary_pos_emb is entry.dispatcher:
+                    modeling.apply_rotary_pos_emb = entry.replaced
 
 
 def _rotary_forward(self, *args, **kwargs):
@@ -284,6 +301,8 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
         replaced = _REPLACED in module.__dict__
         if enable and replaced:
             module.__dict__[_REPLACED] = backend
+            if kind == "rope":  # a deep copy of a lean model is not among the dispatcher's users yet
+                _rope_install(modeling, module)
         # A forward already set on the instance (an accelerate hook: device maps, offload) is left alone.
         elif enable and "forward" not in module.__dict__:
             module.__dict__[_REPLACED] = backend

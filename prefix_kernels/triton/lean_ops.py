@@ -156,10 +156,10 @@ def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
       forward   out1 = x1*c1 - x2*s1,  out2 = x2*c2 + x1*s2
       backward  dx1 = g1*c1 + g2*s2,   dx2 = g2*c2 - g1*s1   (the transpose: what autograd of stock computes)
     cos/sin are [B or 1, S, D] (a batch stride of 0 broadcasts one row of positions)."""
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # on axis 0 (up to 2^31 - 1): B * H passes 65535 in large-batch decoding
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
-    pos = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_HALF)
     ok = (pos < seq)[:, None] & (cols < half)[None, :]
     pos64 = pos.to(tl.int64)[:, None]
@@ -256,7 +256,7 @@ def rope_launch(x, cos, sin, out, backward):
     args = (x, cos, sin, out, heads, seq, dim // 2, x.stride(0), x.stride(1), x.stride(2), cos_sb, cos.stride(1),
             sin_sb, sin.stride(1), out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(BLOCK_S=block_s, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4)
-    return (cdiv(seq, block_s), batch * heads), args, kwargs
+    return (batch * heads, cdiv(seq, block_s)), args, kwargs
 
 
 # The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
