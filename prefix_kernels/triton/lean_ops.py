@@ -259,7 +259,7 @@ def rope_launch(x, cos, sin, out, backward):
     return (batch * heads, cdiv(seq, block_s)), args, kwargs
 
 
-# The launchers: the same signatures and results as prefix_kernels.lean_reference (2-D rows; see there).
+# The launchers: the same signatures and results as prefix_kernels.lean_reference (shapes: see there).
 
 @on_first_tensor_device
 def rms_norm_forward(x, weight, eps):
