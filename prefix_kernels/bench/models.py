@@ -5,8 +5,8 @@ train_step: one prefix-tuning optimizer step (forward, backward, AdamW on the pr
     ours  = the same PeftModel after `prefix_kernels.patch(peft_model)`.
     ours-checkpointed = ours with the base model's gradient checkpointing on (PEFT's prefix tuning refuses it):
             the memory a user of the patch can trade for recomputation.
-    ours-lean = ours with prefix_kernels.lean_training (fused Triton MLP, norm and loss kernels that keep less for
-            backward); ours-lean-torch = the same with lean_training's PyTorch formulas (what the fusion gives).
+    ours-lean = ours with prefix_kernels.lean_training (fused Triton MLP, norm, rotary and loss kernels that keep
+            less for backward); ours-lean-torch = the same with lean_training's PyTorch formulas (what the fusion gives).
 generate: greedy `generate` of new tokens for B rows that share one prompt.
     hf-generate = stock HF generate with the prompt repeated in each row.
     ours-shared-cache = generate on the rows' own tokens with `SharedPrefixCache.from_prompt`.
@@ -148,7 +148,7 @@ def train_step_rows(case: ModelCase, device, progress=None, rows=None) -> list[d
                               "(backend='auto'; PEFT prefix tuning refuses checkpointing)"),
                          functools.partial(ours_body, "auto", checkpointing=True), progress))
     rows.append(_guarded(_row(case, "ours-lean", "ours", "ours with prefix_kernels.lean_training (backend='auto': "
-                              "fused Triton RMSNorm, SwiGLU and loss kernels that also keep less for backward)"),
+                              "fused Triton RMSNorm, SwiGLU, rotary and loss kernels that keep less for backward)"),
                          functools.partial(ours_body, "auto", lean="auto"), progress))
     rows.append(_guarded(_row(case, "ours-lean-torch", "ours", "ours-lean with lean_training's PyTorch formulas "
                               "(backend='torch': the same memory, the stock ops' passes)"),
