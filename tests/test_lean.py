@@ -175,6 +175,14 @@ def test_chunked_loss_equals_one_chunk(monkeypatch):
     assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)
 
 
+def stock_rotary(modeling):
+    """The module's function once the lean models of earlier tests (never restored) are collected and swept."""
+    gc.collect()
+    lean_training(torch.nn.Module())  # every call sweeps dispatchers no live lean model uses
+    assert not hasattr(modeling.apply_rotary_pos_emb, "__wrapped__")
+    return modeling.apply_rotary_pos_emb
+
+
 def test_rotary_embedding_through_the_kernel_only_for_lean_models(monkeypatch):
     """apply_rotary_pos_emb is a module-level function: lean_training replaces it in the modeling file by a
     dispatcher that runs the kernel on a lean model's cos/sin only; another model of the family, not lean, gets
@@ -183,8 +191,7 @@ def test_rotary_embedding_through_the_kernel_only_for_lean_models(monkeypatch):
 
     from prefix_kernels.triton import lean_ops
 
-    gc.collect()  # lean models of earlier tests, never restored: their dispatcher goes at the next call
-    original = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__", modeling_llama.apply_rotary_pos_emb)
+    original = stock_rotary(modeling_llama)
     calls = []
     real = lean_ops.rope_forward
     monkeypatch.setattr(lean_ops, "rope_forward", lambda *a: calls.append(1) or real(*a))
@@ -220,6 +227,7 @@ def test_rotary_dispatcher_passes_other_calls_through_and_follows_copies():
     from prefix_kernels.hf.lean import _RopeInstall
     from prefix_kernels.triton import lean_ops
 
+    original = stock_rotary(modeling_llama)
     seen = []
     dispatcher = _RopeInstall(lambda *args, **kwargs: seen.append((args[4:], kwargs)) or "replaced").dispatcher
     q = k = torch.randn(2, 3, 5, 8, device=DEVICE)
@@ -249,4 +257,4 @@ def test_rotary_dispatcher_passes_other_calls_through_and_follows_copies():
         lean_ops.rope_forward = real
     assert len(calls) == LAYERS
     lean_training(twin, enable=False)
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__")
+    assert modeling_llama.apply_rotary_pos_emb is original
