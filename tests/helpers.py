@@ -1,6 +1,9 @@
-"""Shared test helpers: input builders and the error-relative-to-reference tolerance."""
+"""Shared test helpers: input builders, the error-relative-to-reference tolerance, the compile check's reports."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -169,3 +172,17 @@ def assert_attention_matches_truth(out, lse, q, truth_out, truth_lse, reference_
     assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
     assert max_error(lse, truth_lse) <= 1e-3, "lse"
     assert (out[torch.isinf(lse)] == 0).all(), "rows that see nothing give exact zeros"
+
+
+def compile_check_spills(name_filter: str, timeout: int = 1800) -> tuple[dict, str]:
+    """Run prefix_kernels.triton.compile_check on the cases whose name contains `name_filter`, in a subprocess
+    (the compiler needs @triton.jit kernels defined without TRITON_INTERPRET, which the tests set; Triton's cache
+    makes reruns fast). Fails the test if any configuration failed; returns ({report line of each configuration
+    that compiled: bytes ptxas spilled}, the whole log)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "prefix_kernels.triton.compile_check", "--filter", name_filter],
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    spills = {line: int(line.split("spills=")[1].split()[0]) for line in log.splitlines() if ": ok " in line}
+    return spills, log
