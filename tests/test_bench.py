@@ -284,6 +284,9 @@ def test_graph_timing_captures_a_clean_call_and_reports_a_host_sync():
     ms, why_not = graph_bench_ms(lambda: (x @ x).sum().item(), warmup_ms=1, rep_ms=5)
     assert ms is None and why_not
     assert (x @ x).isfinite().all()  # the failed capture left the device usable
+    # ... and the CUDA generator: before release_rng_after_failed_capture, every later torch.randn in the process
+    # raised "Offset increment outside graph capture encountered unexpectedly".
+    assert torch.randn(8, device="cuda").isfinite().all()
 
 
 def test_decode_tile_sweep_script_runs(tmp_path):

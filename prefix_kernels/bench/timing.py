@@ -37,6 +37,18 @@ def bench_ms(fn, device, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps
 GRAPH_TIMING_BELOW_MS = 5.0
 
 
+def release_rng_after_failed_capture() -> None:
+    """Undo what a capture that raised leaves behind in torch's CUDA generator.
+
+    torch.cuda.graph marks the default CUDA generator as capturing when the capture begins and clears the mark only
+    when it ends cleanly. After a failed capture every later random op on the GPU in this process raises "Offset
+    increment outside graph capture encountered unexpectedly" (one such capture in a test worker failed 152 later
+    tests on the H200, d432cfb). A capture that succeeds clears the mark: capture one tiny op.
+    """
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch.empty(1, device="cuda").zero_()
+
+
 def graph_bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float | None, str | None]:
     """(median ms of fn replayed from a CUDA graph, None) or (None, why it could not be captured).
 
@@ -57,6 +69,7 @@ def graph_bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[f
         with torch.cuda.graph(graph):
             fn()
     except Exception as exc:  # e.g. a host sync inside fn: that provider is then timed eagerly only
+        release_rng_after_failed_capture()
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     try:
         return float(do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")), None
