@@ -2,6 +2,10 @@
 
 Through prefix_kernels.triton.compile_check in a subprocess (helpers.compile_check_spills).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 
 from helpers import compile_check_spills
@@ -43,3 +47,30 @@ def test_lean_training_kernels_compile_for_sm80_and_sm90_without_spills():
         # The widest row that also sums the weight's gradient (a trained norm of a 16384-wide model) keeps four
         # row vectors at 32 warps and spills a little; everything else stays in registers.
         assert spilled == 0 or ("-w16384-dx1-dw1" in line and spilled <= 128), line
+
+
+# Compiles the rotary kernels for sm_90 in a subprocess (no TRITON_INTERPRET there) and prints the float
+# instructions of each PTX; Triton's cache makes reruns fast.
+_ROPE_FLOAT_OPS = """
+import re
+from prefix_kernels.triton import compile_check, lean_cases
+for name, fn, args, kwargs in lean_cases.lean_cases():
+    if name.startswith("lean-rope-") and name.endswith("-s4096"):
+        ptx = compile_check.compile_for_target(fn, args, kwargs, 90).asm["ptx"]
+        print(name, sorted(set(re.findall(r"\\b(?:fma|mul|add|sub)\\.rn\\.[a-z0-9]+", ptx))))
+"""
+
+
+@pytest.mark.compile
+def test_rotary_kernel_rounds_each_product_like_stock_on_sm90():
+    """transformers rounds q*cos and rotate_half(q)*sin to the tensor's dtype before the sum. LLVM narrows such a
+    product to a bf16/fp16 multiply and, with FP fusion on, fuses it with the sum into one FMA (one rounding
+    fewer): on the H200 the kernel came out 1 ulp off stock. The launch turns fusion off; no FMA may appear."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _ROPE_FLOAT_OPS], capture_output=True, text=True, env=env,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 6 and any("bfloat16" in line for line in lines), result.stdout
+    for line in lines:
+        assert "mul.rn" in line and "fma" not in line, line

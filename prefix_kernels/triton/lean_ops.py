@@ -255,7 +255,9 @@ def rope_launch(x, cos, sin, out, backward):
     sin_sb = sin.stride(0) if sin.shape[0] == batch else 0
     args = (x, cos, sin, out, heads, seq, dim // 2, x.stride(0), x.stride(1), x.stride(2), cos_sb, cos.stride(1),
             sin_sb, sin.stride(1), out.stride(0), out.stride(1), out.stride(2))
-    kwargs = dict(BLOCK_S=block_s, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4)
+    # No FMA contraction: stock rounds each product before the sum (separate kernels). With fusion on, the H200
+    # (655c7cb) showed LLVM narrow x*c to a bf16/fp16 multiply and fuse it with the sum: 1 ulp off stock.
+    kwargs = dict(BLOCK_S=block_s, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4, enable_fp_fusion=False)
     return (batch * heads, cdiv(seq, block_s)), args, kwargs
 
 
