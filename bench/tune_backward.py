@@ -2,7 +2,9 @@
 fwd+bwd benchmark with the best one next to the default and the baselines, in the same run.
 
 Each kernel (dq, own dk/dv, prefix dk/dv) is timed alone (the launcher's `needs` runs only that kernel) for
-every candidate; a candidate's gradients must match the default configuration's. The best per kernel, summed
+every candidate; a candidate's gradients must match the default configuration's. Then the whole backward with the
+default against dq accumulated by the key-major kernels (BackwardConfig.fuse_dq) in each fused tile; the fastest
+fused tile is measured as `ours-tuned-fused` next to `ours-tuned`. The best per kernel, summed
 over the shapes, forms `ours-tuned`, which the bench harness then measures with `ours-triton` (the package's
 current configs), naive, prebuilt and FlexAttention, all behind the same correctness guard. The winner is
 printed as the line to put into prefix_kernels/triton/configs.py; this script changes nothing itself.
@@ -22,7 +24,7 @@ import prefix_kernels.bench.main as bench_main
 from prefix_kernels.bench.cases import get_preset
 from prefix_kernels.bench.providers import Prepared, Provider, _all_leaves, _identity_grads
 from prefix_kernels.triton.backward import prefix_attention_backward
-from prefix_kernels.triton.configs import BackwardConfig, ForwardConfig, backward_config
+from prefix_kernels.triton.configs import FUSED_DQ_CANDIDATES, BackwardConfig, ForwardConfig, backward_config
 from prefix_kernels.triton.forward import prefix_attention_forward
 
 DQ_CANDIDATES = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
@@ -67,10 +69,27 @@ def sweep(case):
             except Exception as exc:  # out of shared memory on this chip, or wrong: not a candidate
                 results[part][cand] = None
                 print(f"  {part} {cand}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+    # The whole backward: the default (separate dq kernel) against dq added by the key-major kernels with atomics
+    # (BackwardConfig.fuse_dq) in each fused tile, the same tile for both key-major kernels.
+    want = prefix_attention_backward(q, k, v, pk, pv, out, lse, dout, None, **options)
+    results["whole"] = {}
+    for tile in [None, *dict.fromkeys([default.dkdv, *FUSED_DQ_CANDIDATES])]:
+        name = "separate" if tile is None else f"fused {tile.block_m} {tile.block_n} {tile.num_warps} {tile.num_stages}"
+        config = default if tile is None else BackwardConfig(default.dq, tile, tile, fuse_dq=True)
+        run = lambda: prefix_attention_backward(q, k, v, pk, pv, out, lse, dout, None, config=config,  # noqa: E731
+                                                **options)
+        try:
+            error = max(float((g.float() - w.float()).abs().max()) for g, w in zip(run(), want))
+            if error > 5e-2:
+                raise RuntimeError(f"gradients differ from the default config's by {error:.3g}")
+            results["whole"][name] = triton.testing.do_bench(run, return_mode="median")
+        except Exception as exc:
+            results["whole"][name] = None
+            print(f"  whole {name}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
     return results
 
 
-def tuned_provider(config: BackwardConfig) -> Provider:
+def tuned_provider(config: BackwardConfig, name: str = "ours-tuned") -> Provider:
     """Our fwd+bwd with the given backward configuration (forward unchanged)."""
 
     class TunedAttention(torch.autograd.Function):
@@ -95,7 +114,7 @@ def tuned_provider(config: BackwardConfig) -> Provider:
         return Prepared(lambda: TunedAttention.apply(q, k, v, pk, pv, inputs.scale), _all_leaves(inputs),
                         _identity_grads)
 
-    return Provider("ours-tuned", f"ours with backward {config}", "ours", ("fwd+bwd",), prepare)
+    return Provider(name, f"ours with backward {config}", "ours", ("fwd+bwd",), prepare)
 
 
 def main(argv=None):
@@ -105,7 +124,7 @@ def main(argv=None):
                         help="baselines measured next to ours-tuned (flex compiles for a while)")
     args = parser.parse_args(argv)
     cases = [c for c in get_preset("anchors").ops if c.op == "fwd+bwd"]
-    totals = {part: {} for part in PARTS}
+    totals = {part: {} for part in (*PARTS, "whole")}
     report = []
     for case in cases:
         results = sweep(case)
@@ -118,16 +137,25 @@ def main(argv=None):
                     totals[part][cand] = totals[part].get(cand, 0.0) + ms
                 else:
                     totals[part][cand] = None
+    fused_totals = {name: ms for name, ms in totals.pop("whole").items() if name != "separate"}
     best = {part: min((c for c, ms in t.items() if ms is not None), key=lambda c: t[c]) for part, t in totals.items()}
     config = BackwardConfig(*(ForwardConfig(*best[p]) for p in ("dq", "dkdv", "dprefix")))
     print(f"best (summed over the shapes): {config}")
+    providers = [tuned_provider(config)]
+    timed = [name for name, ms in fused_totals.items() if ms is not None]
+    if timed:  # the fastest fused tile, measured next to ours-tuned (the separate kernels' best) and the baselines
+        best["fused"] = min(timed, key=fused_totals.get)
+        tile = ForwardConfig(*(int(x) for x in best["fused"].split()[1:]))
+        fused = BackwardConfig(config.dq, tile, tile, fuse_dq=True)
+        print(f"best fused (summed over the shapes): {fused}")
+        providers.append(tuned_provider(fused, "ours-tuned-fused"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_backward.json").write_text(json.dumps(dict(
         card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, sweep=report,
-        best={p: list(best[p]) for p in best}), indent=1))
+        best={p: best[p] if isinstance(best[p], str) else list(best[p]) for p in best}), indent=1))
     bench_args = bench_main.parse_args(["--preset", "anchors", "--ops", "fwd+bwd", "--providers", args.providers,
                                         "--out", str(args.out / "tuned"), "--no-progress", "--quiet"])
-    bench_main.run(bench_args, extra_providers=[tuned_provider(config)])
+    bench_main.run(bench_args, extra_providers=providers)
 
 
 if __name__ == "__main__":

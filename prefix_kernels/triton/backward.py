@@ -11,6 +11,9 @@ Four kernels, each launched only when a gradient it produces is needed:
               registers: no atomics, no [B, ...] buffer. When too few programs exist to fill the GPU, the query
               tiles are split into a fixed number of chunks (configs.MAX_PREFIX_CHUNKS) whose fp32 partials are
               summed in a fixed order.
+  fused dq    (BackwardConfig.fuse_dq, off by default) dkdv and dprefix also add ds @ k to an fp32 dq with
+              atomics and the dq kernel does not run: two matmuls per (query, key) tile pair fewer (the dq kernel
+              recomputes p and dp), dq no longer bit-reproducible run to run.
 Rows that saw nothing (lse = -inf) contribute nothing: their lse is read as +inf, so p = exp2(s - inf) = 0.
 Keys that are invisible to every query of a program (padding, prefix keys past prefix_lens) get exact zeros.
 """
@@ -211,11 +214,17 @@ def _dkdv_tile(
     offs_m, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq_base, stride_dqs, stride_dqd, key_keep, FUSE_DQ: tl.constexpr,
 ):
     """dv += p^T dO, dk += ds^T q for the keys `cols` over queries [start_m, start_m + BLOCK_M) of one head.
 
     Works transposed ([BLOCK_N, BLOCK_M]) so both accumulations are plain dots. Rows past S read lse = +inf and
     zeros, so they add nothing; keys past the tile's limit are never stored, so they need no mask.
+    FUSE_DQ: also add ds @ k (unscaled) to the fp32 dq rows at dq_base with atomics (FlashAttention-2's dq), so no
+    separate dq kernel recomputes p and dp. Keys whose p the tile does not mask but no query sees (key_keep False:
+    padding, prefix keys past prefix_lens, and keys past the tile's limit) are dropped from ds first. Those last
+    were loaded as zeros, but their p = exp2(-lse) can overflow ds to inf (fp16, a very negative lse), and
+    inf * 0 would put NaN into the whole dq row.
     """
     rows = start_m + offs_m
     row_ok = rows < S
@@ -245,13 +254,18 @@ def _dkdv_tile(
     if HAS_SOFTCAP:
         t = s_t * (1.0 / (softcap * 1.4426950408889634))
         ds_t = ds_t * (1.0 - t * t)
+    if FUSE_DQ:
+        ds_t = tl.where(key_keep[:, None], ds_t, 0.0)
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(dq_base + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq,
+                      mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _prefix_attention_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, KPM,
+    Q, K, V, DO, Lse, Delta, DK, DV, KPM, DQ,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -259,11 +273,12 @@ def _prefix_attention_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_mb, stride_ml,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     HQ, S, L, sm_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -302,26 +317,34 @@ def _prefix_attention_bwd_dkdv(
         m_lo = 0
         m_full = 0
 
+    if HAS_KPM:
+        key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=col_ok, other=0) != 0
+    else:
+        key_ok = col_ok
     for g in range(GROUP):
         hq = hkv * GROUP + g
         bh = b * HQ + hq
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
+        dq_base = DQ  # None unless FUSE_DQ
+        if FUSE_DQ:
+            dq_base = DQ + b * stride_dqb + hq * stride_dqh
         for start_m in range(m_lo, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse + bh * S, Delta + bh * S,
                                 stride_qs, stride_qd, stride_dos, stride_dod,
                                 start_m, S, cols, q_shift, window, sm_scale, softcap, offs_m, offs_d,
-                                HEAD_DIM, BLOCK_D, True, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_D, True, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
+                                dq_base, stride_dqs, stride_dqd, key_ok, FUSE_DQ)
         for start_m in range(m_full, m_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, Lse + bh * S, Delta + bh * S,
                                 stride_qs, stride_qd, stride_dos, stride_dod,
                                 start_m, S, cols, q_shift, window, sm_scale, softcap, offs_m, offs_d,
-                                HEAD_DIM, BLOCK_D, False, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_D, False, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
+                                dq_base, stride_dqs, stride_dqd, key_ok, FUSE_DQ)
 
     if HAS_KPM:
         # A padded key is invisible to every query: its gradient is zero. Its column of p was never masked (the
         # columns are independent given lse), so it is dropped here, once, instead of masked in every tile.
-        key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=col_ok, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
     dk = dk * sm_scale
@@ -337,17 +360,18 @@ def _prefix_attention_bwd_dkdv(
 
 @triton.jit
 def _prefix_attention_bwd_dprefix(
-    Q, PK, PV, DO, Lse, Delta, DPK, DPV, PrefixIndex, PrefixLens,
+    Q, PK, PV, DO, Lse, Delta, DPK, DPV, PrefixIndex, PrefixLens, DQ,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkn, stride_pkh, stride_pks, stride_pkd,
     stride_pvn, stride_pvh, stride_pvs, stride_pvd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_gc, stride_gn, stride_gh, stride_gs, stride_gd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     B, HQ, S, P, sm_scale, softcap, tiles_per_chunk,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False,
 ):
     """d prefix_k/v for keys [start_n, start_n + BLOCK_N) of prefix n, KV head hkv: the sum over every query tile
     (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
@@ -376,6 +400,7 @@ def _prefix_attention_bwd_dprefix(
         prefix_len = tl.load(PrefixLens + n).to(tl.int32)
     else:
         prefix_len = P
+    key_ok = cols < prefix_len
 
     # The flattened query tiles (b, g, query block) of this chunk: [t_begin, t_end) out of B * GROUP * m_tiles.
     m_tiles = tl.cdiv(S, BLOCK_M)
@@ -395,14 +420,17 @@ def _prefix_attention_bwd_dprefix(
             start_m = (t - g * m_tiles) * BLOCK_M
             hq = hkv * GROUP + g
             bh = b64 * HQ + hq
+            dq_base = DQ  # None unless FUSE_DQ
+            if FUSE_DQ:
+                dq_base = DQ + b64 * stride_dqb + hq * stride_dqh
             dk, dv = _dkdv_tile(dk, dv, k, v, Q + b64 * stride_qb + hq * stride_qh,
                                 DO + b64 * stride_dob + hq * stride_doh, Lse + bh * S, Delta + bh * S,
                                 stride_qs, stride_qd, stride_dos, stride_dod,
                                 start_m, S, cols, 0, 0, sm_scale, softcap, offs_m, offs_d,
-                                HEAD_DIM, BLOCK_D, False, False, HAS_SOFTCAP, DOT_PRECISION)
+                                HEAD_DIM, BLOCK_D, False, False, HAS_SOFTCAP, DOT_PRECISION,
+                                dq_base, stride_dqs, stride_dqd, key_ok, FUSE_DQ)
 
     # Keys past prefix_lens[n] are visible to no query of this prefix: zero gradient (their p was never masked).
-    key_ok = cols < prefix_len
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     if HEAD_DIM != BLOCK_D:
@@ -459,23 +487,25 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
 
 
 def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_padding_mask, window, softcap,
-                config=None):
+                config=None, dq_acc=None):
+    """dq_acc: the fp32 [B, Hq, S, D] buffer the kernel adds its unscaled dq terms to (BackwardConfig.fuse_dq)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dkdv
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     grid = (cdiv(seq_k, config.block_n), batch * heads_kv)
     args = (
-        q, k, v, grad_out, lse, delta, dk, dv, kpm,
+        q, k, v, grad_out, lse, delta, dk, dv, kpm, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *_strides_or_zero(kpm, 2),
+        *_strides_or_zero(kpm, 2), *_strides_or_zero(dq_acc, 4),
         heads_q, seq_q, seq_k, scale, float(softcap or 1.0), int(window or 0),
     )
     kwargs = dict(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), FUSE_DQ=dq_acc is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return grid, args, kwargs
 
@@ -491,8 +521,9 @@ def dprefix_chunks(q, prefix_k, config=None) -> int:
 
 
 def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks, *, scale, prefix_index,
-                   prefix_lens, softcap, config=None):
-    """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1."""
+                   prefix_lens, softcap, config=None, dq_acc=None):
+    """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1. dq_acc: as in
+    dkdv_launch."""
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
@@ -502,8 +533,9 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
     assert dpk.stride() == dpv.stride()
     grid = (cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
     args = (
-        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens,
+        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens, dq_acc,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
+        *_strides_or_zero(dq_acc, 4),
         batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), cdiv(query_tiles, chunks),
     )
     kwargs = dict(
@@ -511,7 +543,8 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         HAS_SOFTCAP=softcap is not None, HAS_PREFIX_INDEX=prefix_index is not None,
         HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), FUSE_DQ=dq_acc is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return grid, args, kwargs
 
@@ -552,7 +585,11 @@ def prefix_attention_backward(
     grid, args, kwargs = preprocess_launch(out, grad_out, lse, grad_lse, delta)
     _bwd_preprocess[grid](*args, **kwargs)
 
-    if dq is not None:
+    # dq accumulated by the key-major kernels (BackwardConfig.fuse_dq): only when both run anyway.
+    fuse_dq = (dq is not None and dk is not None and dpk is not None
+               and (config or backward_config(q.shape[-1], q.dtype, seq_q)).fuse_dq)
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fuse_dq else None
+    if dq is not None and not fuse_dq:
         grid, args, kwargs = dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, causal=causal,
                                        scale=scale, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                        prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
@@ -560,7 +597,7 @@ def prefix_attention_backward(
     if dk is not None and dk.numel():
         grid, args, kwargs = dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, causal=causal, scale=scale,
                                          key_padding_mask=key_padding_mask, window=window, softcap=softcap,
-                                         config=config)
+                                         config=config, dq_acc=dq_acc)
         _prefix_attention_bwd_dkdv[grid](*args, **kwargs)
     if dpk is not None and dpk.numel():
         chunks = prefix_chunks or dprefix_chunks(q, prefix_k, config)
@@ -571,11 +608,13 @@ def prefix_attention_backward(
             part_k, part_v = dpk, dpv
         grid, args, kwargs = dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, part_k, part_v, chunks,
                                             scale=scale, prefix_index=prefix_index, prefix_lens=prefix_lens,
-                                            softcap=softcap, config=config)
+                                            softcap=softcap, config=config, dq_acc=dq_acc)
         _prefix_attention_bwd_dprefix[grid](*args, **kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))
             dpv.copy_(part_v.sum(0))
+    if fuse_dq:
+        dq.copy_(dq_acc.mul_(scale))
     return _select(needs, dq, dk, dv, dpk, dpv)
 
 

@@ -13,7 +13,8 @@ import torch
 
 from .backward import (_bwd_preprocess, _prefix_attention_bwd_dkdv, _prefix_attention_bwd_dprefix,
                        _prefix_attention_bwd_dq, dkdv_launch, dprefix_launch, dq_launch, preprocess_launch)
-from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, backward_config, backward_launch_space
+from .configs import (BLOCK_D_CHOICES, FLOAT_DTYPES, FUSED_DQ_CANDIDATES, BackwardConfig, backward_config,
+                      backward_launch_space)
 from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
 
 # A query length that makes backward_config return a given dq / dkdv block_m (short-query variants).
@@ -27,21 +28,25 @@ def _seq_q_for(block_d, dtype, kernel, config):
     raise AssertionError(f"no query length gives {kernel} config {config}")
 
 
-def _launch(kernel, block_d, dtype, seq_q, features, partials=False):
+def _launch(kernel, block_d, dtype, seq_q, features, partials=False, config=None, fuse_dq=False):
     q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
     grad_out = torch.empty_like(q)  # strided like q: autograd hands whatever layout the consumer produced
+    if kernel != "dq":
+        options = dict(options, config=config, dq_acc=torch.empty(q.shape) if fuse_dq else None)
     if kernel == "dq":
         dq = torch.empty(q.shape, dtype=dtype)
         return _prefix_attention_bwd_dq, dq_launch(q, k, k, prefix_k, prefix_k, grad_out, lse, lse, dq, **options)
     if kernel == "dkdv":
         dk = torch.empty(k.shape, dtype=dtype)
-        kw = {name: options[name] for name in ("causal", "scale", "key_padding_mask", "window", "softcap")}
+        kw = {name: options[name] for name in ("causal", "scale", "key_padding_mask", "window", "softcap", "config",
+                                               "dq_acc")}
         return _prefix_attention_bwd_dkdv, dkdv_launch(q, k, k, grad_out, lse, lse, dk, dk, **kw)
     if kernel == "dprefix":
         chunks = 4 if partials else 1
         shape = (chunks, *prefix_k.shape) if partials else prefix_k.shape
         grad = torch.empty(shape, dtype=torch.float32 if partials else dtype)
-        kw = {name: options[name] for name in ("scale", "prefix_index", "prefix_lens", "softcap")}
+        kw = {name: options[name] for name in ("scale", "prefix_index", "prefix_lens", "softcap", "config",
+                                               "dq_acc")}
         return _prefix_attention_bwd_dprefix, dprefix_launch(q, prefix_k, prefix_k, grad_out, lse, lse, grad, grad,
                                                              chunks, **kw)
     raise ValueError(kernel)
@@ -72,6 +77,23 @@ def backward_cases():
     dq = config.dq
     yield (f"bwd-dq-bfloat16-d128-m{dq.block_m}-n{dq.block_n}-w{dq.num_warps}-s{dq.num_stages}-heavy-first-causal",
            _prefix_attention_bwd_dq, args, kwargs)
+    # The key-major kernels adding dq with atomics (BackwardConfig.fuse_dq; timed by bench/tune_backward.py, not
+    # chosen by backward_config yet): fp16/bf16, the default tiles of head dims 64 and 128 with every feature and
+    # with none, and the sweep's other head-dim-128 tiles with none.
+    for dtype in (torch.float16, torch.bfloat16):
+        dtype_name = str(dtype).removeprefix("torch.")
+        for block_d in (64, 128):
+            default = backward_config(block_d, dtype, 4096)
+            candidates = FUSED_DQ_CANDIDATES if block_d == 128 else ()  # the sweep's shapes are head dim 128
+            for config in dict.fromkeys([default.dkdv, *candidates]):
+                variants = [("none", NO_FEATURES)] + [("all", ALL_FEATURES)] * (config == default.dkdv)
+                for kernel in ("dkdv", "dprefix"):
+                    for label, features in variants:
+                        tiles = BackwardConfig(dq=default.dq, dkdv=config, dprefix=config)
+                        fn, (_, args, kwargs) = _launch(kernel, block_d, dtype, 4096, features, config=tiles,
+                                                        fuse_dq=True)
+                        yield (f"bwd-{kernel}-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}"
+                               f"-w{config.num_warps}-s{config.num_stages}-fused-dq-{label}", fn, args, kwargs)
     for dtype in FLOAT_DTYPES:
         for block_d in BLOCK_D_CHOICES:
             for has_dlse in (False, True):

@@ -113,6 +113,10 @@ class BackwardConfig:
     dq: ForwardConfig
     dkdv: ForwardConfig
     dprefix: ForwardConfig
+    # dq added with fp32 atomics by the dkdv and d prefix kernels (FlashAttention-2's way: two matmuls per tile
+    # pair fewer than the separate dq kernel, which recomputes p and dp) instead of the dq kernel; dq is then not
+    # bit-reproducible. Off until a GPU run shows it faster (bench/tune_backward.py times both).
+    fuse_dq: bool = False
 
 
 def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
@@ -134,6 +138,13 @@ def _long_query_backward(block_d: int, dtype: torch.dtype) -> BackwardConfig:
     else:
         dq, dkdv = ForwardConfig(128, 64, 8, 2), ForwardConfig(32, 128, 8, 2)
     return BackwardConfig(dq=dq, dkdv=dkdv, dprefix=dkdv)
+
+
+# Key-major tiles for BackwardConfig.fuse_dq besides the default: the fused tile holds a third fp32 product
+# ([BLOCK_M, BLOCK_D], the dq terms) while the dk/dv accumulators live. Compile-checked for sm_80/90
+# (backward_cases.py) and timed by bench/tune_backward.py.
+# (64, 64, 4, 3), the other non-fused candidate, spilled ~300 B on sm_90 with fusion: left out.
+FUSED_DQ_CANDIDATES = (ForwardConfig(32, 128, 8, 2), ForwardConfig(32, 64, 4, 2))
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, seq_q: int) -> BackwardConfig:
