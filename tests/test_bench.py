@@ -263,6 +263,29 @@ def test_profile_case_script_runs(op):
                  "--heads", "6/2", "-D", "32", "--q-layout", "bshd", "--calls", "1"])
 
 
+def test_profile_train_step_script_runs_and_groups_kernel_names(capsys):
+    """bench/profile_train_step.py (where the train step's GPU time goes): the groups of kernel names as the H200
+    profile printed them, and the script end to end on the smoke preset's tiny model on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "profile_train_step.py"
+    spec = importlib.util.spec_from_file_location("profile_train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, group in [("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+                        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+                        ("_prefix_attention_bwd_dkdv", "attention"), ("_bwd_preprocess", "attention"),
+                        ("_swiglu_bwd", "lean kernels"), ("_rms_norm_fwd", "lean kernels"),
+                        ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add", "other "
+                         "elementwise"), ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel",
+                                          "optimizer")]:
+        assert module.group_of(name) == group, name
+    module.main(["--device", "cpu", "--tiny", "--steps", "1", "--top", "3", "--variants", "peft,ours-lean"])
+    text = capsys.readouterr().out
+    assert "== peft:" in text and "== ours-lean:" in text
+
+
 def test_decode_rows_say_how_they_were_timed(smoke):
     """On CUDA, decode rows are CUDA-graph replays with the eager time kept (or eager with the reason capture
     failed); the markdown says which. Rendered here from the CPU smoke's rows with those fields set."""
