@@ -3,7 +3,8 @@
 The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
 uses, the default with the interleaved program order (DecodeConfig.interleave), and where the packed rows span
 several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each replayed from a CUDA graph (device
-time only), and the PyTorch split baseline in the same run. Used to pick the decode entries of
+time only), the own part alone (an empty prefix: how much of the prefix part overlaps it), and the PyTorch split
+baseline in the same run. Used to pick the decode entries of
 prefix_kernels/triton/configs.py; not a pass/fail test.
 """
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main(argv=None):
                 return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,
                                                config=config)
             row["times_ms"][name], _ = timer(run)
+        # The own part alone (an empty prefix): next to the default's time it says how much of the prefix part
+        # runs alongside the own part rather than after it (the GQA serving shapes sat at ~55-58% of their floor
+        # on the H200 with the two phases looking serial).
+        empty_k, empty_v = prefix_k[:, :, :0], prefix_v[:, :, :0]
+        row["times_ms"]["own-only"], _ = timer(lambda: prefix_attention_decode(
+            q, k, v, empty_k, empty_v, causal=True, scale=inputs.scale))
         prepared = split.prepare(case, inputs)
         with torch.no_grad():
             row["times_ms"]["split"], _ = timer(prepared.forward)
