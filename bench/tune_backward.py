@@ -2,12 +2,12 @@
 fwd+bwd benchmark with the best one next to the default and the baselines, in the same run.
 
 Each kernel (dq, own dk/dv, prefix dk/dv) is timed alone (the launcher's `needs` runs only that kernel) for
-every candidate; a candidate's gradients must match the default configuration's. Then the whole backward with the
-default against dq accumulated by the key-major kernels (BackwardConfig.fuse_dq) in each fused tile; the fastest
-fused tile is measured as `ours-tuned-fused` next to `ours-tuned`. The best per kernel, summed
-over the shapes, forms `ours-tuned`, which the bench harness then measures with `ours-triton` (the package's
-current configs), naive, prebuilt and FlexAttention, all behind the same correctness guard. The winner is
-printed as the line to put into prefix_kernels/triton/configs.py; this script changes nothing itself.
+every candidate; a candidate's gradients must match the default configuration's. The best per kernel, summed
+over the shapes, forms `ours-tuned`. Then the whole backward is timed with the default against dq accumulated by
+the key-major kernels (BackwardConfig.fuse_dq) in each fused tile; the fastest fused tile forms
+`ours-tuned-fused`. The bench harness measures both with `ours-triton` (the package's current configs), naive,
+prebuilt and FlexAttention, all behind the same correctness guard. The winner is printed as the line to put into
+prefix_kernels/triton/configs.py; this script changes nothing itself.
 """
 from __future__ import annotations
 
