@@ -1,9 +1,10 @@
 """Time the Triton decode at the ANCHORS decode shapes with each launch choice it has (GPU only).
 
 The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
-uses, the default with the interleaved program order (DecodeConfig.interleave), and where the packed rows span
-several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each replayed from a CUDA graph (device
-time only), the own part alone (an empty prefix: how much of the prefix part overlaps it), and the PyTorch split
+uses, the default with the interleaved program order (DecodeConfig.interleave), with one prefix program per SM
+(DecodeConfig.prefix_programs_per_sm), with own programs over several sequences (DecodeConfig.own_programs_per_sm),
+and where the packed rows span several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each
+replayed from a CUDA graph (device time only), the own part alone (an empty prefix: how much of the prefix part overlaps it), and the PyTorch split
 baseline in the same run. Used to pick the decode entries of
 prefix_kernels/triton/configs.py; not a pass/fail test.
 """
@@ -45,7 +46,14 @@ def main(argv=None):
         default = decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=_has_tma(q.device))
         configs = {"default": None,
                    "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=False),
-                   "interleaved": replace(default, interleave=True)}
+                   "interleaved": replace(default, interleave=True),
+                   # one prefix program per SM: the other program slot streams own keys from the first wave on
+                   "prefix-1/sm": replace(default, prefix_programs_per_sm=1)}
+        # Own programs over several (sequence, KV head) pairs in one pipelined loop: no drained stream between
+        # two short own programs (DecodeConfig.own_programs_per_sm), alone and with one prefix program per SM.
+        for per_sm in (2, 4, 8):
+            configs[f"own-{per_sm}/sm"] = replace(default, own_programs_per_sm=per_sm)
+        configs["prefix-1/sm+own-4/sm"] = replace(default, prefix_programs_per_sm=1, own_programs_per_sm=4)
         # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
         # GPU at every shape, so that the smoke check runs them
         if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":

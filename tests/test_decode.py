@@ -110,6 +110,48 @@ def test_interleaved_program_order_computes_the_same(case):
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("case,programs_per_sm",
+                         [(c, 1) for c in CASES] + [(c, 3) for c in CASES if c.batch * c.heads_kv >= 6],
+                         ids=lambda x: x.id if isinstance(x, Case) else f"per-sm{x}")
+def test_own_pairs_in_one_loop_compute_the_same(case, programs_per_sm):
+    """DecodeConfig.own_programs_per_sm: an own program takes several whole (sequence, KV head) pairs in one loop
+    over (pair, key tile); the softmax state restarts with each pair. One notional SM, so the own part is one
+    split and one program takes all pairs (1) or groups of 3 with a shorter last group (3): the same numbers
+    as one pair per program, masks (padding, window, causality) and L < S included."""
+    tensors, options = _call(case, torch.float32)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=1)[0]
+    config = replace(base, own_programs_per_sm=programs_per_sm)
+    _, _, own_plan = decode.decode_plan(call.q, call.k, call.prefix_k, config=config, sms=1)
+    pairs = call.q.shape[0] * call.k.shape[1]
+    assert own_plan[2] == 1 and own_plan[4] == pairs // programs_per_sm, own_plan
+    _, _, kwargs = decode.decode_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                        torch.empty(64, 1, 1), torch.empty(64, 1), config=config, sms=1,
+                                        **call.options())
+    assert kwargs["OWN_UNITS"]
+    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                          config=base, sms=1, **call.options())
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                              config=config, sms=1, **call.options())
+    assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same tiles, same order, same arithmetic
+    ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
+    assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
+
+
+def test_prefix_programs_per_sm_caps_the_prefix_splits():
+    """DecodeConfig.prefix_programs_per_sm: at most that many prefix programs per SM (at least one split), the own
+    split unchanged; the ANCHORS GQA serving shape on 132 SMs goes from 2 prefix splits to 1."""
+    from prefix_kernels.triton.configs import decode_splits
+    free = decode_splits(128, 4096, 2048, 256, 64, 132)
+    capped = decode_splits(128, 4096, 2048, 256, 64, 132, prefix_programs_per_sm=1)
+    assert free[0][0] == 2 and capped[0] == (1, 4096) and capped[1] == free[1]
+    assert decode_splits(16, 4096, 8, 256, 64, 4, prefix_programs_per_sm=1)[0][0] == 1  # never below one split
+    # 8 prefix programs split 32 ways by key count on 132 SMs: a cap of 1 per SM allows 16, of 2 per SM 33.
+    assert decode_splits(8, 4096, 8, 256, 64, 132)[0][0] == 32
+    assert decode_splits(8, 4096, 8, 256, 64, 132, prefix_programs_per_sm=1)[0][0] == 16
+    assert decode_splits(8, 4096, 8, 256, 64, 132, prefix_programs_per_sm=2)[0][0] == 32
+
+
 def test_split_k_is_exercised():
     tensors, options = _call(CASES[-1], torch.float32)
     call = _validated(tensors, options)

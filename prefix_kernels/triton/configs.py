@@ -7,6 +7,7 @@ exactly what is compiled for sm_80 and sm_90 on the CPU machines.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -224,6 +225,20 @@ class DecodeConfig:
     # phase (~0.045 ms) plus the memory-bound own phase (~0.092 ms): with prefix programs first the two do not
     # overlap. Not timed yet (bench/tune_decode.py times it); off until a GPU run shows it.
     interleave: bool = False
+    # At most this many prefix programs per SM (None: the prefix keys are split like the own keys, by count).
+    # Why 1 may pay at the GQA serving shapes (B=256 G=4 P=4096: 58% of the floor on the H200): the split by key
+    # count gives 2 prefix programs per SM, and a prefix program (64 packed rows) costs ~10x an own program per key
+    # in tensor-core time, so the first wave is all prefix work (~35 us compute-bound) and the memory-bound own
+    # stream (~268 MB, ~65 us at full bandwidth) only starts after it. One prefix program per SM (one split) leaves
+    # each SM's second program slot to the own stream from the start: ~max(45, 70) us instead of their sum, if
+    # one own program per SM keeps enough loads in flight. Not timed yet (bench/tune_decode.py times it).
+    prefix_programs_per_sm: Optional[int] = None
+    # About this many own programs per SM, each taking several whole (sequence, KV head) pairs in one pipelined loop
+    # (None: one pair per program). Where it may pay: the launch's footprint is the prefix part's (B=128 G=1
+    # P=16384: 128 KB of shared memory and 255 registers x 8 warps, one program per SM; 72% of the floor on the
+    # H200), so between two short own programs (256 keys, 128 KB) the SM has nothing in flight for a whole memory
+    # latency. Only where the own part is one split and one row block. Not timed yet (bench/tune_decode.py).
+    own_programs_per_sm: Optional[int] = None
 
 
 # The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) once it spans several row blocks (compute-bound
@@ -279,25 +294,30 @@ def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_row
 
 
 def decode_splits(prefix_programs: int, prefix_keys: int, own_programs: int, own_keys: int, block_n: int,
-                  sms: int) -> tuple[tuple[int, int], tuple[int, int]]:
+                  sms: int, prefix_programs_per_sm: Optional[int] = None) -> tuple[tuple[int, int], tuple[int, int]]:
     """((splits, chunk) of the prefix keys, (splits, chunk) of the own keys), chunks in whole tiles.
 
     Prefix and own programs share one launch, so the splits balance the two: every program should read about
     (all keys read) / (DECODE_PROGRAMS_PER_SM * sms) keys, enough to fill the GPU, and no more splits than
     that, since each split costs an fp32 partial (rows * D * 4 bytes written, then read by the merge): with
     B = 256, Hq = 32, a slot is 4 MB against ~300 MB of K/V per step. No keys gives (0, block_n): no slot.
+    `prefix_programs_per_sm` (DecodeConfig) caps the prefix splits so that prefix_programs * splits stays within
+    that many per SM (at least one split).
     """
     total = prefix_programs * prefix_keys + own_programs * own_keys
     per_program = max(block_n * DECODE_MIN_SPLIT_TILES, -(-total // (DECODE_PROGRAMS_PER_SM * sms)))
 
-    def split(keys):
+    def split(keys, most=DECODE_MAX_SPLITS):
         if keys <= 0:
             return 0, block_n
-        splits = max(1, min(-(-keys // per_program), DECODE_MAX_SPLITS))
+        splits = max(1, min(-(-keys // per_program), most))
         chunk = -(-(-(-keys // splits)) // block_n) * block_n
         return -(-keys // chunk), chunk
 
-    return split(prefix_keys), split(own_keys)
+    prefix_most = DECODE_MAX_SPLITS
+    if prefix_programs_per_sm is not None and prefix_programs:
+        prefix_most = min(prefix_most, max(1, prefix_programs_per_sm * sms // prefix_programs))
+    return split(prefix_keys, prefix_most), split(own_keys)
 
 
 def decode_launch_space() -> list[tuple[int, torch.dtype, DecodeConfig]]:

@@ -44,7 +44,7 @@ def _store_partial(acc, m_i, l_i, WOut, WLse, slot, rows, store_ok, offs_d, d_ok
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row64 = slot.to(tl.int64) * R + rows.to(tl.int64)
+    row64 = tl.cast(slot, tl.int64) * R + rows.to(tl.int64)  # slot may be a constant 1 (specialized)
     tl.store(WOut + row64[:, None] * HEAD_DIM + offs_d[None, :], out, mask=store_ok[:, None] & d_ok[None, :])
     tl.store(WLse + row64, lse, mask=store_ok)
 
@@ -126,6 +126,27 @@ def _prefix_part(
 
 
 @triton.jit
+def _own_window_start(L, S, window, BLOCK_N: tl.constexpr):
+    """Keys left of L - S - window + 1 are outside every row's window: whole tiles of them are skipped."""
+    return (tl.maximum(L - S - window + 1, 0) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _own_visible(cols, end, q_pos, b, KPM, stride_mb, stride_ml, window, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which own keys `cols` (< end) each row at position q_pos sees: causality, window, key padding."""
+    visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+    if HAS_KPM:
+        key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < end, other=0)
+        visible = visible & (key_ok != 0)[None, :]
+    return visible
+
+
+@triton.jit
 def _own_part(
     pid, Q, K, V, KPM, WOut, WLse,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -163,28 +184,83 @@ def _own_part(
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, L)
     if HAS_WINDOW:
-        # Keys left of L - S - window + 1 are outside every row's window: skip whole tiles of them.
-        lo = (tl.maximum(L - S - window + 1, 0) // BLOCK_N) * BLOCK_N
-        start = tl.maximum(start, lo)
+        start = tl.maximum(start, _own_window_start(L, S, window, BLOCK_N))
     k_base = K + b * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + h.to(tl.int64) * stride_vh
     # Few rows and a memory-bound stream: every tile takes the masked path (the mask is cheap next to the loads).
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < end, other=0)
-            visible = visible & (key_ok != 0)[None, :]
+        visible = _own_visible(start_n + offs_n, end, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             start_n, end, visible, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
     out_rows = (b * HQ + hq) * S + s
     _store_partial(acc, m_i, l_i, WOut, WLse, FIRST_SLOT + split, out_rows, row_ok, offs_d, d_ok, R, HEAD_DIM)
+
+
+@triton.jit
+def _own_part_units(
+    pid, Q, K, V, KPM, WOut, WLse,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_ml,
+    HQ, HKV, S, L, R, NB, ROWS, UNITS, SLOT, sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The own part of UNITS consecutive (sequence, KV head) pairs, each whole (one split, one row block: the plan
+    chooses this only then), as ONE loop over (pair, key tile). The software pipeline then loads the next pair's
+    first tiles while this pair's last ones are computed: the stream does not drain between pairs, as it does
+    between programs (a new program's first tile waits a whole memory latency, with nothing else in flight when
+    the launch's footprint leaves one program per SM)."""
+    rows = tl.arange(0, BLOCK_M)  # rows r = g * S + s of a sequence's KV-head group
+    row_ok = rows < ROWS
+    g = rows // S
+    s = rows % S
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_pos = L - S + s  # bottom-right aligned
+    if HAS_WINDOW:
+        start = _own_window_start(L, S, window, BLOCK_N)
+    else:
+        start = 0
+    tiles = tl.cdiv(L - start, BLOCK_N)
+    first = pid * UNITS
+    pairs = tl.minimum(UNITS, NB - first)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in range(0, pairs * tiles):
+        bh = first + t // tiles
+        tile = t % tiles
+        b = (bh // HKV).to(tl.int64)
+        h = bh % HKV
+        hq = h * GROUP + g
+        # q is re-read with every tile (4 KB against the tile's 32 KB of K/V, from L2): the pipeline then treats
+        # it like the K/V loads, and a new pair needs no branch.
+        q_ptrs = Q + b * stride_qb + hq[:, None].to(tl.int64) * stride_qh + s[:, None] * stride_qs \
+            + offs_d[None, :] * stride_qd
+        q = _load_rows(q_ptrs, row_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+        fresh = tile == 0  # a new pair starts from an empty softmax state
+        acc = tl.where(fresh, 0.0, acc)
+        m_i = tl.where(fresh, float("-inf"), m_i)
+        l_i = tl.where(fresh, 0.0, l_i)
+        start_n = start + tile * BLOCK_N
+        visible = _own_visible(start_n + offs_n, L, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, K + b * stride_kb + h.to(tl.int64) * stride_kh,
+            V + b * stride_vb + h.to(tl.int64) * stride_vh, stride_ks, stride_kd, stride_vs, stride_vd,
+            start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
+        if tile == tiles - 1:
+            _store_partial(acc, m_i, l_i, WOut, WLse, SLOT, (b * HQ + hq) * S + s, row_ok, offs_d, d_ok, R,
+                           HEAD_DIM)
 
 
 @triton.jit
@@ -198,12 +274,13 @@ def _decode_partials(
     stride_mb, stride_ml,
     HQ, HKV, S, L, P, R, sm_scale, softcap, window,
     PREFIX_PROGRAMS, P_NH, P_ROWS, P_RB, P_SPLITS, P_CHUNK,
-    O_NB, O_ROWS, O_RB, O_CHUNK,
+    O_NB, O_ROWS, O_RB, O_CHUNK, O_UNITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     P_BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, O_BLOCK_M: tl.constexpr, O_BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
+    OWN_UNITS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if INTERLEAVE:  # prefix and own programs alternate until the fewer kind runs out (DecodeConfig.interleave)
@@ -227,6 +304,16 @@ def _decode_partials(
             HQ, HKV, S, P, R, P_NH, P_ROWS, P_RB, P_CHUNK, sm_scale, softcap,
             GROUP, HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_SOFTCAP, HAS_PREFIX_INDEX, HAS_PREFIX_LENS,
             HAS_ORDER, DOT_PRECISION, USE_DESC)
+    elif OWN_UNITS:  # O_UNITS (sequence, KV head) pairs per own program (DecodeConfig.own_programs_per_sm)
+        _own_part_units(
+            local, Q, K, V, KPM, WOut, WLse,
+            stride_qb, stride_qh, stride_qs, stride_qd,
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_mb, stride_ml,
+            HQ, HKV, S, L, R, O_NB, O_ROWS, O_UNITS, P_SPLITS, sm_scale, softcap, window,
+            GROUP, HEAD_DIM, BLOCK_D, O_BLOCK_M, O_BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW, HAS_SOFTCAP,
+            DOT_PRECISION)
     else:
         _own_part(
             local, Q, K, V, KPM, WOut, WLse,
@@ -316,7 +403,7 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_plan(q, k, prefix_k, *, config=None, sms=None):
     """Everything about the launch that follows from shapes: (config, prefix (rows, row blocks, splits, chunk),
-    own (rows, row blocks, splits, chunk))."""
+    own (rows, row blocks, splits, chunk, pairs per program))."""
     return _plan_for_shapes(tuple(q.shape), k.shape[1], k.shape[2], prefix_k.shape[0], prefix_k.shape[2], q.dtype,
                             sms or _sm_count(q.device), config, _has_tma(q.device))
 
@@ -335,8 +422,12 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
     # One tile width for both chunkings: the prefix tiles are at least as wide as the own ones.
     block_n = max(config.prefix.block_n, config.own.block_n)
     (p_splits, p_chunk), (o_splits, o_chunk) = decode_splits(
-        p_rb * num_prefixes * heads_kv, prefix_len, o_rb * batch * heads_kv, seq_k, block_n, sms)
-    return config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk)
+        p_rb * num_prefixes * heads_kv, prefix_len, o_rb * batch * heads_kv, seq_k, block_n, sms,
+        config.prefix_programs_per_sm)
+    o_units = 1
+    if config.own_programs_per_sm is not None and o_rb == 1 and o_splits == 1:
+        o_units = max(1, batch * heads_kv // (config.own_programs_per_sm * sms))
+    return config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk, o_units)
 
 
 def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
@@ -346,11 +437,12 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     num_prefixes = prefix_k.shape[0]
-    config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk) = plan or decode_plan(
+    config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk, o_units) = plan or decode_plan(
         q, k, prefix_k, config=config, sms=sms)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     prefix_programs = p_rb * num_prefixes * heads_kv * p_splits
-    grid = (prefix_programs + o_rb * batch * heads_kv * o_splits,)
+    own_programs = o_rb * cdiv(batch * heads_kv, o_units) * o_splits
+    grid = (prefix_programs + own_programs,)
     block_d = block_d_for(head_dim)
     prefix_sources = (prefix_k, prefix_v)
     use_desc = config.prefix.tma and all(_tma_compatible(t) for t in prefix_sources)
@@ -365,7 +457,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         heads_q, heads_kv, seq_q, seq_k, prefix_k.shape[2], batch * heads_q * seq_q, scale, float(softcap or 1.0),
         int(window or 0),
         prefix_programs, num_prefixes * heads_kv, p_rows, p_rb, p_splits, p_chunk,
-        batch * heads_kv, o_rows, o_rb, o_chunk,
+        batch * heads_kv, o_rows, o_rb, o_chunk, o_units,
     )
     kwargs = dict(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -374,7 +466,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
-        INTERLEAVE=config.interleave,
+        INTERLEAVE=config.interleave, OWN_UNITS=o_units > 1,
         # One launch holds both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
         num_warps=max(config.prefix.num_warps, config.own.num_warps), num_stages=config.prefix.num_stages,
     )
@@ -401,7 +493,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     if out.numel() == 0:
         return out, lse
     plan = decode_plan(q, k, prefix_k, config=config, sms=sms)
-    _, (_, _, p_splits, _), (_, _, o_splits, _) = plan
+    _, (_, _, p_splits, _), (_, _, o_splits, _, _) = plan
     slots = p_splits + o_splits
     rows = batch * heads_q * seq_q
     # Sized from shapes only: CUDA-graph safe. Each row is written once per slot.

@@ -18,14 +18,14 @@ from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch
 from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
 
 
-def _decode_case(block_d, dtype, config, features):
+def _decode_case(block_d, dtype, config, features, sms=132):
     batch, seq_q = 3, 4
     q, k, prefix_k, _, options = case_tensors(block_d, dtype, seq_q, features, batch=batch, prefix_len=512)
     rows = batch * q.shape[1] * seq_q
     work_out = torch.empty(4, rows, block_d, dtype=torch.float32)
     work_lse = torch.empty(4, rows, dtype=torch.float32)
     options["order"] = torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None
-    return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=132, **options)
+    return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=sms, **options)
 
 
 def decode_cases():
@@ -49,6 +49,20 @@ def decode_cases():
             p, o = config.prefix, config.own
             yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}-w{kwargs['num_warps']}"
                    f"-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-interleave-none"), _decode_partials, args, kwargs
+    # Own programs over several (sequence, KV head) pairs (DecodeConfig.own_programs_per_sm; timed by
+    # bench/tune_decode.py, not chosen by decode_config yet) with the bf16 head-dim-128 configs of one-token
+    # decode (G * S <= 16 own rows), in the serving case and with every masked path; one notional SM, so that
+    # the plan takes it.
+    for block_d, dtype, config in decode_launch_space():
+        if dtype == torch.bfloat16 and block_d == 128 and config.own.block_m == 16:
+            config = replace(config, own_programs_per_sm=1)
+            for label, features in (("none", {**NO_FEATURES, "causal": True}), ("all", ALL_FEATURES)):
+                _, args, kwargs = _decode_case(block_d, dtype, config, features, sms=1)
+                assert kwargs["OWN_UNITS"], "the plan did not take the pairs-per-program loop"
+                p, o = config.prefix, config.own
+                yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
+                       f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-units-{label}"), \
+                    _decode_partials, args, kwargs
     # The taller prefix tiles that bench/tune_decode.py times on sm_90 (bf16, head dim 128, the serving case).
     for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items():
         config = replace(decode_config(128, torch.bfloat16, 1024, 4, tma_capable=True), prefix=prefix)
