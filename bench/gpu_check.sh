@@ -14,9 +14,10 @@
 #   --tune-backward  also sweep the backward's launch configs, then fwd+bwd with the best vs the baselines
 #   --no-bench       skip the anchors preset
 #   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize.txt)
-#   --tune-cuda      last, time the CUDA forward built with other tile shapes (TUNE_CUDA_VARIANTS, "rows,keys,blocks"
-#                    triples for csrc/forward.cu's PK_FORWARD_*), each built in its own copy of the tree, next to
-#                    Triton (bench/tune_cuda.py: tune_cuda.json, its lines in log.txt)
+#   --tune-cuda      last, time the CUDA forward and decode built with other tile settings (TUNE_CUDA_VARIANTS,
+#                    "rows,keys,blocks,forward_stages,decode_stages" for csrc/forward.cu's PK_FORWARD_* and
+#                    csrc/decode.cu's PK_DECODE_STAGES; the first default variant is the shipped build), each built
+#                    in its own copy of the tree, next to Triton (bench/tune_cuda.py: tune_cuda.json, log.txt lines)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
 # --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
@@ -138,25 +139,26 @@ if [ $tune_forward = 1 ]; then
     | sed 's/^/tune_forward: /' | tee -a "$out/log.txt"
 fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
-  echo "== CUDA forward tile shapes: one build per variant, in parallel, each in its own copy of the tree"
+  echo "== CUDA tile settings (forward and decode): one build per variant, in parallel, each in its own copy of the tree"
   rm -f "$out/tune_cuda.json"
-  variants=${TUNE_CUDA_VARIANTS:-"2,32,1 2,64,1 1,64,2 1,64,3"}
+  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3 2,32,1,1,1 2,32,1,2,3 2,32,1,3,3"}
   for variant in $variants; do
-    IFS=, read -r rows keys blocks <<< "$variant"
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}"
+    IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
     rm -rf "$copy" && mkdir -p "$copy"
     tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
     (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
       PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
-      -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks" timeout "${BUILD_TIMEOUT:-240}" \
+      -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
+      -DPK_DECODE_STAGES=$dstages" timeout "${BUILD_TIMEOUT:-240}" \
       python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
   done
   wait
   for variant in $variants; do
-    IFS=, read -r rows keys blocks <<< "$variant"
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}"
+    IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
     PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
-      --label "rows${rows}-keys${keys}-blocks${blocks}" --json "$out/tune_cuda.json" 2>&1 | tail -n 3 \
+      --label "r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}" --json "$out/tune_cuda.json" 2>&1 | tail -n 6 \
       | tee -a "$out/log.txt"
   done
 fi

@@ -1,9 +1,11 @@
-"""Time the CUDA forward (csrc/) as built now, next to the Triton forward, at the ANCHORS training shapes (GPU only).
+"""Time the CUDA kernels (csrc/) as built now, next to Triton: the forward at the ANCHORS training shapes and the
+decode at the ANCHORS decode shapes (CUDA-graph replays) (GPU only).
 
-bench/gpu_check.sh --tune-cuda rebuilds the extension once per tile shape (PK_FORWARD_* defines through
-NVCC_APPEND_FLAGS, see csrc/forward.cu) and runs this after each build, appending one JSON line per shape to
---json. The label names the build. Each variant is checked against the float32 reference on the same inputs
-before it is timed. Used to pick csrc/forward.cu's defaults; not a pass/fail test.
+bench/gpu_check.sh --tune-cuda rebuilds the extension once per variant (PK_FORWARD_* and PK_DECODE_STAGES defines
+through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this after each build, appending one
+JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
+reference on the same inputs before it is timed, each decode against Triton's output. Used to pick csrc's
+defaults; not a pass/fail test.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ SHAPES = [dict(B=8, S=2048, P=128), dict(B=16, S=1024, P=512)]
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--label", required=True, help="the build's tile shape, e.g. rows2-keys32-blocks1")
+    parser.add_argument("--label", required=True, help="the build's tile settings, e.g. r2-k32-b1-fs1-ds3")
     parser.add_argument("--json", required=True, help="JSON lines file to append to")
     parser.add_argument("--heads", type=int, default=32)
     args = parser.parse_args(argv)
@@ -52,6 +54,36 @@ def main(argv=None):
         print(f"{args.label:24} B={B:2} S={S} P={P}: cuda {row['cuda']['ms']:.3f} ms "
               f"{row['cuda']['tflops']:.0f} TFLOP/s (err {row['cuda']['max_error']:.2g}) | triton "
               f"{row['triton']['ms']:.3f} ms {row['triton']['tflops']:.0f} TFLOP/s", flush=True)
+    time_decode(args)
+
+
+def time_decode(args):
+    """The ANCHORS decode shapes, each backend replayed from a CUDA graph (device time only, what a serving loop
+    that captures its step pays)."""
+    from prefix_kernels.bench.cases import get_preset
+    from prefix_kernels.bench.providers import make_inputs
+    from prefix_kernels.bench.timing import graph_bench_ms
+
+    for case in (c for c in get_preset("anchors").ops if c.op == "decode"):
+        inputs = make_inputs(case, "cuda")
+        row = dict(label=args.label, card=torch.cuda.get_device_name(), shape=case.label)
+        outputs = {}
+        for backend in ("cuda", "triton"):
+            def run(backend=backend):
+                return prefix_kernels.prefix_attention(inputs.q, inputs.k, inputs.v, inputs.prefix_k,
+                                                       inputs.prefix_v, causal=True, scale=inputs.scale,
+                                                       backend=backend)
+            with torch.no_grad():
+                outputs[backend] = run()
+                ms, why_not = graph_bench_ms(run)
+            row[backend] = dict(ms=ms, not_captured=why_not)
+        row["cuda"]["max_diff_vs_triton"] = (outputs["cuda"].float() - outputs["triton"].float()).abs().max().item()
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = {b: f"{row[b]['ms']:.3f} ms" if row[b]["ms"] else f"not captured ({row[b]['not_captured']})"
+                 for b in ("cuda", "triton")}
+        print(f"{args.label:24} decode {case.label}: cuda {shown['cuda']} (vs triton max diff "
+              f"{row['cuda']['max_diff_vs_triton']:.2g}) | triton {shown['triton']}", flush=True)
 
 
 if __name__ == "__main__":

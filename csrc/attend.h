@@ -6,6 +6,11 @@
 // kRowTiles = 2 (the forward: 128 rows per block) reuses every K/V fragment a warp loads from shared memory for
 // two row tiles, halving shared-memory traffic per FLOP; kRowTiles = 1 (the decode: few rows) wastes fewer rows.
 //
+// kStages = 1 keeps one K and one V tile in shared memory (the schedule above, FlashAttention-2's: at most a tile
+// and a half in flight). kStages >= 2 keeps a ring of kStages (K, V) tile pairs and loads tile t + kStages - 1
+// while tile t is computed: more bytes in flight per SM, which a memory-bound stream (the decode's own keys, a
+// long prefix at few rows) needs to reach the bandwidth, for kStages - 1 more tile pairs of shared memory.
+//
 // The caller says which rows (a pointer per row: one sequence's consecutive queries for the forward, the packed
 // queries of many sequences for the decode's prefix part) and which tiles (prefix keys, then own keys, each with
 // its own base pointer): the same loop serves every kernel.
@@ -45,13 +50,14 @@ struct KeyTile {
 };
 
 // kKeys keys per tile (a multiple of 16): 64, or 32 where 64 would not fit the registers.
-template <typename T, int D, int kRowTiles, int kKeys = 64>
+template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1>
 struct BlockAttention {
+  static_assert(kStages >= 1, "at least one stage");
   using Layout = TileLayout<D>;
   static constexpr int kBlockM = 16 * kWarps * kRowTiles;  // query rows per block
   static constexpr int kBlockN = kKeys;
   static constexpr int kNTiles = kKeys / 8;                // 8-key score tiles
-  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN) * D * 2;  // Q, K, V tiles
+  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;  // Q, kStages x (K, V)
   static constexpr int kRows = 2 * kRowTiles;              // rows this lane holds accumulators for
   static constexpr int kDTiles = D / 8;                    // 8-column output tiles per row tile
   static constexpr int kDSteps = D / 16;                   // 16-deep k-steps of QK^T
@@ -59,8 +65,9 @@ struct BlockAttention {
   static constexpr bool kQInRegisters = kRowTiles * kDSteps * 4 <= 32;
 
   T* q_tile;
-  T* k_tile;
+  T* k_tile;  // stage s's K tile is k_tile + s * kStageElements, its V tile v_tile + s * kStageElements
   T* v_tile;
+  static constexpr int kStageElements = 2 * kBlockN * D;
   int thread, warp, lane;
   // Accumulators of row i = 2 * row_tile + h: rows (lane / 4) and (lane / 4 + 8) of each of the warp's row tiles.
   float acc[kRowTiles][kDTiles][4];
@@ -134,9 +141,9 @@ struct BlockAttention {
     }
   }
 
-  // s = Q K^T for this warp's rows and the tile's 64 keys: s[rt][n][j] is key 8n + 2 (lane % 4) + (j & 1) of
-  // row 2 rt + (j >> 1). Each K fragment is loaded once for all row tiles.
-  PK_DEVICE void scores(float (&s)[kRowTiles][kNTiles][4]) const {
+  // s = Q K^T for this warp's rows and the tile's 64 keys (the K tile at `keys`): s[rt][n][j] is key
+  // 8n + 2 (lane % 4) + (j & 1) of row 2 rt + (j >> 1). Each K fragment is loaded once for all row tiles.
+  PK_DEVICE void scores(float (&s)[kRowTiles][kNTiles][4], const T* keys) const {
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
       PK_UNROLL
@@ -159,7 +166,7 @@ struct BlockAttention {
       PK_UNROLL
       for (int np = 0; np < kNTiles / 2; ++np) {  // two 8-key tiles per ldmatrix.x4: keys 16np + [0, 8), + [8, 16)
         uint32_t b[4];
-        ldmatrix_x4(b, k_tile + Layout::offset(np * 16 + (matrix / 2) * 8 + lane % 8, kk * 2 + matrix % 2));
+        ldmatrix_x4(b, keys + Layout::offset(np * 16 + (matrix / 2) * 8 + lane % 8, kk * 2 + matrix % 2));
         PK_UNROLL
         for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(s[rt][2 * np], a[rt], b[0], b[1]);
@@ -221,9 +228,10 @@ struct BlockAttention {
       }
   }
 
-  // O += P V: the score accumulators are re-packed in registers as the A operand (the C layout of two 8-key
-  // tiles is the A layout of one 16-key step), V comes through ldmatrix.trans, once for all row tiles.
-  PK_DEVICE void accumulate_pv(const float (&s)[kRowTiles][kNTiles][4]) {
+  // O += P V (the V tile at `values`): the score accumulators are re-packed in registers as the A operand (the C
+  // layout of two 8-key tiles is the A layout of one 16-key step), V comes through ldmatrix.trans, once for all
+  // row tiles.
+  PK_DEVICE void accumulate_pv(const float (&s)[kRowTiles][kNTiles][4], const T* values) {
     const int matrix = lane / 8;
     PK_UNROLL
     for (int ks = 0; ks < kNTiles / 2; ++ks) {
@@ -238,7 +246,7 @@ struct BlockAttention {
       PK_UNROLL
       for (int dp = 0; dp < kDSteps; ++dp) {  // two 8-column output tiles per ldmatrix.x4.trans
         uint32_t b[4];
-        ldmatrix_x4_trans(b, v_tile + Layout::offset(ks * 16 + (matrix % 2) * 8 + lane % 8, dp * 2 + matrix / 2));
+        ldmatrix_x4_trans(b, values + Layout::offset(ks * 16 + (matrix % 2) * 8 + lane % 8, dp * 2 + matrix / 2));
         PK_UNROLL
         for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(acc[rt][2 * dp], a[rt], b[0], b[1]);
@@ -253,6 +261,10 @@ struct BlockAttention {
   // holding only such rows still loads its share of every tile and meets every barrier, but skips the math.
   template <class Tiles, class Visible>
   PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    if constexpr (kStages > 1) {
+      run_ring(num_tiles, tile, scale_log2, visible, rows_in_use);
+      return;
+    }
     const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
     if (num_tiles > 0) {
       const KeyTile<T> first = tile(0);
@@ -267,7 +279,7 @@ struct BlockAttention {
       load_keys_async(v_tile, current.v, current.v_stride, current.key0, current.end);
       cp_async_commit();
       float s[kRowTiles][kNTiles][4];
-      if (busy) scores(s);
+      if (busy) scores(s, k_tile);
       sync_threads();  // every warp is done with K(t)
       if (t + 1 < num_tiles) {
         const KeyTile<T> next = tile(t + 1);
@@ -280,9 +292,45 @@ struct BlockAttention {
       }
       cp_async_wait<1>();  // V(t) landed; K(t + 1) may still be in flight
       sync_threads();
-      if (busy) accumulate_pv(s);
+      if (busy) accumulate_pv(s, v_tile);
     }
     cp_async_wait<0>();
+  }
+
+  // run() with a ring of kStages tile pairs. Group g of cp.async copies holds tile g (group 0 also Q); one group is
+  // committed per prologue step and per iteration, empty past the last tile, so that "all but the newest
+  // kStages - 2 groups landed" always means "tile t landed". One barrier per tile: after it, tile t is visible to
+  // every warp and every warp is done with tile t - 1, whose stage the next copies refill.
+  template <class Tiles, class Visible>
+  PK_DEVICE void run_ring(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
+    PK_UNROLL
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < num_tiles) load_tile_async(t, tile(t));
+      cp_async_commit();
+    }
+    for (int t = 0; t < num_tiles; ++t) {
+      cp_async_wait<kStages - 2>();
+      sync_threads();
+      if (t == 0 && busy) load_q_fragments();
+      const int ahead = t + kStages - 1;
+      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
+      cp_async_commit();
+      if (busy) {
+        const int stage = t % kStages;
+        float s[kRowTiles][kNTiles][4];
+        scores(s, k_tile + stage * kStageElements);
+        scale_and_mask(s, scale_log2, tile(t), visible);
+        softmax(s);
+        accumulate_pv(s, v_tile + stage * kStageElements);
+      }
+    }
+    cp_async_wait<0>();
+  }
+
+  PK_DEVICE void load_tile_async(int stage, const KeyTile<T>& t) const {
+    load_keys_async(k_tile + stage * kStageElements, t.k, t.k_stride, t.key0, t.end);
+    load_keys_async(v_tile + stage * kStageElements, t.v, t.v_stride, t.key0, t.end);
   }
 
   // Normalized output of row i is acc * inv[i]; lse[i] natural log, -inf for a row that saw nothing (its output

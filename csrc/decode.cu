@@ -20,8 +20,16 @@ constexpr int kMinSplitTiles = 2;    // no split shorter than this many tiles: e
 constexpr int kMaxSplits = 32;
 constexpr int kMergeRowsPerBlock = 4;  // one warp per row
 // 64 rows per block (decode has few rows per (sequence, KV head)), 64-key tiles.
+// A ring of PK_DECODE_STAGES (K, V) tile pairs (BlockAttention's kStages): the own keys and a long prefix at few
+// rows are memory-bound streams, and with one K and one V tile per block (1 stage) an SM of two blocks had at
+// most ~64 KB in flight (the H200 ran this decode at 51-53% of the copy floor where the Triton decode, 3 stages,
+// reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, still two blocks per SM. Not timed yet:
+// bench/gpu_check.sh --tune-cuda rebuilds with -DPK_DECODE_STAGES=1 to compare.
+#ifndef PK_DECODE_STAGES
+#define PK_DECODE_STAGES 3
+#endif
 template <typename T, int D>
-using DecodeAttention = BlockAttention<T, D, 1, 64>;
+using DecodeAttention = BlockAttention<T, D, 1, 64, PK_DECODE_STAGES>;
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 

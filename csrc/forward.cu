@@ -11,7 +11,7 @@ namespace pk {
 namespace {
 
 // 32 rows per warp (two 16-row tiles), 128 per block; 64-key tiles, 32 at head dim 128 (64-key tiles spilled
-// 168 B there and timed 8% slower on the H100, as did 16 rows per warp). PK_FORWARD_ROW_TILES, PK_FORWARD_KEYS_D128 and PK_FORWARD_MIN_BLOCKS exist for
+// 168 B there and timed 8% slower on the H100, as did 16 rows per warp). PK_FORWARD_ROW_TILES, PK_FORWARD_KEYS_D128, PK_FORWARD_MIN_BLOCKS and PK_FORWARD_STAGES exist for
 // bench/tune_cuda.py, which rebuilds with them (NVCC_APPEND_FLAGS) to time other shapes; the defaults ship.
 #ifndef PK_FORWARD_ROW_TILES
 #define PK_FORWARD_ROW_TILES 2
@@ -22,8 +22,12 @@ namespace {
 #ifndef PK_FORWARD_MIN_BLOCKS  // blocks per SM the register allocation must allow (1: up to 255 registers)
 #define PK_FORWARD_MIN_BLOCKS 1
 #endif
+#ifndef PK_FORWARD_STAGES  // BlockAttention's kStages: 1 = one K and one V tile (timed so far); 2-3: a ring
+#define PK_FORWARD_STAGES 1
+#endif
 template <typename T, int D>
-using ForwardAttention = BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64>;
+using ForwardAttention =
+    BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
 template <typename T, int D>
 PK_KERNEL(kThreads, PK_FORWARD_MIN_BLOCKS) forward_kernel(const AttentionParams p) {

@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #ifdef PK_EMULATE
+#ifndef PK_OPS_NAMESPACE  // the tests also build variants (other -D tile settings) under other names
 #define PK_OPS_NAMESPACE prefix_kernels_emulated
+#endif
 #define PK_OPS_DEVICE CPU
 #else
 #include <ATen/cuda/CUDAContext.h>

@@ -35,18 +35,29 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@functools.cache
 def emulated_kernels():
     """torch.ops.prefix_kernels_emulated (forward, decode), built on first use."""
+    return getattr(torch.ops, emulated_namespace())
+
+
+@functools.cache
+def emulated_namespace(defines: tuple[str, ...] = ()) -> str:
+    """Builds the emulated ops (once per source change) and returns their torch.ops namespace:
+    prefix_kernels_emulated for the shipped settings, prefix_kernels_emulated_<n> for a variant built with extra
+    `defines` (e.g. "-DPK_FORWARD_STAGES=3": a tile setting bench/gpu_check.sh --tune-cuda times on a GPU)."""
     from torch.utils.cpp_extension import load
 
+    name = "prefix_kernels_emulated"
+    if defines:
+        name += "_" + "".join(c if c.isalnum() else "_" for c in "".join(defines)).lower()
     load(
-        name="prefix_kernels_emulated",
+        name=name,
         sources=[str(CSRC / "emulator" / "emulated_ops.cpp"), str(CSRC / "emulator" / "emulator.cpp")],
         extra_include_paths=[str(CSRC), str(cuda_include_dir())],
-        extra_cflags=["-DPK_EMULATE", "-O2", "-std=c++20", "-Wall", "-Werror", "-Wno-unused-function"],
+        extra_cflags=["-DPK_EMULATE", f"-DPK_OPS_NAMESPACE={name}", *defines, "-O2", "-std=c++20", "-Wall",
+                      "-Werror", "-Wno-unused-function"],
         extra_ldflags=["-lstdc++"],  # shared libstdc++, as setup.py insists (see there); enough for the host g++
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.prefix_kernels_emulated
+    return name

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from cuda_emulation import emulated_kernels, unavailable_reason
+from cuda_emulation import emulated_kernels, emulated_namespace, unavailable_reason
 from helpers import (ERROR_FLOOR, Case, assert_attention_matches_truth, assert_close_to_truth, attention_loss,
                      loss_weights, make_inputs, max_error, truth_and_reference_error,
                      truth_and_reference_grad_errors)
@@ -113,6 +113,29 @@ def test_forward_matches_reference(kernels, case, dtype):
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
 def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
+
+
+# The other pipeline of each kernel (BlockAttention's kStages): the forward with a ring of 3 (K, V) tile pairs, the
+# decode with one K and one V tile; the shipped build has them the other way round, and bench/gpu_check.sh
+# --tune-cuda times both on a GPU. Emulated only (on a GPU the built extension has the shipped settings).
+SWAPPED_STAGES = ("-DPK_FORWARD_STAGES=3", "-DPK_DECODE_STAGES=1")
+
+
+@pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
+                    reason="the emulated build (no GPU here, and a host compiler with CUDA headers)")
+@pytest.mark.parametrize("schedule", EMULATOR_SCHEDULES)
+@pytest.mark.parametrize("op_name,case,dtype",
+                         [("forward", c, torch.float16) for c in FORWARD_CASES] +
+                         [("forward", FORWARD_CASES[4], torch.bfloat16)] +
+                         [("decode", c, torch.float16) for c in DECODE_CASES],
+                         ids=lambda x: x.id if isinstance(x, Case) else str(x).removeprefix("torch."))
+def test_other_pipeline_depths_match_reference(op_name, case, dtype, schedule, monkeypatch):
+    monkeypatch.setenv("PK_EMU_SCHEDULE", schedule)
+    previous = cuda.use_kernels(emulated_namespace(SWAPPED_STAGES), "cpu")
+    try:
+        _check_op(op_name, case, dtype, torch.device("cpu"))
+    finally:
+        cuda.use_kernels(*previous)
 
 
 @pytest.mark.parametrize("op_name", ["forward", "decode"])

@@ -18,6 +18,6 @@ std::vector<int64_t> shared_memory_stats(bool reset) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(prefix_kernels_emulated, m) {
+TORCH_LIBRARY_FRAGMENT(PK_OPS_NAMESPACE, m) {
   m.def("shared_memory_stats(bool reset) -> int[]", &shared_memory_stats);
 }
