@@ -116,15 +116,15 @@ def test_interleaved_program_order_computes_the_same(case):
 def test_own_pairs_in_one_loop_compute_the_same(case, programs_per_sm):
     """DecodeConfig.own_programs_per_sm: an own program takes several whole (sequence, KV head) pairs in one loop
     over (pair, key tile); the softmax state restarts with each pair. One notional SM, so the own part is one
-    split and one program takes all pairs (1) or groups of 3 with a shorter last group (3): the same numbers
-    as one pair per program, masks (padding, window, causality) and L < S included."""
+    split and one program takes all pairs (1) or at most 3 programs take ceil(pairs / 3) each, the last fewer
+    (3): the same numbers as one pair per program, masks (padding, window, causality) and L < S included."""
     tensors, options = _call(case, torch.float32)
     call = _validated(tensors, options)
     base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=1)[0]
     config = replace(base, own_programs_per_sm=programs_per_sm)
     _, _, own_plan = decode.decode_plan(call.q, call.k, call.prefix_k, config=config, sms=1)
     pairs = call.q.shape[0] * call.k.shape[1]
-    assert own_plan[2] == 1 and own_plan[4] == pairs // programs_per_sm, own_plan
+    assert own_plan[2] == 1 and own_plan[4] == -(-pairs // programs_per_sm), own_plan
     _, _, kwargs = decode.decode_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                         torch.empty(64, 1, 1), torch.empty(64, 1), config=config, sms=1,
                                         **call.options())
@@ -136,6 +136,39 @@ def test_own_pairs_in_one_loop_compute_the_same(case, programs_per_sm):
     assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same tiles, same order, same arithmetic
     ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], PREFIX_HEAVY], ids=lambda c: c.id)
+def test_occupancy_knobs_together_in_fp16(case):
+    """Both occupancy knobs with the interleaved order, in fp16, against the float64 truth. On 2 notional SMs the
+    own programs take several pairs each (10 pairs: 5 per program), and the long prefix of PREFIX_HEAVY gets
+    fewer splits than by key count (3 -> 2)."""
+    tensors, options = _call(case, torch.float16)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, torch.float16)
+    call = _validated(tensors, options)
+    default = decode.decode_plan(call.q, call.k, call.prefix_k, sms=2)
+    config = replace(default[0], prefix_programs_per_sm=1, own_programs_per_sm=1, interleave=True)
+    _, (_, _, prefix_splits, _), (_, _, _, _, units) = decode.decode_plan(call.q, call.k, call.prefix_k,
+                                                                          config=config, sms=2)
+    assert units > 1 or prefix_splits < default[1][2], "neither knob changes this launch"
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                              sms=2, **call.options())
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.float16)
+
+
+def test_pairs_loop_writes_every_partial_even_without_keys_to_read():
+    """A pair with no own tile to read (window=0 here, which prefix_attention refuses, called on the kernel
+    directly) still writes its partial: -inf, like one pair per program, never an unwritten workspace slot."""
+    case = CASES[0]
+    tensors, options = _call(case, torch.float32)
+    call = _validated(tensors, options)
+    kwargs = {**call.options(), "window": 0}
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=1)[0]
+    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                          config=base, sms=1, **kwargs)
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                              config=replace(base, own_programs_per_sm=1), sms=1, **kwargs)
+    assert torch.equal(out, first_out) and torch.equal(lse, first_lse)
 
 
 def test_prefix_programs_per_sm_caps_the_prefix_splits():

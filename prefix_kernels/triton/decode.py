@@ -228,7 +228,9 @@ def _own_part_units(
         start = _own_window_start(L, S, window, BLOCK_N)
     else:
         start = 0
-    tiles = tl.cdiv(L - start, BLOCK_N)
+    # At least one (then fully masked) tile, so that every pair's partial is written, -inf if it sees nothing: the
+    # plan comes here only with own keys, but window=0 or L=0 must not leave a workspace slot unwritten.
+    tiles = tl.maximum(tl.cdiv(L - start, BLOCK_N), 1)
     first = pid * UNITS
     pairs = tl.minimum(UNITS, NB - first)
 
@@ -426,7 +428,9 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
         config.prefix_programs_per_sm)
     o_units = 1
     if config.own_programs_per_sm is not None and o_rb == 1 and o_splits == 1:
-        o_units = max(1, batch * heads_kv // (config.own_programs_per_sm * sms))
+        # Rounded up: at most own_programs_per_sm * sms programs (rounding down made up to twice as many, a
+        # straggler wave of whole groups behind the first).
+        o_units = cdiv(batch * heads_kv, config.own_programs_per_sm * sms)
     return config, (p_rows, p_rb, p_splits, p_chunk), (o_rows, o_rb, o_splits, o_chunk, o_units)
 
 

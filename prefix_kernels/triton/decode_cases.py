@@ -52,7 +52,8 @@ def decode_cases():
     # Own programs over several (sequence, KV head) pairs (DecodeConfig.own_programs_per_sm; timed by
     # bench/tune_decode.py, not chosen by decode_config yet) with the bf16 head-dim-128 configs of one-token
     # decode (G * S <= 16 own rows), in the serving case and with every masked path; one notional SM, so that
-    # the plan takes it.
+    # the plan takes it. (Triton 3.8: no spill on sm_90; the GPU image's 3.6 spills 8 B in the every-mask variant
+    # of the 64 x 64 pointer tile, not in the serving case.)
     for block_d, dtype, config in decode_launch_space():
         if dtype == torch.bfloat16 and block_d == 128 and config.own.block_m == 16:
             config = replace(config, own_programs_per_sm=1)
