@@ -141,7 +141,7 @@ fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   echo "== CUDA tile settings (forward and decode): one build per variant, in parallel, each in its own copy of the tree"
   rm -f "$out/tune_cuda.json"
-  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3 2,32,1,1,1 2,32,1,2,3 2,32,1,3,3"}
+  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3 2,32,1,1,1 2,32,1,2,3 1,64,2,3,3"}
   for variant in $variants; do
     IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
