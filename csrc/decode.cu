@@ -23,18 +23,19 @@ constexpr int kMergeRowsPerBlock = 4;  // one warp per row
 // A ring of PK_DECODE_STAGES (K, V) tile pairs (BlockAttention's kStages): the own keys and a long prefix at few
 // rows are memory-bound streams, and with one K and one V tile per block (1 stage) an SM of two blocks had at
 // most ~64 KB in flight (the H200 ran this decode at 51-53% of the copy floor where the Triton decode, 3 stages,
-// reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, still two blocks per SM. Not timed yet:
+// reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, still two blocks per SM on sm_80/sm_90; a
+// device that allows less per block (sm_86/89: 99 KiB) runs 1 stage (launch_decode). Not timed yet:
 // bench/gpu_check.sh --tune-cuda rebuilds with -DPK_DECODE_STAGES=1 to compare.
 #ifndef PK_DECODE_STAGES
 #define PK_DECODE_STAGES 3
 #endif
-template <typename T, int D>
-using DecodeAttention = BlockAttention<T, D, 1, 64, PK_DECODE_STAGES>;
+template <typename T, int D, int kStages>
+using DecodeAttention = BlockAttention<T, D, 1, 64, kStages>;
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 
-template <typename T, int D>
-PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D>& attention, int slot,
+template <typename T, int D, int kStages>
+PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D, kStages>& attention, int slot,
                              const int64_t (&row)[2]) {
   float inv[2], lse[2];
   attention.finish(inv, lse);
@@ -53,7 +54,7 @@ PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D>&
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kStages>
 PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
   const AttentionParams& p = d.attention;
   const int nh_count = p.num_prefixes * p.heads_kv;
@@ -95,7 +96,7 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
     return q + b * p.q_stride[0] + (h * p.group + g) * p.q_stride[1] + s * p.q_stride[2];
   };
 
-  DecodeAttention<T, D> attention(shared_memory());
+  DecodeAttention<T, D, kStages> attention(shared_memory());
   attention.load_q_async(q_row, q);
   attention.run(num_tiles, tile, p.scale_log2, visible, packed_rows - r0);
   int64_t row[2];
@@ -108,7 +109,7 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
   store_partial(d, attention, split, row);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kStages>
 PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   const AttentionParams& p = d.attention;
   const int bh_count = p.batch * p.heads_kv;
@@ -138,7 +139,7 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
     return q + (r / p.seq_q) * p.q_stride[1] + (r % p.seq_q) * p.q_stride[2];
   };
 
-  DecodeAttention<T, D> attention(shared_memory());
+  DecodeAttention<T, D, kStages> attention(shared_memory());
   int row_pos[2];
   PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
@@ -157,14 +158,14 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   store_partial(d, attention, d.prefix_splits + split, row);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kStages>
 PK_KERNEL(kThreads) decode_partials_kernel(const DecodeParams d) {
   const int pid = static_cast<int>(block_index_x());
   const int prefix_programs = d.prefix_row_blocks * d.attention.num_prefixes * d.attention.heads_kv * d.prefix_splits;
   if (pid < prefix_programs)
-    prefix_program<T, D>(d, pid);
+    prefix_program<T, D, kStages>(d, pid);
   else
-    own_program<T, D>(d, pid - prefix_programs);
+    own_program<T, D, kStages>(d, pid - prefix_programs);
 }
 
 // One warp per row (b, hq, s): out = sum_slot e^(lse_slot - m) o_slot / sum_slot e^(lse_slot - m), m = max lse;
@@ -227,15 +228,32 @@ DecodePlan plan_decode(const AttentionParams& p, int sms) {
   return plan;
 }
 
+namespace {
+
+// The partials kernel with a ring of kStages tile pairs, after the shared-memory opt-in it needs.
+template <typename T, int D, int kStages>
+void launch_partials(const DecodeParams& d, int programs, Stream stream) {
+  constexpr size_t kShared = DecodeAttention<T, D, kStages>::kSharedBytes;
+  allow_shared_bytes(decode_partials_kernel<T, D, kStages>, kShared);
+  PK_LAUNCH((decode_partials_kernel<T, D, kStages>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
+            kShared, stream, d);
+}
+
+}  // namespace
+
 void launch_decode(const DecodeParams& d, Stream stream) {
   const AttentionParams& p = d.attention;
   const int programs = d.prefix_row_blocks * p.num_prefixes * p.heads_kv * d.prefix_splits +
                        d.own_row_blocks * p.batch * p.heads_kv * d.own_splits;
   const Dim3 merge_grid{static_cast<unsigned>(ceil_div(d.rows, kMergeRowsPerBlock)), 1, 1};
   PK_DISPATCH(p, {
-    if (programs > 0)
-      PK_LAUNCH((decode_partials_kernel<Element, kHeadDim>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
-                (DecodeAttention<Element, kHeadDim>::kSharedBytes), stream, d);
+    if (programs > 0) {
+      // The ring where the device lets a block have its shared memory; else one K and one V tile (<= 48 KB).
+      if (DecodeAttention<Element, kHeadDim, PK_DECODE_STAGES>::kSharedBytes <= max_shared_bytes_optin())
+        launch_partials<Element, kHeadDim, PK_DECODE_STAGES>(d, programs, stream);
+      else
+        launch_partials<Element, kHeadDim, 1>(d, programs, stream);
+    }
     PK_LAUNCH((decode_merge_kernel<Element, kHeadDim>), merge_grid, 32 * kMergeRowsPerBlock, 0, stream, d);
   });
 }

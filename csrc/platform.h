@@ -28,14 +28,19 @@ inline unsigned block_index_z() { return pk_emu::block_index().z; }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
 
-// More than 48 KiB of dynamic shared memory needs an opt-in per kernel on a GPU; the emulator allows up to 227 KiB.
+// More than 48 KiB of dynamic shared memory needs an opt-in per kernel, on a GPU and in the emulator alike.
 template <class Kernel>
-inline void allow_shared_bytes(Kernel, size_t) {}
+inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  pk_emu::allow_shared_bytes(pk_emu::kernel_id(kernel), bytes);
+}
+// The most dynamic shared memory a block of this device may opt in to (the emulator's: $PK_EMU_MAX_SHARED_KIB).
+inline size_t max_shared_bytes_optin() { return pk_emu::max_shared_bytes_optin(); }
 }  // namespace pk
 
 // kernel<<<grid, threads, shared_bytes, stream>>>(args...), emulated: every block, one at a time.
-#define PK_LAUNCH(kernel, grid, threads, shared_bytes, stream, ...) \
-  pk_emu::launch(pk_emu::Dim3{(grid).x, (grid).y, (grid).z}, (threads), (shared_bytes), [&] { kernel(__VA_ARGS__); })
+#define PK_LAUNCH(kernel, grid, threads, shared_bytes, stream, ...)                                            \
+  pk_emu::launch(pk_emu::Dim3{(grid).x, (grid).y, (grid).z}, (threads), (shared_bytes), [&] { kernel(__VA_ARGS__); }, \
+                 pk_emu::kernel_id(kernel))
 
 namespace pk {
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -71,6 +76,17 @@ template <class Kernel>
 inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// The most dynamic shared memory a block of the current device may opt in to (sm_90: 227 KiB, sm_80: 163 KiB,
+// sm_86/89: 99 KiB). Cached per device: a host call per launch, no synchronization.
+inline size_t max_shared_bytes_optin() {
+  static int cached[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) cudaDeviceGetAttribute(&cached[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return static_cast<size_t>(cached[device]);
 }
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };

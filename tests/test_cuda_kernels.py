@@ -138,6 +138,23 @@ def test_other_pipeline_depths_match_reference(op_name, case, dtype, schedule, m
         cuda.use_kernels(*previous)
 
 
+@pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
+                    reason="the emulated build (no GPU here, and a host compiler with CUDA headers)")
+@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[1]], ids=lambda c: c.id)
+def test_decode_on_a_card_with_less_shared_memory_per_block(case, monkeypatch):
+    """sm_86/89 cards let a block opt in to 99 KiB, less than the decode's ring of 3 tile pairs needs at head dim
+    128 (112 KB): there the launcher takes one K and one V tile instead (the emulator refuses a launch over its
+    limit, and over 48 KiB without the opt-in, as a GPU does). Head dim 64 (56 KB) keeps the ring."""
+    monkeypatch.setenv("PK_EMU_MAX_SHARED_KIB", "99")
+    monkeypatch.setenv("PK_EMU_SCHEDULE", "greedy")
+    emulated_kernels()
+    previous = cuda.use_kernels("prefix_kernels_emulated", "cpu")
+    try:
+        _check_op("decode", case, torch.float16, torch.device("cpu"))
+    finally:
+        cuda.use_kernels(*previous)
+
+
 @pytest.mark.parametrize("op_name", ["forward", "decode"])
 def test_int32_prefix_index_and_lens(kernels, op_name):
     case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=3 if op_name == "decode" else 20, seq_k=25, prefix_len=37,

@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -900,7 +901,26 @@ void abort_all(Block& b) {
 
 }  // namespace
 
-void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body) {
+size_t max_shared_bytes_optin() {
+  if (const char* env = std::getenv("PK_EMU_MAX_SHARED_KIB")) return static_cast<size_t>(std::stoul(env)) * 1024;
+  return 227 * 1024;
+}
+
+namespace {
+thread_local std::map<const void*, size_t> t_shared_optin;  // kernel -> bytes allowed by allow_shared_bytes
+}  // namespace
+
+void allow_shared_bytes(const void* kernel, size_t bytes) {
+  if (bytes > max_shared_bytes_optin()) {
+    throw std::runtime_error("pk_emu::allow_shared_bytes: " + std::to_string(bytes) +
+                             " bytes of dynamic shared memory is more than this device allows per block (" +
+                             std::to_string(max_shared_bytes_optin()) + ")");
+  }
+  t_shared_optin[kernel] = bytes;
+}
+
+void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body,
+            const void* kernel) {
   if (t_block) throw std::logic_error("pk_emu::launch: called from inside a launched thread");
   if (threads_per_block == 0 || threads_per_block % 32 != 0 || threads_per_block > 1024) {
     throw std::runtime_error("pk_emu::launch: threads_per_block must be a multiple of 32 in [32, 1024], got " +
@@ -910,11 +930,20 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
     throw std::runtime_error("pk_emu::launch: invalid grid " + dim3_str(grid) +
                                 " (each dimension >= 1; y, z <= 65535; x < 2^31)");
   }
-  constexpr size_t kMaxShared = 227 * 1024;  // sm_90's per-block maximum (more than 48 KiB needs an opt-in on GPU)
-  if (shared_bytes > kMaxShared) {
+  const size_t max_shared = max_shared_bytes_optin();
+  if (shared_bytes > max_shared) {
     throw std::runtime_error("pk_emu::launch: " + std::to_string(shared_bytes) +
                                 " bytes of dynamic shared memory is more than a block can have (" +
-                                std::to_string(kMaxShared) + ")");
+                                std::to_string(max_shared) + ")");
+  }
+  if (kernel && shared_bytes > 48 * 1024) {
+    const auto allowed = t_shared_optin.find(kernel);
+    if (allowed == t_shared_optin.end() || allowed->second < shared_bytes) {
+      throw std::runtime_error("pk_emu::launch: " + std::to_string(shared_bytes) +
+                               " bytes of dynamic shared memory without the opt-in for that much (a GPU refuses "
+                               "more than 48 KiB unless cudaFuncSetAttribute(MaxDynamicSharedMemorySize) came first: "
+                               "allow_shared_bytes)");
+    }
   }
   if (!thread_body) throw std::runtime_error("pk_emu::launch: empty thread_body");
   const Schedule schedule = read_schedule();

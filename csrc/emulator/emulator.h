@@ -32,7 +32,25 @@ struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 // just past either end of the shared buffer (checked when the block ends), a bad launch configuration, or an unknown
 // $PK_EMU_SCHEDULE.
 // Returns only after every thread finished.
-void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body);
+// `kernel` (optional: kernel_id(the kernel function)) identifies the kernel as a GPU would for the shared-memory
+// opt-in: a launch of more than 48 KiB of dynamic shared memory then also throws unless allow_shared_bytes(kernel,
+// >= shared_bytes) came first (cudaFuncSetAttribute(MaxDynamicSharedMemorySize) on a GPU), and every launch throws
+// above max_shared_bytes_optin().
+void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body,
+            const void* kernel = nullptr);
+
+// The per-block opt-in limit of the emulated device: $PK_EMU_MAX_SHARED_KIB (read at each call) or 227 KiB, sm_90's
+// (sm_80: 163 KiB; sm_86/89 consumer cards: 99 KiB), so that tests can emulate a smaller card.
+size_t max_shared_bytes_optin();
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), remembered per kernel (per OS
+// thread); more than max_shared_bytes_optin() throws, as the CUDA call fails.
+void allow_shared_bytes(const void* kernel, size_t bytes);
+
+template <class Function>
+const void* kernel_id(Function* kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
 
 unsigned thread_index();  // threadIdx.x
 Dim3 block_index();       // blockIdx
