@@ -144,6 +144,7 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3 2,32,1,1,1 2,32,1,2,3 1,64,2,3,3"}
   for variant in $variants; do
     IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
+    fstages=${fstages:-1}; dstages=${dstages:-3}  # (an older "rows,keys,blocks" triple: the shipped depths)
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
     rm -rf "$copy" && mkdir -p "$copy"
     tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
@@ -156,6 +157,7 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   wait
   for variant in $variants; do
     IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
+    fstages=${fstages:-1}; dstages=${dstages:-3}
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
     PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
       --label "r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}" --json "$out/tune_cuda.json" 2>&1 | tail -n 6 \

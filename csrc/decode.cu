@@ -23,9 +23,9 @@ constexpr int kMergeRowsPerBlock = 4;  // one warp per row
 // A ring of PK_DECODE_STAGES (K, V) tile pairs (BlockAttention's kStages): the own keys and a long prefix at few
 // rows are memory-bound streams, and with one K and one V tile per block (1 stage) an SM of two blocks had at
 // most ~64 KB in flight (the H200 ran this decode at 51-53% of the copy floor where the Triton decode, 3 stages,
-// reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, still two blocks per SM on sm_80/sm_90; a
-// device that allows less per block (sm_86/89: 99 KiB) runs 1 stage (launch_decode). Not timed yet:
-// bench/gpu_check.sh --tune-cuda rebuilds with -DPK_DECODE_STAGES=1 to compare.
+// reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, two blocks per SM on sm_90 (226 of 228 KiB);
+// where two such blocks do not fit an SM the launcher takes 2 stages (sm_80) or 1 (sm_86/89): launch_decode. Not
+// timed yet: bench/gpu_check.sh --tune-cuda rebuilds with -DPK_DECODE_STAGES=1 to compare.
 #ifndef PK_DECODE_STAGES
 #define PK_DECODE_STAGES 3
 #endif
@@ -230,6 +230,14 @@ DecodePlan plan_decode(const AttentionParams& p, int sms) {
 
 namespace {
 
+// Whether a block using `bytes` of shared memory still shares an SM with a second one (plan_decode sizes the
+// launch for two programs per SM) within the card's per-block opt-in: 3 stages on sm_90 (112 KB of 228 KiB), 2 on
+// sm_80 (80 KB of 164 KiB; 3 would leave one block per SM), 1 on sm_86/89 (48 KB of 100 KiB).
+bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
+  constexpr size_t kReservedPerBlock = 1024;  // the driver's share of every block's shared memory
+  return bytes <= limits.per_block_optin && 2 * (bytes + kReservedPerBlock) <= limits.per_sm;
+}
+
 // The partials kernel with a ring of kStages tile pairs, after the shared-memory opt-in it needs.
 template <typename T, int D, int kStages>
 void launch_partials(const DecodeParams& d, int programs, Stream stream) {
@@ -248,9 +256,12 @@ void launch_decode(const DecodeParams& d, Stream stream) {
   const Dim3 merge_grid{static_cast<unsigned>(ceil_div(d.rows, kMergeRowsPerBlock)), 1, 1};
   PK_DISPATCH(p, {
     if (programs > 0) {
-      // The ring where the device lets a block have its shared memory; else one K and one V tile (<= 48 KB).
-      if (DecodeAttention<Element, kHeadDim, PK_DECODE_STAGES>::kSharedBytes <= max_shared_bytes_optin())
+      // The deepest ring that keeps two blocks per SM; one K and one V tile (<= 48 KB) where none does.
+      const SharedMemoryLimits limits = shared_memory_limits();
+      if (two_blocks_fit(DecodeAttention<Element, kHeadDim, PK_DECODE_STAGES>::kSharedBytes, limits))
         launch_partials<Element, kHeadDim, PK_DECODE_STAGES>(d, programs, stream);
+      else if (two_blocks_fit(DecodeAttention<Element, kHeadDim, 2>::kSharedBytes, limits))
+        launch_partials<Element, kHeadDim, 2>(d, programs, stream);
       else
         launch_partials<Element, kHeadDim, 1>(d, programs, stream);
     }

@@ -33,8 +33,14 @@ template <class Kernel>
 inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
   pk_emu::allow_shared_bytes(pk_emu::kernel_id(kernel), bytes);
 }
-// The most dynamic shared memory a block of this device may opt in to (the emulator's: $PK_EMU_MAX_SHARED_KIB).
-inline size_t max_shared_bytes_optin() { return pk_emu::max_shared_bytes_optin(); }
+struct SharedMemoryLimits {
+  size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
+  size_t per_sm;           // an SM's shared memory, which its resident blocks share
+};
+// The emulated device's ($PK_EMU_MAX_SHARED_KIB, $PK_EMU_SHARED_PER_SM_KIB; sm_90's by default).
+inline SharedMemoryLimits shared_memory_limits() {
+  return {pk_emu::max_shared_bytes_optin(), pk_emu::shared_bytes_per_sm()};
+}
 }  // namespace pk
 
 // kernel<<<grid, threads, shared_bytes, stream>>>(args...), emulated: every block, one at a time.
@@ -78,15 +84,18 @@ inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-// The most dynamic shared memory a block of the current device may opt in to (sm_90: 227 KiB, sm_80: 163 KiB,
-// sm_86/89: 99 KiB). Cached per device: a host call per launch, no synchronization.
-inline size_t max_shared_bytes_optin() {
-  static int cached[64] = {};
-  int device = 0;
+struct SharedMemoryLimits {
+  size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
+  size_t per_sm;           // an SM's shared memory, which its resident blocks share
+};
+// The current device's (sm_90: 227 / 228 KiB, sm_80: 163 / 164 KiB, sm_86/89: 99 / 100 KiB): two attribute
+// queries, no synchronization (legal while a CUDA graph is being captured).
+inline SharedMemoryLimits shared_memory_limits() {
+  int device = 0, per_block = 0, per_sm = 0;
   cudaGetDevice(&device);
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) cudaDeviceGetAttribute(&cached[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return static_cast<size_t>(cached[device]);
+  cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  return {static_cast<size_t>(per_block), static_cast<size_t>(per_sm)};
 }
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };

@@ -72,6 +72,11 @@ DECODE_CASES = [
     Case(batch=9, heads_q=8, heads_kv=2, seq_q=2, seq_k=140, prefix_len=19, head_dim=64),   # 2 row blocks, own splits
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
          padding="random", q_layout="bhsd"),                                                # L < S
+    # Splits of more tiles than the ring has stages, so every stage is refilled (found in review: without these,
+    # a refill issued before the barrier passed every decode case):
+    Case(batch=8, heads_q=6, heads_kv=2, seq_q=1, seq_k=300, prefix_len=40, head_dim=64),   # 5 own tiles a split
+    Case(batch=8, heads_q=4, heads_kv=2, seq_q=2, seq_k=290, prefix_len=600, head_dim=128,
+         padding="random"),                                                                 # 10 prefix tiles a split
 ]
 
 
@@ -138,21 +143,33 @@ def test_other_pipeline_depths_match_reference(op_name, case, dtype, schedule, m
         cuda.use_kernels(*previous)
 
 
+# (card, its per-block opt-in and per-SM shared memory in KiB, the decode's ring depth there at head dim 64 / 128)
+CARDS = [("sm90", 227, 228, 3, 3), ("sm80", 163, 164, 3, 2), ("sm86", 99, 100, 2, 1)]
+
+
 @pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
                     reason="the emulated build (no GPU here, and a host compiler with CUDA headers)")
-@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[1]], ids=lambda c: c.id)
-def test_decode_on_a_card_with_less_shared_memory_per_block(case, monkeypatch):
-    """sm_86/89 cards let a block opt in to 99 KiB, less than the decode's ring of 3 tile pairs needs at head dim
-    128 (112 KB): there the launcher takes one K and one V tile instead (the emulator refuses a launch over its
-    limit, and over 48 KiB without the opt-in, as a GPU does). Head dim 64 (56 KB) keeps the ring."""
-    monkeypatch.setenv("PK_EMU_MAX_SHARED_KIB", "99")
+@pytest.mark.parametrize("card,per_block_kib,per_sm_kib,stages_d64,stages_d128", CARDS, ids=lambda x: str(x))
+@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[-1]], ids=lambda c: c.id)
+def test_decode_ring_depth_keeps_two_blocks_per_sm(case, card, per_block_kib, per_sm_kib, stages_d64, stages_d128,
+                                                   monkeypatch):
+    """The decode takes the deepest ring of (K, V) tile pairs that still lets two blocks share an SM (its launch is
+    sized for two programs per SM): at head dim 128, 3 stages (112 KB) on sm_90, 2 (80 KB) on an A100 (164 KiB
+    per SM), 1 (48 KB) on sm_86/89 cards (100 KiB per SM, 99 per block). Each depth is checked against the truth;
+    the emulator refuses a launch over its per-block limit, and over 48 KiB without the opt-in, as a GPU does."""
+    monkeypatch.setenv("PK_EMU_MAX_SHARED_KIB", str(per_block_kib))
+    monkeypatch.setenv("PK_EMU_SHARED_PER_SM_KIB", str(per_sm_kib))
     monkeypatch.setenv("PK_EMU_SCHEDULE", "greedy")
-    emulated_kernels()
+    ops = emulated_kernels()
     previous = cuda.use_kernels("prefix_kernels_emulated", "cpu")
     try:
+        ops.shared_memory_stats(True)
         _check_op("decode", case, torch.float16, torch.device("cpu"))
+        *_, largest = ops.shared_memory_stats(True)
     finally:
         cuda.use_kernels(*previous)
+    stages = stages_d64 if case.head_dim == 64 else stages_d128
+    assert largest == (64 + 2 * 64 * stages) * case.head_dim * 2, (largest, stages)
 
 
 @pytest.mark.parametrize("op_name", ["forward", "decode"])
@@ -371,7 +388,7 @@ def test_ldmatrix_reads_are_free_of_bank_conflicts(kernels):
             call = _validated(tensors, options)
             getattr(ops, op_name)(call.q, call.k, call.v, call.prefix_k, call.prefix_v, None, None, None, True,
                                   call.scale)
-    phases, extra = ops.shared_memory_stats(True)
+    phases, extra, _ = ops.shared_memory_stats(True)
     assert phases > 0 and extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
 
 

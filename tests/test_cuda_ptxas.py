@@ -24,6 +24,9 @@ SPILL_BUDGET = {
     ("decode_merge_kernel", 64): 0,
     ("decode_merge_kernel", 128): 0,
 }
+# The decode's 2-stage ring at head dim 64 (mangled "Li64ELi2E") runs only on cards with ~100 KiB of shared memory
+# per SM (sm_86/89; an sm_90 takes 3 stages): there ptxas for sm_90a spills 24 B, where it never runs.
+UNUSED_ON_ARCH_BUDGET = {("decode_partials_kernel", "Li64ELi2E", "90a"): 24}
 
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\w+)'")
 SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -61,6 +64,8 @@ def test_kernels_compile_within_spill_budgets(source, arch, tmp_path):
         kind = next(k for k, _ in SPILL_BUDGET if k in name)
         head_dim = 128 if "Li128E" in name else 64
         budget = SPILL_BUDGET[(kind, head_dim)]
+        budget = max([budget] + [b for (k, fragment, a), b in UNUSED_ON_ARCH_BUDGET.items()
+                                 if k == kind and fragment in name and a == arch])
         assert spills <= budget and stack <= budget + 8, \
             f"{name} sm_{arch}: {spills} B spilled, {stack} B stack (budget {budget} B)"
         seen.add((kind, head_dim, "bf16" if "bfloat16" in name else "f16"))

@@ -559,7 +559,7 @@ float shfl_xor(float value, int lane_mask) {
 }
 
 namespace {
-std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0};
+std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0}, g_largest_launch_bytes{0};
 
 // The wavefronts beyond one that 8 row addresses of one ldmatrix phase cost (distinct rows in one bank group).
 unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8]) {
@@ -575,11 +575,14 @@ unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8])
 }
 }  // namespace
 
-SharedMemoryStats shared_memory_stats() { return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load()}; }
+SharedMemoryStats shared_memory_stats() {
+  return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load(), g_largest_launch_bytes.load()};
+}
 
 void reset_shared_memory_stats() {
   g_ldmatrix_phases = 0;
   g_ldmatrix_extra_wavefronts = 0;
+  g_largest_launch_bytes = 0;
 }
 
 void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
@@ -901,10 +904,22 @@ void abort_all(Block& b) {
 
 }  // namespace
 
-size_t max_shared_bytes_optin() {
-  if (const char* env = std::getenv("PK_EMU_MAX_SHARED_KIB")) return static_cast<size_t>(std::stoul(env)) * 1024;
-  return 227 * 1024;
+namespace {
+size_t kib_from_env(const char* name, size_t fallback_kib) {
+  const char* env = std::getenv(name);
+  if (!env) return fallback_kib * 1024;
+  char* end = nullptr;
+  const unsigned long kib = std::strtoul(env, &end, 10);
+  if (end == env || *end != '\0' || kib == 0) {
+    throw std::runtime_error(std::string("pk_emu: $") + name + "=" + env + " is not a positive number of KiB");
+  }
+  return static_cast<size_t>(kib) * 1024;
 }
+}  // namespace
+
+size_t max_shared_bytes_optin() { return kib_from_env("PK_EMU_MAX_SHARED_KIB", 227); }
+
+size_t shared_bytes_per_sm() { return kib_from_env("PK_EMU_SHARED_PER_SM_KIB", 228); }
 
 namespace {
 thread_local std::map<const void*, size_t> t_shared_optin;  // kernel -> bytes allowed by allow_shared_bytes
@@ -946,6 +961,9 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
     }
   }
   if (!thread_body) throw std::runtime_error("pk_emu::launch: empty thread_body");
+  for (uint64_t seen = g_largest_launch_bytes.load(); shared_bytes > seen;) {
+    if (g_largest_launch_bytes.compare_exchange_weak(seen, shared_bytes)) break;
+  }
   const Schedule schedule = read_schedule();
 
   t_stacks.reserve(threads_per_block);

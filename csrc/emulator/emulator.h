@@ -42,6 +42,9 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
 // The per-block opt-in limit of the emulated device: $PK_EMU_MAX_SHARED_KIB (read at each call) or 227 KiB, sm_90's
 // (sm_80: 163 KiB; sm_86/89 consumer cards: 99 KiB), so that tests can emulate a smaller card.
 size_t max_shared_bytes_optin();
+// The emulated SM's shared memory, which resident blocks share: $PK_EMU_SHARED_PER_SM_KIB or 228 KiB (sm_90's; sm_80:
+// 164, sm_86/89: 100). Only reported (launchers size their blocks by it); blocks here run one at a time.
+size_t shared_bytes_per_sm();
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), remembered per kernel (per OS
 // thread); more than max_shared_bytes_optin() throws, as the CUDA call fails.
@@ -96,10 +99,12 @@ void cp_async_wait(int pending_groups);  // cp.async.wait_group N: lands all but
 
 // Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
 // is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further
-// row in an already used group costs one more wavefront (a performance bug the results cannot show).
+// row in an already used group costs one more wavefront (a performance bug the results cannot show). Also the most
+// dynamic shared memory a launch asked for since the reset (which tile setting a launcher chose).
 struct SharedMemoryStats {
   uint64_t ldmatrix_phases = 0;
   uint64_t ldmatrix_extra_wavefronts = 0;
+  uint64_t largest_launch_bytes = 0;
 };
 SharedMemoryStats shared_memory_stats();
 void reset_shared_memory_stats();
