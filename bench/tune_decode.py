@@ -4,8 +4,8 @@ The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound),
 uses, the default with the interleaved program order (DecodeConfig.interleave), with one prefix program per SM
 (DecodeConfig.prefix_programs_per_sm), with own programs over several sequences (DecodeConfig.own_programs_per_sm),
 and where the packed rows span several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each
-replayed from a CUDA graph (device time only), the own part alone (an empty prefix: how much of the prefix part overlaps it), and the PyTorch split
-baseline in the same run. Used to pick the decode entries of
+replayed from a CUDA graph (device time only), the own part alone (an empty prefix: how much of the prefix part
+overlaps it), and the PyTorch split baseline in the same run. Used to pick the decode entries of
 prefix_kernels/triton/configs.py; not a pass/fail test.
 """
 from __future__ import annotations
