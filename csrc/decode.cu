@@ -6,6 +6,7 @@
 //  2. merge: every row's slots combined by their LSEs into out (q's dtype) and lse.
 // Sized from shapes only (no host sync): CUDA-graph safe.
 #include <algorithm>
+#include <atomic>
 
 #include "attend.h"
 #include "dispatch.h"
@@ -238,11 +239,18 @@ bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
   return bytes <= limits.per_block_optin && 2 * (bytes + kReservedPerBlock) <= limits.per_sm;
 }
 
-// The partials kernel with a ring of kStages tile pairs, after the shared-memory opt-in it needs.
+// The partials kernel with a ring of kStages tile pairs, after the shared-memory opt-in it needs (a process-wide
+// setting of the kernel on each device: made once per device, not on every call of the host-bound small decodes).
 template <typename T, int D, int kStages>
 void launch_partials(const DecodeParams& d, int programs, Stream stream) {
   constexpr size_t kShared = DecodeAttention<T, D, kStages>::kSharedBytes;
-  allow_shared_bytes(decode_partials_kernel<T, D, kStages>, kShared);
+  static std::atomic<uint64_t> opted_in{0};  // bit i: done on device i (devices past 63: every call)
+  const int device = current_device();
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (opted_in.load(std::memory_order_relaxed) & bit) == 0) {
+    allow_shared_bytes(decode_partials_kernel<T, D, kStages>, kShared);
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   PK_LAUNCH((decode_partials_kernel<T, D, kStages>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
             kShared, stream, d);
 }

@@ -11,8 +11,9 @@ namespace pk {
 namespace {
 
 // 32 rows per warp (two 16-row tiles), 128 per block; 64-key tiles, 32 at head dim 128 (64-key tiles spilled
-// 168 B there and timed 8% slower on the H100, as did 16 rows per warp). PK_FORWARD_ROW_TILES, PK_FORWARD_KEYS_D128, PK_FORWARD_MIN_BLOCKS and PK_FORWARD_STAGES exist for
-// bench/tune_cuda.py, which rebuilds with them (NVCC_APPEND_FLAGS) to time other shapes; the defaults ship.
+// 168 B there and timed 8% slower on the H100, as did 16 rows per warp). PK_FORWARD_ROW_TILES, PK_FORWARD_KEYS_D128,
+// PK_FORWARD_MIN_BLOCKS and PK_FORWARD_STAGES exist for bench/tune_cuda.py, which rebuilds with them
+// (NVCC_APPEND_FLAGS) to time other shapes; the defaults ship.
 #ifndef PK_FORWARD_ROW_TILES
 #define PK_FORWARD_ROW_TILES 2
 #endif

@@ -6,6 +6,7 @@
 //    without a GPU. Kernels touch the hardware only through the names defined here and in mma.h.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -41,6 +42,7 @@ struct SharedMemoryLimits {
 inline SharedMemoryLimits shared_memory_limits() {
   return {pk_emu::max_shared_bytes_optin(), pk_emu::shared_bytes_per_sm()};
 }
+inline int current_device() { return 0; }
 }  // namespace pk
 
 // kernel<<<grid, threads, shared_bytes, stream>>>(args...), emulated: every block, one at a time.
@@ -88,14 +90,28 @@ struct SharedMemoryLimits {
   size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
   size_t per_sm;           // an SM's shared memory, which its resident blocks share
 };
-// The current device's (sm_90: 227 / 228 KiB, sm_80: 163 / 164 KiB, sm_86/89: 99 / 100 KiB): two attribute
-// queries, no synchronization (legal while a CUDA graph is being captured).
-inline SharedMemoryLimits shared_memory_limits() {
-  int device = 0, per_block = 0, per_sm = 0;
+inline int current_device() {
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  return {static_cast<size_t>(per_block), static_cast<size_t>(per_sm)};
+  return device;
+}
+
+// The current device's (sm_90: 227 / 228 KiB, sm_80: 163 / 164 KiB, sm_86/89: 99 / 100 KiB), asked once per device
+// (the small eager decodes this serves are bound by host time per call); no synchronization.
+inline SharedMemoryLimits shared_memory_limits() {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> per_block[kCachedDevices], per_sm[kCachedDevices];  // 0: not asked yet
+  const int device = current_device();
+  auto ask = [device](std::atomic<int>* cache, cudaDeviceAttr attribute) {
+    int value = device >= 0 && device < kCachedDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+    if (value == 0) {
+      cudaDeviceGetAttribute(&value, attribute, device);
+      if (device >= 0 && device < kCachedDevices) cache[device].store(value, std::memory_order_relaxed);
+    }
+    return static_cast<size_t>(value);
+  };
+  return {ask(per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin),
+          ask(per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor)};
 }
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };

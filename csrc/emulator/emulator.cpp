@@ -28,6 +28,7 @@
 #include <exception>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -922,7 +923,15 @@ size_t max_shared_bytes_optin() { return kib_from_env("PK_EMU_MAX_SHARED_KIB", 2
 size_t shared_bytes_per_sm() { return kib_from_env("PK_EMU_SHARED_PER_SM_KIB", 228); }
 
 namespace {
-thread_local std::map<const void*, size_t> t_shared_optin;  // kernel -> bytes allowed by allow_shared_bytes
+// kernel -> bytes allowed by allow_shared_bytes: process-wide, like the attribute on a GPU.
+std::mutex g_shared_optin_mutex;
+std::map<const void*, size_t> g_shared_optin;
+
+bool shared_opted_in(const void* kernel, size_t bytes) {
+  const std::lock_guard<std::mutex> lock(g_shared_optin_mutex);
+  const auto allowed = g_shared_optin.find(kernel);
+  return allowed != g_shared_optin.end() && allowed->second >= bytes;
+}
 }  // namespace
 
 void allow_shared_bytes(const void* kernel, size_t bytes) {
@@ -931,7 +940,8 @@ void allow_shared_bytes(const void* kernel, size_t bytes) {
                              " bytes of dynamic shared memory is more than this device allows per block (" +
                              std::to_string(max_shared_bytes_optin()) + ")");
   }
-  t_shared_optin[kernel] = bytes;
+  const std::lock_guard<std::mutex> lock(g_shared_optin_mutex);
+  g_shared_optin[kernel] = bytes;
 }
 
 void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const std::function<void()>& thread_body,
@@ -952,8 +962,7 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
                                 std::to_string(max_shared) + ")");
   }
   if (kernel && shared_bytes > 48 * 1024) {
-    const auto allowed = t_shared_optin.find(kernel);
-    if (allowed == t_shared_optin.end() || allowed->second < shared_bytes) {
+    if (!shared_opted_in(kernel, shared_bytes)) {
       throw std::runtime_error("pk_emu::launch: " + std::to_string(shared_bytes) +
                                " bytes of dynamic shared memory without the opt-in for that much (a GPU refuses "
                                "more than 48 KiB unless cudaFuncSetAttribute(MaxDynamicSharedMemorySize) came first: "

@@ -46,8 +46,8 @@ size_t max_shared_bytes_optin();
 // 164, sm_86/89: 100). Only reported (launchers size their blocks by it); blocks here run one at a time.
 size_t shared_bytes_per_sm();
 
-// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), remembered per kernel (per OS
-// thread); more than max_shared_bytes_optin() throws, as the CUDA call fails.
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), remembered per kernel for the
+// process (as on a GPU); more than max_shared_bytes_optin() throws, as the CUDA call fails.
 void allow_shared_bytes(const void* kernel, size_t bytes);
 
 template <class Function>
