@@ -7,10 +7,19 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+namespace pk {
+// What shared_memory_limits() (below, per build) reports about the current device.
+struct SharedMemoryLimits {
+  size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
+  size_t per_sm;           // an SM's shared memory, which its resident blocks share
+};
+}  // namespace pk
 
 #ifdef PK_EMULATE
 
@@ -34,10 +43,6 @@ template <class Kernel>
 inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
   pk_emu::allow_shared_bytes(pk_emu::kernel_id(kernel), bytes);
 }
-struct SharedMemoryLimits {
-  size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
-  size_t per_sm;           // an SM's shared memory, which its resident blocks share
-};
 // The emulated device's ($PK_EMU_MAX_SHARED_KIB, $PK_EMU_SHARED_PER_SM_KIB; sm_90's by default).
 inline SharedMemoryLimits shared_memory_limits() {
   return {pk_emu::max_shared_bytes_optin(), pk_emu::shared_bytes_per_sm()};
@@ -86,10 +91,6 @@ inline void allow_shared_bytes(Kernel kernel, size_t bytes) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-struct SharedMemoryLimits {
-  size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
-  size_t per_sm;           // an SM's shared memory, which its resident blocks share
-};
 inline int current_device() {
   int device = 0;
   cudaGetDevice(&device);
