@@ -15,9 +15,11 @@
 #   --no-bench       skip the anchors preset
 #   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize.txt)
 #   --tune-cuda      last, time the CUDA forward and decode built with other tile settings (TUNE_CUDA_VARIANTS,
-#                    "rows,keys,blocks,forward_stages,decode_stages" for csrc/forward.cu's PK_FORWARD_* and
-#                    csrc/decode.cu's PK_DECODE_STAGES; the first default variant is the shipped build), each built
-#                    in its own copy of the tree, next to Triton (bench/tune_cuda.py: tune_cuda.json, log.txt lines)
+#                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap" for
+#                    csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's PK_DECODE_STAGES; the first
+#                    default variant is the shipped build), each built in its own copy of the tree, next to Triton;
+#                    on an sm_90 card each forward also with its wgmma loop (bench/tune_cuda.py: tune_cuda.json,
+#                    log.txt lines)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
 # --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
@@ -141,26 +143,27 @@ fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   echo "== CUDA tile settings (forward and decode): one build per variant, in parallel, each in its own copy of the tree"
   rm -f "$out/tune_cuda.json"
-  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3 2,32,1,1,1 2,32,1,2,3 1,64,2,3,3"}
+  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3,3,1 2,32,1,1,1,2,0 2,32,1,2,3,3,1 1,64,2,3,3,3,1"}
   for variant in $variants; do
-    IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
-    fstages=${fstages:-1}; dstages=${dstages:-3}  # (an older "rows,keys,blocks" triple: the shipped depths)
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
+    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap <<< "$variant"
+    # (older, shorter variants: the shipped depths)
+    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}"
     rm -rf "$copy" && mkdir -p "$copy"
     tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
     (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
       PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
       -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
-      -DPK_DECODE_STAGES=$dstages" timeout "${BUILD_TIMEOUT:-240}" \
+      -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap" timeout "${BUILD_TIMEOUT:-240}" \
       python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
   done
   wait
   for variant in $variants; do
-    IFS=, read -r rows keys blocks fstages dstages <<< "$variant"
-    fstages=${fstages:-1}; dstages=${dstages:-3}
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}"
+    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap <<< "$variant"
+    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}"
     PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
-      --label "r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}" --json "$out/tune_cuda.json" 2>&1 | tail -n 6 \
+      --label "r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}" --json "$out/tune_cuda.json" 2>&1 | tail -n 6 \
       | tee -a "$out/log.txt"
   done
 fi
@@ -172,7 +175,7 @@ echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30
 [ -f "$out/log.txt" ] && grep -E "^tune_backward: best" "$out/log.txt"
-[ -f "$out/log.txt" ] && grep -E "^rows[0-9]+-keys" "$out/log.txt"
+[ -f "$out/log.txt" ] && grep -E "^r[0-9]+-k[0-9]+-b" "$out/log.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
   [ -f "$md" ] && grep -E "^\| (train_step|generate) \|" "$md" | cut -d'|' -f2-7,10

@@ -2,9 +2,12 @@
 masks and several prefixes, at sizes that make the tools finish in seconds. bench/gpu_check.sh runs it as
     compute-sanitizer --tool memcheck   --error-exitcode 1 python3 bench/sanitize_cuda.py
     compute-sanitizer --tool racecheck  --error-exitcode 1 python3 bench/sanitize_cuda.py
-and also checks each result against the reference, so a clean run is also a correct one."""
+(150 x 300 with a 200-key prefix: every stage of the forward's rings is refilled),
+and also checks each result against the reference, so a clean run is also a correct one. On an sm_90 card the sweep
+runs twice: with the forward's mma.sync loop and with its wgmma loop (PK_CUDA_FORWARD, csrc/forward.cu)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -14,10 +17,18 @@ from prefix_kernels.reference import prefix_attention_reference
 
 
 def sweep():
+    loops = ("mma", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
+    for loop in loops:
+        os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each forward call
+        yield from _shapes(loop)
+
+
+def _shapes(loop):
     for dtype in (torch.float16, torch.bfloat16):
         for head_dim in (64, 128):
-            for seq_q, seq_k, prefix_len, prefixes in ((70, 75, 45, 1), (3, 140, 19, 2), (1, 0, 130, 1)):
-                yield dtype, head_dim, seq_q, seq_k, prefix_len, prefixes
+            for seq_q, seq_k, prefix_len, prefixes in ((70, 75, 45, 1), (150, 300, 200, 1), (3, 140, 19, 2),
+                                                       (1, 0, 130, 1)):
+                yield loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes
 
 
 def main() -> int:
@@ -25,7 +36,7 @@ def main() -> int:
         print(f"skipped: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
         return 0
     failures = 0
-    for dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep():
+    for loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep():
         batch, heads_q, heads_kv = 3, 6, 2
         q = torch.randn(batch, seq_q, heads_q, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
         k, v = (torch.randn(batch, heads_kv, seq_k, head_dim, device="cuda", dtype=dtype) for _ in range(2))
@@ -40,8 +51,8 @@ def main() -> int:
         error = (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
         ok = error < (2e-2 if dtype == torch.bfloat16 else 4e-3)
         failures += not ok
-        print(f"{'ok ' if ok else 'BAD'} {str(dtype)[6:]:8} D={head_dim:3} S={seq_q:3} L={seq_k:3} P={prefix_len:3} "
-              f"N={prefixes} max error {error:.2e}")
+        print(f"{'ok ' if ok else 'BAD'} {loop:5} {str(dtype)[6:]:8} D={head_dim:3} S={seq_q:3} L={seq_k:3} "
+              f"P={prefix_len:3} N={prefixes} max error {error:.2e}")
     torch.cuda.synchronize()
     return 1 if failures else 0
 

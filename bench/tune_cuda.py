@@ -4,14 +4,16 @@ decode at the ANCHORS decode shapes (CUDA-graph replays) (GPU only).
 bench/gpu_check.sh --tune-cuda rebuilds the extension once per variant (PK_FORWARD_* and PK_DECODE_STAGES defines
 through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this after each build, appending one
 JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
-reference on the same inputs before it is timed, each decode against Triton's output. Used to pick csrc's
-defaults; not a pass/fail test.
+reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
+also timed with its wgmma loop (PK_CUDA_FORWARD=wgmma, "cuda-wgmma"). Used to pick csrc's defaults; not a
+pass/fail test.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 
 import torch
 import triton
@@ -43,18 +45,26 @@ def main(argv=None):
             one = [t[:1] for t in (q, k, v)]
             truth = prefix_attention_reference(*(t.float() for t in one), prefix_k.float(), prefix_v.float(),
                                                causal=True)
-            for backend in ("cuda", "triton"):
+            for name, backend, loop in forward_variants():
+                os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each call
                 run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
                                                               scale=1 / math.sqrt(D), backend=backend)
                 error = (run()[:1].float() - truth).abs().max().item()
                 ms = triton.testing.do_bench(run, return_mode="median")
-                row[backend] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
+                row[name] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
+            os.environ["PK_CUDA_FORWARD"] = "mma"
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{args.label:24} B={B:2} S={S} P={P}: cuda {row['cuda']['ms']:.3f} ms "
-              f"{row['cuda']['tflops']:.0f} TFLOP/s (err {row['cuda']['max_error']:.2g}) | triton "
-              f"{row['triton']['ms']:.3f} ms {row['triton']['tflops']:.0f} TFLOP/s", flush=True)
+        print(f"{args.label:24} B={B:2} S={S} P={P}: " + " | ".join(
+            f"{name} {row[name]['ms']:.3f} ms {row[name]['tflops']:.0f} TFLOP/s (err {row[name]['max_error']:.2g})"
+            for name, _, _ in forward_variants()), flush=True)
     time_decode(args)
+
+
+def forward_variants():
+    """(name, backend, $PK_CUDA_FORWARD): the CUDA forward's loops this card runs, and Triton."""
+    hopper = [("cuda-wgmma", "cuda", "wgmma")] if torch.cuda.get_device_capability() == (9, 0) else []
+    return [("cuda", "cuda", "mma"), *hopper, ("triton", "triton", "mma")]
 
 
 def time_decode(args):

@@ -35,6 +35,7 @@ PK_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 template <int D>
 struct TileLayout {
   static constexpr int kChunks = D / 8;
+  static constexpr int kRowPitch = D;  // elements from a row to the next (same swizzle 8 rows on)
   static PK_DEVICE int offset(int row, int chunk) { return row * D + ((chunk ^ (row & 7)) << 3); }
 };
 
@@ -49,39 +50,52 @@ struct KeyTile {
   bool needs_mask;             // false: every key of the tile is visible to every row (the fast path)
 };
 
-// kKeys keys per tile (a multiple of 16): 64, or 32 where 64 would not fit the registers.
-template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1>
-struct BlockAttention {
-  static_assert(kStages >= 1, "at least one stage");
-  using Layout = TileLayout<D>;
-  static constexpr int kBlockM = 16 * kWarps * kRowTiles;  // query rows per block
-  static constexpr int kBlockN = kKeys;
-  static constexpr int kNTiles = kKeys / 8;                // 8-key score tiles
-  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;  // Q, kStages x (K, V)
-  static constexpr int kRows = 2 * kRowTiles;              // rows this lane holds accumulators for
-  static constexpr int kDTiles = D / 8;                    // 8-column output tiles per row tile
-  static constexpr int kDSteps = D / 16;                   // 16-deep k-steps of QK^T
-  // Q's A fragments stay in registers when they fit; otherwise each k-step reloads them from shared memory.
-  static constexpr bool kQInRegisters = kRowTiles * kDSteps * 4 <= 32;
+// Rows of a tile in `Layout` (TileLayout here, TileLayout128B for wgmma) through cp.async, shared by kThreads
+// threads: row r of kRows from row(r), a pointer to its D elements, or nullptr (a row past the end: zeros). `any`
+// is a valid address handed to the zero-filling copies (they read nothing from it).
+template <typename T, class Layout, int kThreads, int kRows, class Row>
+PK_DEVICE void load_rows_async(T* tile, Row row, const T* any, int thread) {
+  for (int i = thread; i < kRows * Layout::kChunks; i += kThreads) {
+    const int r = i / Layout::kChunks, c = i % Layout::kChunks;
+    const T* src = row(r);
+    cp_async_16(tile + Layout::offset(r, c), src ? src + c * 8 : any, src != nullptr);
+  }
+}
 
-  T* q_tile;
-  T* k_tile;  // stage s's K tile is k_tile + s * kStageElements, its V tile v_tile + s * kStageElements
-  T* v_tile;
-  static constexpr int kStageElements = 2 * kBlockN * D;
-  int thread, warp, lane;
+// A K or V tile of kRows keys [key0, key0 + kRows) (clipped to `end`: zeros past it) at `base`, `stride` elements
+// per key: each thread copies one 16-byte column (thread % kChunks) of the rows thread / kChunks + kRowsPerPass * j.
+// The source then advances by a fixed stride and the destination by a fixed offset (rows a multiple of 8 apart keep
+// their swizzle): a few instructions per chunk, in a loop the compiler unrolls (the generic strided loop cost ~25
+// per chunk in the SASS, with 64-bit math).
+template <typename T, class Layout, int kThreads, int kRows>
+PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end, int thread) {
+  constexpr int kRowsPerPass = kThreads / Layout::kChunks;
+  static_assert(kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0, "passes must keep each row's swizzle");
+  const int row = thread / Layout::kChunks, chunk = thread % Layout::kChunks;
+  T* to = dst + Layout::offset(row, chunk);
+  const T* from = base + (key0 + row) * stride + chunk * 8;
+  PK_UNROLL
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const bool in_range = key0 + row + pass * kRowsPerPass < end;
+    cp_async_16(to + pass * kRowsPerPass * Layout::kRowPitch, in_range ? from + pass * kRowsPerPass * stride : base,
+                in_range);
+  }
+}
+
+// The online softmax of one warp's rows, which every attention loop shares (mma.sync on sm_80, wgmma on sm_90a:
+// both leave the scores and O in the m16n8 C layout). kRowTiles 16-row tiles per warp; scores s[rt][n][j] of
+// kNTiles 8-key tiles hold key 8n + 2 (lane % 4) + (j & 1) of row 2 rt + (j >> 1); O acc[rt][d][j] likewise for
+// kDTiles 8-column tiles.
+template <typename T, int kRowTiles, int kNTiles, int kDTiles>
+struct OnlineSoftmax {
+  static constexpr int kRows = 2 * kRowTiles;  // rows this lane holds accumulators for
+  int warp, lane;
   // Accumulators of row i = 2 * row_tile + h: rows (lane / 4) and (lane / 4 + 8) of each of the warp's row tiles.
   float acc[kRowTiles][kDTiles][4];
   float row_max[kRows];  // running max of the scaled (base-2) scores
   float row_sum[kRows];  // running sum of exp2, over this lane's columns only (reduced over the quad at the end)
-  uint32_t q_frag[kQInRegisters ? kRowTiles : 1][kQInRegisters ? kDSteps : 1][4];
 
-  PK_DEVICE explicit BlockAttention(char* shared) {
-    q_tile = reinterpret_cast<T*>(shared);
-    k_tile = q_tile + kBlockM * D;
-    v_tile = k_tile + kBlockN * D;
-    thread = static_cast<int>(thread_index());
-    warp = thread / 32;
-    lane = thread % 32;
+  PK_DEVICE explicit OnlineSoftmax(int thread) : warp(thread / 32), lane(thread % 32) {
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
       PK_UNROLL
@@ -95,36 +109,148 @@ struct BlockAttention {
     }
   }
 
-  // Row of the block (0 .. kBlockM - 1) of this lane's row i.
+  // Row of the block of this lane's row i (warps own consecutive 16-row tiles).
   PK_DEVICE int row_of(int i) const { return (warp * kRowTiles + i / 2) * 16 + lane / 4 + 8 * (i % 2); }
 
-  // Q tile: row r comes from q_row(r), a pointer to its D elements, or nullptr (a row past the end: zeros).
-  // `any_q` is a valid address handed to the zero-filling copies (they read nothing from it).
-  template <class QRow>
-  PK_DEVICE void load_q_async(QRow q_row, const T* any_q) {
-    for (int i = thread; i < kBlockM * Layout::kChunks; i += kThreads) {
-      const int r = i / Layout::kChunks, c = i % Layout::kChunks;
-      const T* src = q_row(r);
-      cp_async_16(q_tile + Layout::offset(r, c), src ? src + c * 8 : any_q, src != nullptr);
+  // Scores to the base-2 domain; keys a row must not see become -inf. visible(tile, i, key) says for row i.
+  template <class Visible>
+  PK_DEVICE void scale_and_mask(float (&s)[kRowTiles][kNTiles][4], float scale_log2, const KeyTile<T>& tile,
+                                Visible visible) const {
+    PK_UNROLL
+    for (int rt = 0; rt < kRowTiles; ++rt)
+      PK_UNROLL
+      for (int n = 0; n < kNTiles; ++n)
+        PK_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          s[rt][n][j] *= scale_log2;
+          if (tile.needs_mask) {
+            const int key = tile.key0 + n * 8 + (lane % 4) * 2 + (j & 1);
+            if (!visible(tile, 2 * rt + (j >> 1), key)) s[rt][n][j] = -INFINITY;
+          }
+        }
+  }
+
+  // Online softmax update: new row maxima (over the quad of lanes sharing a row), rescale O and the sums, and
+  // turn s into the tile's probabilities. A row that has seen nothing yet keeps max -inf and adds exact zeros.
+  PK_DEVICE void softmax(float (&s)[kRowTiles][kNTiles][4]) {
+    float alpha[kRows];
+    probabilities(s, alpha);
+    rescale(alpha);
+  }
+
+  // The part of softmax() that leaves O alone (a loop whose P.V is still writing O runs it first): new maxima, s
+  // to probabilities, the sums; alpha[i] is what row i's O must still be multiplied by.
+  PK_DEVICE void probabilities(float (&s)[kRowTiles][kNTiles][4], float (&alpha)[kRows]) {
+    PK_UNROLL
+    for (int rt = 0; rt < kRowTiles; ++rt)
+      PK_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int i = 2 * rt + h;
+        float m = row_max[i];
+        PK_UNROLL
+        for (int n = 0; n < kNTiles; ++n) m = fmaxf(m, fmaxf(s[rt][n][2 * h], s[rt][n][2 * h + 1]));
+        m = fmaxf(m, shfl_xor(m, 1));
+        m = fmaxf(m, shfl_xor(m, 2));
+        const float m_use = m == -INFINITY ? 0.f : m;  // exp2(-inf - -inf) would be NaN
+        alpha[i] = fast_exp2(row_max[i] - m_use);
+        row_max[i] = m;
+        float sum = 0.f;
+        PK_UNROLL
+        for (int n = 0; n < kNTiles; ++n)
+          PK_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const float p = fast_exp2(s[rt][n][2 * h + j] - m_use);
+            s[rt][n][2 * h + j] = p;
+            sum += p;
+          }
+        row_sum[i] = row_sum[i] * alpha[i] + sum;
+      }
+  }
+
+  PK_DEVICE void rescale(const float (&alpha)[kRows]) {
+    PK_UNROLL
+    for (int rt = 0; rt < kRowTiles; ++rt)
+      PK_UNROLL
+      for (int h = 0; h < 2; ++h)
+        PK_UNROLL
+        for (int d = 0; d < kDTiles; ++d) {
+          acc[rt][d][2 * h] *= alpha[2 * rt + h];
+          acc[rt][d][2 * h + 1] *= alpha[2 * rt + h];
+        }
+  }
+
+  // Normalized output of row i is acc * inv[i]; lse[i] natural log, -inf for a row that saw nothing (its output
+  // is then zeros, never NaN).
+  PK_DEVICE void finish(float (&inv)[kRows], float (&lse)[kRows]) const {
+    PK_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      float sum = row_sum[i];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const bool seen = sum > 0.f;
+      inv[i] = seen ? 1.f / sum : 0.f;
+      lse[i] = seen ? (row_max[i] + fast_log2(sum)) * kLn2 : -INFINITY;
     }
   }
 
-  // A K or V tile: each thread copies one 16-byte column (thread % kChunks) of the rows thread / kChunks +
-  // kRowsPerPass * j. The source then advances by a fixed stride and the destination by a fixed offset (a row's
-  // low 3 bits, hence its swizzle, are the same in every pass): a few instructions per chunk, in a loop the
-  // compiler unrolls (the generic strided loop cost ~25 per chunk in the SASS, with 64-bit math).
-  static constexpr int kRowsPerPass = kThreads / Layout::kChunks;  // 8 at head dim 128, 16 at 64
-  static_assert(kRowsPerPass % 8 == 0 && kBlockN % kRowsPerPass == 0, "passes must keep each row's swizzle");
+  // store(i, column, value0, value1): this lane's two adjacent output columns of its row i.
+  template <class Store>
+  PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store) const {
+    PK_UNROLL
+    for (int rt = 0; rt < kRowTiles; ++rt)
+      PK_UNROLL
+      for (int h = 0; h < 2; ++h)
+        PK_UNROLL
+        for (int d = 0; d < kDTiles; ++d)
+          store(2 * rt + h, d * 8 + (lane % 4) * 2, acc[rt][d][2 * h] * inv[2 * rt + h],
+                acc[rt][d][2 * h + 1] * inv[2 * rt + h]);
+  }
+};
+
+// kKeys keys per tile (a multiple of 16): 64, or 32 where 64 would not fit the registers.
+template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1>
+struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
+  static_assert(kStages >= 1, "at least one stage");
+  using Softmax = OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8>;
+  using Softmax::acc;
+  using Softmax::kRows;
+  using Softmax::lane;
+  using Softmax::scale_and_mask;
+  using Softmax::softmax;
+  using Softmax::warp;
+  static constexpr int kBlockThreads = kThreads;
+  using Layout = TileLayout<D>;
+  static constexpr int kBlockM = 16 * kWarps * kRowTiles;  // query rows per block
+  static constexpr int kBlockN = kKeys;
+  static constexpr int kNTiles = kKeys / 8;                // 8-key score tiles
+  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;  // Q, kStages x (K, V)
+  static constexpr int kDTiles = D / 8;                    // 8-column output tiles per row tile
+  static constexpr int kDSteps = D / 16;                   // 16-deep k-steps of QK^T
+  // Q's A fragments stay in registers when they fit; otherwise each k-step reloads them from shared memory.
+  static constexpr bool kQInRegisters = kRowTiles * kDSteps * 4 <= 32;
+
+  T* q_tile;
+  T* k_tile;  // stage s's K tile is k_tile + s * kStageElements, its V tile v_tile + s * kStageElements
+  T* v_tile;
+  static constexpr int kStageElements = 2 * kBlockN * D;
+  int thread;
+  uint32_t q_frag[kQInRegisters ? kRowTiles : 1][kQInRegisters ? kDSteps : 1][4];
+
+  PK_DEVICE explicit BlockAttention(char* shared) : Softmax(static_cast<int>(thread_index())) {
+    q_tile = reinterpret_cast<T*>(shared);
+    k_tile = q_tile + kBlockM * D;
+    v_tile = k_tile + kBlockN * D;
+    thread = static_cast<int>(thread_index());
+  }
+
+  // Q tile: row r comes from q_row(r) (see load_rows_async).
+  template <class QRow>
+  PK_DEVICE void load_q_async(QRow q_row, const T* any_q) {
+    load_rows_async<T, Layout, kThreads, kBlockM>(q_tile, q_row, any_q, thread);
+  }
 
   PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end) const {
-    const int row = thread / Layout::kChunks, chunk = thread % Layout::kChunks;
-    T* to = dst + Layout::offset(row, chunk);
-    const T* from = base + (key0 + row) * stride + chunk * 8;
-    PK_UNROLL
-    for (int pass = 0; pass < kBlockN / kRowsPerPass; ++pass) {
-      const bool in_range = key0 + row + pass * kRowsPerPass < end;
-      cp_async_16(to + pass * kRowsPerPass * D, in_range ? from + pass * kRowsPerPass * stride : base, in_range);
-    }
+    pk::load_keys_async<T, Layout, kThreads, kBlockN>(dst, base, stride, key0, end, thread);
   }
 
   PK_DEVICE void load_q_fragment(uint32_t (&a)[4], int rt, int kk) const {
@@ -174,58 +300,6 @@ struct BlockAttention {
         }
       }
     }
-  }
-
-  // Scores to the base-2 domain; keys a row must not see become -inf. visible(tile, i, key) says for row i.
-  template <class Visible>
-  PK_DEVICE void scale_and_mask(float (&s)[kRowTiles][kNTiles][4], float scale_log2, const KeyTile<T>& tile,
-                                Visible visible) const {
-    PK_UNROLL
-    for (int rt = 0; rt < kRowTiles; ++rt)
-      PK_UNROLL
-      for (int n = 0; n < kNTiles; ++n)
-        PK_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          s[rt][n][j] *= scale_log2;
-          if (tile.needs_mask) {
-            const int key = tile.key0 + n * 8 + (lane % 4) * 2 + (j & 1);
-            if (!visible(tile, 2 * rt + (j >> 1), key)) s[rt][n][j] = -INFINITY;
-          }
-        }
-  }
-
-  // Online softmax update: new row maxima (over the quad of lanes sharing a row), rescale O and the sums, and
-  // turn s into the tile's probabilities. A row that has seen nothing yet keeps max -inf and adds exact zeros.
-  PK_DEVICE void softmax(float (&s)[kRowTiles][kNTiles][4]) {
-    PK_UNROLL
-    for (int rt = 0; rt < kRowTiles; ++rt)
-      PK_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int i = 2 * rt + h;
-        float m = row_max[i];
-        PK_UNROLL
-        for (int n = 0; n < kNTiles; ++n) m = fmaxf(m, fmaxf(s[rt][n][2 * h], s[rt][n][2 * h + 1]));
-        m = fmaxf(m, shfl_xor(m, 1));
-        m = fmaxf(m, shfl_xor(m, 2));
-        const float m_use = m == -INFINITY ? 0.f : m;  // exp2(-inf - -inf) would be NaN
-        const float alpha = fast_exp2(row_max[i] - m_use);
-        row_max[i] = m;
-        float sum = 0.f;
-        PK_UNROLL
-        for (int n = 0; n < kNTiles; ++n)
-          PK_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const float p = fast_exp2(s[rt][n][2 * h + j] - m_use);
-            s[rt][n][2 * h + j] = p;
-            sum += p;
-          }
-        row_sum[i] = row_sum[i] * alpha + sum;
-        PK_UNROLL
-        for (int d = 0; d < kDTiles; ++d) {
-          acc[rt][d][2 * h] *= alpha;
-          acc[rt][d][2 * h + 1] *= alpha;
-        }
-      }
   }
 
   // O += P V (the V tile at `values`): the score accumulators are re-packed in registers as the A operand (the C
@@ -333,32 +407,6 @@ struct BlockAttention {
     load_keys_async(v_tile + stage * kStageElements, t.v, t.v_stride, t.key0, t.end);
   }
 
-  // Normalized output of row i is acc * inv[i]; lse[i] natural log, -inf for a row that saw nothing (its output
-  // is then zeros, never NaN).
-  PK_DEVICE void finish(float (&inv)[kRows], float (&lse)[kRows]) const {
-    PK_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      float sum = row_sum[i];
-      sum += shfl_xor(sum, 1);
-      sum += shfl_xor(sum, 2);
-      const bool seen = sum > 0.f;
-      inv[i] = seen ? 1.f / sum : 0.f;
-      lse[i] = seen ? (row_max[i] + fast_log2(sum)) * kLn2 : -INFINITY;
-    }
-  }
-
-  // store(i, column, value0, value1): this lane's two adjacent output columns of its row i.
-  template <class Store>
-  PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store) const {
-    PK_UNROLL
-    for (int rt = 0; rt < kRowTiles; ++rt)
-      PK_UNROLL
-      for (int h = 0; h < 2; ++h)
-        PK_UNROLL
-        for (int d = 0; d < kDTiles; ++d)
-          store(2 * rt + h, d * 8 + (lane % 4) * 2, acc[rt][d][2 * h] * inv[2 * rt + h],
-                acc[rt][d][2 * h + 1] * inv[2 * rt + h]);
-  }
 };
 
 // prefix_index / prefix_lens entries are int32 or int64.

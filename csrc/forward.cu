@@ -2,7 +2,14 @@
 // attends to its sequence's prefix (read in place from the ONE prefix copy, picked by prefix_index) and then to
 // its own keys, in one online softmax. Own tiles past the block's last causal key are never loaded; only tiles
 // that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are masked.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #include "attend.h"
+#include "attend_sm90.h"
 #include "dispatch.h"
 #include "launch.h"
 
@@ -30,9 +37,21 @@ template <typename T, int D>
 using ForwardAttention =
     BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
+// The sm_90a forward (attend_sm90.h): 128 rows, 128-key tiles, FA3's overlap of one tile's softmax with the
+// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128). PK_HOPPER_STAGES / PK_HOPPER_OVERLAP
+// are for bench/tune_cuda.py (the plain loop with 2 stages is the other candidate); neither has run on a GPU yet.
+#ifndef PK_HOPPER_STAGES
+#define PK_HOPPER_STAGES 3
+#endif
+#ifndef PK_HOPPER_OVERLAP
+#define PK_HOPPER_OVERLAP 1
+#endif
 template <typename T, int D>
-PK_KERNEL(kThreads, PK_FORWARD_MIN_BLOCKS) forward_kernel(const AttentionParams p) {
-  using Attention = ForwardAttention<T, D>;
+using HopperForwardAttention = HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0>;
+
+// One kernel for both loops: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma).
+template <typename T, int D, class Attention, int kMinBlocks>
+PK_KERNEL(Attention::kBlockThreads, kMinBlocks) forward_kernel(const AttentionParams p) {
   constexpr int kBlockM = Attention::kBlockM;
   constexpr int kBlockN = Attention::kBlockN;
   // Last query blocks first: under causal masking they have the most keys, so the long blocks start early and
@@ -106,17 +125,83 @@ PK_KERNEL(kThreads, PK_FORWARD_MIN_BLOCKS) forward_kernel(const AttentionParams 
   }
 }
 
+template <typename T, int D, class Attention, int kMinBlocks>
+void launch_forward_with(const AttentionParams& params, Stream stream) {
+  constexpr size_t kShared = Attention::kSharedBytes;
+  allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
+  const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
+                  static_cast<unsigned>(params.batch * params.heads_q), 1};
+  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params);
+}
+
+#ifdef PK_EMULATE
+std::string hopper_unavailable_reason(Stream) { return ""; }  // the emulator runs wgmma on any machine
+#else
+// 1 in the device code built for sm_90a, 0 in every other target's (sm_90 without the "a" has no wgmma): read
+// from the code loaded for the current device.
+#ifdef PK_WGMMA_NATIVE
+__device__ int pk_wgmma_in_binary = 1;
+#else
+__device__ int pk_wgmma_in_binary = 0;
+#endif
+
+// Empty when the current device can run the wgmma kernels, else why not. The loaded code is asked once per device,
+// by a synchronous copy: not allowed while `stream` is being captured into a CUDA graph (an error then says so).
+std::string hopper_unavailable_reason(Stream stream) {
+  const int device = current_device();
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return std::string("the device's compute capability could not be read: ") +
+           cudaGetErrorString(cudaGetLastError());
+  if (major != 9) return "wgmma needs an sm_90 GPU, this one is sm_" + std::to_string(10 * major + minor);
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices];  // 0: not asked yet, 1: in the binary, 2: not
+  int state = device >= 0 && device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (state == 0) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone)
+      return "the first wgmma forward on a device checks its code with a synchronous copy, which a CUDA-graph "
+             "capture forbids: run one forward outside the capture first";
+    int in_binary = 0;
+    const cudaError_t error = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
+    if (error != cudaSuccess) {
+      cudaGetLastError();  // a non-sticky error must not be blamed on the launch that follows
+      return std::string("the extension's device code for this GPU could not be read: ") + cudaGetErrorString(error);
+    }
+    state = in_binary ? 1 : 2;
+    if (device >= 0 && device < kCachedDevices) cached[device].store(state, std::memory_order_relaxed);
+  }
+  if (state != 1)
+    return "the extension holds no sm_90a code (sm_90 code has no wgmma): rebuild it with 9.0a in "
+           "PREFIX_KERNELS_CUDA_ARCHS";
+  return "";
+}
+#endif
+
+// $PK_CUDA_FORWARD (read at each call) picks the loop: "mma" (the default) or "wgmma", the Hopper loop, which
+// needs an sm_90 device and a kernel built for 9.0a (an error otherwise, never a silent fallback). The default
+// stays mma.sync until a GPU run has timed wgmma against it (bench/gpu_check.sh --tune-cuda).
+bool use_hopper_forward(Stream stream) {
+  const char* choice = std::getenv("PK_CUDA_FORWARD");
+  if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return false;
+  if (std::strcmp(choice, "wgmma") != 0)
+    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice + " is not one of mma, wgmma");
+  const std::string why = hopper_unavailable_reason(stream);
+  if (!why.empty()) throw std::runtime_error("PK_CUDA_FORWARD=wgmma: " + why);
+  return true;
+}
+
 }  // namespace
 
 void launch_forward(const AttentionParams& params, Stream stream) {
+  const bool hopper = use_hopper_forward(stream);
   PK_DISPATCH(params, {
-    using Attention = ForwardAttention<Element, kHeadDim>;
-    constexpr int kBlockM = Attention::kBlockM;
-    constexpr size_t kShared = Attention::kSharedBytes;
-    allow_shared_bytes(forward_kernel<Element, kHeadDim>, kShared);
-    const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, kBlockM)),
-                    static_cast<unsigned>(params.batch * params.heads_q), 1};
-    PK_LAUNCH((forward_kernel<Element, kHeadDim>), grid, kThreads, kShared, stream, params);
+    if (hopper)
+      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim>, 1>(params, stream);
+    else
+      launch_forward_with<Element, kHeadDim, ForwardAttention<Element, kHeadDim>, PK_FORWARD_MIN_BLOCKS>(params,
+                                                                                                         stream);
   });
 }
 

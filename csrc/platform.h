@@ -23,6 +23,8 @@ struct SharedMemoryLimits {
 
 #ifdef PK_EMULATE
 
+#include <stdexcept>
+
 #include "emulator/emulator.h"
 
 #define PK_KERNEL(...) void  // a host function that pk_emu::launch runs once per emulated thread
@@ -37,6 +39,8 @@ inline unsigned block_index_y() { return pk_emu::block_index().y; }
 inline unsigned block_index_z() { return pk_emu::block_index().z; }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
+// A kernel's own check failed: the launch fails (the emulator names the thread).
+[[noreturn]] inline void trap() { throw std::runtime_error("the kernel trapped (one of its own checks failed)"); }
 
 // More than 48 KiB of dynamic shared memory needs an opt-in per kernel, on a GPU and in the emulator alike.
 template <class Kernel>
@@ -77,11 +81,13 @@ PK_DEVICE unsigned thread_index() { return threadIdx.x; }
 PK_DEVICE unsigned block_index_x() { return blockIdx.x; }
 PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
 PK_DEVICE unsigned block_index_z() { return blockIdx.z; }
-PK_DEVICE char* shared_memory() {
-  extern __shared__ __align__(128) char pk_dynamic_shared[];
+PK_DEVICE char* shared_memory() {  // 1024-byte aligned: wgmma's 128-byte-swizzle atoms must be
+  extern __shared__ __align__(1024) char pk_dynamic_shared[];
   return pk_dynamic_shared;
 }
 PK_DEVICE void sync_threads() { __syncthreads(); }
+// A kernel's own check failed: the launch fails with an illegal-instruction error, which the caller checks.
+PK_DEVICE void trap() { __trap(); }
 
 // More than 48 KiB of dynamic shared memory needs an opt-in per kernel (sm_80: up to 163 KiB, sm_90: 227 KiB).
 // A refusal shows up as the launch's error, which the caller checks.

@@ -120,6 +120,84 @@ def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
 
 
+def _hopper_or_skip(device):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
+        pytest.skip("the wgmma forward runs on sm_90 only")
+
+
+# The Hopper loop's tiles are 128 keys: these have 6-8 tiles a row block, so every stage of its ring is refilled
+# (found in review: no forward case above refills a 3-stage ring of 128-key tiles).
+HOPPER_CASES = FORWARD_CASES + [
+    Case(batch=1, heads_q=2, heads_kv=1, seq_q=150, seq_k=300, prefix_len=400, head_dim=128, padding="random"),
+    Case(batch=1, heads_q=2, heads_kv=1, seq_q=130, seq_k=700, prefix_len=0, head_dim=64, causal=False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: c.id)
+def test_hopper_forward_matches_reference(kernels, case, dtype, monkeypatch):
+    """The sm_90a forward (wgmma, PK_CUDA_FORWARD=wgmma; FA3's overlap over a ring of 3 tile pairs): in the
+    emulation, whose wgmma checks the fences, the waits, that every operand reached the async proxy, that no copy
+    lands in an operand still being read, that A registers stay unchanged until the wait and that a warpgroup's 4
+    warps issue the same wgmmas, and on an H100/H200."""
+    _hopper_or_skip(kernels)
+    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    ops = cuda.kernels()
+    if kernels.type == "cpu":
+        ops.shared_memory_stats(True)
+    _check_op("forward", case, dtype, kernels)
+    if kernels.type == "cpu":  # it was the Hopper loop that ran: Q and a ring of 3 (K, V) pairs of 128 keys
+        assert ops.shared_memory_stats(True)[2] == (128 + 2 * 3 * 128) * case.head_dim * 2
+
+
+# The other Hopper loop, which bench/gpu_check.sh --tune-cuda times against the shipped one: no overlap, 2 stages.
+HOPPER_IN_TURN = ("-DPK_HOPPER_OVERLAP=0", "-DPK_HOPPER_STAGES=2")
+
+
+@pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
+                    reason="the emulated build (no GPU here, and a host compiler with CUDA headers)")
+@pytest.mark.parametrize("schedule", EMULATOR_SCHEDULES)
+@pytest.mark.parametrize("case,dtype", [(c, torch.float16) for c in HOPPER_CASES] +
+                         [(HOPPER_CASES[-2], torch.bfloat16)],
+                         ids=lambda x: x.id if isinstance(x, Case) else str(x).removeprefix("torch."))
+def test_hopper_forward_without_overlap_matches_reference(case, dtype, schedule, monkeypatch):
+    monkeypatch.setenv("PK_EMU_SCHEDULE", schedule)
+    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    namespace = emulated_namespace(HOPPER_IN_TURN)
+    previous = cuda.use_kernels(namespace, "cpu")
+    try:
+        getattr(torch.ops, namespace).shared_memory_stats(True)
+        _check_op("forward", case, dtype, torch.device("cpu"))
+        assert getattr(torch.ops, namespace).shared_memory_stats(True)[2] == (128 + 2 * 2 * 128) * case.head_dim * 2
+    finally:
+        cuda.use_kernels(*previous)
+
+
+def test_forward_loop_choice_is_checked(kernels, monkeypatch):
+    """PK_CUDA_FORWARD names the loop; anything else, or wgmma on a device without it, is an error that says why."""
+    call = _validated(*_split_options(make_inputs(FORWARD_CASES[0], torch.float16, kernels)))
+    monkeypatch.setenv("PK_CUDA_FORWARD", "fastest")
+    with pytest.raises(Exception, match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma"):
+        _call_op("forward", call)
+    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    if kernels.type == "cuda" and torch.cuda.get_device_capability(kernels) != (9, 0):
+        with pytest.raises(Exception, match="PK_CUDA_FORWARD=wgmma: wgmma needs an sm_90 GPU"):
+            _call_op("forward", call)
+    else:
+        _call_op("forward", call)
+
+
+def _split_options(inputs):
+    *tensors, options = inputs
+    return tensors, options
+
+
+def _call_op(op_name, call):
+    return getattr(cuda.kernels(), op_name)(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                            call.key_padding_mask, call.prefix_index, call.prefix_lens, call.causal,
+                                            call.scale)
+
+
 # The other pipeline of each kernel (BlockAttention's kStages): the forward with a ring of 3 (K, V) tile pairs, the
 # decode with one K and one V tile; the shipped build has them the other way round, and bench/gpu_check.sh
 # --tune-cuda times both on a GPU. Emulated only (on a GPU the built extension has the shipped settings).

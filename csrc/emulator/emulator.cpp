@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -185,7 +186,7 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // ------------------------------------------------------------------------------------------------------------------
 // Block state.
 
-enum class Op : uint8_t { shfl_xor, ldmatrix, mma };
+enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma };
 enum class FiberState : uint8_t { ready, parked_warp, parked_block, done };
 
 struct FiberAbort {};  // thrown into parked fibers to unwind them when a launch fails; not a std::exception
@@ -202,6 +203,11 @@ struct LaneSlot {
   float out;
   uint32_t r[4];
   float d[4];
+  // wgmma (inputs and outputs): this lane's accumulators in, the results out
+  float wd[64];
+  uint64_t a_desc, b_desc;
+  int n;
+  bool a_in_registers, accumulate, transpose_b;
 };
 
 struct Warp {
@@ -211,6 +217,9 @@ struct Warp {
   bool trans = false;
   Element type = Element::f16;
   LaneSlot slots[2][32];    // double-buffered by generation parity: no second barrier needed before reuse
+  std::vector<uint32_t> wgmma_chunks[2];  // the shared chunks a wgmma read, by generation parity (as slots)
+  // wgmmas issued and a hash of their shapes, descriptors and flags: the 4 warps of a warpgroup must agree
+  uint64_t wgmma_issued = 0, wgmma_signature = 0;
 };
 
 struct Fiber {
@@ -228,6 +237,19 @@ struct Fiber {
   };
   std::vector<AsyncCopy> in_flight;  // this thread's cp.async copies not landed yet
   uint64_t groups_committed = 0;     // the open group's number
+  struct PendingWgmma {
+    float* d;
+    int n;
+    uint64_t group;
+    float values[64];
+    std::vector<uint32_t> chunks;  // lane 0's only: the warp's shared chunks this wgmma still reads
+    const uint32_t* a;             // the A registers (null: A from shared memory), read until the wait
+    uint32_t a_values[4];
+  };
+  std::vector<PendingWgmma> wgmma_pending;  // this thread's wgmma results not waited for yet (oldest first)
+  uint64_t wgmma_groups_committed = 0;      // the open wgmma group's number
+  bool wgmma_fenced = false;                // a wgmma_fence since this thread's last wgmma_wait
+  uint64_t proxy_fences = 0;                // fence_proxy_async calls
 };
 
 constexpr size_t kCanaryBytes = 1024;  // checked on both sides of the shared buffer when a block ends
@@ -251,6 +273,11 @@ struct Block {
   // Another thread may read the chunk only after passing one more (the barrier that publishes the copy).
   std::vector<int64_t> chunk_landed_epoch;
   std::vector<unsigned> chunk_landed_by;
+  // per chunk, the landing thread's fence_proxy_async count when it landed: the async proxy (wgmma) may read it
+  // only after that thread's next fence
+  std::vector<uint64_t> chunk_landed_proxy;
+  // per chunk, the wgmmas (one per warp) that read it and were not waited for yet: no copy may land there until then
+  std::vector<uint16_t> chunk_wgmma_reads;
   bool greedy = false;         // pop the ready fiber that comes first in `order`, not the oldest
   std::vector<unsigned> rank;  // thread id -> its position in `order`
 
@@ -400,6 +427,9 @@ void record_error(Block& b, unsigned tid, const std::string& what) {
   if (!f.in_flight.empty() && !b.aborting)
     record_error(b, f.tid, std::to_string(f.in_flight.size()) +
                                " cp.async copies were never waited for (cp_async_wait) before the thread finished");
+  if (!f.wgmma_pending.empty() && !b.aborting)
+    record_error(b, f.tid, std::to_string(f.wgmma_pending.size()) +
+                               " wgmma results were never waited for (wgmma_wait) before the thread finished");
   f.state = FiberState::done;
   --b.live;
   leave(b, f);
@@ -420,6 +450,7 @@ std::string op_name(Op op, bool trans, Element type) {
     case Op::shfl_xor: return "shfl_xor";
     case Op::ldmatrix: return trans ? "ldmatrix_x4(.trans)" : "ldmatrix_x4";
     case Op::mma: return type == Element::bf16 ? "mma_m16n8k16(bf16)" : "mma_m16n8k16(f16)";
+    case Op::wgmma: return type == Element::bf16 ? "wgmma_m64k16(bf16)" : "wgmma_m64k16(f16)";
   }
   return "?";
 }
@@ -435,7 +466,7 @@ const LaneSlot& collective(Op op, bool trans, Element type, const char* what, Fi
     w.op = op;
     w.trans = trans;
     w.type = type;
-  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) || (op == Op::mma && w.type != type)) {
+  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) || ((op == Op::mma || op == Op::wgmma) && w.type != type)) {
     std::vector<unsigned> waiting;
     for (unsigned l = 0; l < 32; ++l)
       if (b.fibers[(f.tid / 32) * 32 + l].state == FiberState::parked_warp) waiting.push_back(l);
@@ -687,6 +718,9 @@ void cp_async_16(void* shared_dst, const void* global_src, bool copy) {
   if (chunk != 0)
     throw std::runtime_error("cp_async_16 into shared offset " + std::to_string(shared_offset(b, shared_dst)) +
                              " while an earlier cp.async into it has not landed");
+  if (b.chunk_wgmma_reads[shared_offset(b, shared_dst) / 16] != 0)
+    throw std::runtime_error("cp_async_16 into shared offset " + std::to_string(shared_offset(b, shared_dst)) +
+                             " that a wgmma not yet waited for (wgmma_wait) still reads");
   ++chunk;
   Fiber& f = *b.current;
   f.in_flight.push_back({static_cast<unsigned char*>(shared_dst),
@@ -698,14 +732,19 @@ void cp_async_commit() {
   ++b.current->groups_committed;
 }
 
+namespace {
+// wait_group N (cp.async and wgmma alike): groups 0 .. committed-1 are closed; all but the newest N of them land,
+// i.e. those numbered below the value returned. The open group (issued since the last commit) is not waited for.
+uint64_t groups_landing_below(uint64_t committed, int pending_groups, const char* what) {
+  if (pending_groups < 0) throw std::runtime_error(std::string(what) + ": negative group count");
+  return committed > static_cast<uint64_t>(pending_groups) ? committed - static_cast<uint64_t>(pending_groups) : 0;
+}
+}  // namespace
+
 void cp_async_wait(int pending_groups) {
   Block& b = block_of("cp_async_wait");
   Fiber& f = *b.current;
-  if (pending_groups < 0) throw std::runtime_error("cp_async_wait: negative group count");
-  // Groups 0 .. committed-1 are closed; all but the newest `pending_groups` of them land now. The open group
-  // (copies issued since the last commit) is not waited for by wait_group.
-  const uint64_t land_below = f.groups_committed > static_cast<uint64_t>(pending_groups)
-                                  ? f.groups_committed - static_cast<uint64_t>(pending_groups) : 0;
+  const uint64_t land_below = groups_landing_below(f.groups_committed, pending_groups, "cp_async_wait");
   size_t kept = 0;
   for (const Fiber::AsyncCopy& c : f.in_flight) {
     if (c.group < land_below) {
@@ -717,12 +756,212 @@ void cp_async_wait(int pending_groups) {
       --b.chunk_in_flight[chunk];
       b.chunk_landed_epoch[chunk] = static_cast<int64_t>(f.block_calls);
       b.chunk_landed_by[chunk] = f.tid;
+      b.chunk_landed_proxy[chunk] = f.proxy_fences;
     } else {
       f.in_flight[kept++] = c;
     }
   }
   f.in_flight.resize(kept);
 }
+
+// ------------------------------------------------------------------------------------------------------------------
+// wgmma (sm_90a), emulated per warp: warp w of a warpgroup computes rows 16 (w % 4) .. + 15 of the 64, which depend
+// only on its own A rows and the shared B. The results are held back until wgmma_wait covers their group.
+
+namespace {
+
+// The PTX ISA's shared-memory matrix descriptor (start address, leading / stride byte offsets, base offset and
+// swizzle mode), with addresses relative to the block's shared memory.
+struct MatrixDescriptor {
+  uint32_t start, leading, stride, base_offset, swizzle;
+};
+
+MatrixDescriptor decode_descriptor(uint64_t desc) {
+  return {static_cast<uint32_t>(desc & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 49) & 0x7),
+          static_cast<uint32_t>(desc >> 62)};
+}
+
+// Byte offset of element (mn, k) (k < 16) of a 16-bit operand with the 128-byte swizzle (CuTe's canonical GMMA
+// layouts, in 16-bit elements):
+//   K-major:  ((8, m), (8, 2)) : ((64, SBO), (1, 8))      rows of 128 bytes, 8-row groups SBO bytes apart
+//   MN-major: ((64, m), (8, k)) : ((1, LBO), (64, SBO))    64-element panels LBO bytes apart, 8-k groups SBO apart
+// then the swizzle of the address: its 16-byte chunk index (bits 4-6) XOR its row in the 1024-byte atom (bits 7-9).
+size_t operand_offset(const MatrixDescriptor& d, bool mn_major, unsigned mn, unsigned k) {
+  size_t offset = mn_major ? d.start + (mn % 64) * 2 + (mn / 64) * size_t(d.leading) + (k % 8) * 128 +
+                                 (k / 8) * size_t(d.stride)
+                           : d.start + (mn % 8) * 128 + (mn / 8) * size_t(d.stride) + k * 2;
+  return offset ^ (((offset >> 7) & 7) << 4);
+}
+
+void check_descriptor(const MatrixDescriptor& d, const char* which) {
+  if (d.swizzle != 1)
+    throw std::runtime_error(std::string("wgmma_m64k16: the ") + which + " descriptor's swizzle mode " +
+                             std::to_string(d.swizzle) + " is not emulated (only 1, the 128-byte swizzle)");
+  if (d.base_offset != 0 || ((d.start >> 7) & 7) != 0)
+    throw std::runtime_error(std::string("wgmma_m64k16: the ") + which + " descriptor starts at shared offset " +
+                             std::to_string(d.start) + ", inside the rows of a 1024-byte swizzle atom (or sets a " +
+                             "base offset): not emulated");
+}
+
+// A 16-bit operand element that wgmma reads from shared memory: the chunk must have landed, been published by a
+// barrier and handed to the async proxy (fence_proxy_async by the thread that landed it).
+uint16_t read_operand(const Block& b, const Fiber& reader, size_t offset, const char* which) {
+  if (offset + 2 > b.smem_bytes)
+    throw std::runtime_error(std::string("wgmma_m64k16: ") + which + " element at shared offset " +
+                             std::to_string(offset) + " is outside the block's " + std::to_string(b.smem_bytes) +
+                             " bytes of shared memory");
+  const size_t chunk = offset / 16;
+  if (b.chunk_in_flight[chunk] != 0)
+    throw std::runtime_error(std::string("wgmma_m64k16 reads ") + which + " at shared offset " +
+                             std::to_string(offset) + " while a cp.async into it has not landed");
+  if (b.chunk_landed_epoch[chunk] >= 0) {
+    const Fiber& writer = b.fibers[b.chunk_landed_by[chunk]];
+    if (writer.tid != reader.tid && static_cast<int64_t>(reader.block_calls) <= b.chunk_landed_epoch[chunk])
+      throw std::runtime_error(std::string("wgmma_m64k16 reads ") + which + " at shared offset " +
+                               std::to_string(offset) + " that thread " + std::to_string(writer.tid) +
+                               "'s cp.async landed in without a sync_threads since (the copy is not visible)");
+    if (writer.proxy_fences <= b.chunk_landed_proxy[chunk])
+      throw std::runtime_error(std::string("wgmma_m64k16 reads ") + which + " at shared offset " +
+                               std::to_string(offset) + " that thread " + std::to_string(writer.tid) +
+                               "'s cp.async landed in with no fence_proxy_async by it since (the async proxy "
+                               "may not see the copy)");
+  }
+  return load_u16(reinterpret_cast<const unsigned char*>(b.smem) + offset);
+}
+
+}  // namespace
+
+void wgmma_m64k16(float* d, int n, const uint32_t a[4], uint64_t a_desc, uint64_t b_desc, bool accumulate,
+                  bool transpose_b, Element type) {
+  Block& blk = block_of("wgmma_m64k16");
+  Fiber& f = *blk.current;
+  if (n < 8 || n > 128 || n % 8 != 0)
+    throw std::runtime_error("wgmma_m64k16: n = " + std::to_string(n) + " is not emulated (8, 16, ..., 128)");
+  if (!f.wgmma_fenced)
+    throw std::runtime_error("wgmma_m64k16 without a wgmma_fence since this thread's last wgmma_wait (the "
+                             "accumulator and A registers written before it need one)");
+  Warp& warp = blk.warps[f.tid / 32];
+  const uint64_t generation = warp.generation;  // of the collective this call joins
+  const LaneSlot& s = collective(
+      Op::wgmma, false, type, "wgmma_m64k16",
+      [&](LaneSlot& slot) {
+        slot.n = n;
+        slot.a_in_registers = a != nullptr;
+        for (int i = 0; i < 4; ++i) slot.a[i] = a ? a[i] : 0;
+        slot.a_desc = a_desc;
+        slot.b_desc = b_desc;
+        slot.accumulate = accumulate;
+        slot.transpose_b = transpose_b;
+        const float* in = d;  // the newest result still pending for these registers, else the registers
+        for (auto p = f.wgmma_pending.rbegin(); p != f.wgmma_pending.rend(); ++p)
+          if (p->d == d) {
+            if (p->n != n) throw std::runtime_error("wgmma_m64k16: accumulators reused with another n in flight");
+            in = p->values;
+            break;
+          }
+        for (int i = 0; i < n / 2; ++i) slot.wd[i] = accumulate ? in[i] : 0.f;
+      },
+      [type](LaneSlot* lanes) {
+        Block& b = *t_block;
+        const Fiber& reader = *b.current;
+        const LaneSlot& first = lanes[0];
+        for (unsigned l = 1; l < 32; ++l)
+          if (lanes[l].n != first.n || lanes[l].a_in_registers != first.a_in_registers ||
+              lanes[l].a_desc != first.a_desc || lanes[l].b_desc != first.b_desc ||
+              lanes[l].accumulate != first.accumulate || lanes[l].transpose_b != first.transpose_b)
+            throw std::runtime_error("wgmma_m64k16: the lanes of a warp pass different shapes, descriptors or flags");
+        const int n = first.n;
+        const unsigned warp_in_group = (reader.tid / 32) % 4;
+        auto cvt = [type](uint16_t h) { return type == Element::bf16 ? bf16_to_float(h) : f16_to_float(h); };
+        double A[16][16], Bt[128][16];  // this warp's 16 rows; Bt[n][k] = B[k][n]
+        if (first.a_in_registers) {  // the mma.m16n8k16 A layout (see mma_m16n8k16)
+          for (unsigned l = 0; l < 32; ++l) {
+            const unsigned g = l >> 2, t = l % 4;
+            for (unsigned i = 0; i < 8; ++i) {
+              const uint16_t h = static_cast<uint16_t>(lanes[l].a[i / 2] >> (16 * (i & 1)));
+              A[(i < 2 || (i >= 4 && i < 6)) ? g : g + 8][t * 2 + (i & 1) + (i >= 4 ? 8 : 0)] = cvt(h);
+            }
+          }
+        } else {
+          const MatrixDescriptor da = decode_descriptor(first.a_desc);
+          check_descriptor(da, "A");
+          for (unsigned r = 0; r < 16; ++r)
+            for (unsigned k = 0; k < 16; ++k)
+              A[r][k] = cvt(read_operand(b, reader, operand_offset(da, false, 16 * warp_in_group + r, k), "A"));
+        }
+        const MatrixDescriptor db = decode_descriptor(first.b_desc);
+        check_descriptor(db, "B");
+        std::vector<uint32_t>& chunks = b.warps[reader.tid / 32].wgmma_chunks[b.warps[reader.tid / 32].generation & 1];
+        chunks.clear();
+        for (int c = 0; c < n; ++c)
+          for (unsigned k = 0; k < 16; ++k) {
+            const size_t offset = operand_offset(db, first.transpose_b, c, k);
+            Bt[c][k] = cvt(read_operand(b, reader, offset, "B"));
+            chunks.push_back(static_cast<uint32_t>(offset / 16));
+          }
+        if (!first.a_in_registers) {
+          const MatrixDescriptor da = decode_descriptor(first.a_desc);
+          for (unsigned r = 0; r < 16; ++r)
+            for (unsigned k = 0; k < 16; ++k)
+              chunks.push_back(static_cast<uint32_t>(operand_offset(da, false, 16 * warp_in_group + r, k) / 16));
+        }
+        std::sort(chunks.begin(), chunks.end());
+        chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+        for (uint32_t c : chunks) ++b.chunk_wgmma_reads[c];
+        Warp& warp = b.warps[reader.tid / 32];
+        ++warp.wgmma_issued;
+        for (uint64_t x : {uint64_t(n), uint64_t(first.a_in_registers), first.a_in_registers ? 0 : first.a_desc,
+                           first.b_desc, uint64_t(first.accumulate), uint64_t(first.transpose_b)})
+          warp.wgmma_signature = (warp.wgmma_signature ^ x) * 0x100000001B3ull;  // FNV-style mixing
+        // d[4j + q]: row g + 8 (q >= 2), column 8j + 2t + (q & 1): the m16n8 C layout once per 8 columns
+        for (unsigned l = 0; l < 32; ++l) {
+          const unsigned g = l >> 2, t = l % 4;
+          for (int i = 0; i < n / 2; ++i) {
+            const unsigned row = g + ((i % 4) >= 2 ? 8 : 0), col = 8 * (i / 4) + 2 * t + (i & 1);
+            double acc = lanes[l].wd[i];
+            for (unsigned k = 0; k < 16; ++k) acc += A[row][k] * Bt[col][k];
+            lanes[l].wd[i] = static_cast<float>(acc);
+          }
+        }
+      });
+  Fiber::PendingWgmma pending{d, n, f.wgmma_groups_committed, {}, {}, a, {}};
+  if (a) std::memcpy(pending.a_values, a, sizeof(pending.a_values));
+  if (f.tid % 32 == 0) pending.chunks = warp.wgmma_chunks[generation & 1];  // released at lane 0's wait
+  for (int i = 0; i < n / 2; ++i) {
+    pending.values[i] = s.wd[i];
+    d[i] = std::numeric_limits<float>::quiet_NaN();  // undefined until the wait: a read before it is a bug
+  }
+  f.wgmma_pending.push_back(pending);
+}
+
+void wgmma_fence() { block_of("wgmma_fence").current->wgmma_fenced = true; }
+
+void wgmma_commit() { ++block_of("wgmma_commit").current->wgmma_groups_committed; }
+
+void wgmma_wait(int pending_groups) {
+  Block& b = block_of("wgmma_wait");
+  Fiber& f = *b.current;
+  const uint64_t land_below = groups_landing_below(f.wgmma_groups_committed, pending_groups, "wgmma_wait");
+  size_t kept = 0;
+  for (size_t i = 0; i < f.wgmma_pending.size(); ++i) {
+    Fiber::PendingWgmma& p = f.wgmma_pending[i];
+    if (p.group < land_below) {
+      if (p.a && std::memcmp(p.a, p.a_values, sizeof(p.a_values)) != 0)
+        throw std::runtime_error("wgmma_wait: the A registers of a wgmma were overwritten before this wait (the "
+                                 "wgmma reads them asynchronously until it completes)");
+      std::memcpy(p.d, p.values, sizeof(float) * static_cast<size_t>(p.n / 2));
+      for (uint32_t c : p.chunks) --b.chunk_wgmma_reads[c];
+    } else {
+      if (kept != i) f.wgmma_pending[kept] = std::move(f.wgmma_pending[i]);
+      ++kept;
+    }
+  }
+  f.wgmma_pending.erase(f.wgmma_pending.begin() + static_cast<std::ptrdiff_t>(kept), f.wgmma_pending.end());
+  f.wgmma_fenced = false;
+}
+
+void fence_proxy_async() { ++block_of("fence_proxy_async").current->proxy_fences; }
 
 namespace {
 
@@ -812,14 +1051,16 @@ std::string deadlock_message(const Block& b) {
 struct SharedBuffer {
   std::unique_ptr<char[]> storage;
   size_t capacity = 0;
-  char* ensure(size_t bytes) {  // returns a 128-byte aligned pointer with kCanaryBytes of room on both sides
-    const size_t need = bytes + 2 * kCanaryBytes + 128;
+  // returns a 1024-byte aligned pointer (the 128-byte swizzle atoms of wgmma operands are aligned to their start,
+  // as on a GPU, where the dynamic shared memory starts 1024-byte aligned) with kCanaryBytes of room on both sides
+  char* ensure(size_t bytes) {
+    const size_t need = bytes + 2 * kCanaryBytes + 1024;
     if (need > capacity) {
       storage.reset(new char[need]);
       capacity = need;
     }
     uintptr_t p = reinterpret_cast<uintptr_t>(storage.get()) + kCanaryBytes;
-    p = (p + 127) & ~uintptr_t(127);
+    p = (p + 1023) & ~uintptr_t(1023);
     return reinterpret_cast<char*>(p);
   }
 };
@@ -1014,6 +1255,8 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
         b.chunk_in_flight.assign((shared_bytes + 15) / 16, 0);
         b.chunk_landed_epoch.assign((shared_bytes + 15) / 16, -1);
         b.chunk_landed_by.assign((shared_bytes + 15) / 16, 0);
+        b.chunk_landed_proxy.assign((shared_bytes + 15) / 16, 0);
+        b.chunk_wgmma_reads.assign((shared_bytes + 15) / 16, 0);
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
           b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));
@@ -1028,11 +1271,16 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           f.warp_calls = f.block_calls = 0;
           f.in_flight.clear();
           f.groups_committed = 0;
+          f.wgmma_pending.clear();
+          f.wgmma_groups_committed = 0;
+          f.wgmma_fenced = false;
+          f.proxy_fences = 0;
           b.push(&f);
         }
         for (Warp& w : b.warps) {
           w.arrived = 0;
           w.generation = 0;
+          w.wgmma_issued = w.wgmma_signature = 0;
         }
         b.block_arrived = 0;
         b.live = threads_per_block;
@@ -1056,6 +1304,16 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           std::string error = deadlock_message(b);
           abort_all(b);
           throw std::runtime_error(error);
+        }
+        for (size_t g = 0; g + 4 <= b.warps.size(); g += 4) {  // wgmma is a warpgroup instruction
+          for (size_t w = g + 1; w < g + 4; ++w)
+            if (b.warps[w].wgmma_issued != b.warps[g].wgmma_issued ||
+                b.warps[w].wgmma_signature != b.warps[g].wgmma_signature)
+              throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) + ": warps " + std::to_string(g) +
+                                       "-" + std::to_string(g + 3) + " (a warpgroup) issued different wgmma " +
+                                       "sequences (warp " + std::to_string(g) + ": " +
+                                       std::to_string(b.warps[g].wgmma_issued) + ", warp " + std::to_string(w) +
+                                       ": " + std::to_string(b.warps[w].wgmma_issued) + " wgmmas)");
         }
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           if (static_cast<unsigned char>(b.smem[-1 - static_cast<ptrdiff_t>(i)]) != canary_byte(i)) {

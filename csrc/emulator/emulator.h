@@ -60,7 +60,7 @@ Dim3 block_index();       // blockIdx
 Dim3 grid_dim();          // gridDim
 unsigned block_dim();     // blockDim.x
 
-// This block's dynamic shared memory: 128-byte aligned, filled with 0xFF bytes at block start (so a read of
+// This block's dynamic shared memory: 1024-byte aligned, filled with 0xFF bytes at block start (so a read of
 // never-written shared memory shows up as NaN in f32, f16 and bf16 alike).
 char* shared_memory();
 
@@ -96,6 +96,27 @@ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const fl
 void cp_async_16(void* shared_dst, const void* global_src, bool copy);
 void cp_async_commit();                 // cp.async.commit_group: closes this thread's open group
 void cp_async_wait(int pending_groups);  // cp.async.wait_group N: lands all but this thread's N newest groups
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}.{f16,bf16} (sm_90a), N = n in 8, 16, ..., 128:
+// D[64 x n] = A[64 x 16] B[16 x n] (+ D when `accumulate`) for a warpgroup (4 consecutive warps, every lane
+// calling). Warp w % 4 owns rows 16 (w % 4) .. + 15, in the m16n8 C layout once per 8 columns:
+//   d[4j + q] = D[16 (w % 4) + lane/4 + 8 (q >= 2)][8j + 2 (lane % 4) + (q & 1)],  j < n/8, q < 4.
+// A comes from registers when `a` is not null (this warp's 16 rows, the mma_m16n8k16 A layout), else from shared
+// memory through `a_desc` (K-major); B from shared memory through `b_desc`, K-major, or MN-major when
+// `transpose_b`. Descriptors in the PTX ISA's matrix-descriptor format with addresses relative to shared_memory();
+// only the 128-byte swizzle, with atoms aligned to 1024 bytes, is emulated (anything else throws). Emulated per warp
+// (its rows need only its A rows): the warpgroup's 4 warps are not checked to issue together.
+// Asynchronous as on the GPU: the results land in d only at the wgmma_wait that covers their group (d reads NaN
+// until then); a later wgmma on the same accumulators chains onto the pending results, as the hardware orders
+// accumulator reuse. Errors: no wgmma_fence since the thread's last wgmma_wait; a shared operand whose cp.async has
+// not landed, was not published by a sync_threads, or not handed to the async proxy by fence_proxy_async of the
+// thread that landed it; results never waited for when the thread finishes. Numerics as mma_m16n8k16's.
+void wgmma_m64k16(float* d, int n, const uint32_t a[4], uint64_t a_desc, uint64_t b_desc, bool accumulate,
+                  bool transpose_b, Element type);
+void wgmma_fence();                     // wgmma.fence.sync.aligned
+void wgmma_commit();                    // wgmma.commit_group.sync.aligned
+void wgmma_wait(int pending_groups);    // wgmma.wait_group.sync.aligned N
+void fence_proxy_async();               // fence.proxy.async.shared::cta: this thread's landed copies -> async proxy
 
 // Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
 // is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further

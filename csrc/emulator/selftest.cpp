@@ -351,6 +351,145 @@ void test_ldmatrix_mma(Element type, std::mt19937& rng) {
 }
 
 // (3) shfl_xor: butterfly sum over the warp, max over groups of 4 lanes, and masks outside the warp.
+// (5) wgmma (sm_90a) against a double matmul, operands placed and fragments distributed with CuTe's layouts
+// (include/cute/atom/mma_traits_sm90_gmma.hpp; the MN-major layout as CuTe's tile_to_shape(Layout_MN_SW128_Atom,
+// (128, 64), Step<_2, _1>) prints it, FlashAttention-3's V^T, and make_gmma_desc's LBO / SBO for it):
+//   CLayout_64xN = ((4,8,4),(2,2,N/8)) : ((128,1,16),(64,8,512))   (thread, value) -> m + 64 n;  ALayout_64x16 the same
+//   Layout_K_SW128_Atom  = Swizzle<3,4,3> o (8,64):(64,1)   in bf16/f16 elements, the swizzle on byte addresses
+//   MN-major, 64 keys x 128 columns: ((64,2),(8,8)) : ((1,4096),(64,512)), LBO = 8192 B, SBO = 1024 B
+unsigned swizzle128(unsigned byte) { return byte ^ ((byte & 0x380u) >> 3); }
+void cute_c64(unsigned thread, unsigned v, unsigned& m, unsigned& n) {
+  m = 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((v / 2) % 2);
+  n = 2 * (thread % 4) + v % 2 + 8 * (v / 4);
+}
+uint64_t descriptor(unsigned offset, unsigned leading, unsigned stride) {
+  return uint64_t(offset >> 4) | (uint64_t(leading >> 4) << 16) | (uint64_t(stride >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+void test_wgmma(Element type, std::mt19937& rng) {
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  constexpr unsigned kA = 0, kB = 8192, kV = 24576, kBytes = 40960;  // A [64][64], B [128][64], V [64][128]
+  std::vector<uint16_t> A(64 * 64), B(128 * 64), V(64 * 128);    // A[m][k], B[n][k] (K-major), V[key][n]
+  std::vector<float> C(64 * 128), D_ss(64 * 128, NAN), D_rs(64 * 128, NAN);
+  for (auto& x : A) x = to_bits(dist(rng), type);
+  for (auto& x : B) x = to_bits(dist(rng), type);
+  for (auto& x : V) x = to_bits(dist(rng), type);
+  for (auto& x : C) x = dist(rng);
+  int nan_before_wait = 0;
+  pk_emu::launch(Dim3{}, 128, kBytes, [&] {
+    const unsigned t = pk_emu::thread_index();
+    char* smem = pk_emu::shared_memory();
+    auto put = [&](unsigned byte, uint16_t v) { std::memcpy(smem + swizzle128(byte), &v, 2); };
+    if (t == 0) {  // plain stores (the emulator tracks only cp.async copies for the async proxy)
+      for (unsigned m = 0; m < 64; ++m)
+        for (unsigned k = 0; k < 64; ++k) put(kA + 2 * (m * 64 + k), A[m * 64 + k]);
+      for (unsigned n = 0; n < 128; ++n)
+        for (unsigned k = 0; k < 64; ++k) put(kB + 2 * (n * 64 + k), B[n * 64 + k]);
+      for (unsigned key = 0; key < 64; ++key)
+        for (unsigned n = 0; n < 128; ++n)
+          put(kV + 2 * (n % 64 + (n / 64) * 4096 + (key % 8) * 64 + (key / 8) * 512), V[key * 128 + n]);
+    }
+    pk_emu::sync_threads();
+    float d[64];
+    for (unsigned v = 0; v < 64; ++v) {
+      unsigned m, n;
+      cute_c64(t, v, m, n);
+      d[v] = C[m * 128 + n];
+    }
+    // SS: D = C + A B^T over 4 k-steps, each 32 bytes further into the 128-byte rows.
+    pk_emu::wgmma_fence();
+    for (unsigned kk = 0; kk < 4; ++kk)
+      pk_emu::wgmma_m64k16(d, 128, nullptr, descriptor(kA + 32 * kk, 16, 1024), descriptor(kB + 32 * kk, 16, 1024),
+                           true, false, type);
+    pk_emu::wgmma_commit();
+    if (std::isnan(d[0])) ++nan_before_wait;
+    pk_emu::wgmma_wait(0);
+    for (unsigned v = 0; v < 64; ++v) {
+      unsigned m, n;
+      cute_c64(t, v, m, n);
+      D_ss[m * 128 + n] = d[v];
+    }
+    // RS: D = A V, A from registers (ALayout_64x16), V MN-major, k-steps of 16 keys 2048 bytes apart.
+    uint32_t a[4][4] = {};  // each k-step's own registers: wgmma reads them until the wait
+    pk_emu::wgmma_fence();
+    for (unsigned ks = 0; ks < 4; ++ks) {
+      for (unsigned v = 0; v < 8; ++v) {
+        unsigned m, k;
+        cute_c64(t, v, m, k);  // the A layout is CLayout_64x16
+        set_half(a[ks][v / 2], v % 2, A[m * 64 + 16 * ks + k]);
+      }
+      pk_emu::wgmma_m64k16(d, 128, a[ks], 0, descriptor(kV + 2048 * ks, 8192, 1024), ks > 0, true, type);
+    }
+    pk_emu::wgmma_commit();
+    pk_emu::wgmma_wait(0);
+    for (unsigned v = 0; v < 64; ++v) {
+      unsigned m, n;
+      cute_c64(t, v, m, n);
+      D_rs[m * 128 + n] = d[v];
+    }
+  });
+  double worst_ss = 0, worst_rs = 0;
+  for (unsigned m = 0; m < 64; ++m)
+    for (unsigned n = 0; n < 128; ++n) {
+      double ss = C[m * 128 + n], ss_mag = std::fabs(ss), rs = 0, rs_mag = 0;
+      for (unsigned k = 0; k < 64; ++k) {
+        const double p = double(to_value(A[m * 64 + k], type)) * to_value(B[n * 64 + k], type);
+        const double q = double(to_value(A[m * 64 + k], type)) * to_value(V[k * 128 + n], type);
+        ss += p, ss_mag += std::fabs(p), rs += q, rs_mag += std::fabs(q);
+      }
+      const double e_ss = std::fabs(D_ss[m * 128 + n] - ss) / ss_mag, e_rs = std::fabs(D_rs[m * 128 + n] - rs) / rs_mag;
+      worst_ss = e_ss <= worst_ss ? worst_ss : (std::isnan(e_ss) ? INFINITY : e_ss);
+      worst_rs = e_rs <= worst_rs ? worst_rs : (std::isnan(e_rs) ? INFINITY : e_rs);
+    }
+  CHECK(worst_ss <= 1e-6, "wgmma %s, SS (K-major A and B): relative error %g", name(type), worst_ss);
+  CHECK(worst_rs <= 1e-6, "wgmma %s, RS (MN-major B): relative error %g", name(type), worst_rs);
+  CHECK(nan_before_wait == 128, "wgmma %s: %d of 128 threads saw NaN accumulators before the wait", name(type),
+        nan_before_wait);
+}
+
+// wgmma's ordering rules: a fence before the first wgmma, and cp.async copies handed to the async proxy.
+void test_wgmma_rules() {
+  constexpr unsigned kBytes = 24576;
+  alignas(16) static uint16_t source[kBytes / 2] = {};
+  auto run = [&](bool fence, bool proxy_fence, bool refill_early = false, bool warp_skips = false,
+                 bool write_a_early = false) {
+    pk_emu::launch(Dim3{}, 128, kBytes, [&] {
+      const unsigned t = pk_emu::thread_index();
+      char* smem = pk_emu::shared_memory();
+      for (unsigned c = t; c < kBytes / 16; c += 128) pk_emu::cp_async_16(smem + 16 * c, source + 8 * c, true);
+      pk_emu::cp_async_commit();
+      pk_emu::cp_async_wait(0);
+      if (proxy_fence) pk_emu::fence_proxy_async();
+      pk_emu::sync_threads();
+      float d[64];
+      uint32_t a[4] = {};
+      if (fence) pk_emu::wgmma_fence();
+      if (!(warp_skips && t / 32 == 2))
+        pk_emu::wgmma_m64k16(d, 128, nullptr, descriptor(0, 16, 1024), descriptor(8192, 16, 1024), false, false,
+                             Element::f16);
+      pk_emu::wgmma_m64k16(d, 128, a, 0, descriptor(8192, 8192, 1024), true, true, Element::f16);
+      if (write_a_early) a[1] = 7;
+      pk_emu::wgmma_commit();
+      if (refill_early && t == 64) pk_emu::cp_async_16(smem + 8192 + 1024, source, true);  // B, still being read
+      pk_emu::wgmma_wait(0);
+      pk_emu::sync_threads();
+      if (t == 64) pk_emu::cp_async_16(smem + 8192 + 1024, source, true);  // every warp waited: free again
+      pk_emu::cp_async_commit();
+      pk_emu::cp_async_wait(0);
+    });
+  };
+  run(true, true);
+  expect_error("wgmma without wgmma_fence", [&] { run(false, true); }, {"without a wgmma_fence"});
+  expect_error("wgmma of copies not handed to the async proxy", [&] { run(true, false); },
+               {"no fence_proxy_async"});
+  expect_error("cp.async into an operand of a wgmma not waited for", [&] { run(true, true, true); },
+               {"thread 64", "cp_async_16 into shared offset 9216", "still reads"});
+  expect_error("a warp of a warpgroup skips a wgmma", [&] { run(true, true, false, true); },
+               {"warps 0-3 (a warpgroup) issued different wgmma sequences"});
+  expect_error("A registers written before the wait", [&] { run(true, true, false, false, true); },
+               {"A registers of a wgmma were overwritten"});
+}
+
 void test_shfl() {
   constexpr unsigned kThreads = 128;
   std::vector<float> sum(kThreads), quad_max(kThreads), own(kThreads), swapped(kThreads);
@@ -741,6 +880,7 @@ int main() {
     test_mma_random(t, rng, false);
     test_mma_random(t, rng, true);
     test_ldmatrix_mma(t, rng);
+    test_wgmma(t, rng);
   }
   for (int i = 0; i < 4; ++i) {
     test_ldmatrix(false, rng);
@@ -760,6 +900,7 @@ int main() {
     test_failures();
     test_bad_addresses();
     test_schedules();
+    test_wgmma_rules();
   }
 #ifdef HAVE_PLATFORM_H
   test_platform();

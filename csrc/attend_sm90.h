@@ -1,0 +1,246 @@
+// The Hopper (sm_90a) block attention loop: BlockAttention's schedule with wgmma instead of mma.sync. Two
+// warpgroups (8 warps, 256 threads) of 64 query rows each, kKeys-key tiles:
+//   S = Q K^T   wgmma, A (Q) and B (K) both read from shared memory by descriptor, D/16 k-steps;
+//   O += P V    wgmma, A (P) from registers (the score accumulators re-packed, as on sm_80), B (V) from shared
+//               memory, MN-major (V's [keys][D] tile used as B^T without a transpose in shared memory).
+// Scores and O land in the m16n8 C layout per warp, so OnlineSoftmax (attend.h) does the masking and softmax.
+// Q, K and V tiles sit in shared memory with the 128-byte swizzle wgmma reads (TileLayout128B); K/V tiles stream
+// through a ring of kStages pairs with cp.async (each copy handed to the async proxy before the barrier that
+// publishes it). run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as
+// FlashAttention-3 does within a warpgroup. Not yet: TMA, warp specialization (producer warps), ping-pong between
+// the two warpgroups.
+#pragma once
+
+#include "attend.h"
+#include "wgmma.h"
+
+namespace pk {
+
+// A [kRows][D] tile of 16-bit elements as wgmma's 128-byte-swizzle operands: panels of 64 columns (128-byte rows),
+// panel p holding columns [64p, 64p + 64) of every row; chunk c of row r at chunk (c ^ r) % 8 of its row. The
+// panels, and the tiles, start 1024-byte aligned.
+template <int kRows, int D>
+struct TileLayout128B {
+  static_assert(D % 64 == 0 && kRows % 8 == 0, "whole panels of whole atoms");
+  static constexpr int kChunks = D / 8;
+  static constexpr int kRowPitch = 64;  // elements from a row to the next in its panel (same swizzle 8 rows on)
+  static constexpr int kPanelElements = kRows * 64;
+  static PK_DEVICE int offset(int row, int chunk) {
+    return (chunk / 8) * kPanelElements + row * 64 + (((chunk % 8) ^ (row % 8)) << 3);
+  }
+};
+
+template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true>
+struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
+  static_assert(kStages >= 2, "a ring of at least two tile pairs");
+  static_assert(kKeys == 64 || kKeys == 128, "wgmma_ss is instantiated for 64 and 128 columns");
+  using Softmax = OnlineSoftmax<T, 1, kKeys / 8, D / 8>;
+  using Softmax::acc;
+  using Softmax::kRows;
+  using Softmax::probabilities;
+  using Softmax::rescale;
+  using Softmax::scale_and_mask;
+  using Softmax::softmax;
+  using Softmax::warp;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kBlockThreads = 128 * kWarpGroups;
+  static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block
+  static constexpr int kBlockN = kKeys;
+  static constexpr int kNTiles = kKeys / 8;
+  static constexpr int kDTiles = D / 8;
+  using QLayout = TileLayout128B<kBlockM, D>;
+  using KeyLayout = TileLayout128B<kBlockN, D>;
+  static constexpr int kStageElements = 2 * kBlockN * D;  // one K and one V tile
+  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;
+
+  T* q_tile;
+  T* k_tile;  // stage s: K at k_tile + s * kStageElements, V right after it
+  int thread;
+
+  PK_DEVICE explicit HopperAttention(char* shared) : Softmax(static_cast<int>(thread_index())) {
+    q_tile = reinterpret_cast<T*>(shared);
+    k_tile = q_tile + kBlockM * D;
+    thread = static_cast<int>(thread_index());
+    // Every tile's swizzle atoms must start 1024-byte aligned, or wgmma reads the wrong elements: stop loudly.
+    if ((matrix_descriptor(shared, 0, 0) & 0x3F) != 0) trap();
+  }
+
+  PK_DEVICE int warp_group() const { return warp / 4; }
+
+  template <class QRow>
+  PK_DEVICE void load_q_async(QRow q_row, const T* any_q) {
+    load_rows_async<T, QLayout, kBlockThreads, kBlockM>(q_tile, q_row, any_q, thread);
+  }
+
+  PK_DEVICE void load_tile_async(int stage, const KeyTile<T>& t) const {
+    T* keys = k_tile + stage * kStageElements;
+    constexpr auto load = load_keys_async<T, KeyLayout, kBlockThreads, kBlockN>;
+    load(keys, t.k, t.k_stride, t.key0, t.end, thread);
+    load(keys + kBlockN * D, t.v, t.v_stride, t.key0, t.end, thread);
+  }
+
+  // Issues S = Q K^T for this warpgroup's 64 rows and the tile's kKeys keys as one wgmma group (the caller fences
+  // before, waits after). k-step kk reads columns [16 kk, 16 kk + 16): 32 bytes into the rows of panel kk / 4 (the
+  // swizzle applies to the address, so stepping the start by 32 bytes stays inside the atom's rows); 8-row groups
+  // are 1024 bytes apart.
+  PK_DEVICE void issue_scores(float (&s)[kKeys / 2], const T* keys) const {
+    const T* q_rows = q_tile + warp_group() * 64 * 64;  // this warpgroup's 64 rows of each Q panel
+    PK_UNROLL
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t a = matrix_descriptor(q_rows + (kk / 4) * QLayout::kPanelElements + (kk % 4) * 16, 16, 1024);
+      const uint64_t b = matrix_descriptor(keys + (kk / 4) * KeyLayout::kPanelElements + (kk % 4) * 16, 16, 1024);
+      wgmma_ss<T, kKeys>(s, a, b, kk > 0);
+    }
+    wgmma_commit();
+  }
+
+  // The probabilities as P.V's A operand: the C layout of two 8-key tiles is the A layout of one 16-key step.
+  static PK_DEVICE void pack_probabilities(const float (&s)[1][kNTiles][4], uint32_t (&p)[kKeys / 16][4]) {
+    PK_UNROLL
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
+      p[ks][0] = pack2<T>(s[0][2 * ks][0], s[0][2 * ks][1]);
+      p[ks][1] = pack2<T>(s[0][2 * ks][2], s[0][2 * ks][3]);
+      p[ks][2] = pack2<T>(s[0][2 * ks + 1][0], s[0][2 * ks + 1][1]);
+      p[ks][3] = pack2<T>(s[0][2 * ks + 1][2], s[0][2 * ks + 1][3]);
+    }
+  }
+
+  // Issues O += P V as one wgmma group: k-step ks takes keys [16 ks, 16 ks + 16), two 8-key groups (1024 bytes
+  // apart) of every panel; the panels (64 columns of V each) are kBlockN * 128 bytes apart. p and O must not be
+  // touched until the group is waited for.
+  PK_DEVICE void issue_pv(const uint32_t (&p)[kKeys / 16][4], const T* values) {
+    PK_UNROLL
+    for (int ks = 0; ks < kKeys / 16; ++ks)
+      wgmma_rs_mn_major_b<T, D>(output(), p[ks], matrix_descriptor(values + ks * 16 * 64, kBlockN * 128, 1024), true);
+    wgmma_commit();
+  }
+
+  PK_DEVICE float (&output())[D / 2] { return *reinterpret_cast<float(*)[D / 2]>(&acc[0][0][0]); }
+
+  // Swaps in the wgmma loop: kOverlap, FA3's intra-warpgroup overlap, else one tile after another.
+  template <class Tiles, class Visible>
+  PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    if constexpr (kOverlap)
+      run_overlapped(num_tiles, tile, scale_log2, visible, rows_in_use);
+    else
+      run_in_turn(num_tiles, tile, scale_log2, visible, rows_in_use);
+  }
+
+  // BlockAttention::run_ring with these tiles: scores, softmax, P.V, one tile after another. A warpgroup whose 64
+  // rows are all padding skips the math (wgmma is issued by whole warpgroups).
+  template <class Tiles, class Visible>
+  PK_DEVICE void run_in_turn(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
+    PK_UNROLL
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < num_tiles) load_tile_async(t, tile(t));
+      cp_async_commit();
+    }
+    for (int t = 0; t < num_tiles; ++t) {
+      cp_async_wait<kStages - 2>();
+      fence_proxy_async();
+      sync_threads();  // tile t (and Q) landed and visible to wgmma; every warp is done with tile t - 1
+      const int ahead = t + kStages - 1;
+      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
+      cp_async_commit();
+      if (busy) {
+        const T* keys = k_tile + (t % kStages) * kStageElements;
+        float s[1][kNTiles][4];
+        float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
+        fence_operand(scores);
+        wgmma_fence();
+        issue_scores(scores, keys);
+        wgmma_wait<0>();
+        fence_operand(scores);
+        scale_and_mask(s, scale_log2, tile(t), visible);
+        softmax(s);
+        uint32_t p[kKeys / 16][4];
+        pack_probabilities(s, p);
+        fence_operand(output());
+        fence_operand(p);
+        wgmma_fence();
+        issue_pv(p, keys + kBlockN * D);
+        wgmma_wait<0>();
+        fence_operand(output());
+        fence_operand(p);
+      }
+    }
+    cp_async_wait<0>();
+  }
+
+  // FlashAttention-3's intra-warpgroup overlap: tile t's scores are issued together with tile t - 1's P.V, and
+  // tile t's softmax runs while that P.V is still on the tensor cores; only the rescaling of O waits for it.
+  // Step t reads K(t) and V(t - 1), so the ring needs a third stage for the tile loaded ahead (t + 1): after the
+  // barrier of step t every warp is done with tile t - 2, whose stage it refills.
+  template <class Tiles, class Visible>
+  PK_DEVICE void run_overlapped(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    static_assert(kStages >= 3, "steps read two tiles while a third loads");
+    const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
+    PK_UNROLL
+    for (int t = 0; t < kStages - 2; ++t) {
+      if (t < num_tiles) load_tile_async(t, tile(t));
+      cp_async_commit();
+    }
+    float s[1][kNTiles][4];
+    float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
+    uint32_t p[kKeys / 16][4];  // tile t - 1's probabilities: the A operand of its P.V
+    // Each step's branches stay outside the wgmma sequence (ptxas serializes wgmma in divergent paths, C7520): the
+    // first step, which has no P.V to overlap, is peeled off.
+    auto begin_step = [&](int t) {
+      cp_async_wait<kStages - 3>();
+      fence_proxy_async();
+      sync_threads();  // tile t landed and visible to wgmma; every warp is done with tile t - 2
+      const int ahead = t + kStages - 2;
+      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
+      cp_async_commit();
+    };
+    if (num_tiles > 0) {
+      begin_step(0);
+      if (busy) {
+        fence_operand(scores);
+        wgmma_fence();
+        issue_scores(scores, k_tile);
+        wgmma_wait<0>();
+        fence_operand(scores);
+        scale_and_mask(s, scale_log2, tile(0), visible);
+        float alpha[kRows];
+        probabilities(s, alpha);
+        pack_probabilities(s, p);  // (O is still zero: nothing to rescale)
+      }
+    }
+    for (int t = 1; t < num_tiles; ++t) {
+      begin_step(t);
+      if (busy) {
+        // the last step's register writes (O rescaled, p packed, s read) stay above the fence
+        fence_operand(scores);
+        fence_operand(output());
+        fence_operand(p);
+        wgmma_fence();
+        issue_scores(scores, k_tile + (t % kStages) * kStageElements);
+        issue_pv(p, k_tile + ((t - 1) % kStages) * kStageElements + kBlockN * D);
+        wgmma_wait<1>();  // the scores landed (groups complete in order); the P.V may still run
+        fence_operand(scores);
+        scale_and_mask(s, scale_log2, tile(t), visible);
+        float alpha[kRows];
+        probabilities(s, alpha);
+        wgmma_wait<0>();  // tile t - 1's P.V landed: O may be rescaled, p rewritten
+        fence_operand(output());
+        fence_operand(p);
+        rescale(alpha);
+        pack_probabilities(s, p);
+      }
+    }
+    if (busy && num_tiles > 0) {  // the last tile's P.V (its V was published by the last step's barrier)
+      fence_operand(output());
+      fence_operand(p);
+      wgmma_fence();
+      issue_pv(p, k_tile + ((num_tiles - 1) % kStages) * kStageElements + kBlockN * D);
+      wgmma_wait<0>();
+      fence_operand(output());
+      fence_operand(p);
+    }
+    cp_async_wait<0>();
+  }
+};
+
+}  // namespace pk
