@@ -1,6 +1,9 @@
-"""Kernels launch on their tensors' GPU, not on whichever is current (a model split across GPUs)."""
+"""Kernels launch on their tensors' GPU, not on whichever is current (a model split across GPUs), and with their
+launch options fixed (FP fusion)."""
 import contextlib
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,22 @@ def test_kernels_on_the_second_gpu_while_the_first_is_current():
     x = torch.randn(5, 64, device=dev)
     out, _ = lean_ops.rms_norm_forward(x, torch.ones(64, device=dev), 1e-6)
     torch.testing.assert_close(out, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_every_launch_sets_fp_fusion_explicitly():
+    """Triton 3.9 warns at the first launch that leaves enable_fp_fusion unset, and 3.10 turns FMA contraction off
+    by default (every kernel's speed and rounding would change): launch() always passes it, a kernel's own choice
+    (the rotary embedding's False) wins, and no launcher bypasses launch()."""
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs))
+
+    launch.launch(Kernel(), (3,), (1, 2), {"BLOCK": 4})
+    launch.launch(Kernel(), (1,), (), {"enable_fp_fusion": False})
+    assert seen == [((3,), (1, 2), {"enable_fp_fusion": True, "BLOCK": 4}), ((1,), (), {"enable_fp_fusion": False})]
+    triton_dir = Path(launch.__file__).parent
+    direct = [f"{path.name}: {m.group(0)}" for path in triton_dir.glob("*.py") if path.name != "device.py"
+              for m in re.finditer(r"\w+\[[^\]]*\]\(\*args", path.read_text())]
+    assert not direct, f"launches that bypass launch(): {direct}"

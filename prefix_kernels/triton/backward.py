@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
-from .device import on_first_tensor_device
+from .device import launch, on_first_tensor_device
 from .forward import _load_rows, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
@@ -583,7 +583,7 @@ def prefix_attention_backward(
     lse = lse.contiguous()
     delta = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     grid, args, kwargs = preprocess_launch(out, grad_out, lse, grad_lse, delta)
-    _bwd_preprocess[grid](*args, **kwargs)
+    launch(_bwd_preprocess, grid, args, kwargs)
 
     # dq accumulated by the key-major kernels (BackwardConfig.fuse_dq): only when both run anyway.
     fuse_dq = (dq is not None and dk is not None and dpk is not None
@@ -593,12 +593,12 @@ def prefix_attention_backward(
         grid, args, kwargs = dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, causal=causal,
                                        scale=scale, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                        prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
-        _prefix_attention_bwd_dq[grid](*args, **kwargs)
+        launch(_prefix_attention_bwd_dq, grid, args, kwargs)
     if dk is not None and dk.numel():
         grid, args, kwargs = dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, causal=causal, scale=scale,
                                          key_padding_mask=key_padding_mask, window=window, softcap=softcap,
                                          config=config, dq_acc=dq_acc)
-        _prefix_attention_bwd_dkdv[grid](*args, **kwargs)
+        launch(_prefix_attention_bwd_dkdv, grid, args, kwargs)
     if dpk is not None and dpk.numel():
         chunks = prefix_chunks or dprefix_chunks(q, prefix_k, config)
         if chunks > 1:
@@ -609,7 +609,7 @@ def prefix_attention_backward(
         grid, args, kwargs = dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, part_k, part_v, chunks,
                                             scale=scale, prefix_index=prefix_index, prefix_lens=prefix_lens,
                                             softcap=softcap, config=config, dq_acc=dq_acc)
-        _prefix_attention_bwd_dprefix[grid](*args, **kwargs)
+        launch(_prefix_attention_bwd_dprefix, grid, args, kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))
             dpv.copy_(part_v.sum(0))

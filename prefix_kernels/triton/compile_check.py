@@ -41,6 +41,9 @@ def compile_for_target(jit_fn, args, kwargs, arch: int):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from .device import with_fixed_options
+
+    kwargs = with_fixed_options(kwargs)  # as launch() passes them
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)

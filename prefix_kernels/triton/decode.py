@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
-from .device import on_first_tensor_device
+from .device import launch, on_first_tensor_device
 from .forward import _attend_tile, _has_tma, _load_rows, _tma_compatible, dot_precision
 
 
@@ -512,9 +512,9 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
                                            scale=scale, key_padding_mask=key_padding_mask,
                                            prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
                                            softcap=softcap, order=order, plan=plan)
-        _decode_partials[grid](*args, **kwargs)
+        launch(_decode_partials, grid, args, kwargs)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
-    _merge_partials[grid](*args, **kwargs)
+    launch(_merge_partials, grid, args, kwargs)
     return out, lse
 
 
@@ -538,7 +538,7 @@ def merge_attention_states_triton(out_a, lse_a, out_b, lse_b):
     lse = torch.empty(la.shape, device=out_a.device, dtype=torch.float32)
     if out.numel():
         grid, args, kwargs = merge_two_launch(a, la, b, lb, out, lse)
-        _merge_two[grid](*args, **kwargs)
+        launch(_merge_two, grid, args, kwargs)
     return out.view(out_a.shape), lse.view(lse_a.shape)
 
 

@@ -1,8 +1,12 @@
-"""Launch on the tensors' GPU: Triton launches a kernel on the *current* CUDA device, wherever its tensors are.
+"""How the Triton kernels are launched.
 
-A model split across GPUs (transformers' device_map="auto") runs a layer on cuda:1 while cuda:0 is current: without
-this, its kernels would run on cuda:0 against cuda:1 memory. Every launcher entry point is wrapped; the check costs
-one current-device query per call, and nothing when the device is already current (the usual case).
+On the tensors' GPU: Triton launches a kernel on the *current* CUDA device, wherever its tensors are. A model split
+across GPUs (transformers' device_map="auto") runs a layer on cuda:1 while cuda:0 is current: without this, its
+kernels would run on cuda:0 against cuda:1 memory. Every launcher entry point is wrapped; the check costs one
+current-device query per call, and nothing when the device is already current (the usual case).
+
+With the options fixed: `launch` passes FP fusion (FMA contraction) explicitly. Triton 3.9 warns when a launch
+leaves it unset, and 3.10 turns the default off, which would change every kernel's speed and rounding.
 """
 from __future__ import annotations
 
@@ -18,6 +22,21 @@ def launch_device(t):
             and t.device.index != torch.cuda.current_device()):
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+# FMA contraction on, as every Triton release before 3.10 did by default and every timing so far measured; a kernel
+# that must not fuse (the rotary embedding: its rounding must match HF's) says enable_fp_fusion=False itself.
+FP_FUSION = True
+
+
+def launch(kernel, grid, args, kwargs):
+    """kernel[grid](*args, **kwargs) with enable_fp_fusion set (FP_FUSION unless kwargs says otherwise)."""
+    kernel[grid](*args, **with_fixed_options(kwargs))
+
+
+def with_fixed_options(kwargs: dict) -> dict:
+    """The launch options every launch passes (the compile check applies them too)."""
+    return {"enable_fp_fusion": FP_FUSION, **kwargs}
 
 
 def on_first_tensor_device(launcher):

@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import block_d_for, cdiv, forward_config
-from .device import on_first_tensor_device
+from .device import launch, on_first_tensor_device
 
 
 
@@ -298,7 +298,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     if out.numel() == 0:
         return out, lse
     grid, args, kwargs = forward_launch(q, k, v, prefix_k, prefix_v, out, lse, **options)
-    _prefix_attention_fwd[grid](*args, **kwargs)
+    launch(_prefix_attention_fwd, grid, args, kwargs)
     return out, lse
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv
-from .device import on_first_tensor_device
+from .device import launch, on_first_tensor_device
 
 # RMSNorm holds a whole row in registers: rows wider than this go to the reference formula (lean_ops_reason).
 MAX_NORM_WIDTH = 16384
@@ -270,7 +270,7 @@ def rms_norm_forward(x, weight, eps):
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     if rows.numel():
         grid, args, kwargs = rms_norm_forward_launch(rows, weight.contiguous(), out.view(rows.shape), rstd, eps)
-        _rms_norm_fwd[grid](*args, **kwargs)
+        launch(_rms_norm_fwd, grid, args, kwargs)
     return out, rstd
 
 
@@ -292,7 +292,7 @@ def rms_norm_backward(grad, x, weight, rstd, need_dx, need_dw):
         grid, args, kwargs = rms_norm_backward_launch(grad_rows, rows, weight.contiguous(), rstd,
                                                       dx.view(rows.shape) if need_dx else None, dw_partial,
                                                       programs, need_dx, need_dw)
-        _rms_norm_bwd[grid](*args, **kwargs)
+        launch(_rms_norm_bwd, grid, args, kwargs)
     dw = None
     if need_dw:
         dw = dw_partial.sum(0).to(weight.dtype) if rows.shape[0] else torch.zeros_like(weight)
@@ -305,7 +305,7 @@ def swiglu_forward(gate, up):
     out = torch.empty_like(gate)
     if gate.numel():
         grid, args, kwargs = swiglu_forward_launch(gate, up, out)
-        _swiglu_fwd[grid](*args, **kwargs)
+        launch(_swiglu_fwd, grid, args, kwargs)
     return out
 
 
@@ -316,7 +316,7 @@ def swiglu_backward(grad, gate, up, need_gate, need_up):
     dup = torch.empty_like(up) if need_up else None
     if gate.numel() and (need_gate or need_up):
         grid, args, kwargs = swiglu_backward_launch(grad, gate, up, dgate, dup)
-        _swiglu_bwd[grid](*args, **kwargs)
+        launch(_swiglu_bwd, grid, args, kwargs)
     return dgate, dup
 
 
@@ -333,7 +333,7 @@ def cross_entropy_forward(logits, targets, keep):
     lse = torch.empty_like(loss)
     if logits.numel():
         grid, args, kwargs = cross_entropy_forward_launch(logits, targets, loss, lse)
-        _cross_entropy_fwd[grid](*args, **kwargs)
+        launch(_cross_entropy_fwd, grid, args, kwargs)
     return torch.where(keep, loss, 0.0), lse
 
 
@@ -344,7 +344,7 @@ def cross_entropy_backward(grad, logits, targets, keep, lse):
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if logits.numel():
         grid, args, kwargs = cross_entropy_backward_launch(grad, logits, targets, lse, dlogits)
-        _cross_entropy_bwd[grid](*args, **kwargs)
+        launch(_cross_entropy_bwd, grid, args, kwargs)
     return dlogits
 
 
@@ -353,7 +353,7 @@ def _rope_one(x, cos, sin, backward):
     out = torch.empty_like(x)  # the input's layout (HF's q is a transposed view; so is the stock result)
     if x.numel():
         grid, args, kwargs = rope_launch(x, _rows_view(cos), _rows_view(sin), out, backward)
-        _rope[grid](*args, **kwargs)
+        launch(_rope, grid, args, kwargs)
     return out
 
 
