@@ -294,8 +294,12 @@ def _random_case(generator, decode):
         kv_slice=bool(pick((0, 1))))
 
 
-@pytest.mark.parametrize("op_name", ["forward", "decode"])
-def test_random_shapes_match_reference(kernels, op_name):
+@pytest.mark.parametrize("op_name", ["forward", "forward-wgmma", "decode"])
+def test_random_shapes_match_reference(kernels, op_name, monkeypatch):
+    if op_name == "forward-wgmma":
+        _hopper_or_skip(kernels)
+        monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+        op_name = "forward"
     generator = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
     for _ in range(6):
         case = _random_case(generator, decode=op_name == "decode")
