@@ -20,6 +20,7 @@
 
 #include "mma.h"
 #include "params.h"
+#include "wgmma.h"
 
 namespace pk {
 
@@ -81,6 +82,41 @@ PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, 
                 in_range);
   }
 }
+
+// The cp.async ring the attention loops stream their (K, V) tiles through: tile t goes to stage t % (ring depth),
+// loaded kAhead tiles before the step that reads it. Copy group g holds tile g (group 0 also Q); one group is
+// committed per prologue tile and per step, empty past the last tile, so "all but the newest kAhead - 1 groups
+// landed" always means "tile t landed". One barrier per step: after it, tile t is visible to every warp (with
+// kAsyncProxy, to wgmma too: each thread hands its landed copies to the async proxy first), and every warp is done
+// with the tiles the ring refills in this step. load(t) issues tile t's copies.
+template <int kAhead, bool kAsyncProxy>
+struct TileRing {
+  static_assert(kAhead >= 1, "a tile is loaded at least one step ahead");
+  template <class Load>
+  static PK_DEVICE void prologue(int num_tiles, Load load) {
+    PK_UNROLL
+    for (int t = 0; t < kAhead; ++t) {
+      if (t < num_tiles) load(t);
+      cp_async_commit();
+    }
+  }
+  // A step's start: wait_for_tile (tile t landed and published), then load_ahead (the tile kAhead steps on).
+  static PK_DEVICE void wait_for_tile() {
+    cp_async_wait<kAhead - 1>();
+    if constexpr (kAsyncProxy) fence_proxy_async();
+    sync_threads();
+  }
+  template <class Load>
+  static PK_DEVICE void load_ahead(int t, int num_tiles, Load load) {
+    if (t + kAhead < num_tiles) load(t + kAhead);
+    cp_async_commit();
+  }
+  template <class Load>
+  static PK_DEVICE void begin_step(int t, int num_tiles, Load load) {
+    wait_for_tile();
+    load_ahead(t, num_tiles, load);
+  }
+};
 
 // The online softmax of one warp's rows, which every attention loop shares (mma.sync on sm_80, wgmma on sm_90a:
 // both leave the scores and O in the m16n8 C layout). kRowTiles 16-row tiles per warp; scores s[rt][n][j] of
@@ -371,25 +407,18 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
     cp_async_wait<0>();
   }
 
-  // run() with a ring of kStages tile pairs. Group g of cp.async copies holds tile g (group 0 also Q); one group is
-  // committed per prologue step and per iteration, empty past the last tile, so that "all but the newest
-  // kStages - 2 groups landed" always means "tile t landed". One barrier per tile: after it, tile t is visible to
-  // every warp and every warp is done with tile t - 1, whose stage the next copies refill.
+  // run() with a ring of kStages tile pairs (TileRing, loading kStages - 1 tiles ahead): after step t's barrier every
+  // warp is done with tile t - 1, whose stage the step refills.
   template <class Tiles, class Visible>
   PK_DEVICE void run_ring(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    using Ring = TileRing<kStages - 1, false>;
     const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
-    PK_UNROLL
-    for (int t = 0; t < kStages - 1; ++t) {
-      if (t < num_tiles) load_tile_async(t, tile(t));
-      cp_async_commit();
-    }
+    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
+    Ring::prologue(num_tiles, load);
     for (int t = 0; t < num_tiles; ++t) {
-      cp_async_wait<kStages - 2>();
-      sync_threads();
+      Ring::wait_for_tile();
       if (t == 0 && busy) load_q_fragments();
-      const int ahead = t + kStages - 1;
-      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
-      cp_async_commit();
+      Ring::load_ahead(t, num_tiles, load);
       if (busy) {
         const int stage = t % kStages;
         float s[kRowTiles][kNTiles][4];

@@ -130,19 +130,12 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   // rows are all padding skips the math (wgmma is issued by whole warpgroups).
   template <class Tiles, class Visible>
   PK_DEVICE void run_in_turn(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+    using Ring = TileRing<kStages - 1, true>;  // after step t's barrier every warp is done with tile t - 1
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
-    PK_UNROLL
-    for (int t = 0; t < kStages - 1; ++t) {
-      if (t < num_tiles) load_tile_async(t, tile(t));
-      cp_async_commit();
-    }
+    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
+    Ring::prologue(num_tiles, load);
     for (int t = 0; t < num_tiles; ++t) {
-      cp_async_wait<kStages - 2>();
-      fence_proxy_async();
-      sync_threads();  // tile t (and Q) landed and visible to wgmma; every warp is done with tile t - 1
-      const int ahead = t + kStages - 1;
-      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
-      cp_async_commit();
+      Ring::begin_step(t, num_tiles, load);
       if (busy) {
         const T* keys = k_tile + (t % kStages) * kStageElements;
         float s[1][kNTiles][4];
@@ -175,27 +168,17 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   template <class Tiles, class Visible>
   PK_DEVICE void run_overlapped(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
     static_assert(kStages >= 3, "steps read two tiles while a third loads");
+    using Ring = TileRing<kStages - 2, true>;  // after step t's barrier every warp is done with tile t - 2
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
-    PK_UNROLL
-    for (int t = 0; t < kStages - 2; ++t) {
-      if (t < num_tiles) load_tile_async(t, tile(t));
-      cp_async_commit();
-    }
+    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
+    Ring::prologue(num_tiles, load);
     float s[1][kNTiles][4];
     float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
     uint32_t p[kKeys / 16][4];  // tile t - 1's probabilities: the A operand of its P.V
     // Each step's branches stay outside the wgmma sequence (ptxas serializes wgmma in divergent paths, C7520): the
     // first step, which has no P.V to overlap, is peeled off.
-    auto begin_step = [&](int t) {
-      cp_async_wait<kStages - 3>();
-      fence_proxy_async();
-      sync_threads();  // tile t landed and visible to wgmma; every warp is done with tile t - 2
-      const int ahead = t + kStages - 2;
-      if (ahead < num_tiles) load_tile_async(ahead % kStages, tile(ahead));
-      cp_async_commit();
-    };
     if (num_tiles > 0) {
-      begin_step(0);
+      Ring::begin_step(0, num_tiles, load);
       if (busy) {
         fence_operand(scores);
         wgmma_fence();
@@ -209,7 +192,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
-      begin_step(t);
+      Ring::begin_step(t, num_tiles, load);
       if (busy) {
         // the last step's register writes (O rescaled, p packed, s read) stay above the fence
         fence_operand(scores);
