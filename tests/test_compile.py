@@ -74,3 +74,14 @@ def test_rotary_kernel_rounds_each_product_like_stock_on_sm90():
     assert len(lines) >= 6 and any("bfloat16" in line for line in lines), result.stdout
     for line in lines:
         assert "mul.rn" in line and "fma" not in line, line
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_a_ptxas_failure_is_an_error_not_a_missing_count(arch):
+    """A kernel whose PTX the resource check cannot assemble fails the compile check. Triton 3.9 emits PTX that
+    only its newer bundled ptxas reads for sm_90; with the older one every sm_90 case passed as "regs=None
+    spills=None" until a test tried to read the numbers. compile_check now takes the ptxas Triton itself uses."""
+    from prefix_kernels.triton import compile_check
+
+    with pytest.raises(RuntimeError, match="did not report registers and spills"):
+        compile_check.ptxas_usage(".version 99.9\n.target sm_80\n.address_size 64\n", arch)

@@ -52,11 +52,22 @@ def compile_for_target(jit_fn, args, kwargs, arch: int):
     return triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers, spilled bytes) from `ptxas -v` on the kernel's PTX."""
-    import triton.backends.nvidia as nvidia_backend
+def ptxas_for(arch: int) -> str:
+    """The ptxas Triton itself assembles `arch` with: Triton 3.9 emits PTX 9.x for sm_90, which only its bundled
+    newer ptxas ("ptxas-blackwell", CUDA 13) reads; its plain ptxas (CUDA 12.9) refuses it."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):  # a Triton without get_ptxas: its bundled ptxas
+        import triton.backends.nvidia as nvidia_backend
+
+        return os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spilled bytes) from `ptxas -v` on the kernel's PTX."""
+    ptxas = ptxas_for(arch)
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -67,16 +78,18 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
     text = result.stdout + result.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill stores", text)
-    return (int(regs.group(1)) if regs else None, sum(map(int, spills)) if spills else None)
+    if result.returncode != 0 or regs is None or not spills:  # never report a kernel unchecked as "ok"
+        raise RuntimeError(f"ptxas ({ptxas}) for {gpu} did not report registers and spills: {text.strip()[-400:]}")
+    return int(regs.group(1)), sum(map(int, spills))
 
 
 def check(name: str, jit_fn, args, kwargs, arch: int) -> CompileReport:
     start = time.perf_counter()
     try:
         kernel = compile_for_target(jit_fn, args, kwargs, arch)
+        registers, spills = ptxas_usage(kernel.asm["ptx"], arch)
     except Exception as exc:  # report every failing configuration, not only the first
         return CompileReport(name, arch, 0, None, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
-    registers, spills = ptxas_usage(kernel.asm["ptx"], arch)
     report = CompileReport(name, arch, kernel.metadata.shared, registers, spills, time.perf_counter() - start)
     if report.shared > SHARED_MEMORY_LIMIT[arch]:
         report.error = f"shared memory {report.shared} B > {SHARED_MEMORY_LIMIT[arch]} B"
