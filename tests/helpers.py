@@ -174,6 +174,13 @@ def assert_attention_matches_truth(out, lse, q, truth_out, truth_lse, reference_
     assert (out[torch.isinf(lse)] == 0).all(), "rows that see nothing give exact zeros"
 
 
+# Triton 3.9 allocates registers differently: 37 of the 1088 compile-check configurations spill more than under
+# 3.8, all of them already at 255 registers (the d128 backward and the wide decode tiles; bench/NOTES.md, seventh
+# session). Untimed on a GPU (the GPU image has 3.6): the spill budgets take 3.9's numbers as measured, rounded up,
+# so that a further regression still fails.
+TRITON_39 = tuple(int(part) for part in __import__("triton").__version__.split(".")[:2]) >= (3, 9)
+
+
 def compile_check_spills(name_filter: str, timeout: int = 1800) -> tuple[dict, str]:
     """Run prefix_kernels.triton.compile_check on the cases whose name contains `name_filter`, in a subprocess
     (the compiler needs @triton.jit kernels defined without TRITON_INTERPRET, which the tests set; Triton's cache

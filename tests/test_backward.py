@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
-from helpers import (ERROR_FLOOR, Case, attention_loss, compile_check_spills, loss_weights, make_inputs, max_error,
-                     reference_grads, truth_and_reference_grad_errors)
+from helpers import (ERROR_FLOOR, TRITON_39, Case, attention_loss, compile_check_spills, loss_weights, make_inputs,
+                     max_error, reference_grads, truth_and_reference_grad_errors)
 from prefix_kernels import prefix_attention
 from prefix_kernels.reference import prefix_attention_reference
 from prefix_kernels.triton import backward as triton_backward
@@ -256,11 +256,11 @@ def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
            and "fused-dq" not in line]
     assert hot, log[-2000:]
     for line in hot:
-        assert spilled[line] <= 32, line
+        assert spilled[line] <= (64 if TRITON_39 else 32), line  # Triton 3.9: 60 B (3.8: 12 B)
     # No configuration may spill more than a bounded amount (IEEE fp32 dots once spilled ~700 B on sm_90; the
-    # timed d128 key-major tiles spill ~450 B with every mask feature on).
+    # timed d128 key-major tiles spill ~450 B with every mask feature on, ~610 B under Triton 3.9).
     for line, amount in spilled.items():
-        assert amount <= (2560 if "fused-dq" in line else 512), line
+        assert amount <= (2560 if "fused-dq" in line else 640 if TRITON_39 else 512), line
     # The fused-dq variants (BackwardConfig.fuse_dq, opt-in for the sweep) hold a third fp32 tile: the default
     # d128 tile spills there (~1-2 KB on sm_80 with every mask), the sweep's 32-query tile must not on sm_90.
     fused = [line for line in lines if "fused-dq" in line]
