@@ -162,9 +162,9 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
     IFS=, read -r rows keys blocks fstages dstages hstages hoverlap <<< "$variant"
     fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}"
+    label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}"
     PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
-      --label "r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}" --json "$out/tune_cuda.json" 2>&1 | tail -n 6 \
-      | tee -a "$out/log.txt"
+      --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 10 | tee -a "$out/log.txt"
   done
 fi
 

@@ -5,8 +5,8 @@ bench/gpu_check.sh --tune-cuda rebuilds the extension once per variant (PK_FORWA
 through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this after each build, appending one
 JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
 reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
-also timed with its wgmma loop (PK_CUDA_FORWARD=wgmma, "cuda-wgmma"). Used to pick csrc's defaults; not a
-pass/fail test.
+also timed with its wgmma loop (PK_CUDA_FORWARD=wgmma, "cuda-wgmma"), last and in rows of its own. Used to pick
+csrc's defaults; not a pass/fail test.
 """
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if prefix_kernels.cuda.UNAVAILABLE_REASON:
         raise SystemExit(f"{args.label}: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
+    time_forward(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
+    time_decode(args)
+    if torch.cuda.get_device_capability() == (9, 0):
+        # Last: a loop that has never run on a GPU may trap, which ends the process's CUDA context.
+        time_forward(args, [("cuda-wgmma", "cuda", "wgmma")])
+
+
+def time_forward(args, variants):
+    """The ANCHORS training shapes, each (name, backend, $PK_CUDA_FORWARD) of `variants` checked against the
+    float32 reference on one batch row, then timed; one JSON line per shape."""
     dtype, device, H, D = torch.bfloat16, torch.device("cuda"), args.heads, 128
     for shape in SHAPES:
         B, S, P = shape["B"], shape["S"], shape["P"]
@@ -45,7 +55,7 @@ def main(argv=None):
             one = [t[:1] for t in (q, k, v)]
             truth = prefix_attention_reference(*(t.float() for t in one), prefix_k.float(), prefix_v.float(),
                                                causal=True)
-            for name, backend, loop in forward_variants():
+            for name, backend, loop in variants:
                 os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each call
                 run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
                                                               scale=1 / math.sqrt(D), backend=backend)
@@ -57,14 +67,7 @@ def main(argv=None):
             f.write(json.dumps(row) + "\n")
         print(f"{args.label:24} B={B:2} S={S} P={P}: " + " | ".join(
             f"{name} {row[name]['ms']:.3f} ms {row[name]['tflops']:.0f} TFLOP/s (err {row[name]['max_error']:.2g})"
-            for name, _, _ in forward_variants()), flush=True)
-    time_decode(args)
-
-
-def forward_variants():
-    """(name, backend, $PK_CUDA_FORWARD): the CUDA forward's loops this card runs, and Triton."""
-    hopper = [("cuda-wgmma", "cuda", "wgmma")] if torch.cuda.get_device_capability() == (9, 0) else []
-    return [("cuda", "cuda", "mma"), *hopper, ("triton", "triton", "mma")]
+            for name, _, _ in variants), flush=True)
 
 
 def time_decode(args):

@@ -17,7 +17,7 @@
 namespace pk {
 
 // A [kRows][D] tile of 16-bit elements as wgmma's 128-byte-swizzle operands: panels of 64 columns (128-byte rows),
-// panel p holding columns [64p, 64p + 64) of every row; chunk c of row r at chunk (c ^ r) % 8 of its row. The
+// panel p holding columns [64p, 64p + 64) of every row; chunk c of row r at chunk (c % 8) ^ (r % 8) of its row. The
 // panels, and the tiles, start 1024-byte aligned.
 template <int kRows, int D>
 struct TileLayout128B {
@@ -47,7 +47,6 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block
   static constexpr int kBlockN = kKeys;
   static constexpr int kNTiles = kKeys / 8;
-  static constexpr int kDTiles = D / 8;
   using QLayout = TileLayout128B<kBlockM, D>;
   using KeyLayout = TileLayout128B<kBlockN, D>;
   static constexpr int kStageElements = 2 * kBlockN * D;  // one K and one V tile

@@ -150,10 +150,12 @@ __device__ int pk_wgmma_in_binary = 0;
 std::string hopper_unavailable_reason(Stream stream) {
   const int device = current_device();
   int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return std::string("the device's compute capability could not be read: ") +
-           cudaGetErrorString(cudaGetLastError());
+  cudaError_t error = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (error != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("the device's compute capability could not be read: ") + cudaGetErrorString(error);
+  }
   if (major != 9) return "wgmma needs an sm_90 GPU, this one is sm_" + std::to_string(10 * major + minor);
   constexpr int kCachedDevices = 64;
   static std::atomic<int> cached[kCachedDevices];  // 0: not asked yet, 1: in the binary, 2: not
@@ -164,7 +166,7 @@ std::string hopper_unavailable_reason(Stream stream) {
       return "the first wgmma forward on a device checks its code with a synchronous copy, which a CUDA-graph "
              "capture forbids: run one forward outside the capture first";
     int in_binary = 0;
-    const cudaError_t error = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
+    error = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
     if (error != cudaSuccess) {
       cudaGetLastError();  // a non-sticky error must not be blamed on the launch that follows
       return std::string("the extension's device code for this GPU could not be read: ") + cudaGetErrorString(error);

@@ -466,7 +466,8 @@ const LaneSlot& collective(Op op, bool trans, Element type, const char* what, Fi
     w.op = op;
     w.trans = trans;
     w.type = type;
-  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) || ((op == Op::mma || op == Op::wgmma) && w.type != type)) {
+  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) ||
+             ((op == Op::mma || op == Op::wgmma) && w.type != type)) {
     std::vector<unsigned> waiting;
     for (unsigned l = 0; l < 32; ++l)
       if (b.fibers[(f.tid / 32) * 32 + l].state == FiberState::parked_warp) waiting.push_back(l);
