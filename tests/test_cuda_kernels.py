@@ -96,9 +96,7 @@ def _check_op(op_name, case, dtype, device, index_dtype=torch.int64):
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
     call = _validated(tensors, options)
     assert cuda.unavailable_reason(call) is None
-    op = getattr(cuda.kernels(), op_name)
-    out, lse = op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
-                  call.prefix_lens, call.causal, call.scale)
+    out, lse = _call_op(op_name, call)
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
     if dtype == torch.bfloat16 and device.type == "cpu":
         return
