@@ -6,7 +6,6 @@
 //  2. merge: every row's slots combined by their LSEs into out (q's dtype) and lse.
 // Sized from shapes only (no host sync): CUDA-graph safe.
 #include <algorithm>
-#include <atomic>
 
 #include "attend.h"
 #include "dispatch.h"
@@ -244,13 +243,11 @@ bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
 template <typename T, int D, int kStages>
 void launch_partials(const DecodeParams& d, int programs, Stream stream) {
   constexpr size_t kShared = DecodeAttention<T, D, kStages>::kSharedBytes;
-  static std::atomic<uint64_t> opted_in{0};  // bit i: done on device i (devices past 63: every call)
-  const int device = current_device();
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
-  if (bit == 0 || (opted_in.load(std::memory_order_relaxed) & bit) == 0) {
+  static std::atomic<int> opted_in[kCachedDevices];
+  once_per_device(opted_in, current_device(), [] {
     allow_shared_bytes(decode_partials_kernel<T, D, kStages>, kShared);
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
-  }
+    return 1;
+  });
   PK_LAUNCH((decode_partials_kernel<T, D, kStages>), (Dim3{static_cast<unsigned>(programs), 1, 1}), kThreads,
             kShared, stream, d);
 }

@@ -2,7 +2,6 @@
 // attends to its sequence's prefix (read in place from the ONE prefix copy, picked by prefix_index) and then to
 // its own keys, in one online softmax. Own tiles past the block's last causal key are never loaded; only tiles
 // that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are masked.
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -145,8 +144,9 @@ __device__ int pk_wgmma_in_binary = 1;
 __device__ int pk_wgmma_in_binary = 0;
 #endif
 
-// Empty when the current device can run the wgmma kernels, else why not. The loaded code is asked once per device,
-// by a synchronous copy: not allowed while `stream` is being captured into a CUDA graph (an error then says so).
+// Empty when the current device can run the wgmma kernels, else why not. The loaded code is asked once per device
+// (once_per_device) by a synchronous copy: not allowed while `stream` is being captured into a CUDA graph (an error
+// then says so, and the next call asks again).
 std::string hopper_unavailable_reason(Stream stream) {
   const int device = current_device();
   int major = 0, minor = 0;
@@ -157,23 +157,25 @@ std::string hopper_unavailable_reason(Stream stream) {
     return std::string("the device's compute capability could not be read: ") + cudaGetErrorString(error);
   }
   if (major != 9) return "wgmma needs an sm_90 GPU, this one is sm_" + std::to_string(10 * major + minor);
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cached[kCachedDevices];  // 0: not asked yet, 1: in the binary, 2: not
-  int state = device >= 0 && device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (state == 0) {
+  static std::atomic<int> in_binary_cache[kCachedDevices];  // 1: in the binary, 2: not
+  std::string why;
+  const int state = once_per_device(in_binary_cache, device, [&] {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone)
-      return "the first wgmma forward on a device checks its code with a synchronous copy, which a CUDA-graph "
-             "capture forbids: run one forward outside the capture first";
-    int in_binary = 0;
-    error = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
-    if (error != cudaSuccess) {
-      cudaGetLastError();  // a non-sticky error must not be blamed on the launch that follows
-      return std::string("the extension's device code for this GPU could not be read: ") + cudaGetErrorString(error);
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone) {
+      why = "the first wgmma forward on a device checks its code with a synchronous copy, which a CUDA-graph "
+            "capture forbids: run one forward outside the capture first";
+      return 0;  // not asked: asked again next time
     }
-    state = in_binary ? 1 : 2;
-    if (device >= 0 && device < kCachedDevices) cached[device].store(state, std::memory_order_relaxed);
-  }
+    int in_binary = 0;
+    const cudaError_t copy = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
+    if (copy != cudaSuccess) {
+      cudaGetLastError();  // a non-sticky error must not be blamed on the launch that follows
+      why = std::string("the extension's device code for this GPU could not be read: ") + cudaGetErrorString(copy);
+      return 0;
+    }
+    return in_binary ? 1 : 2;
+  });
+  if (state == 0) return why;
   if (state != 1)
     return "the extension holds no sm_90a code (sm_90 code has no wgmma): rebuild it with 9.0a in "
            "PREFIX_KERNELS_CUDA_ARCHS";

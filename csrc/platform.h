@@ -19,6 +19,20 @@ struct SharedMemoryLimits {
   size_t per_block_optin;  // the most dynamic shared memory a block may opt in to
   size_t per_sm;           // an SM's shared memory, which its resident blocks share
 };
+
+// A value asked once per device and kept in `cache` (0: not asked yet, so an ask() that returns 0 is asked again);
+// devices past kCachedDevices ask on every call. No synchronization: a race asks twice and stores the same value.
+constexpr int kCachedDevices = 64;
+template <class Ask>
+inline int once_per_device(std::atomic<int> (&cache)[kCachedDevices], int device, Ask ask) {
+  const bool cached = device >= 0 && device < kCachedDevices;
+  int value = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    value = ask();
+    if (cached) cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
 }  // namespace pk
 
 #ifdef PK_EMULATE
@@ -106,19 +120,18 @@ inline int current_device() {
 // The current device's (sm_90: 227 / 228 KiB, sm_80: 163 / 164 KiB, sm_86/89: 99 / 100 KiB), asked once per device
 // (the small eager decodes this serves are bound by host time per call); no synchronization.
 inline SharedMemoryLimits shared_memory_limits() {
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> per_block[kCachedDevices], per_sm[kCachedDevices];  // 0: not asked yet
+  static std::atomic<int> per_block[kCachedDevices], per_sm[kCachedDevices];
   const int device = current_device();
-  auto ask = [device](std::atomic<int>* cache, cudaDeviceAttr attribute) {
-    int value = device >= 0 && device < kCachedDevices ? cache[device].load(std::memory_order_relaxed) : 0;
-    if (value == 0) {
-      cudaDeviceGetAttribute(&value, attribute, device);
-      if (device >= 0 && device < kCachedDevices) cache[device].store(value, std::memory_order_relaxed);
-    }
-    return static_cast<size_t>(value);
+  auto attribute = [device](cudaDeviceAttr which) {
+    int value = 0;
+    cudaDeviceGetAttribute(&value, which, device);
+    return value;
   };
-  return {ask(per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin),
-          ask(per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor)};
+  const int block = once_per_device(per_block, device,
+                                    [&] { return attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); });
+  const int sm = once_per_device(per_sm, device,
+                                 [&] { return attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor); });
+  return {static_cast<size_t>(block), static_cast<size_t>(sm)};
 }
 #endif
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
