@@ -187,7 +187,7 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // Block state.
 
 enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma };
-enum class FiberState : uint8_t { ready, parked_warp, parked_block, done };
+enum class FiberState : uint8_t { ready, parked_warp, parked_block, parked_mbarrier, done };
 
 struct FiberAbort {};  // thrown into parked fibers to unwind them when a launch fails; not a std::exception
 
@@ -250,6 +250,24 @@ struct Fiber {
   uint64_t wgmma_groups_committed = 0;      // the open wgmma group's number
   bool wgmma_fenced = false;                // a wgmma_fence since this thread's last wgmma_wait
   uint64_t proxy_fences = 0;                // fence_proxy_async calls
+  uint32_t mbarrier_waited = 0;             // while parked_mbarrier: the barrier's shared offset
+  unsigned mbarrier_parity = 0;             // and the parity waited for
+  std::map<uint32_t, uint64_t> mbarrier_seen;  // barrier -> its completed phases when this thread last waited on it
+};
+
+// An mbarrier (sm_90 transaction barrier): the current phase completes when `pending` reaches 0 with no bytes of
+// transactions outstanding (tx, announced by arrive_expect_tx, counted off by landing TMA copies).
+struct MBarrier {
+  unsigned expected = 0, pending = 0;
+  int64_t tx = 0;
+  uint64_t completed = 0;  // phases completed
+};
+
+// A TMA copy in flight: the box's bytes (read from global memory at issue), where they go, which barrier they count
+// off.
+struct TmaCopy {
+  uint32_t dst, bar;
+  std::vector<unsigned char> bytes;
 };
 
 constexpr size_t kCanaryBytes = 1024;  // checked on both sides of the shared buffer when a block ends
@@ -278,6 +296,12 @@ struct Block {
   std::vector<uint64_t> chunk_landed_proxy;
   // per chunk, the wgmmas (one per warp) that read it and were not waited for yet: no copy may land there until then
   std::vector<uint16_t> chunk_wgmma_reads;
+  // per chunk, when a TMA copy landed in it: its barrier's offset (-1: none) and the phase count its waiters must
+  // have seen (the phase the copy completed, plus one)
+  std::vector<int64_t> chunk_tma_barrier;
+  std::vector<uint64_t> chunk_tma_phase;
+  std::map<uint32_t, MBarrier> mbarriers;  // by shared offset, from mbarrier_init
+  std::vector<TmaCopy> tma_in_flight;      // oldest first
   bool greedy = false;         // pop the ready fiber that comes first in `order`, not the oldest
   std::vector<unsigned> rank;  // thread id -> its position in `order`
 
@@ -377,10 +401,16 @@ void switch_to(Block& b, Context& from, void** from_fake_stack, Fiber* to) {
 #endif
 }
 
+void land_tma_copies(Block& b, uint32_t bar);
+
 // Leaves fiber f (parked, or done for good): runs the next ready fiber, or goes back to launch() when none is left
 // (every thread finished, or a deadlock), or when the launch failed.
 void leave(Block& b, Fiber& f) {
   Fiber* next = (b.failed || b.aborting) ? nullptr : b.pop();
+  while (!next && !b.failed && !b.aborting && b.live > 0 && !b.tma_in_flight.empty()) {
+    land_tma_copies(b, b.tma_in_flight.front().bar);  // nothing else can run: the oldest barrier's copies land
+    next = b.pop();
+  }
   switch_to(b, f.ctx, f.state == FiberState::done ? nullptr : &f.asan_fake_stack, next);
   b.current = &f;  // resumed
 }
@@ -518,6 +548,20 @@ void check_aligned(const Block& b, const void* p, size_t alignment, const char* 
   }
 }
 
+// A chunk a TMA copy landed in is visible to a thread once it has waited for the barrier phase the copy completed.
+void check_tma_visible(const Block& b, const Fiber& reader, size_t chunk, const std::string& what) {
+  const int64_t bar = b.chunk_tma_barrier[chunk];
+  if (bar < 0) return;
+  const auto seen = reader.mbarrier_seen.find(static_cast<uint32_t>(bar));
+  const uint64_t phases = seen == reader.mbarrier_seen.end() ? 0 : seen->second;
+  if (phases < b.chunk_tma_phase[chunk])
+    throw std::runtime_error(what + " at shared offset " + std::to_string(chunk * 16) +
+                             " that a TMA copy landed in, completing phase " +
+                             std::to_string(b.chunk_tma_phase[chunk] - 1) + " of the mbarrier at shared offset " +
+                             std::to_string(bar) + ", which this thread has not waited for (mbarrier_wait): the " +
+                             "copy is not visible to it");
+}
+
 inline uint16_t load_u16(const unsigned char* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);
@@ -628,9 +672,10 @@ void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
         const size_t chunk = static_cast<size_t>(shared_offset(b, row_address)) / 16;
         if (b.chunk_in_flight[chunk] != 0)
           throw std::runtime_error("ldmatrix_x4 reads shared offset " + std::to_string(chunk * 16) +
-                                   " while a cp.async into it has not landed (a missing cp_async_wait or "
-                                   "sync_threads)");
+                                   " while a copy (cp.async or TMA) into it has not landed (a missing "
+                                   "cp_async_wait, sync_threads or mbarrier_wait)");
         const Fiber& reader = *b.current;
+        check_tma_visible(b, reader, chunk, "ldmatrix_x4 reads");
         if (b.chunk_landed_by[chunk] != reader.tid &&
             static_cast<int64_t>(reader.block_calls) <= b.chunk_landed_epoch[chunk])
           throw std::runtime_error("ldmatrix_x4 reads shared offset " + std::to_string(chunk * 16) +
@@ -758,6 +803,7 @@ void cp_async_wait(int pending_groups) {
       b.chunk_landed_epoch[chunk] = static_cast<int64_t>(f.block_calls);
       b.chunk_landed_by[chunk] = f.tid;
       b.chunk_landed_proxy[chunk] = f.proxy_fences;
+      b.chunk_tma_barrier[chunk] = -1;
     } else {
       f.in_flight[kept++] = c;
     }
@@ -815,7 +861,8 @@ uint16_t read_operand(const Block& b, const Fiber& reader, size_t offset, const 
   const size_t chunk = offset / 16;
   if (b.chunk_in_flight[chunk] != 0)
     throw std::runtime_error(std::string("wgmma_m64k16 reads ") + which + " at shared offset " +
-                             std::to_string(offset) + " while a cp.async into it has not landed");
+                             std::to_string(offset) + " while a copy (cp.async or TMA) into it has not landed");
+  check_tma_visible(b, reader, chunk, std::string("wgmma_m64k16 reads ") + which);
   if (b.chunk_landed_epoch[chunk] >= 0) {
     const Fiber& writer = b.fibers[b.chunk_landed_by[chunk]];
     if (writer.tid != reader.tid && static_cast<int64_t>(reader.block_calls) <= b.chunk_landed_epoch[chunk])
@@ -964,6 +1011,184 @@ void wgmma_wait(int pending_groups) {
 
 void fence_proxy_async() { ++block_of("fence_proxy_async").current->proxy_fences; }
 
+// ------------------------------------------------------------------------------------------------------------------
+// mbarrier and TMA (sm_90).
+
+namespace {
+
+// The barrier at `bar`: in shared memory, 8-byte aligned and initialized (except for mbarrier_init itself).
+uint32_t barrier_offset(Block& b, const void* bar, const char* what, bool must_exist = true) {
+  check_aligned(b, bar, 8, what, "mbarrier");
+  check_shared(b, bar, 8, what);
+  const uint32_t offset = static_cast<uint32_t>(shared_offset(b, bar));
+  if (must_exist && b.mbarriers.count(offset) == 0)
+    throw std::runtime_error(std::string(what) + ": the mbarrier at shared offset " + std::to_string(offset) +
+                             " was never initialized (mbarrier_init)");
+  return offset;
+}
+
+// Completes the current phase when every arrival came and every announced byte landed; wakes the waiters (each
+// checks its parity again).
+void complete_if_done(Block& b, uint32_t offset, MBarrier& m) {
+  if (m.pending != 0 || m.tx != 0) return;
+  ++m.completed;
+  m.pending = m.expected;
+  for (unsigned t : b.order) {
+    Fiber& w = b.fibers[t];
+    if (w.state == FiberState::parked_mbarrier && w.mbarrier_waited == offset) wake(b, w);
+  }
+}
+
+void arrive(Block& b, uint32_t offset, const char* what) {
+  MBarrier& m = b.mbarriers.at(offset);
+  if (m.pending == 0)
+    throw std::runtime_error(std::string(what) + ": more arrivals at the mbarrier at shared offset " +
+                             std::to_string(offset) + " than the " + std::to_string(m.expected) +
+                             " its phase expects");
+  --m.pending;
+  complete_if_done(b, offset, m);
+}
+
+// Lands every TMA copy in flight on barrier `bar` (oldest first), counting their bytes off its transactions.
+void land_tma_copies(Block& b, uint32_t bar) {
+  std::vector<TmaCopy> landing;
+  size_t kept = 0;
+  for (size_t i = 0; i < b.tma_in_flight.size(); ++i) {
+    if (b.tma_in_flight[i].bar == bar)
+      landing.push_back(std::move(b.tma_in_flight[i]));
+    else if (kept++ != i)
+      b.tma_in_flight[kept - 1] = std::move(b.tma_in_flight[i]);
+  }
+  b.tma_in_flight.resize(kept);
+  if (landing.empty()) return;
+  MBarrier& m = b.mbarriers.at(bar);
+  for (const TmaCopy& c : landing) {
+    std::memcpy(b.smem + c.dst, c.bytes.data(), c.bytes.size());
+    for (size_t chunk = c.dst / 16; chunk < (c.dst + c.bytes.size()) / 16; ++chunk) {
+      --b.chunk_in_flight[chunk];
+      b.chunk_landed_epoch[chunk] = -1;  // not a cp.async: visibility comes from the barrier
+      b.chunk_tma_barrier[chunk] = bar;
+      b.chunk_tma_phase[chunk] = m.completed + 1;
+    }
+    m.tx -= static_cast<int64_t>(c.bytes.size());
+  }
+  complete_if_done(b, bar, m);
+}
+
+}  // namespace
+
+void mbarrier_init(void* bar, unsigned count) {
+  Block& b = block_of("mbarrier_init");
+  const uint32_t offset = barrier_offset(b, bar, "mbarrier_init", false);
+  if (count == 0 || count > (1u << 20) - 1)
+    throw std::runtime_error("mbarrier_init: arrival count " + std::to_string(count) + " is not in [1, 2^20 - 1]");
+  MBarrier& m = b.mbarriers[offset];
+  m = MBarrier{};
+  m.expected = m.pending = count;
+}
+
+void mbarrier_arrive(void* bar) {
+  Block& b = block_of("mbarrier_arrive");
+  arrive(b, barrier_offset(b, bar, "mbarrier_arrive"), "mbarrier_arrive");
+}
+
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
+  Block& b = block_of("mbarrier_arrive_expect_tx");
+  const uint32_t offset = barrier_offset(b, bar, "mbarrier_arrive_expect_tx");
+  b.mbarriers.at(offset).tx += bytes;
+  arrive(b, offset, "mbarrier_arrive_expect_tx");
+}
+
+void mbarrier_wait(void* bar, unsigned parity) {
+  Block& b = block_of("mbarrier_wait");
+  Fiber& f = *b.current;
+  const uint32_t offset = barrier_offset(b, bar, "mbarrier_wait");
+  land_tma_copies(b, offset);
+  for (;;) {
+    if (aborted(b)) return;
+    const MBarrier& m = b.mbarriers.at(offset);
+    if ((m.completed & 1) != (parity & 1)) {  // the phase of that parity has completed
+      f.mbarrier_seen[offset] = m.completed;
+      return;
+    }
+    f.mbarrier_waited = offset;
+    f.mbarrier_parity = parity & 1;
+    park(b, f, FiberState::parked_mbarrier);
+  }
+}
+
+std::string encode_tensor_map(TensorMap& map, const void* base, int rank, const uint64_t* dims,
+                              const uint64_t* strides_bytes, const uint32_t* box, bool swizzle_128b) {
+  constexpr unsigned kElementBytes = 2;
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "the tensor's address is not 16-byte aligned";
+  if (rank < 1 || rank > 5) return "rank " + std::to_string(rank) + " is not in [1, 5]";
+  for (int d = 0; d < rank; ++d) {
+    if (dims[d] == 0 || dims[d] > (uint64_t(1) << 32))
+      return "dim " + std::to_string(d) + " = " + std::to_string(dims[d]) + " is not in [1, 2^32]";
+    if (box[d] == 0 || box[d] > 256)
+      return "box dim " + std::to_string(d) + " = " + std::to_string(box[d]) + " is not in [1, 256]";
+    if (d > 0 && (strides_bytes[d - 1] % 16 != 0 || strides_bytes[d - 1] >= (uint64_t(1) << 40)))
+      return "the stride of dim " + std::to_string(d) + " (" + std::to_string(strides_bytes[d - 1]) +
+             " bytes) is not a multiple of 16 below 2^40";
+  }
+  if (box[0] * kElementBytes % 16 != 0) return "the box's inner dim is not a multiple of 16 bytes";
+  if (swizzle_128b && box[0] * kElementBytes > 128) return "the box's inner dim is over 128 bytes (128-byte swizzle)";
+  map = TensorMap{};
+  map.base = base;
+  map.rank = rank;
+  map.swizzle_128b = swizzle_128b;
+  map.strides[0] = kElementBytes;
+  for (int d = 0; d < rank; ++d) {
+    map.dims[d] = dims[d];
+    map.box[d] = box[d];
+    if (d > 0) map.strides[d] = strides_bytes[d - 1];
+  }
+  return "";
+}
+
+void tma_load(void* shared_dst, const TensorMap& map, void* bar, const int32_t* coords) {
+  Block& b = block_of("tma_load");
+  const uint32_t bar_offset = barrier_offset(b, bar, "tma_load");
+  if (map.rank == 0) throw std::runtime_error("tma_load: the tensor map was never encoded");
+  const size_t element = map.strides[0];
+  size_t elements = 1;
+  for (int d = 0; d < map.rank; ++d) elements *= map.box[d];
+  const size_t bytes = elements * element;
+  check_aligned(b, shared_dst, map.swizzle_128b ? 1024 : 128, "tma_load", "destination");
+  check_shared(b, shared_dst, bytes, "tma_load");
+  const uint32_t dst = static_cast<uint32_t>(shared_offset(b, shared_dst));
+  for (size_t chunk = dst / 16; chunk < (dst + bytes) / 16; ++chunk) {
+    if (b.chunk_in_flight[chunk] != 0)
+      throw std::runtime_error("tma_load into shared offset " + std::to_string(chunk * 16) +
+                               " while an earlier copy into it has not landed");
+    if (b.chunk_wgmma_reads[chunk] != 0)
+      throw std::runtime_error("tma_load into shared offset " + std::to_string(chunk * 16) +
+                               " that a wgmma not yet waited for (wgmma_wait) still reads");
+  }
+  for (const auto& barrier : b.mbarriers)
+    if (barrier.first + 8 > dst && barrier.first < dst + bytes)
+      throw std::runtime_error("tma_load into shared bytes [" + std::to_string(dst) + ", " +
+                               std::to_string(dst + bytes) + ") that hold the mbarrier at offset " +
+                               std::to_string(barrier.first));
+  TmaCopy copy{dst, bar_offset, std::vector<unsigned char>(bytes)};
+  uint32_t index[5] = {};  // the element's position in the box, dim 0 fastest
+  for (size_t e = 0; e < elements; ++e) {
+    size_t at = e * element;
+    if (map.swizzle_128b) at ^= ((at >> 7) & 7) << 4;  // the 16-byte chunk XOR the row in the 1024-byte atom
+    bool inside = true;
+    size_t source = 0;
+    for (int d = 0; d < map.rank; ++d) {
+      const int64_t coordinate = int64_t(coords[d]) + index[d];
+      inside = inside && coordinate >= 0 && uint64_t(coordinate) < map.dims[d];
+      source += size_t(coordinate) * map.strides[d];
+    }
+    if (inside) std::memcpy(&copy.bytes[at], static_cast<const unsigned char*>(map.base) + source, element);
+    for (int d = 0; d < map.rank && ++index[d] == map.box[d]; ++d) index[d] = 0;
+  }
+  for (size_t chunk = dst / 16; chunk < (dst + bytes) / 16; ++chunk) ++b.chunk_in_flight[chunk];
+  b.tma_in_flight.push_back(std::move(copy));
+}
+
 namespace {
 
 std::string thread_state(const Block& b, const Fiber& f) {
@@ -979,6 +1204,13 @@ std::string thread_state(const Block& b, const Fiber& f) {
       const Warp& w = b.warps[f.tid / 32];
       s << "waiting at " << op_name(w.op, w.trans, w.type) << " in warp " << f.tid / 32 << " (warp collective #"
         << f.warp_calls << ")";
+      break;
+    }
+    case FiberState::parked_mbarrier: {
+      const MBarrier& m = b.mbarriers.at(f.mbarrier_waited);
+      s << "waiting at the mbarrier at shared offset " << f.mbarrier_waited << " for its phase of parity "
+        << f.mbarrier_parity << " (" << m.completed << " phases completed; " << m.pending << " of " << m.expected
+        << " arrivals and " << m.tx << " transaction bytes missing)";
       break;
     }
     case FiberState::ready:
@@ -1029,6 +1261,10 @@ std::string deadlock_message(const Block& b) {
     s << "\n  sync_threads: " << b.block_arrived << " of " << b.nthreads << " threads wait there (threads "
       << ranges(waiting) << ", at their call #" << call << "); never arriving: " << describe(b, missing, "thread");
   }
+  std::vector<unsigned> barrier_waiters;
+  for (const Fiber& f : b.fibers)
+    if (f.state == FiberState::parked_mbarrier) barrier_waiters.push_back(f.tid);
+  if (!barrier_waiters.empty()) s << "\n  mbarriers: " << describe(b, barrier_waiters, "thread");
   for (size_t wi = 0; wi < b.warps.size(); ++wi) {
     const Warp& w = b.warps[wi];
     if (w.arrived == 0) continue;
@@ -1258,6 +1494,10 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
         b.chunk_landed_by.assign((shared_bytes + 15) / 16, 0);
         b.chunk_landed_proxy.assign((shared_bytes + 15) / 16, 0);
         b.chunk_wgmma_reads.assign((shared_bytes + 15) / 16, 0);
+        b.chunk_tma_barrier.assign((shared_bytes + 15) / 16, -1);
+        b.chunk_tma_phase.assign((shared_bytes + 15) / 16, 0);
+        b.mbarriers.clear();
+        b.tma_in_flight.clear();
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
           b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));
@@ -1276,6 +1516,7 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           f.wgmma_groups_committed = 0;
           f.wgmma_fenced = false;
           f.proxy_fences = 0;
+          f.mbarrier_seen.clear();
           b.push(&f);
         }
         for (Warp& w : b.warps) {
@@ -1306,6 +1547,10 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           abort_all(b);
           throw std::runtime_error(error);
         }
+        if (!b.tma_in_flight.empty())
+          throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) + ": " +
+                                   std::to_string(b.tma_in_flight.size()) + " TMA copies (tma_load) never landed: " +
+                                   "no thread waited on their mbarrier before the block ended");
         for (size_t g = 0; g + 4 <= b.warps.size(); g += 4) {  // wgmma is a warpgroup instruction
           for (size_t w = g + 1; w < g + 4; ++w)
             if (b.warps[w].wgmma_issued != b.warps[g].wgmma_issued ||

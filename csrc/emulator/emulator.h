@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace pk_emu {
 
@@ -117,6 +118,45 @@ void wgmma_fence();                     // wgmma.fence.sync.aligned
 void wgmma_commit();                    // wgmma.commit_group.sync.aligned
 void wgmma_wait(int pending_groups);    // wgmma.wait_group.sync.aligned N
 void fence_proxy_async();               // fence.proxy.async.shared::cta: this thread's landed copies -> async proxy
+
+// sm_90's transaction barriers (mbarrier.*.shared::cta.b64) and tensor copies (TMA, cp.async.bulk.tensor), which
+// a producer warp uses to feed consumer warpgroups without sync_threads. A barrier is an 8-byte slot in shared
+// memory (its state is kept here, by offset); phase k completes when its `count` arrivals of the phase have come and
+// every byte announced by arrive_expect_tx in it has landed; then the next phase starts with `count` again.
+// mbarrier_wait(bar, parity) is try_wait.parity in a loop: it returns once the phase of that parity has completed,
+// i.e. while the current phase's parity differs (a fresh barrier: parity 1 passes at once, 0 waits for phase 0).
+// Errors: a barrier used before mbarrier_init, or not 8-byte aligned in shared memory; more arrivals than a phase
+// expects; a deadlock (every unfinished thread waits) lists the barrier waiters with their phases.
+void mbarrier_init(void* bar, unsigned count);            // mbarrier.init.shared::cta.b64 [bar], count
+void mbarrier_arrive(void* bar);                          // mbarrier.arrive.shared::cta.b64 _, [bar]
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);  // mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], bytes
+void mbarrier_wait(void* bar, unsigned parity);           // mbarrier.try_wait.parity.shared::cta.b64, until true
+
+// What cuTensorMapEncodeTiled records (16-bit elements, interleave none, no L2 promotion, OOB fill zeros): the
+// tensor's base, dims (innermost first), the byte strides of dims 1..rank-1, the box copied, and the swizzle.
+struct TensorMap {
+  const void* base = nullptr;
+  int rank = 0;
+  uint64_t dims[5] = {};
+  uint64_t strides[5] = {};  // bytes; strides[0] is the element size (dim 0 is contiguous)
+  uint32_t box[5] = {};
+  bool swizzle_128b = false;
+};
+// cuTensorMapEncodeTiled's checks (base 16-byte aligned; rank 1-5; dims in [1, 2^32]; strides multiples of 16 below
+// 2^40; box sizes in [1, 256], dim 0 of at most 128 bytes under the 128-byte swizzle): "" when the map is valid,
+// else why not (a GPU's encode fails with CUDA_ERROR_INVALID_VALUE there). Host side: call it outside a launch.
+std::string encode_tensor_map(TensorMap& map, const void* base, int rank, const uint64_t* dims,
+                              const uint64_t* strides_bytes, const uint32_t* box, bool swizzle_128b);
+
+// cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [map, {coords}], [bar]: copies
+// the box at `coords` (one per dim, innermost first; elements outside the tensor read as zeros) to dst, packed
+// innermost first, with the 128-byte swizzle of the address when the map has it (dst then 1024-byte aligned), and
+// counts its bytes off `bar`'s transaction count when it lands. Modelled lazily: a copy lands only when some thread
+// waits on its barrier, or when no thread can run otherwise. Errors: a wgmma or ldmatrix reading the box's bytes
+// before the copy landed, or without having waited for the barrier phase the copy completed (the copy is not
+// visible to that thread); a copy into bytes a wgmma not yet waited for still reads, into a copy in flight, or over
+// a barrier; copies that never land before the block ends.
+void tma_load(void* shared_dst, const TensorMap& map, void* bar, const int32_t* coords);
 
 // Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
 // is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further

@@ -490,6 +490,136 @@ void test_wgmma_rules() {
                {"A registers of a wgmma were overwritten"});
 }
 
+// (6) TMA + mbarrier (sm_90), as a producer warp feeds a consumer warpgroup: the producer (warp 4) copies A [64][64]
+// (rows 10.. of a [70][64] tensor) and B [128][64] (the second [100][72] slice of a 3-d tensor: rows past 100 read as
+// zeros, columns 64.. are never read) with the 128-byte swizzle; the consumers wait for the barrier and run wgmma SS
+// on them: the TMA's swizzled placement must be the one wgmma's descriptors read.
+void test_tma_wgmma(Element type, std::mt19937& rng) {
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  constexpr unsigned kA = 0, kB = 8192, kFull = 24576, kEmpty = 24584, kBytes = 24592;
+  std::vector<uint16_t> A(70 * 64), B(2 * 100 * 72);
+  for (auto& x : A) x = to_bits(dist(rng), type);
+  for (auto& x : B) x = to_bits(dist(rng), type);
+  pk_emu::TensorMap a_map, b_map;
+  const uint64_t a_dims[2] = {64, 70}, a_strides[1] = {128}, b_dims[3] = {64, 100, 2}, b_strides[2] = {144, 14400};
+  const uint32_t a_box[2] = {64, 64}, b_box[3] = {64, 128, 1};
+  CHECK(pk_emu::encode_tensor_map(a_map, A.data(), 2, a_dims, a_strides, a_box, true).empty(), "encode A");
+  CHECK(pk_emu::encode_tensor_map(b_map, B.data(), 3, b_dims, b_strides, b_box, true).empty(), "encode B");
+  std::vector<float> D(64 * 128, NAN);
+  bool fresh_parity_one_passed = false;
+  pk_emu::launch(Dim3{}, 160, kBytes, [&] {
+    const unsigned t = pk_emu::thread_index();
+    char* smem = pk_emu::shared_memory();
+    if (t == 0) {
+      pk_emu::mbarrier_init(smem + kFull, 1);
+      pk_emu::mbarrier_init(smem + kEmpty, 128);
+    }
+    pk_emu::sync_threads();
+    if (t >= 128) {  // the producer warp: one thread issues, then waits until the consumers are done
+      if (t == 128) {
+        pk_emu::mbarrier_wait(smem + kEmpty, 1);  // a fresh barrier: the phase of parity 1 counts as completed
+        fresh_parity_one_passed = true;
+        pk_emu::mbarrier_arrive_expect_tx(smem + kFull, 8192 + 16384);
+        const int32_t a_at[2] = {0, 6}, b_at[3] = {0, 0, 1};
+        pk_emu::tma_load(smem + kA, a_map, smem + kFull, a_at);
+        pk_emu::tma_load(smem + kB, b_map, smem + kFull, b_at);
+        pk_emu::mbarrier_wait(smem + kEmpty, 0);
+      }
+      return;
+    }
+    pk_emu::mbarrier_wait(smem + kFull, 0);
+    float d[64];
+    pk_emu::wgmma_fence();
+    for (unsigned kk = 0; kk < 4; ++kk)
+      pk_emu::wgmma_m64k16(d, 128, nullptr, descriptor(kA + 32 * kk, 16, 1024), descriptor(kB + 32 * kk, 16, 1024),
+                           kk > 0, false, type);
+    pk_emu::wgmma_commit();
+    pk_emu::wgmma_wait(0);
+    pk_emu::mbarrier_arrive(smem + kEmpty);
+    for (unsigned v = 0; v < 64; ++v) {
+      unsigned m, n;
+      cute_c64(t, v, m, n);
+      D[m * 128 + n] = d[v];
+    }
+  });
+  double worst = 0;
+  for (unsigned m = 0; m < 64; ++m)
+    for (unsigned n = 0; n < 128; ++n) {
+      double sum = 0, magnitude = 1e-30;
+      for (unsigned k = 0; k < 64 && n < 100; ++k) {
+        const double p = double(to_value(A[(m + 6) * 64 + k], type)) * to_value(B[(100 + n) * 72 + k], type);
+        sum += p, magnitude += std::fabs(p);
+      }
+      const double e = std::fabs(D[m * 128 + n] - sum) / magnitude;
+      worst = e <= worst ? worst : (std::isnan(e) ? INFINITY : e);
+    }
+  CHECK(fresh_parity_one_passed, "TMA: a fresh mbarrier's wait for parity 1 returned");
+  CHECK(worst <= 1e-6, "TMA + wgmma %s: relative error %g (rows past the tensor must read as zeros)", name(type),
+        worst);
+}
+
+// The rules of the barriers and of TMA copies, each broken once.
+void test_tma_rules() {
+  alignas(16) static uint16_t source[64 * 64] = {};
+  pk_emu::TensorMap map;
+  const uint64_t dims[2] = {64, 64}, strides[1] = {128};
+  const uint32_t box[2] = {64, 64};
+  CHECK(pk_emu::encode_tensor_map(map, source, 2, dims, strides, box, true).empty(), "encode");
+  const uint64_t odd_strides[1] = {120}, wide_dims[2] = {128, 64};
+  const uint32_t wide_box[2] = {128, 64};
+  CHECK(pk_emu::encode_tensor_map(map, source, 2, dims, odd_strides, box, true).find("multiple of 16") !=
+            std::string::npos, "encode: a stride of 120 bytes is refused");
+  CHECK(pk_emu::encode_tensor_map(map, source + 1, 2, dims, strides, box, true).find("16-byte aligned") !=
+            std::string::npos, "encode: a misaligned base is refused");
+  CHECK(pk_emu::encode_tensor_map(map, source, 2, wide_dims, strides, wide_box, true).find("over 128 bytes") !=
+            std::string::npos, "encode: a 256-byte inner box under the 128-byte swizzle is refused");
+  CHECK(pk_emu::encode_tensor_map(map, source, 2, dims, strides, box, true).empty(), "encode again");
+  constexpr unsigned kFull = 16384, kOther = 16392, kBytes = 24576;
+  // mode: 0 fine; 1 reads before any wait; 2 warp 1 never waits; 3 refills while a wgmma reads; 4 the producer
+  // never arrives; 5 one arrival too many; 6 a copy on a barrier nobody waits for; 7 a copy over a barrier
+  auto run = [&](int mode) {
+    pk_emu::launch(Dim3{}, 160, kBytes, [&] {
+      const unsigned t = pk_emu::thread_index();
+      char* smem = pk_emu::shared_memory();
+      if (t == 0) {
+        pk_emu::mbarrier_init(smem + kFull, 1);
+        pk_emu::mbarrier_init(smem + kOther, 1);
+      }
+      pk_emu::sync_threads();
+      const int32_t at[2] = {0, 0};
+      if (t == 128 && mode != 4) {  // the producer issues before the consumers run on (copies land lazily)
+        pk_emu::mbarrier_arrive_expect_tx(smem + kFull, 8192);
+        pk_emu::tma_load(smem, map, smem + kFull, at);
+        if (mode == 5) pk_emu::mbarrier_arrive(smem + kFull);
+        if (mode == 6) pk_emu::tma_load(smem + 8192, map, smem + kOther, at);
+        if (mode == 7) pk_emu::tma_load(smem + 9216, map, smem + kOther, at);
+      }
+      pk_emu::sync_threads();
+      if (t >= 128) return;
+      if (mode != 1 && !(mode == 2 && t / 32 == 1)) pk_emu::mbarrier_wait(smem + kFull, 0);
+      float d[32];
+      pk_emu::wgmma_fence();
+      pk_emu::wgmma_m64k16(d, 64, nullptr, descriptor(0, 16, 1024), descriptor(0, 16, 1024), false, false,
+                           Element::f16);
+      pk_emu::wgmma_commit();
+      if (mode == 3 && t == 0) pk_emu::tma_load(smem, map, smem + kOther, at);
+      pk_emu::wgmma_wait(0);
+    });
+  };
+  run(0);
+  expect_error("a wgmma reads a TMA box before the wait", [&] { run(1); }, {"while a copy (cp.async or TMA)"});
+  expect_error("a warp reads a TMA box without waiting", [&] { run(2); },
+               {"(warp 1, ", "completing phase 0 of the mbarrier at shared offset 16384", "has not waited"});
+  expect_error("a TMA copy into an operand a wgmma still reads", [&] { run(3); },
+               {"tma_load into shared offset 0", "still reads"});
+  expect_error("the producer never arrives", [&] { run(4); },
+               {"deadlock", "waiting at the mbarrier at shared offset 16384 for its phase of parity 0",
+                "1 of 1 arrivals"});
+  expect_error("one arrival too many", [&] { run(5); }, {"more arrivals", "than the 1 its phase expects"});
+  expect_error("a TMA copy over an mbarrier", [&] { run(7); }, {"hold the mbarrier at offset 16384"});
+  expect_error("a TMA copy on a barrier nobody waits for", [&] { run(6); }, {"1 TMA copies (tma_load) never landed"});
+}
+
 void test_shfl() {
   constexpr unsigned kThreads = 128;
   std::vector<float> sum(kThreads), quad_max(kThreads), own(kThreads), swapped(kThreads);
@@ -881,6 +1011,7 @@ int main() {
     test_mma_random(t, rng, true);
     test_ldmatrix_mma(t, rng);
     test_wgmma(t, rng);
+    test_tma_wgmma(t, rng);
   }
   for (int i = 0; i < 4; ++i) {
     test_ldmatrix(false, rng);
@@ -901,6 +1032,7 @@ int main() {
     test_bad_addresses();
     test_schedules();
     test_wgmma_rules();
+    test_tma_rules();
   }
 #ifdef HAVE_PLATFORM_H
   test_platform();
