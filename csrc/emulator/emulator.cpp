@@ -217,7 +217,8 @@ struct Warp {
   bool trans = false;
   Element type = Element::f16;
   LaneSlot slots[2][32];    // double-buffered by generation parity: no second barrier needed before reuse
-  std::vector<uint32_t> wgmma_chunks[2];  // the shared chunks a wgmma read, by generation parity (as slots)
+  // the shared chunks a wgmma read, by generation parity (as slots); every lane's pending wgmma holds the list
+  std::shared_ptr<const std::vector<uint32_t>> wgmma_chunks[2];
   // wgmmas issued and a hash of their shapes, descriptors and flags: the 4 warps of a warpgroup must agree
   uint64_t wgmma_issued = 0, wgmma_signature = 0;
 };
@@ -242,7 +243,9 @@ struct Fiber {
     int n;
     uint64_t group;
     float values[64];
-    std::vector<uint32_t> chunks;  // lane 0's only: the warp's shared chunks this wgmma still reads
+    // the warp's shared chunks this wgmma reads: each lane's count on them is released at that lane's wait (a
+    // thread that hands a stage back before its own wait lets a copy into it fail, whatever the other lanes did)
+    std::shared_ptr<const std::vector<uint32_t>> chunks;
     const uint32_t* a;             // the A registers (null: A from shared memory), read until the wait
     uint32_t a_values[4];
   };
@@ -295,7 +298,7 @@ struct Block {
   // only after that thread's next fence
   std::vector<uint64_t> chunk_landed_proxy;
   // per chunk, the wgmmas (one per warp) that read it and were not waited for yet: no copy may land there until then
-  std::vector<uint16_t> chunk_wgmma_reads;
+  std::vector<uint32_t> chunk_wgmma_reads;  // lanes (32 per warp) whose wgmma reading the chunk was not waited for
   // per chunk, when a TMA copy landed in it: its barrier's offset (-1: none) and the phase count its waiters must
   // have seen (the phase the copy completed, plus one)
   std::vector<int64_t> chunk_tma_barrier;
@@ -411,6 +414,7 @@ void leave(Block& b, Fiber& f) {
     land_tma_copies(b, b.tma_in_flight.front().bar);  // nothing else can run: the oldest barrier's copies land
     next = b.pop();
   }
+  if (next == &f) return;  // a yielding thread that runs next anyway (see arrive)
   switch_to(b, f.ctx, f.state == FiberState::done ? nullptr : &f.asan_fake_stack, next);
   b.current = &f;  // resumed
 }
@@ -940,8 +944,8 @@ void wgmma_m64k16(float* d, int n, const uint32_t a[4], uint64_t a_desc, uint64_
         }
         const MatrixDescriptor db = decode_descriptor(first.b_desc);
         check_descriptor(db, "B");
-        std::vector<uint32_t>& chunks = b.warps[reader.tid / 32].wgmma_chunks[b.warps[reader.tid / 32].generation & 1];
-        chunks.clear();
+        auto list = std::make_shared<std::vector<uint32_t>>();
+        std::vector<uint32_t>& chunks = *list;
         for (int c = 0; c < n; ++c)
           for (unsigned k = 0; k < 16; ++k) {
             const size_t offset = operand_offset(db, first.transpose_b, c, k);
@@ -956,7 +960,8 @@ void wgmma_m64k16(float* d, int n, const uint32_t a[4], uint64_t a_desc, uint64_
         }
         std::sort(chunks.begin(), chunks.end());
         chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
-        for (uint32_t c : chunks) ++b.chunk_wgmma_reads[c];
+        for (uint32_t c : chunks) b.chunk_wgmma_reads[c] += 32;
+        b.warps[reader.tid / 32].wgmma_chunks[b.warps[reader.tid / 32].generation & 1] = std::move(list);
         Warp& warp = b.warps[reader.tid / 32];
         ++warp.wgmma_issued;
         for (uint64_t x : {uint64_t(n), uint64_t(first.a_in_registers), first.a_in_registers ? 0 : first.a_desc,
@@ -975,7 +980,7 @@ void wgmma_m64k16(float* d, int n, const uint32_t a[4], uint64_t a_desc, uint64_
       });
   Fiber::PendingWgmma pending{d, n, f.wgmma_groups_committed, {}, {}, a, {}};
   if (a) std::memcpy(pending.a_values, a, sizeof(pending.a_values));
-  if (f.tid % 32 == 0) pending.chunks = warp.wgmma_chunks[generation & 1];  // released at lane 0's wait
+  pending.chunks = warp.wgmma_chunks[generation & 1];  // this lane's share is released at its wait
   for (int i = 0; i < n / 2; ++i) {
     pending.values[i] = s.wd[i];
     d[i] = std::numeric_limits<float>::quiet_NaN();  // undefined until the wait: a read before it is a bug
@@ -999,7 +1004,7 @@ void wgmma_wait(int pending_groups) {
         throw std::runtime_error("wgmma_wait: the A registers of a wgmma were overwritten before this wait (the "
                                  "wgmma reads them asynchronously until it completes)");
       std::memcpy(p.d, p.values, sizeof(float) * static_cast<size_t>(p.n / 2));
-      for (uint32_t c : p.chunks) --b.chunk_wgmma_reads[c];
+      for (uint32_t c : *p.chunks) --b.chunk_wgmma_reads[c];
     } else {
       if (kept != i) f.wgmma_pending[kept] = std::move(f.wgmma_pending[i]);
       ++kept;
@@ -1047,6 +1052,13 @@ void arrive(Block& b, uint32_t offset, const char* what) {
                              " its phase expects");
   --m.pending;
   complete_if_done(b, offset, m);
+  // An arrival hands something over (a stage freed, a tile announced): the other threads may run first, so that a
+  // release that comes before the releasing thread's own reads completed (a wgmma_wait after the arrive) lets the
+  // producer's next copy into the stage show up as a copy into an operand still being read.
+  Fiber& f = *b.current;
+  wake(b, f);
+  leave(b, f);
+  aborted(b);
 }
 
 // Lands every TMA copy in flight on barrier `bar` (oldest first), counting their bytes off its transactions.
