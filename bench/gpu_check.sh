@@ -18,7 +18,8 @@
 #                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap" for
 #                    csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's PK_DECODE_STAGES; the first
 #                    default variant is the shipped build), each built in its own copy of the tree, next to Triton;
-#                    on an sm_90 card each forward also with its wgmma loop (bench/tune_cuda.py: tune_cuda.json,
+#                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds;
+#                    bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,

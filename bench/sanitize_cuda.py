@@ -4,7 +4,8 @@ masks and several prefixes, at sizes that make the tools finish in seconds. benc
     compute-sanitizer --tool racecheck  --error-exitcode 1 python3 bench/sanitize_cuda.py
 (150 x 300 with a 200-key prefix: every stage of the forward's rings is refilled),
 and also checks each result against the reference, so a clean run is also a correct one. On an sm_90 card the sweep
-runs twice: with the forward's mma.sync loop and with its wgmma loop (PK_CUDA_FORWARD, csrc/forward.cu)."""
+runs three times: with the forward's mma.sync loop and with its wgmma loop fed by cp.async and by TMA
+(PK_CUDA_FORWARD, csrc/forward.cu)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from prefix_kernels.reference import prefix_attention_reference
 
 
 def sweep():
-    loops = ("mma", "wgmma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
+    loops = ("mma", "wgmma", "wgmma-tma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
     for loop in loops:
         os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each forward call
         yield from _shapes(loop)

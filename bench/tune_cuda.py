@@ -5,8 +5,9 @@ bench/gpu_check.sh --tune-cuda rebuilds the extension once per variant (PK_FORWA
 through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this after each build, appending one
 JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
 reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
-also timed with its wgmma loop (PK_CUDA_FORWARD=wgmma, "cuda-wgmma"), last and in rows of its own. Used to pick
-csrc's defaults; not a pass/fail test.
+also timed with its wgmma loops (PK_CUDA_FORWARD=wgmma, "cuda-wgmma", fed by cp.async, and wgmma-tma,
+"cuda-wgmma-tma", fed by a TMA producer warpgroup), last and in rows of their own. Used to pick csrc's defaults; not
+a pass/fail test.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main(argv=None):
     time_decode(args)
     if torch.cuda.get_device_capability() == (9, 0):
         # Last: a loop that has never run on a GPU may trap, which ends the process's CUDA context.
-        time_forward(args, [("cuda-wgmma", "cuda", "wgmma")])
+        time_forward(args, [("cuda-wgmma", "cuda", "wgmma"), ("cuda-wgmma-tma", "cuda", "wgmma-tma")])
 
 
 def time_forward(args, variants):

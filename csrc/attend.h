@@ -255,6 +255,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
   using Softmax::softmax;
   using Softmax::warp;
   static constexpr int kBlockThreads = kThreads;
+  static constexpr bool kTmaFeed = false;  // cp.async by every thread (HopperAttention may use TMA instead)
   using Layout = TileLayout<D>;
   static constexpr int kBlockM = 16 * kWarps * kRowTiles;  // query rows per block
   static constexpr int kBlockN = kKeys;

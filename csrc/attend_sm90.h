@@ -5,13 +5,19 @@
 //               memory, MN-major (V's [keys][D] tile used as B^T without a transpose in shared memory).
 // Scores and O land in the m16n8 C layout per warp, so OnlineSoftmax (attend.h) does the masking and softmax.
 // Q, K and V tiles sit in shared memory with the 128-byte swizzle wgmma reads (TileLayout128B); K/V tiles stream
-// through a ring of kStages pairs with cp.async (each copy handed to the async proxy before the barrier that
-// publishes it). run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as
-// FlashAttention-3 does within a warpgroup. Not yet: TMA, warp specialization (producer warps), ping-pong between
-// the two warpgroups.
+// through a ring of kStages pairs, fed one of two ways:
+//   cp.async (kTma = false): the 256 threads copy, each copy handed to the async proxy before the block barrier
+//               that publishes it (TileRing);
+//   TMA      (kTma = true, FlashAttention-3's warp specialization): a third, producer warpgroup (its registers given
+//               to the two consumers by setmaxnreg) copies Q and each tile by TMA; a "full" mbarrier per stage tells
+//               the consumers a tile landed, an "empty" one tells the producer that all 256 consumer threads are done
+//               with a stage. No block barrier in the loop.
+// run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as FlashAttention-3 does
+// within a warpgroup. Not yet: ping-pong between the two warpgroups.
 #pragma once
 
 #include "attend.h"
+#include "tma.h"
 #include "wgmma.h"
 
 namespace pk {
@@ -30,7 +36,16 @@ struct TileLayout128B {
   }
 };
 
-template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true>
+// A [kRows][D] tile in TileLayout128B by TMA: one box of 64 columns x kRows rows per panel, from rows
+// [row0, row0 + kRows) of (c2, c3) in a tensor map of dims (D, rows, c2's, c3's).
+template <typename T, int D, int kRows>
+PK_DEVICE void tma_load_tile(T* dst, const TensorMap& map, uint64_t* bar, int row0, int c2, int c3) {
+  PK_UNROLL
+  for (int panel = 0; panel < D / 64; ++panel)
+    tma_load_4d(dst + panel * TileLayout128B<kRows, D>::kPanelElements, map, bar, 64 * panel, row0, c2, c3);
+}
+
+template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true, bool kTma = false>
 struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static_assert(kStages >= 2, "a ring of at least two tile pairs");
   static_assert(kKeys == 64 || kKeys == 128, "wgmma_ss is instantiated for 64 and 128 columns");
@@ -42,41 +57,110 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using Softmax::scale_and_mask;
   using Softmax::softmax;
   using Softmax::warp;
-  static constexpr int kWarpGroups = 2;
-  static constexpr int kBlockThreads = 128 * kWarpGroups;
+  static constexpr bool kTmaFeed = kTma;
+  static constexpr int kWarpGroups = 2;               // consumers: the math
+  static constexpr int kConsumerThreads = 128 * kWarpGroups;
+  static constexpr int kProducerThreads = kTma ? 128 : 0;  // warpgroup 0 when there is one
+  static constexpr int kBlockThreads = kProducerThreads + kConsumerThreads;
+  // setmaxnreg's counts (FlashAttention-3's for two consumer warpgroups): 128 x 24 + 256 x 240 <= 64K registers.
+  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
   static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block
   static constexpr int kBlockN = kKeys;
   static constexpr int kNTiles = kKeys / 8;
   using QLayout = TileLayout128B<kBlockM, D>;
   using KeyLayout = TileLayout128B<kBlockN, D>;
   static constexpr int kStageElements = 2 * kBlockN * D;  // one K and one V tile
-  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;
+  static constexpr size_t kTileBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;
+  // TMA's mbarriers after the tiles: full[kStages], empty[kStages], then Q's
+  static constexpr int kBarriers = kTma ? 2 * kStages + 1 : 0;
+  static constexpr size_t kSharedBytes = kTileBytes + 8 * kBarriers;
 
   T* q_tile;
   T* k_tile;  // stage s: K at k_tile + s * kStageElements, V right after it
-  int thread;
+  int thread;  // among the consumer threads
 
-  PK_DEVICE explicit HopperAttention(char* shared) : Softmax(static_cast<int>(thread_index())) {
+  PK_DEVICE explicit HopperAttention(char* shared)
+      : Softmax(static_cast<int>(thread_index()) - kProducerThreads) {
     q_tile = reinterpret_cast<T*>(shared);
     k_tile = q_tile + kBlockM * D;
-    thread = static_cast<int>(thread_index());
+    thread = static_cast<int>(thread_index()) - kProducerThreads;
     // Every tile's swizzle atoms must start 1024-byte aligned, or wgmma reads the wrong elements: stop loudly.
     if ((matrix_descriptor(shared, 0, 0) & 0x3F) != 0) trap();
   }
 
   PK_DEVICE int warp_group() const { return warp / 4; }
 
+  // The cp.async feed copies Q with the consumers' threads; the TMA feed's producer copies it (produce).
   template <class QRow>
   PK_DEVICE void load_q_async(QRow q_row, const T* any_q) {
-    load_rows_async<T, QLayout, kBlockThreads, kBlockM>(q_tile, q_row, any_q, thread);
+    if constexpr (!kTma) load_rows_async<T, QLayout, kConsumerThreads, kBlockM>(q_tile, q_row, any_q, thread);
   }
 
   PK_DEVICE void load_tile_async(int stage, const KeyTile<T>& t) const {
     T* keys = k_tile + stage * kStageElements;
-    constexpr auto load = load_keys_async<T, KeyLayout, kBlockThreads, kBlockN>;
+    constexpr auto load = load_keys_async<T, KeyLayout, kConsumerThreads, kBlockN>;
     load(keys, t.k, t.k_stride, t.key0, t.end, thread);
     load(keys + kBlockN * D, t.v, t.v_stride, t.key0, t.end, thread);
   }
+
+  // ---- the TMA feed: the producer's side (the kernel calls these before constructing the consumers' object)
+
+  static PK_DEVICE uint64_t* barriers(char* shared) { return reinterpret_cast<uint64_t*>(shared + kTileBytes); }
+  static PK_DEVICE bool is_producer() { return static_cast<int>(thread_index()) < kProducerThreads; }
+
+  // Every thread of the block calls it: one initializes the barriers, the block barrier publishes them.
+  static PK_DEVICE void init_barriers(char* shared) {
+    static_assert(kTma, "the cp.async feed has no mbarriers");
+    if (thread_index() == 0) {
+      uint64_t* bar = barriers(shared);
+      for (int s = 0; s < kStages; ++s) {
+        mbarrier_init(bar + s, 1);                            // full: the producer's arrive_expect_tx + the bytes
+        mbarrier_init(bar + kStages + s, kConsumerThreads);  // empty: every consumer thread is done with it
+      }
+      mbarrier_init(bar + 2 * kStages, 1);  // Q landed
+      fence_barrier_init();
+    }
+    sync_threads();
+  }
+
+  // The producer warpgroup: gives its registers away, then one thread copies Q (copy_q(dst, bar)) and tile t's K
+  // and V (copy_tile(t, k_dst, v_dst, bar)) into stage t % kStages once the consumers released that stage's
+  // previous tile (the first kStages tiles find the fresh barriers' parity-1 phase completed).
+  template <class CopyQ, class CopyTile>
+  static PK_DEVICE void produce(char* shared, int num_tiles, CopyQ copy_q, CopyTile copy_tile) {
+    lower_registers_to<kProducerRegisters>();
+    if (thread_index() != 0) return;
+    T* q = reinterpret_cast<T*>(shared);
+    T* stages = q + kBlockM * D;
+    uint64_t* bar = barriers(shared);
+    mbarrier_arrive_expect_tx(bar + 2 * kStages, kBlockM * D * 2);
+    copy_q(q, bar + 2 * kStages);
+    for (int t = 0; t < num_tiles; ++t) {
+      const int s = t % kStages;
+      mbarrier_wait(bar + kStages + s, ((t / kStages) & 1) ^ 1);
+      mbarrier_arrive_expect_tx(bar + s, kStageElements * 2);
+      copy_tile(t, stages + s * kStageElements, stages + s * kStageElements + kBlockN * D, bar + s);
+    }
+  }
+
+  // How the consumers' loops get tile t into shared memory and hand its stage back: acquire(t) returns once tile t
+  // is there and visible to wgmma; release(t) once this thread's wgmmas that read it completed.
+  template <int kAhead, class Load>
+  struct CpAsyncFeed {  // TileRing: each step's block barrier publishes a tile and frees the one kAhead + 1 back
+    int num_tiles;
+    Load load;
+    PK_DEVICE void prologue() { TileRing<kAhead, true>::prologue(num_tiles, load); }
+    PK_DEVICE void acquire(int t) { TileRing<kAhead, true>::begin_step(t, num_tiles, load); }
+    PK_DEVICE void release(int) {}
+    PK_DEVICE void finish() { cp_async_wait<0>(); }
+  };
+  struct TmaFeed {
+    uint64_t* bar;
+    PK_DEVICE void prologue() { mbarrier_wait(bar + 2 * kStages, 0); }  // Q (every block copies it)
+    PK_DEVICE void acquire(int t) { mbarrier_wait(bar + t % kStages, (t / kStages) & 1); }
+    PK_DEVICE void release(int t) { mbarrier_arrive(bar + kStages + t % kStages); }
+    PK_DEVICE void finish() {}
+  };
 
   // Issues S = Q K^T for this warpgroup's 64 rows and the tile's kKeys keys as one wgmma group (the caller fences
   // before, waits after). k-step kk reads columns [16 kk, 16 kk + 16): 32 bytes into the rows of panel kk / 4 (the
@@ -116,25 +200,37 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
 
   PK_DEVICE float (&output())[D / 2] { return *reinterpret_cast<float(*)[D / 2]>(&acc[0][0][0]); }
 
-  // Swaps in the wgmma loop: kOverlap, FA3's intra-warpgroup overlap, else one tile after another.
+  // Swaps in the wgmma loop (kOverlap: FA3's intra-warpgroup overlap, else one tile after another) and the feed.
   template <class Tiles, class Visible>
   PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
-    if constexpr (kOverlap)
-      run_overlapped(num_tiles, tile, scale_log2, visible, rows_in_use);
-    else
-      run_in_turn(num_tiles, tile, scale_log2, visible, rows_in_use);
+    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
+    if constexpr (kTma) {
+      raise_registers_to<kConsumerRegisters>();
+      TmaFeed feed{barriers(reinterpret_cast<char*>(q_tile))};
+      if constexpr (kOverlap)
+        run_overlapped(num_tiles, feed, tile, scale_log2, visible, rows_in_use);
+      else
+        run_in_turn(num_tiles, feed, tile, scale_log2, visible, rows_in_use);
+    } else if constexpr (kOverlap) {
+      // step t reads K(t) and V(t - 1) while tile t + 1 loads: after step t's barrier every warp is done with t - 2
+      static_assert(kStages >= 3, "steps read two tiles while a third loads");
+      run_overlapped(num_tiles, CpAsyncFeed<kStages - 2, decltype(load)>{num_tiles, load}, tile, scale_log2,
+                     visible, rows_in_use);
+    } else {  // after step t's barrier every warp is done with tile t - 1
+      run_in_turn(num_tiles, CpAsyncFeed<kStages - 1, decltype(load)>{num_tiles, load}, tile, scale_log2, visible,
+                  rows_in_use);
+    }
   }
 
   // BlockAttention::run_ring with these tiles: scores, softmax, P.V, one tile after another. A warpgroup whose 64
-  // rows are all padding skips the math (wgmma is issued by whole warpgroups).
-  template <class Tiles, class Visible>
-  PK_DEVICE void run_in_turn(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
-    using Ring = TileRing<kStages - 1, true>;  // after step t's barrier every warp is done with tile t - 1
+  // rows are all padding skips the math (wgmma is issued by whole warpgroups), not the feed's steps.
+  template <class Feed, class Tiles, class Visible>
+  PK_DEVICE void run_in_turn(int num_tiles, Feed feed, Tiles tile, float scale_log2, Visible visible,
+                             int rows_in_use) {
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
-    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
-    Ring::prologue(num_tiles, load);
+    feed.prologue();
     for (int t = 0; t < num_tiles; ++t) {
-      Ring::begin_step(t, num_tiles, load);
+      feed.acquire(t);
       if (busy) {
         const T* keys = k_tile + (t % kStages) * kStageElements;
         float s[1][kNTiles][4];
@@ -156,28 +252,27 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(output());
         fence_operand(p);
       }
+      feed.release(t);
     }
-    cp_async_wait<0>();
+    feed.finish();
   }
 
   // FlashAttention-3's intra-warpgroup overlap: tile t's scores are issued together with tile t - 1's P.V, and
   // tile t's softmax runs while that P.V is still on the tensor cores; only the rescaling of O waits for it.
-  // Step t reads K(t) and V(t - 1), so the ring needs a third stage for the tile loaded ahead (t + 1): after the
-  // barrier of step t every warp is done with tile t - 2, whose stage it refills.
-  template <class Tiles, class Visible>
-  PK_DEVICE void run_overlapped(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
-    static_assert(kStages >= 3, "steps read two tiles while a third loads");
-    using Ring = TileRing<kStages - 2, true>;  // after step t's barrier every warp is done with tile t - 2
+  // Step t reads K(t) and V(t - 1), so a ring needs a third stage for the tile loaded ahead (t + 1); tile t - 1 is
+  // released once its P.V completed in step t.
+  template <class Feed, class Tiles, class Visible>
+  PK_DEVICE void run_overlapped(int num_tiles, Feed feed, Tiles tile, float scale_log2, Visible visible,
+                                int rows_in_use) {
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
-    auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
-    Ring::prologue(num_tiles, load);
+    feed.prologue();
     float s[1][kNTiles][4];
     float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
     uint32_t p[kKeys / 16][4];  // tile t - 1's probabilities: the A operand of its P.V
     // Each step's branches stay outside the wgmma sequence (ptxas serializes wgmma in divergent paths, C7520): the
     // first step, which has no P.V to overlap, is peeled off.
     if (num_tiles > 0) {
-      Ring::begin_step(0, num_tiles, load);
+      feed.acquire(0);
       if (busy) {
         fence_operand(scores);
         wgmma_fence();
@@ -191,7 +286,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
-      Ring::begin_step(t, num_tiles, load);
+      feed.acquire(t);
       if (busy) {
         // the last step's register writes (O rescaled, p packed, s read) stay above the fence
         fence_operand(scores);
@@ -208,20 +303,26 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         wgmma_wait<0>();  // tile t - 1's P.V landed: O may be rescaled, p rewritten
         fence_operand(output());
         fence_operand(p);
+        feed.release(t - 1);
         rescale(alpha);
         pack_probabilities(s, p);
+      } else {
+        feed.release(t - 1);
       }
     }
-    if (busy && num_tiles > 0) {  // the last tile's P.V (its V was published by the last step's barrier)
-      fence_operand(output());
-      fence_operand(p);
-      wgmma_fence();
-      issue_pv(p, k_tile + ((num_tiles - 1) % kStages) * kStageElements + kBlockN * D);
-      wgmma_wait<0>();
-      fence_operand(output());
-      fence_operand(p);
+    if (num_tiles > 0) {  // the last tile's P.V (its V was acquired in the last step)
+      if (busy) {
+        fence_operand(output());
+        fence_operand(p);
+        wgmma_fence();
+        issue_pv(p, k_tile + ((num_tiles - 1) % kStages) * kStageElements + kBlockN * D);
+        wgmma_wait<0>();
+        fence_operand(output());
+        fence_operand(p);
+      }
+      feed.release(num_tiles - 1);
     }
-    cp_async_wait<0>();
+    feed.finish();
   }
 };
 

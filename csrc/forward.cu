@@ -45,12 +45,22 @@ using ForwardAttention =
 #ifndef PK_HOPPER_OVERLAP
 #define PK_HOPPER_OVERLAP 1
 #endif
-template <typename T, int D>
-using HopperForwardAttention = HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0>;
+template <typename T, int D, bool kTma>
+using HopperForwardAttention = HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0, kTma>;
 
-// One kernel for both loops: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma).
+// The tensor maps of the TMA feed (tma.h), one per tensor it copies; nothing for the cp.async loops.
+template <bool kTma>
+struct ForwardMaps {};
+template <>
+struct ForwardMaps<true> {
+  TensorMap q, k, v, prefix_k, prefix_v;
+};
+
+// One kernel for every loop: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma, fed
+// by cp.async or by a TMA producer warpgroup).
 template <typename T, int D, class Attention, int kMinBlocks>
-PK_KERNEL(Attention::kBlockThreads, kMinBlocks) forward_kernel(const AttentionParams p) {
+PK_KERNEL(Attention::kBlockThreads, kMinBlocks)
+forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
   constexpr int kBlockM = Attention::kBlockM;
   constexpr int kBlockN = Attention::kBlockN;
   // Last query blocks first: under causal masking they have the most keys, so the long blocks start early and
@@ -93,6 +103,25 @@ PK_KERNEL(Attention::kBlockThreads, kMinBlocks) forward_kernel(const AttentionPa
                       key0 + kBlockN > own_end || crosses_diagonal || key_ok != nullptr};
   };
 
+  if constexpr (Attention::kTmaFeed) {  // the producer warpgroup copies the same tiles by TMA, then leaves
+    Attention::init_barriers(shared_memory());
+    if (Attention::is_producer()) {
+      Attention::produce(
+          shared_memory(), prefix_tiles + own_tiles,
+          [&](T* dst, uint64_t* bar) { tma_load_tile<T, D, kBlockM>(dst, maps.q, bar, m0, hq, b); },
+          [&](int t, T* keys, T* values, uint64_t* bar) {
+            if (t < prefix_tiles) {
+              tma_load_tile<T, D, kBlockN>(keys, maps.prefix_k, bar, t * kBlockN, h, n);
+              tma_load_tile<T, D, kBlockN>(values, maps.prefix_v, bar, t * kBlockN, h, n);
+            } else {
+              tma_load_tile<T, D, kBlockN>(keys, maps.k, bar, (t - prefix_tiles) * kBlockN, h, b);
+              tma_load_tile<T, D, kBlockN>(values, maps.v, bar, (t - prefix_tiles) * kBlockN, h, b);
+            }
+          });
+      return;
+    }
+  }
+
   Attention attention(shared_memory());
   int row_pos[Attention::kRows];
   PK_UNROLL
@@ -124,13 +153,53 @@ PK_KERNEL(Attention::kBlockThreads, kMinBlocks) forward_kernel(const AttentionPa
   }
 }
 
+// The TMA feed's maps: each [outer, heads, rows, D] tensor (any strides, D contiguous) as 4-d boxes of 64 columns x
+// `box_rows` rows; rows past the tensor read as zeros (Q past seq_q, keys past L or P). Keys in [prefix_lens[n], P)
+// are copied and masked, as the reference masks them. ops.cpp already refused what TMA cannot read (an address or a
+// stride not a multiple of 16 bytes); a refusal here (the driver's) names the tensor.
+template <int D>
+void encode_forward_map(TensorMap& map, const char* name, const void* base, const int64_t (&stride)[3], int outer,
+                        int heads, int rows, uint32_t box_rows, bool bf16) {
+  const uint64_t dims[4] = {uint64_t(D), uint64_t(rows), uint64_t(heads), uint64_t(outer)};
+  uint64_t strides[3] = {uint64_t(stride[2]) * 2, uint64_t(stride[1]) * 2, uint64_t(stride[0]) * 2};
+  uint64_t extent = 2 * D;  // a dim of size 1 is never stepped over: any multiple of 16 will do for its stride
+  for (int d = 0; d < 3; ++d) {
+    if (dims[d + 1] == 1) strides[d] = (extent + 15) / 16 * 16;
+    extent = strides[d] * dims[d + 1] > extent ? strides[d] * dims[d + 1] : extent;
+  }
+  const uint32_t box[4] = {64, box_rows, 1, 1};
+  const std::string why = encode_tensor_map_4d(map, base, dims, strides, box, bf16);
+  if (!why.empty())
+    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=wgmma-tma: ") + name + " cannot be copied by TMA: " + why);
+}
+
+template <int D, class Attention>
+ForwardMaps<true> forward_maps(const AttentionParams& p) {
+  ForwardMaps<true> maps{};
+  encode_forward_map<D>(maps.q, "q", p.q, p.q_stride, p.batch, p.heads_q, p.seq_q, Attention::kBlockM, p.is_bf16);
+  if (p.seq_k > 0) {  // else no own tile is copied
+    encode_forward_map<D>(maps.k, "k", p.k, p.k_stride, p.batch, p.heads_kv, p.seq_k, Attention::kBlockN, p.is_bf16);
+    encode_forward_map<D>(maps.v, "v", p.v, p.v_stride, p.batch, p.heads_kv, p.seq_k, Attention::kBlockN, p.is_bf16);
+  }
+  if (p.prefix_len > 0) {  // else no prefix tile is copied
+    encode_forward_map<D>(maps.prefix_k, "prefix_k", p.prefix_k, p.pk_stride, p.num_prefixes, p.heads_kv,
+                          p.prefix_len, Attention::kBlockN, p.is_bf16);
+    encode_forward_map<D>(maps.prefix_v, "prefix_v", p.prefix_v, p.pv_stride, p.num_prefixes, p.heads_kv,
+                          p.prefix_len, Attention::kBlockN, p.is_bf16);
+  }
+  return maps;
+}
+
 template <typename T, int D, class Attention, int kMinBlocks>
 void launch_forward_with(const AttentionParams& params, Stream stream) {
   constexpr size_t kShared = Attention::kSharedBytes;
+  ForwardMaps<Attention::kTmaFeed> maps{};
+  if constexpr (Attention::kTmaFeed) maps = forward_maps<D, Attention>(params);
   allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
   const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
                   static_cast<unsigned>(params.batch * params.heads_q), 1};
-  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params);
+  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params,
+            maps);
 }
 
 #ifdef PK_EMULATE
@@ -183,26 +252,32 @@ std::string hopper_unavailable_reason(Stream stream) {
 }
 #endif
 
-// $PK_CUDA_FORWARD (read at each call) picks the loop: "mma" (the default) or "wgmma", the Hopper loop, which
-// needs an sm_90 device and a kernel built for 9.0a (an error otherwise, never a silent fallback). The default
-// stays mma.sync until a GPU run has timed wgmma against it (bench/gpu_check.sh --tune-cuda).
-bool use_hopper_forward(Stream stream) {
+enum class ForwardLoop { mma, wgmma, wgmma_tma };
+
+// $PK_CUDA_FORWARD (read at each call) picks the loop: "mma" (the default), "wgmma" (the Hopper loop fed by
+// cp.async) or "wgmma-tma" (fed by a TMA producer warpgroup); both Hopper loops need an sm_90 device and a kernel
+// built for 9.0a (an error otherwise, never a silent fallback). The default stays mma.sync until a GPU run has timed
+// the Hopper loops against it (bench/gpu_check.sh --tune-cuda).
+ForwardLoop forward_loop(Stream stream) {
   const char* choice = std::getenv("PK_CUDA_FORWARD");
-  if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return false;
-  if (std::strcmp(choice, "wgmma") != 0)
-    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice + " is not one of mma, wgmma");
+  if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
+  const bool tma = std::strcmp(choice, "wgmma-tma") == 0;
+  if (!tma && std::strcmp(choice, "wgmma") != 0)
+    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice + " is not one of mma, wgmma, wgmma-tma");
   const std::string why = hopper_unavailable_reason(stream);
-  if (!why.empty()) throw std::runtime_error("PK_CUDA_FORWARD=wgmma: " + why);
-  return true;
+  if (!why.empty()) throw std::runtime_error(std::string("PK_CUDA_FORWARD=") + choice + ": " + why);
+  return tma ? ForwardLoop::wgmma_tma : ForwardLoop::wgmma;
 }
 
 }  // namespace
 
 void launch_forward(const AttentionParams& params, Stream stream) {
-  const bool hopper = use_hopper_forward(stream);
+  const ForwardLoop loop = forward_loop(stream);
   PK_DISPATCH(params, {
-    if (hopper)
-      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim>, 1>(params, stream);
+    if (loop == ForwardLoop::wgmma_tma)
+      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);
+    else if (loop == ForwardLoop::wgmma)
+      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, false>, 1>(params, stream);
     else
       launch_forward_with<Element, kHeadDim, ForwardAttention<Element, kHeadDim>, PK_FORWARD_MIN_BLOCKS>(params,
                                                                                                          stream);

@@ -31,7 +31,8 @@ void check_operand(const char* name, const Tensor& t, const Tensor& q) {
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), ", q has ", q.scalar_type());
   TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), ", q is on ", q.device());
   TORCH_CHECK(t.size(3) == q.size(3), name, " has head dim ", t.size(3), ", q has ", q.size(3));
-  // cp.async moves 16-byte chunks: rows must start 16-byte aligned and the head dim must be contiguous.
+  // cp.async moves 16-byte chunks: rows must start 16-byte aligned and the head dim must be contiguous (TMA's
+  // tensor maps need the same: a 16-byte aligned base, strides that are multiples of 16 bytes).
   TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1, name, " must have a contiguous head dim (stride 1), got ",
               t.stride(3));
   for (int i = 0; i < 3; ++i)

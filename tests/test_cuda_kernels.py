@@ -131,21 +131,34 @@ HOPPER_CASES = FORWARD_CASES + [
 ]
 
 
+# The Hopper loops' feeds: cp.async by the math warps, or TMA by a producer warpgroup (its mbarriers after the tiles)
+HOPPER_FEEDS = [pytest.param(("wgmma", False), id="cp.async"), pytest.param(("wgmma-tma", True), id="tma")]
+
+
+def _hopper_shared_bytes(head_dim, stages, tma):
+    """Q (128 rows), a ring of `stages` (K, V) pairs of 128 keys, and with TMA a full and an empty mbarrier per stage
+    and Q's: what the emulator reports as the launch's shared memory when the Hopper loop ran."""
+    return (128 + 2 * stages * 128) * head_dim * 2 + (8 * (2 * stages + 1) if tma else 0)
+
+
+@pytest.mark.parametrize("feed", HOPPER_FEEDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: c.id)
-def test_hopper_forward_matches_reference(kernels, case, dtype, monkeypatch):
-    """The sm_90a forward (wgmma, PK_CUDA_FORWARD=wgmma; FA3's overlap over a ring of 3 tile pairs): in the
-    emulation, whose wgmma checks the fences, the waits, that every operand reached the async proxy, that no copy
-    lands in an operand still being read, that A registers stay unchanged until the wait and that a warpgroup's 4
-    warps issue the same wgmmas, and on an H100/H200."""
+def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatch):
+    """The sm_90a forward (wgmma, FA3's overlap over a ring of 3 tile pairs), fed by cp.async (PK_CUDA_FORWARD=wgmma)
+    or by a TMA producer warpgroup (wgmma-tma): in the emulation, whose wgmma checks the fences, the waits, that
+    every operand reached the async proxy (or, from TMA, that the reading thread waited for the mbarrier phase the
+    copy completed), that no copy lands in an operand still being read, that A registers stay unchanged until the
+    wait and that a warpgroup's 4 warps issue the same wgmmas, and on an H100/H200."""
     _hopper_or_skip(kernels)
-    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    loop, tma = feed
+    monkeypatch.setenv("PK_CUDA_FORWARD", loop)
     ops = cuda.kernels()
     if kernels.type == "cpu":
         ops.shared_memory_stats(True)
     _check_op("forward", case, dtype, kernels)
-    if kernels.type == "cpu":  # it was the Hopper loop that ran: Q and a ring of 3 (K, V) pairs of 128 keys
-        assert ops.shared_memory_stats(True)[2] == (128 + 2 * 3 * 128) * case.head_dim * 2
+    if kernels.type == "cpu":  # it was the Hopper loop (with this feed) that ran
+        assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, tma)
 
 
 # The other Hopper loop, which bench/gpu_check.sh --tune-cuda times against the shipped one: no overlap, 2 stages.
@@ -158,31 +171,35 @@ HOPPER_IN_TURN = ("-DPK_HOPPER_OVERLAP=0", "-DPK_HOPPER_STAGES=2")
 @pytest.mark.parametrize("case,dtype", [(c, torch.float16) for c in HOPPER_CASES] +
                          [(HOPPER_CASES[-2], torch.bfloat16)],
                          ids=lambda x: x.id if isinstance(x, Case) else str(x).removeprefix("torch."))
-def test_hopper_forward_without_overlap_matches_reference(case, dtype, schedule, monkeypatch):
+@pytest.mark.parametrize("feed", HOPPER_FEEDS)
+def test_hopper_forward_without_overlap_matches_reference(case, dtype, schedule, feed, monkeypatch):
+    loop, tma = feed
     monkeypatch.setenv("PK_EMU_SCHEDULE", schedule)
-    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    monkeypatch.setenv("PK_CUDA_FORWARD", loop)
     namespace = emulated_namespace(HOPPER_IN_TURN)
     previous = cuda.use_kernels(namespace, "cpu")
     try:
         getattr(torch.ops, namespace).shared_memory_stats(True)
         _check_op("forward", case, dtype, torch.device("cpu"))
-        assert getattr(torch.ops, namespace).shared_memory_stats(True)[2] == (128 + 2 * 2 * 128) * case.head_dim * 2
+        assert getattr(torch.ops, namespace).shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 2, tma)
     finally:
         cuda.use_kernels(*previous)
 
 
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
-    """PK_CUDA_FORWARD names the loop; anything else, or wgmma on a device without it, is an error that says why."""
+    """PK_CUDA_FORWARD names the loop; anything else, or a Hopper loop on a device without wgmma, is an error that
+    says why."""
     call = _validated(*_split_options(make_inputs(FORWARD_CASES[0], torch.float16, kernels)))
     monkeypatch.setenv("PK_CUDA_FORWARD", "fastest")
-    with pytest.raises(Exception, match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma"):
+    with pytest.raises(Exception, match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma, wgmma-tma"):
         _call_op("forward", call)
-    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
-    if kernels.type == "cuda" and torch.cuda.get_device_capability(kernels) != (9, 0):
-        with pytest.raises(Exception, match="PK_CUDA_FORWARD=wgmma: wgmma needs an sm_90 GPU"):
+    for loop in ("wgmma", "wgmma-tma"):
+        monkeypatch.setenv("PK_CUDA_FORWARD", loop)
+        if kernels.type == "cuda" and torch.cuda.get_device_capability(kernels) != (9, 0):
+            with pytest.raises(Exception, match=f"PK_CUDA_FORWARD={loop}: wgmma needs an sm_90 GPU"):
+                _call_op("forward", call)
+        else:
             _call_op("forward", call)
-    else:
-        _call_op("forward", call)
 
 
 def _split_options(inputs):

@@ -79,8 +79,9 @@ def test_kernels_compile_within_spill_budgets(source, arch, tmp_path):
 @pytest.mark.compile
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_hopper_forward_uses_wgmma_on_sm90a_only(tmp_path):
-    """The forward's Hopper loop (attend_sm90.h) is wgmma in the sm_90a code and a trap stub elsewhere (the launcher
-    never runs it there): a build that lost the sm_90a feature macro would silently trap on an H100."""
+    """The forward's Hopper loops (attend_sm90.h) are wgmma (and TMA, mbarriers, setmaxnreg) in the sm_90a code and
+    trap stubs elsewhere (the launcher never runs them there): a build that lost the sm_90a feature macro would
+    silently trap on an H100."""
     def ptx(arch):
         out = tmp_path / f"forward-{arch}.ptx"
         result = subprocess.run(["nvcc", "-std=c++20", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-I", str(CSRC),
@@ -95,5 +96,11 @@ def test_hopper_forward_uses_wgmma_on_sm90a_only(tmp_path):
         assert f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype}" in hopper
         assert f"wgmma.mma_async.sync.aligned.m64n64k16.f32.{dtype}.{dtype}" in hopper
     assert "fence.proxy.async.shared::cta" in hopper
+    # the TMA feed: tensor copies onto transaction barriers, and the producer's registers handed to the consumers
+    for instruction in ("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes",
+                        "mbarrier.try_wait.parity.shared::cta.b64", "mbarrier.arrive.expect_tx.shared::cta.b64",
+                        "setmaxnreg.dec.sync.aligned.u32 24", "setmaxnreg.inc.sync.aligned.u32 240"):
+        assert instruction in hopper, instruction
     other = ptx("80")
     assert "wgmma.mma_async" not in other and "trap;" in other
+    assert "cp.async.bulk.tensor" not in other and "setmaxnreg" not in other
