@@ -187,7 +187,7 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // Block state.
 
 enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma };
-enum class FiberState : uint8_t { ready, parked_warp, parked_block, parked_mbarrier, done };
+enum class FiberState : uint8_t { ready, parked_warp, parked_block, parked_mbarrier, parked_named, done };
 
 struct FiberAbort {};  // thrown into parked fibers to unwind them when a launch fails; not a std::exception
 
@@ -256,7 +256,15 @@ struct Fiber {
   uint32_t mbarrier_waited = 0;             // while parked_mbarrier: the barrier's shared offset
   unsigned mbarrier_parity = 0;             // and the parity waited for
   std::map<uint32_t, uint64_t> mbarrier_seen;  // barrier -> its completed phases when this thread last waited on it
+  unsigned named_waited = 0;                // while parked_named: the barrier id
 };
+
+// A named barrier (bar.sync / bar.arrive with an id and a thread count).
+struct NamedBarrier {
+  unsigned expected = 0, arrived = 0;
+  uint64_t generation = 0;  // phases completed
+};
+constexpr unsigned kNamedBarriers = 16;
 
 // An mbarrier (sm_90 transaction barrier): the current phase completes when `pending` reaches 0 with no bytes of
 // transactions outstanding (tx, announced by arrive_expect_tx, counted off by landing TMA copies).
@@ -305,6 +313,7 @@ struct Block {
   std::vector<uint64_t> chunk_tma_phase;
   std::map<uint32_t, MBarrier> mbarriers;  // by shared offset, from mbarrier_init
   std::vector<TmaCopy> tma_in_flight;      // oldest first
+  NamedBarrier named[kNamedBarriers];
   bool greedy = false;         // pop the ready fiber that comes first in `order`, not the oldest
   std::vector<unsigned> rank;  // thread id -> its position in `order`
 
@@ -621,6 +630,53 @@ void sync_threads() {
     for (unsigned t : b.order)
       if (t != f.tid) wake(b, b.fibers[t]);
   }
+}
+
+namespace {
+void named_arrival(Block& b, unsigned id, unsigned count, bool wait, const char* what) {
+  if (id == 0 || id >= kNamedBarriers)
+    throw std::runtime_error(std::string(what) + ": barrier id " + std::to_string(id) + " is not in [1, 15] (0 is " +
+                             "sync_threads')");
+  if (count == 0 || count % 32 != 0 || count > b.nthreads)
+    throw std::runtime_error(std::string(what) + ": thread count " + std::to_string(count) + " is not a multiple of " +
+                             "32 in [32, " + std::to_string(b.nthreads) + "]");
+  NamedBarrier& nb = b.named[id];
+  if (nb.arrived == 0) {
+    nb.expected = count;
+  } else if (nb.expected != count) {
+    throw std::runtime_error(std::string(what) + ": named barrier " + std::to_string(id) + " with " +
+                             std::to_string(count) + " threads while this phase's earlier arrivals named " +
+                             std::to_string(nb.expected));
+  }
+  Fiber& f = *b.current;
+  const uint64_t generation = nb.generation;
+  if (++nb.arrived == nb.expected) {
+    nb.arrived = 0;
+    ++nb.generation;
+    for (unsigned t : b.order) {
+      Fiber& w = b.fibers[t];
+      if (w.state == FiberState::parked_named && w.named_waited == id) wake(b, w);
+    }
+    return;
+  }
+  f.named_waited = id;
+  while (wait && b.named[id].generation == generation) {
+    park(b, f, FiberState::parked_named);
+    if (aborted(b)) return;
+  }
+}
+}  // namespace
+
+void named_barrier_sync(unsigned id, unsigned count) {
+  Block& b = block_of("named_barrier_sync");
+  if (aborted(b)) return;
+  named_arrival(b, id, count, true, "named_barrier_sync");
+}
+
+void named_barrier_arrive(unsigned id, unsigned count) {
+  Block& b = block_of("named_barrier_arrive");
+  if (aborted(b)) return;
+  named_arrival(b, id, count, false, "named_barrier_arrive");
 }
 
 float shfl_xor(float value, int lane_mask) {
@@ -1225,6 +1281,12 @@ std::string thread_state(const Block& b, const Fiber& f) {
         << " arrivals and " << m.tx << " transaction bytes missing)";
       break;
     }
+    case FiberState::parked_named: {
+      const NamedBarrier& nb = b.named[f.named_waited];
+      s << "waiting at named barrier " << f.named_waited << " (" << nb.arrived << " of " << nb.expected
+        << " threads arrived)";
+      break;
+    }
     case FiberState::ready:
       s << "ready to run";
       break;
@@ -1277,6 +1339,10 @@ std::string deadlock_message(const Block& b) {
   for (const Fiber& f : b.fibers)
     if (f.state == FiberState::parked_mbarrier) barrier_waiters.push_back(f.tid);
   if (!barrier_waiters.empty()) s << "\n  mbarriers: " << describe(b, barrier_waiters, "thread");
+  std::vector<unsigned> named_waiters;
+  for (const Fiber& f : b.fibers)
+    if (f.state == FiberState::parked_named) named_waiters.push_back(f.tid);
+  if (!named_waiters.empty()) s << "\n  named barriers: " << describe(b, named_waiters, "thread");
   for (size_t wi = 0; wi < b.warps.size(); ++wi) {
     const Warp& w = b.warps[wi];
     if (w.arrived == 0) continue;
@@ -1510,6 +1576,7 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
         b.chunk_tma_phase.assign((shared_bytes + 15) / 16, 0);
         b.mbarriers.clear();
         b.tma_in_flight.clear();
+        for (NamedBarrier& nb : b.named) nb = NamedBarrier{};
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
           b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));
@@ -1559,6 +1626,12 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
           abort_all(b);
           throw std::runtime_error(error);
         }
+        for (unsigned id = 1; id < kNamedBarriers; ++id)
+          if (b.named[id].arrived != 0)
+            throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) + ": named barrier " +
+                                     std::to_string(id) + " ended with " + std::to_string(b.named[id].arrived) +
+                                     " of " + std::to_string(b.named[id].expected) + " threads arrived (its " +
+                                     "arrivals and waits do not pair up)");
         if (!b.tma_in_flight.empty())
           throw std::runtime_error("pk_emu::launch: block " + dim3_str(b.idx) + ": " +
                                    std::to_string(b.tma_in_flight.size()) + " TMA copies (tma_load) never landed: " +

@@ -68,6 +68,13 @@ char* shared_memory();
 // __syncthreads(): waits until every thread of the block has called it.
 void sync_threads();
 
+// bar.sync id, count / bar.arrive id, count (named barriers, ids 1-15; 0 is sync_threads'): the barrier's phase
+// completes when `count` threads (a multiple of 32) have arrived by either call; named_barrier_sync waits for that,
+// named_barrier_arrive does not. Errors: arrivals of one phase naming different counts, a bad id or count, a phase
+// left incomplete when the block ends (the kernel's arrivals and waits do not pair up), and deadlocks (listed).
+void named_barrier_sync(unsigned id, unsigned count);
+void named_barrier_arrive(unsigned id, unsigned count);
+
 // __shfl_xor_sync(0xffffffff, value, lane_mask): the value of lane (lane ^ lane_mask); a source lane outside the
 // warp (lane_mask >= 32) gives the caller its own value, as shfl.sync.bfly does.
 float shfl_xor(float value, int lane_mask);

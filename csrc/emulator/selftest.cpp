@@ -620,6 +620,36 @@ void test_tma_rules() {
   expect_error("a TMA copy on a barrier nobody waits for", [&] { run(6); }, {"1 TMA copies (tma_load) never landed"});
 }
 
+// (7) Named barriers as FlashAttention-3's ping-pong uses them: two warpgroups take turns (each waits on its own
+// barrier, then lets the other go by arriving on the other's), so their turns alternate strictly whatever the
+// schedule; counts that differ, a phase left incomplete and a missing arrival are errors.
+void test_named_barriers() {
+  std::vector<int> turns;
+  pk_emu::launch(Dim3{}, 256, 0, [&] {
+    const unsigned group = pk_emu::thread_index() / 128;
+    if (group == 1) pk_emu::named_barrier_arrive(1, 256);  // group 0 goes first
+    for (int step = 0; step < 3; ++step) {
+      pk_emu::named_barrier_sync(1 + group, 256);
+      if (pk_emu::thread_index() % 128 == 0) turns.push_back(static_cast<int>(group));
+      if (!(group == 1 && step == 2)) pk_emu::named_barrier_arrive(2 - group, 256);  // the last turn hands nothing on
+    }
+  });
+  CHECK((turns == std::vector<int>{0, 1, 0, 1, 0, 1}), "named barriers: the two groups' turns alternate");
+  expect_error("named barrier arrivals with different counts", [] {
+    pk_emu::launch(Dim3{}, 64, 0, [] { pk_emu::named_barrier_arrive(3, pk_emu::thread_index() < 32 ? 64 : 32); });
+  }, {"named barrier 3 with 32 threads while this phase's earlier arrivals named 64"});
+  expect_error("a named barrier phase left incomplete", [] {
+    pk_emu::launch(Dim3{}, 64, 0, [] {
+      if (pk_emu::thread_index() < 32) pk_emu::named_barrier_arrive(2, 64);
+    });
+  }, {"named barrier 2 ended with 32 of 64 threads arrived"});
+  expect_error("a warp waits at a named barrier the other never reaches", [] {
+    pk_emu::launch(Dim3{}, 64, 0, [] {
+      if (pk_emu::thread_index() < 32) pk_emu::named_barrier_sync(4, 64);
+    });
+  }, {"deadlock", "waiting at named barrier 4 (32 of 64 threads arrived)"});
+}
+
 void test_shfl() {
   constexpr unsigned kThreads = 128;
   std::vector<float> sum(kThreads), quad_max(kThreads), own(kThreads), swapped(kThreads);
@@ -1033,6 +1063,7 @@ int main() {
     test_schedules();
     test_wgmma_rules();
     test_tma_rules();
+    test_named_barriers();
   }
 #ifdef HAVE_PLATFORM_H
   test_platform();
