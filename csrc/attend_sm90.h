@@ -13,7 +13,8 @@
 //               the consumers a tile landed, an "empty" one tells the producer that all 256 consumer threads are done
 //               with a stage. No block barrier in the loop.
 // run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as FlashAttention-3 does
-// within a warpgroup. Not yet: ping-pong between the two warpgroups.
+// within a warpgroup; with kPingPong the two warpgroups also take turns issuing their wgmmas (FA3's ping-pong, two
+// named barriers), so that one's softmax runs while the other's matrix products occupy the tensor cores.
 #pragma once
 
 #include "attend.h"
@@ -45,9 +46,11 @@ PK_DEVICE void tma_load_tile(T* dst, const TensorMap& map, uint64_t* bar, int ro
     tma_load_4d(dst + panel * TileLayout128B<kRows, D>::kPanelElements, map, bar, 64 * panel, row0, c2, c3);
 }
 
-template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true, bool kTma = false>
+template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true, bool kTma = false,
+          bool kPingPong = false>
 struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static_assert(kStages >= 2, "a ring of at least two tile pairs");
+  static_assert(kOverlap || !kPingPong, "the warpgroups take turns in the overlapped loop only");
   static_assert(kKeys == 64 || kKeys == 128, "wgmma_ss is instantiated for 64 and 128 columns");
   using Softmax = OnlineSoftmax<T, 1, kKeys / 8, D / 8>;
   using Softmax::acc;
@@ -62,8 +65,13 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static constexpr int kConsumerThreads = 128 * kWarpGroups;
   static constexpr int kProducerThreads = kTma ? 128 : 0;  // warpgroup 0 when there is one
   static constexpr int kBlockThreads = kProducerThreads + kConsumerThreads;
-  // setmaxnreg's counts (FlashAttention-3's for two consumer warpgroups): 128 x 24 + 256 x 240 <= 64K registers.
+  // setmaxnreg's counts (FlashAttention-3's for two consumer warpgroups). They redistribute what the launch gave
+  // the block, 64K / threads rounded down to a multiple of 8 per thread (168 x 384 = 64512 here, not 65536): more
+  // than that and the consumers' setmaxnreg.inc waits forever.
   static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+  static_assert(!kTma || kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters <=
+                             65536 / kBlockThreads / 8 * 8 * kBlockThreads,
+                "setmaxnreg counts beyond the block's registers");
   static constexpr int kBlockM = 64 * kWarpGroups;  // query rows per block
   static constexpr int kBlockN = kKeys;
   static constexpr int kNTiles = kKeys / 8;
@@ -101,6 +109,23 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     constexpr auto load = load_keys_async<T, KeyLayout, kConsumerThreads, kBlockN>;
     load(keys, t.k, t.k_stride, t.key0, t.end, thread);
     load(keys + kBlockN * D, t.v, t.v_stride, t.key0, t.end, thread);
+  }
+
+  // ---- ping-pong: warpgroup g issues its wgmmas after waiting on named barrier kTurnBarrier + g, then lets the
+  // other go by arriving on its barrier; warpgroup 1 lets warpgroup 0 start. Each warpgroup takes num_tiles + 1
+  // turns (the last P.V is a turn of its own), and warpgroup 1's last turn hands nothing on, so that every phase
+  // of both barriers completes.
+  static constexpr unsigned kTurnBarrier = 1;  // and 2 (0 is sync_threads')
+  PK_DEVICE void let_warp_group_0_start(int num_tiles) const {
+    if constexpr (kPingPong)
+      if (warp_group() == 1 && num_tiles > 0) named_barrier_arrive(kTurnBarrier, kConsumerThreads);
+  }
+  PK_DEVICE void take_turn() const {
+    if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + warp_group(), kConsumerThreads);
+  }
+  PK_DEVICE void pass_turn(bool last_turn) const {
+    if constexpr (kPingPong)
+      if (!(last_turn && warp_group() == 1)) named_barrier_arrive(kTurnBarrier + 1 - warp_group(), kConsumerThreads);
   }
 
   // ---- the TMA feed: the producer's side (the kernel calls these before constructing the consumers' object)
@@ -266,6 +291,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
                                 int rows_in_use) {
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
     feed.prologue();
+    let_warp_group_0_start(num_tiles);
     float s[1][kNTiles][4];
     float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
     uint32_t p[kKeys / 16][4];  // tile t - 1's probabilities: the A operand of its P.V
@@ -276,13 +302,18 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       if (busy) {
         fence_operand(scores);
         wgmma_fence();
+        take_turn();
         issue_scores(scores, k_tile);
+        pass_turn(false);
         wgmma_wait<0>();
         fence_operand(scores);
         scale_and_mask(s, scale_log2, tile(0), visible);
         float alpha[kRows];
         probabilities(s, alpha);
         pack_probabilities(s, p);  // (O is still zero: nothing to rescale)
+      } else {
+        take_turn();
+        pass_turn(false);
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
@@ -293,8 +324,10 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(output());
         fence_operand(p);
         wgmma_fence();
+        take_turn();
         issue_scores(scores, k_tile + (t % kStages) * kStageElements);
         issue_pv(p, k_tile + ((t - 1) % kStages) * kStageElements + kBlockN * D);
+        pass_turn(false);
         wgmma_wait<1>();  // the scores landed (groups complete in order); the P.V may still run
         fence_operand(scores);
         scale_and_mask(s, scale_log2, tile(t), visible);
@@ -307,6 +340,8 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         rescale(alpha);
         pack_probabilities(s, p);
       } else {
+        take_turn();
+        pass_turn(false);
         feed.release(t - 1);
       }
     }
@@ -315,10 +350,15 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(output());
         fence_operand(p);
         wgmma_fence();
+        take_turn();
         issue_pv(p, k_tile + ((num_tiles - 1) % kStages) * kStageElements + kBlockN * D);
+        pass_turn(true);
         wgmma_wait<0>();
         fence_operand(output());
         fence_operand(p);
+      } else {
+        take_turn();
+        pass_turn(true);
       }
       feed.release(num_tiles - 1);
     }

@@ -37,16 +37,21 @@ using ForwardAttention =
     BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
 // The sm_90a forward (attend_sm90.h): 128 rows, 128-key tiles, FA3's overlap of one tile's softmax with the
-// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128). PK_HOPPER_STAGES / PK_HOPPER_OVERLAP
-// are for bench/tune_cuda.py (the plain loop with 2 stages is the other candidate); neither has run on a GPU yet.
+// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128). PK_HOPPER_STAGES, PK_HOPPER_OVERLAP and
+// PK_HOPPER_PINGPONG are for bench/tune_cuda.py (the plain loop with 2 stages and the ping-pong of the two
+// warpgroups are the other candidates); none has run on a GPU yet.
 #ifndef PK_HOPPER_STAGES
 #define PK_HOPPER_STAGES 3
 #endif
 #ifndef PK_HOPPER_OVERLAP
 #define PK_HOPPER_OVERLAP 1
 #endif
+#ifndef PK_HOPPER_PINGPONG  // the two warpgroups take turns issuing (needs the overlap)
+#define PK_HOPPER_PINGPONG 0
+#endif
 template <typename T, int D, bool kTma>
-using HopperForwardAttention = HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0, kTma>;
+using HopperForwardAttention =
+    HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0, kTma, PK_HOPPER_PINGPONG != 0>;
 
 // The tensor maps of the TMA feed (tma.h), one per tensor it copies; nothing for the cp.async loops.
 template <bool kTma>
@@ -106,6 +111,11 @@ forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Atten
   if constexpr (Attention::kTmaFeed) {  // the producer warpgroup copies the same tiles by TMA, then leaves
     Attention::init_barriers(shared_memory());
     if (Attention::is_producer()) {
+      if (thread_index() == 0) {  // the maps this block copies through (the host left unused ones unencoded)
+        prefetch_tensor_map(maps.q);
+        if (prefix_tiles > 0) prefetch_tensor_map(maps.prefix_k), prefetch_tensor_map(maps.prefix_v);
+        if (own_tiles > 0) prefetch_tensor_map(maps.k), prefetch_tensor_map(maps.v);
+      }
       Attention::produce(
           shared_memory(), prefix_tiles + own_tiles,
           [&](T* dst, uint64_t* bar) { tma_load_tile<T, D, kBlockM>(dst, maps.q, bar, m0, hq, b); },

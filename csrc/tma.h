@@ -1,7 +1,7 @@
 // sm_90's producer/consumer machinery, one wrapper each: transaction barriers (mbarrier) in shared memory, tensor
-// copies (TMA: cp.async.bulk.tensor, global -> shared through a tensor map, with the 128-byte swizzle wgmma reads)
-// and the warpgroup register reallocation (setmaxnreg) that lets a producer warpgroup give its registers to the
-// consumers. Under PK_EMULATE each one calls csrc/emulator/ (which checks arrivals, phases, and that a thread
+// copies (TMA: cp.async.bulk.tensor, global -> shared through a tensor map, with the 128-byte swizzle wgmma reads),
+// named barriers (any arch; here for warpgroups taking turns) and the warpgroup register reallocation (setmaxnreg)
+// that lets a producer warpgroup give its registers to the consumers. Under PK_EMULATE each one calls csrc/emulator/ (which checks arrivals, phases, and that a thread
 // reads a copied tile only after waiting for the phase that completed it).
 //
 // Like wgmma, these are used only in code built for sm_90a; every other device target compiles them to a trap
@@ -95,6 +95,15 @@ PK_DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
+// Fetches a tensor map (a __grid_constant__ kernel parameter) into the cache before its first copy.
+PK_DEVICE void prefetch_tensor_map(const TensorMap& map) {
+#if !defined(PK_EMULATE) && defined(PK_WGMMA_NATIVE)
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map)) : "memory");
+#else
+  (void)map;
+#endif
+}
+
 // The box of `map` at (c0, c1, c2, c3) (dim 0 innermost; elements outside the tensor read as zeros) into `dst`,
 // completing on `bar` (which must expect its bytes).
 PK_DEVICE void tma_load_4d(void* dst, const TensorMap& map, uint64_t* bar, int c0, int c1, int c2, int c3) {
@@ -110,6 +119,23 @@ PK_DEVICE void tma_load_4d(void* dst, const TensorMap& map, uint64_t* bar, int c
 #else
   (void)dst, (void)map, (void)bar, (void)c0, (void)c1, (void)c2, (void)c3;
   trap();
+#endif
+}
+
+// Named barriers (bar.sync / bar.arrive with an id and a thread count, whole warps): sync waits until `count`
+// threads arrived by either; arrive does not wait. Id 0 is sync_threads'.
+PK_DEVICE void named_barrier_sync(unsigned id, unsigned count) {
+#ifdef PK_EMULATE
+  pk_emu::named_barrier_sync(id, count);
+#else
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+PK_DEVICE void named_barrier_arrive(unsigned id, unsigned count) {
+#ifdef PK_EMULATE
+  pk_emu::named_barrier_arrive(id, count);
+#else
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 #endif
 }
 
@@ -143,8 +169,12 @@ inline std::string encode_tensor_map_4d(TensorMap& map, const void* base, const 
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
     const cudaError_t error =
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found);
+#else  // (CUDA 13 dropped this one)
+    const cudaError_t error = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found);
+#endif
     if (error != cudaSuccess) cudaGetLastError();
     return error == cudaSuccess && found == cudaDriverEntryPointSuccess
                ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function)

@@ -161,27 +161,32 @@ def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatc
         assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, tma)
 
 
-# The other Hopper loop, which bench/gpu_check.sh --tune-cuda times against the shipped one: no overlap, 2 stages.
-HOPPER_IN_TURN = ("-DPK_HOPPER_OVERLAP=0", "-DPK_HOPPER_STAGES=2")
+# The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
+# cases): no overlap with 2 stages; the two warpgroups taking turns (ping-pong) on the shipped loop.
+HOPPER_BUILDS = [
+    pytest.param(("-DPK_HOPPER_OVERLAP=0", "-DPK_HOPPER_STAGES=2"), 2,
+                 [(c, torch.float16) for c in HOPPER_CASES] + [(HOPPER_CASES[-2], torch.bfloat16)], id="in-turn"),
+    pytest.param(("-DPK_HOPPER_PINGPONG=1",), 3, [(c, torch.float16) for c in HOPPER_CASES], id="ping-pong"),
+]
 
 
 @pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
                     reason="the emulated build (no GPU here, and a host compiler with CUDA headers)")
 @pytest.mark.parametrize("schedule", EMULATOR_SCHEDULES)
-@pytest.mark.parametrize("case,dtype", [(c, torch.float16) for c in HOPPER_CASES] +
-                         [(HOPPER_CASES[-2], torch.bfloat16)],
-                         ids=lambda x: x.id if isinstance(x, Case) else str(x).removeprefix("torch."))
 @pytest.mark.parametrize("feed", HOPPER_FEEDS)
-def test_hopper_forward_without_overlap_matches_reference(case, dtype, schedule, feed, monkeypatch):
+@pytest.mark.parametrize("defines,stages,cases", HOPPER_BUILDS)
+def test_other_hopper_builds_match_reference(defines, stages, cases, feed, schedule, monkeypatch):
     loop, tma = feed
     monkeypatch.setenv("PK_EMU_SCHEDULE", schedule)
     monkeypatch.setenv("PK_CUDA_FORWARD", loop)
-    namespace = emulated_namespace(HOPPER_IN_TURN)
+    namespace = emulated_namespace(defines)
     previous = cuda.use_kernels(namespace, "cpu")
     try:
-        getattr(torch.ops, namespace).shared_memory_stats(True)
-        _check_op("forward", case, dtype, torch.device("cpu"))
-        assert getattr(torch.ops, namespace).shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 2, tma)
+        for case, dtype in cases:
+            getattr(torch.ops, namespace).shared_memory_stats(True)
+            _check_op("forward", case, dtype, torch.device("cpu"))
+            assert getattr(torch.ops, namespace).shared_memory_stats(True)[2] == \
+                _hopper_shared_bytes(case.head_dim, stages, tma), case.id
     finally:
         cuda.use_kernels(*previous)
 
