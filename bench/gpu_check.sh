@@ -89,6 +89,22 @@ else
 fi
 echo "build: $build_summary" | tee -a "$out/build.txt"
 
+# The Hopper loops have never run on a GPU: each runs a small sweep alone first, under a short timeout, so that one
+# that hangs or traps is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_FORWARD_LOOPS)
+# instead of stalling every later CUDA call of the run.
+broken_loops=""
+if [ "$ext" = loads ]; then
+  for loop in $(python3 bench/sanitize_cuda.py --list-hopper-loops); do
+    timeout "${SMOKE_TIMEOUT:-60}" python3 bench/sanitize_cuda.py --loops "$loop" > "/tmp/smoke_$loop.txt" 2>&1
+    smoke_status=$?  # 124: the timeout (a hang)
+    [ $smoke_status = 0 ] || broken_loops="$broken_loops $loop"
+    { echo "smoke PK_CUDA_FORWARD=$loop: exit $smoke_status"
+      grep -E "^(BAD|Traceback)|Error" "/tmp/smoke_$loop.txt" | head -n 5; } >> "$out/log.txt"
+  done
+fi
+export PK_BROKEN_FORWARD_LOOPS="${broken_loops# }"
+smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}"
+
 echo "== GPU tests"
 # pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
 # compilations dominate the wall time.
@@ -174,6 +190,8 @@ fi
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
+echo "Hopper loops that failed their smoke run (left out of the rest): $smoke_summary"
+grep -E "^smoke " "$out/log.txt" 2>/dev/null
 echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30

@@ -5,9 +5,15 @@ masks and several prefixes, at sizes that make the tools finish in seconds. benc
 (150 x 300 with a 200-key prefix: every stage of the forward's rings is refilled),
 and also checks each result against the reference, so a clean run is also a correct one. On an sm_90 card the sweep
 runs three times: with the forward's mma.sync loop and with its wgmma loop fed by cp.async and by TMA
-(PK_CUDA_FORWARD, csrc/forward.cu)."""
+(PK_CUDA_FORWARD, csrc/forward.cu).
+
+gpu_check.sh also runs it once per Hopper loop, alone and under a short timeout (--loops LOOP), before the tests: a
+loop that never ran on a GPU may hang (an mbarrier never completing) or trap, which would stall every later CUDA call
+in the test processes. A loop that fails there is named in $PK_BROKEN_FORWARD_LOOPS, which this sweep, the tests and
+bench/tune_cuda.py then leave out (each saying so)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -17,8 +23,16 @@ import prefix_kernels
 from prefix_kernels.reference import prefix_attention_reference
 
 
-def sweep():
-    loops = ("mma", "wgmma", "wgmma-tma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
+def card_loops():
+    """The forward loops this card runs: the Hopper ones on sm_90 only."""
+    return ("mma", "wgmma", "wgmma-tma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
+
+
+def broken_loops():
+    return set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())
+
+
+def sweep(loops):
     for loop in loops:
         os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each forward call
         yield from _shapes(loop)
@@ -32,12 +46,22 @@ def _shapes(loop):
                 yield loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--loops", help="comma-separated forward loops (default: the card's, less the broken ones)")
+    parser.add_argument("--list-hopper-loops", action="store_true", help="print the card's opt-in loops and exit")
+    args = parser.parse_args(argv)
+    if args.list_hopper_loops:
+        print(" ".join(loop for loop in card_loops() if loop != "mma"))
+        return 0
     if prefix_kernels.cuda.UNAVAILABLE_REASON:
         print(f"skipped: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
         return 0
+    loops = args.loops.split(",") if args.loops else [loop for loop in card_loops() if loop not in broken_loops()]
+    for loop in sorted(broken_loops() - set(loops)):
+        print(f"left out: PK_CUDA_FORWARD={loop} (it failed its smoke run)")
     failures = 0
-    for loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep():
+    for loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep(loops):
         batch, heads_q, heads_kv = 3, 6, 2
         q = torch.randn(batch, seq_q, heads_q, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
         k, v = (torch.randn(batch, heads_kv, seq_k, head_dim, device="cuda", dtype=dtype) for _ in range(2))

@@ -5,6 +5,8 @@ prefix_lens, rows that see nothing.
 Without a GPU they run in the host emulation (tests/cuda_emulation.py: the same source through g++, warp-level
 instructions emulated), bf16 included since no Triton interpreter is involved; on a GPU, the built extension.
 """
+import os
+
 import pytest
 import torch
 
@@ -118,9 +120,17 @@ def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
 
 
-def _hopper_or_skip(device):
+def _hopper_or_skip(device, loop):
     if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
         pytest.skip("the wgmma forward runs on sm_90 only")
+    if device.type == "cuda" and loop in _broken_loops():
+        pytest.skip(f"PK_CUDA_FORWARD={loop} failed its smoke run in bench/gpu_check.sh (see its log)")
+
+
+def _broken_loops():
+    """The Hopper loops bench/gpu_check.sh saw hang or fail when run alone first (bench/sanitize_cuda.py): running
+    them here would stall every later CUDA call of the test process."""
+    return set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())
 
 
 # The Hopper loop's tiles are 128 keys: these have 6-8 tiles a row block, so every stage of its ring is refilled
@@ -150,8 +160,8 @@ def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatc
     every operand reached the async proxy (or, from TMA, that the reading thread waited for the mbarrier phase the
     copy completed), that no copy lands in an operand still being read, that A registers stay unchanged until the
     wait and that a warpgroup's 4 warps issue the same wgmmas, and on an H100/H200."""
-    _hopper_or_skip(kernels)
     loop, tma = feed
+    _hopper_or_skip(kernels, loop)
     monkeypatch.setenv("PK_CUDA_FORWARD", loop)
     ops = cuda.kernels()
     if kernels.type == "cpu":
@@ -199,6 +209,8 @@ def test_forward_loop_choice_is_checked(kernels, monkeypatch):
     with pytest.raises(Exception, match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma, wgmma-tma"):
         _call_op("forward", call)
     for loop in ("wgmma", "wgmma-tma"):
+        if kernels.type == "cuda" and loop in _broken_loops():
+            continue
         monkeypatch.setenv("PK_CUDA_FORWARD", loop)
         if kernels.type == "cuda" and torch.cuda.get_device_capability(kernels) != (9, 0):
             with pytest.raises(Exception, match=f"PK_CUDA_FORWARD={loop}: wgmma needs an sm_90 GPU"):
@@ -314,11 +326,12 @@ def _random_case(generator, decode):
         kv_slice=bool(pick((0, 1))))
 
 
-@pytest.mark.parametrize("op_name", ["forward", "forward-wgmma", "decode"])
+@pytest.mark.parametrize("op_name", ["forward", "forward-wgmma", "forward-wgmma-tma", "decode"])
 def test_random_shapes_match_reference(kernels, op_name, monkeypatch):
-    if op_name == "forward-wgmma":
-        _hopper_or_skip(kernels)
-        monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")
+    if op_name.startswith("forward-"):
+        loop = op_name.removeprefix("forward-")
+        _hopper_or_skip(kernels, loop)
+        monkeypatch.setenv("PK_CUDA_FORWARD", loop)
         op_name = "forward"
     generator = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
     for _ in range(6):
