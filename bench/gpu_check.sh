@@ -28,12 +28,12 @@
 # by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
-#   BENCH_TIMEOUT (seconds),
+#   BENCH_TIMEOUT, SMOKE_TIMEOUT (per Hopper loop, before the tests) (seconds),
 #   MAX_JOBS (parallel compile jobs, default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+unset TRITON_INTERPRET PK_CUDA_FORWARD  # (an inherited loop choice would run everywhere, a broken one too)
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
 # Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit
@@ -90,20 +90,28 @@ fi
 echo "build: $build_summary" | tee -a "$out/build.txt"
 
 # The Hopper loops have never run on a GPU: each runs a small sweep alone first, under a short timeout, so that one
-# that hangs or traps is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_FORWARD_LOOPS)
-# instead of stalling every later CUDA call of the run.
-broken_loops=""
-if [ "$ext" = loads ]; then
-  for loop in $(python3 bench/sanitize_cuda.py --list-hopper-loops); do
-    timeout "${SMOKE_TIMEOUT:-60}" python3 bench/sanitize_cuda.py --loops "$loop" > "/tmp/smoke_$loop.txt" 2>&1
-    smoke_status=$?  # 124: the timeout (a hang)
-    [ $smoke_status = 0 ] || broken_loops="$broken_loops $loop"
-    { echo "smoke PK_CUDA_FORWARD=$loop: exit $smoke_status"
-      grep -E "^(BAD|Traceback)|Error" "/tmp/smoke_$loop.txt" | head -n 5; } >> "$out/log.txt"
+# that hangs or crashes is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_FORWARD_LOOPS)
+# instead of stalling or breaking every later CUDA call of the run. Wrong numbers (exit 3) stay in: the tests report
+# them. smoke_loops <tree> prints the broken ones of the extension built in <tree> (log lines to log.txt).
+smoke_loops() {
+  local tree=$1 loop status broken=""
+  for loop in $(PYTHONPATH="$tree" python3 "$tree/bench/sanitize_cuda.py" --list-hopper-loops); do
+    PYTHONPATH="$tree" timeout -k 10 "${SMOKE_TIMEOUT:-60}" python3 "$tree/bench/sanitize_cuda.py" --loops "$loop" \
+      > "/tmp/smoke_$loop.txt" 2>&1
+    status=$?  # 124: the timeout (a hang)
+    [ $status = 0 ] || [ $status = 3 ] || broken="$broken $loop"
+    { echo "smoke ${tree##*/} PK_CUDA_FORWARD=$loop: exit $status$([ $status = 124 ] && echo " (timed out)")"
+      grep -E "^BAD|Error" "/tmp/smoke_$loop.txt" | head -n 5; [ $status = 0 ] || tail -n 3 "/tmp/smoke_$loop.txt"
+    } >> "$out/log.txt"
   done
+  echo "${broken# }"
+}
+smoke_summary="not run (extension not loaded)"
+export PK_BROKEN_FORWARD_LOOPS=""
+if [ "$ext" = loads ]; then
+  PK_BROKEN_FORWARD_LOOPS=$(smoke_loops "$PWD")
+  smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}$(grep -q "^smoke " "$out/log.txt" 2>/dev/null || echo " (no Hopper loop on this card)")"
 fi
-export PK_BROKEN_FORWARD_LOOPS="${broken_loops# }"
-smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}"
 
 echo "== GPU tests"
 # pytest-xdist (on the GPU image) spreads the tests over processes sharing the GPU; the kernels' first
@@ -182,15 +190,17 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
     hpingpong=${hpingpong:-0}
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
     label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}-hp${hpingpong}"
-    PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" python3 "$copy/bench/tune_cuda.py" \
-      --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 10 | tee -a "$out/log.txt"
+    # each build's own Hopper loops (ping-pong, other depths) get their own smoke run first
+    PK_BROKEN_FORWARD_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" \
+      python3 "$copy/bench/tune_cuda.py" --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 10 \
+      | tee -a "$out/log.txt"
   done
 fi
 
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
-echo "Hopper loops that failed their smoke run (left out of the rest): $smoke_summary"
+echo "Hopper loops that hung or crashed in their smoke run (left out of the rest): $smoke_summary"
 grep -E "^smoke " "$out/log.txt" 2>/dev/null
 echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"

@@ -8,8 +8,9 @@ runs three times: with the forward's mma.sync loop and with its wgmma loop fed b
 (PK_CUDA_FORWARD, csrc/forward.cu).
 
 gpu_check.sh also runs it once per Hopper loop, alone and under a short timeout (--loops LOOP), before the tests: a
-loop that never ran on a GPU may hang (an mbarrier never completing) or trap, which would stall every later CUDA call
-in the test processes. A loop that fails there is named in $PK_BROKEN_FORWARD_LOOPS, which this sweep, the tests and
+loop that never ran on a GPU may hang (an mbarrier never completing) or trap, which would stall or break every later
+CUDA call in the test processes. A loop that hangs or crashes there (any exit but 0, and WRONG_RESULTS: wrong numbers
+are for the tests to report) is named in $PK_BROKEN_FORWARD_LOOPS, which this sweep, the tests and
 bench/tune_cuda.py then leave out (each saying so)."""
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ import torch
 
 import prefix_kernels
 from prefix_kernels.reference import prefix_attention_reference
+
+
+WRONG_RESULTS = 3  # the exit status when every call ran but some result was wrong
 
 
 def card_loops():
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
         print(f"{'ok ' if ok else 'BAD'} {loop:5} {str(dtype)[6:]:8} D={head_dim:3} S={seq_q:3} L={seq_k:3} "
               f"P={prefix_len:3} N={prefixes} max error {error:.2e}")
     torch.cuda.synchronize()
-    return 1 if failures else 0
+    return WRONG_RESULTS if failures else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def main(argv=None):
         broken = set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())  # see bench/sanitize_cuda.py
         for loop in sorted(broken):
             print(f"{args.label:24} left out: PK_CUDA_FORWARD={loop} (it failed its smoke run)")
-        time_forward(args, [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma") if loop not in broken])
+        loops = [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma") if loop not in broken]
+        if loops:
+            time_forward(args, loops)
 
 
 def time_forward(args, variants):

@@ -118,14 +118,23 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static constexpr unsigned kTurnBarrier = 1;  // and 2 (0 is sync_threads')
   PK_DEVICE void let_warp_group_0_start(int num_tiles) const {
     if constexpr (kPingPong)
-      if (warp_group() == 1 && num_tiles > 0) named_barrier_arrive(kTurnBarrier, kConsumerThreads);
+      if (warp_group() == 1 && num_tiles > 0) named_barrier_arrive<kTurnBarrier, kConsumerThreads>();
   }
   PK_DEVICE void take_turn() const {
-    if constexpr (kPingPong) named_barrier_sync(kTurnBarrier + warp_group(), kConsumerThreads);
+    if constexpr (kPingPong) {
+      if (warp_group() == 0)
+        named_barrier_sync<kTurnBarrier, kConsumerThreads>();
+      else
+        named_barrier_sync<kTurnBarrier + 1, kConsumerThreads>();
+    }
   }
   PK_DEVICE void pass_turn(bool last_turn) const {
-    if constexpr (kPingPong)
-      if (!(last_turn && warp_group() == 1)) named_barrier_arrive(kTurnBarrier + 1 - warp_group(), kConsumerThreads);
+    if constexpr (kPingPong) {
+      if (warp_group() == 0)
+        named_barrier_arrive<kTurnBarrier + 1, kConsumerThreads>();
+      else if (!last_turn)
+        named_barrier_arrive<kTurnBarrier, kConsumerThreads>();
+    }
   }
 
   // ---- the TMA feed: the producer's side (the kernel calls these before constructing the consumers' object)

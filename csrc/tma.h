@@ -122,20 +122,25 @@ PK_DEVICE void tma_load_4d(void* dst, const TensorMap& map, uint64_t* bar, int c
 #endif
 }
 
-// Named barriers (bar.sync / bar.arrive with an id and a thread count, whole warps): sync waits until `count`
-// threads arrived by either; arrive does not wait. Id 0 is sync_threads'.
-PK_DEVICE void named_barrier_sync(unsigned id, unsigned count) {
+// Named barriers (bar.sync / bar.arrive with an id and a thread count, whole warps): sync waits until kCount
+// threads arrived by either; arrive does not wait. Id 0 is sync_threads'. Immediate ids: with ids in registers
+// ptxas reserves all 16 barriers.
+template <unsigned kId, unsigned kCount>
+PK_DEVICE void named_barrier_sync() {
+  static_assert(kId > 0 && kId < 16 && kCount % 32 == 0, "ids 1-15, whole warps");
 #ifdef PK_EMULATE
-  pk_emu::named_barrier_sync(id, count);
+  pk_emu::named_barrier_sync(kId, kCount);
 #else
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
 #endif
 }
-PK_DEVICE void named_barrier_arrive(unsigned id, unsigned count) {
+template <unsigned kId, unsigned kCount>
+PK_DEVICE void named_barrier_arrive() {
+  static_assert(kId > 0 && kId < 16 && kCount % 32 == 0, "ids 1-15, whole warps");
 #ifdef PK_EMULATE
-  pk_emu::named_barrier_arrive(id, count);
+  pk_emu::named_barrier_arrive(kId, kCount);
 #else
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
 #endif
 }
 
