@@ -200,12 +200,17 @@ ForwardMaps<true> forward_maps(const AttentionParams& p) {
   return maps;
 }
 
+// The kernel's shared-memory opt-in is a process-wide setting per device: made once per device, as the decode's.
 template <typename T, int D, class Attention, int kMinBlocks>
 void launch_forward_with(const AttentionParams& params, Stream stream) {
   constexpr size_t kShared = Attention::kSharedBytes;
   ForwardMaps<Attention::kTmaFeed> maps{};
   if constexpr (Attention::kTmaFeed) maps = forward_maps<D, Attention>(params);
-  allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
+  static std::atomic<int> opted_in[kCachedDevices];
+  once_per_device(opted_in, current_device(), [] {
+    allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
+    return 1;
+  });
   const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
                   static_cast<unsigned>(params.batch * params.heads_q), 1};
   PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params,
