@@ -145,16 +145,21 @@ PK_DEVICE void named_barrier_arrive() {
 }
 
 // setmaxnreg: every thread of a warpgroup asks for the same register count; a producer warpgroup lowers its own so
-// that the consumers may raise theirs above the launch's 64K / threads. No effect in the emulation.
+// that the consumers may raise theirs above the launch's 64K / threads. The emulation keeps the block's pool (an
+// inc waits until a dec gave enough back) and checks that whole warpgroups ask alike.
 template <int kRegisters>
 PK_DEVICE void lower_registers_to() {
-#if !defined(PK_EMULATE) && defined(PK_WGMMA_NATIVE)
+#ifdef PK_EMULATE
+  pk_emu::set_max_registers(kRegisters, false);
+#elif defined(PK_WGMMA_NATIVE)
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 #endif
 }
 template <int kRegisters>
 PK_DEVICE void raise_registers_to() {
-#if !defined(PK_EMULATE) && defined(PK_WGMMA_NATIVE)
+#ifdef PK_EMULATE
+  pk_emu::set_max_registers(kRegisters, true);
+#elif defined(PK_WGMMA_NATIVE)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 #endif
 }

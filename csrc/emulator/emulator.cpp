@@ -187,7 +187,9 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // Block state.
 
 enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma };
-enum class FiberState : uint8_t { ready, parked_warp, parked_block, parked_mbarrier, parked_named, done };
+enum class FiberState : uint8_t {
+  ready, parked_warp, parked_block, parked_mbarrier, parked_named, parked_registers, done
+};
 
 struct FiberAbort {};  // thrown into parked fibers to unwind them when a launch fails; not a std::exception
 
@@ -266,6 +268,14 @@ struct NamedBarrier {
 };
 constexpr unsigned kNamedBarriers = 16;
 
+// A warpgroup's register count (setmaxnreg) and the request being gathered from its 128 threads.
+struct WarpGroupRegisters {
+  unsigned current = 0;       // per thread
+  unsigned arrived = 0, count = 0;
+  bool increase = false;
+  uint64_t generation = 0;    // requests applied
+};
+
 // An mbarrier (sm_90 transaction barrier): the current phase completes when `pending` reaches 0 with no bytes of
 // transactions outstanding (tx, announced by arrive_expect_tx, counted off by landing TMA copies).
 struct MBarrier {
@@ -314,6 +324,8 @@ struct Block {
   std::map<uint32_t, MBarrier> mbarriers;  // by shared offset, from mbarrier_init
   std::vector<TmaCopy> tma_in_flight;      // oldest first
   NamedBarrier named[kNamedBarriers];
+  std::vector<WarpGroupRegisters> warp_group_registers;
+  int64_t free_registers = 0;  // returned to the block's pool by setmaxnreg.dec, not yet taken by an inc
   bool greedy = false;         // pop the ready fiber that comes first in `order`, not the oldest
   std::vector<unsigned> rank;  // thread id -> its position in `order`
 
@@ -666,6 +678,50 @@ void named_arrival(Block& b, unsigned id, unsigned count, bool wait, const char*
   }
 }
 }  // namespace
+
+void set_max_registers(unsigned count, bool increase) {
+  Block& b = block_of("set_max_registers");
+  Fiber& f = *b.current;
+  if (aborted(b)) return;
+  if (b.nthreads % 128 != 0)
+    throw std::runtime_error("setmaxnreg in a block of " + std::to_string(b.nthreads) + " threads: whole warpgroups "
+                             "(128 threads) execute it");
+  if (count < 24 || count > 256 || count % 8 != 0)
+    throw std::runtime_error("setmaxnreg: " + std::to_string(count) + " registers is not a multiple of 8 in [24, 256]");
+  const unsigned group = f.tid / 128;
+  WarpGroupRegisters& g = b.warp_group_registers[group];
+  const char* what = increase ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  if (g.arrived == 0) {
+    g.count = count;
+    g.increase = increase;
+  } else if (g.count != count || g.increase != increase) {
+    throw std::runtime_error(std::string(what) + " " + std::to_string(count) + " while other threads of warpgroup " +
+                             std::to_string(group) + " ask for setmaxnreg." + (g.increase ? "inc " : "dec ") +
+                             std::to_string(g.count) + ": the whole warpgroup executes the same one");
+  }
+  const uint64_t generation = g.generation;
+  if (++g.arrived < 128) {
+    while (b.warp_group_registers[group].generation == generation) park(b, f, FiberState::parked_registers);
+    return;
+  }
+  if (increase ? count < g.current : count > g.current)
+    throw std::runtime_error(std::string(what) + " " + std::to_string(count) + " from " + std::to_string(g.current) +
+                             " registers per thread goes the wrong way");
+  if (increase) {
+    const int64_t need = int64_t(count - g.current) * 128;
+    while (b.free_registers < need) park(b, f, FiberState::parked_registers);  // until another warpgroup's dec
+    b.free_registers -= need;
+  } else {
+    b.free_registers += int64_t(g.current - count) * 128;
+  }
+  g.current = count;
+  g.arrived = 0;
+  ++g.generation;
+  for (unsigned t : b.order) {  // this warpgroup goes on; a waiting inc looks at the pool again
+    Fiber& w = b.fibers[t];
+    if (w.state == FiberState::parked_registers && w.tid != f.tid) wake(b, w);
+  }
+}
 
 void named_barrier_sync(unsigned id, unsigned count) {
   Block& b = block_of("named_barrier_sync");
@@ -1287,6 +1343,13 @@ std::string thread_state(const Block& b, const Fiber& f) {
         << " threads arrived)";
       break;
     }
+    case FiberState::parked_registers: {
+      const WarpGroupRegisters& g = b.warp_group_registers[f.tid / 128];
+      s << "waiting at setmaxnreg in warpgroup " << f.tid / 128 << " (" << g.arrived << " of 128 threads arrived; "
+        << g.current << " registers per thread, " << (g.increase ? "inc" : "dec") << " to " << g.count
+        << " asked; " << b.free_registers << " free in the block's pool)";
+      break;
+    }
     case FiberState::ready:
       s << "ready to run";
       break;
@@ -1343,6 +1406,10 @@ std::string deadlock_message(const Block& b) {
   for (const Fiber& f : b.fibers)
     if (f.state == FiberState::parked_named) named_waiters.push_back(f.tid);
   if (!named_waiters.empty()) s << "\n  named barriers: " << describe(b, named_waiters, "thread");
+  std::vector<unsigned> register_waiters;
+  for (const Fiber& f : b.fibers)
+    if (f.state == FiberState::parked_registers) register_waiters.push_back(f.tid);
+  if (!register_waiters.empty()) s << "\n  setmaxnreg: " << describe(b, register_waiters, "thread");
   for (size_t wi = 0; wi < b.warps.size(); ++wi) {
     const Warp& w = b.warps[wi];
     if (w.arrived == 0) continue;
@@ -1577,6 +1644,10 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
         b.mbarriers.clear();
         b.tma_in_flight.clear();
         for (NamedBarrier& nb : b.named) nb = NamedBarrier{};
+        b.warp_group_registers.assign((threads_per_block + 127) / 128, WarpGroupRegisters{});
+        for (WarpGroupRegisters& g : b.warp_group_registers)
+          g.current = std::min(256u, 65536u / threads_per_block / 8 * 8);
+        b.free_registers = 0;
         for (size_t i = 0; i < kCanaryBytes; ++i) {
           b.smem[-1 - static_cast<ptrdiff_t>(i)] = static_cast<char>(canary_byte(i));
           b.smem[shared_bytes + i] = static_cast<char>(canary_byte(i));

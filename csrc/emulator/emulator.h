@@ -165,6 +165,14 @@ std::string encode_tensor_map(TensorMap& map, const void* base, int rank, const 
 // a barrier; copies that never land before the block ends.
 void tma_load(void* shared_dst, const TensorMap& map, void* bar, const int32_t* coords);
 
+// setmaxnreg.{inc,dec}.sync.aligned.u32 count: every thread of a warpgroup (128 threads, aligned) asks for the
+// same count (24-256, a multiple of 8); the last one to arrive applies it for the warpgroup. The block's registers
+// are a pool of what the launch gave it: min(256, 64K / threads rounded down to a multiple of 8) per thread (what
+// ptxas allots a kernel with __launch_bounds__(threads, 1) that needs more), nothing spare. dec returns registers to
+// the pool; inc waits until the pool has enough (a deadlock if no warpgroup ever returns them). Errors: threads of
+// a warpgroup asking differently, an inc below or a dec above the current count, a block of partial warpgroups.
+void set_max_registers(unsigned count, bool increase);
+
 // Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
 // is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further
 // row in an already used group costs one more wavefront (a performance bug the results cannot show). Also the most

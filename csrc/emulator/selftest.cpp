@@ -650,6 +650,34 @@ void test_named_barriers() {
   }, {"deadlock", "waiting at named barrier 4 (32 of 64 threads arrived)"});
 }
 
+// (8) setmaxnreg: a producer warpgroup of a 384-thread block (168 registers each at launch) gives 144 per thread
+// back, and the two consumer warpgroups take 72 each up to 240 (FlashAttention-3's 24 / 240): the pool balances to
+// the register. 248 is 16 x 128 too many for the second consumer, which then waits forever; a warpgroup of which
+// one thread alone lowers its count, and threads asking differently, are errors too.
+void test_set_max_registers() {
+  int passed = 0;
+  auto run = [&](unsigned consumer_count, bool lone_producer, bool mixed) {
+    passed = 0;
+    pk_emu::launch(Dim3{}, 384, 0, [&] {
+      const unsigned t = pk_emu::thread_index();
+      if (t < 128) {
+        if (!lone_producer || t == 0) pk_emu::set_max_registers(24, false);
+      } else {
+        pk_emu::set_max_registers(mixed && t == 200 ? 232 : consumer_count, true);
+      }
+      ++passed;
+    });
+  };
+  run(240, false, false);
+  CHECK(passed == 384, "setmaxnreg 24 / 240 in a 384-thread block: %d of 384 threads went on", passed);
+  expect_error("consumers asking for more than the producer gave back", [&] { run(248, false, false); },
+               {"deadlock", "waiting at setmaxnreg", "inc to 248"});
+  expect_error("one producer thread alone lowers its registers", [&] { run(240, true, false); },
+               {"deadlock", "1 of 128 threads arrived"});
+  expect_error("threads of a warpgroup asking for different counts", [&] { run(240, false, true); },
+               {"setmaxnreg.inc 232 while other threads of warpgroup 1 ask for setmaxnreg.inc 240"});
+}
+
 void test_shfl() {
   constexpr unsigned kThreads = 128;
   std::vector<float> sum(kThreads), quad_max(kThreads), own(kThreads), swapped(kThreads);
@@ -1064,6 +1092,7 @@ int main() {
     test_wgmma_rules();
     test_tma_rules();
     test_named_barriers();
+    test_set_max_registers();
   }
 #ifdef HAVE_PLATFORM_H
   test_platform();
