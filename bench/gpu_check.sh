@@ -110,7 +110,8 @@ smoke_summary="not run (extension not loaded)"
 export PK_BROKEN_FORWARD_LOOPS=""
 if [ "$ext" = loads ]; then
   PK_BROKEN_FORWARD_LOOPS=$(smoke_loops "$PWD")
-  smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}$(grep -q "^smoke " "$out/log.txt" 2>/dev/null || echo " (no Hopper loop on this card)")"
+  smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}"
+  grep -q "^smoke " "$out/log.txt" 2>/dev/null || smoke_summary="not run (no Hopper loop on this card)"
 fi
 
 echo "== GPU tests"
@@ -180,7 +181,8 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
     (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
       PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
       -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
-      -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap -DPK_HOPPER_PINGPONG=$hpingpong" timeout "${BUILD_TIMEOUT:-240}" \
+      -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap \
+      -DPK_HOPPER_PINGPONG=$hpingpong" timeout "${BUILD_TIMEOUT:-240}" \
       python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
   done
   wait

@@ -1,8 +1,9 @@
 // sm_90's producer/consumer machinery, one wrapper each: transaction barriers (mbarrier) in shared memory, tensor
 // copies (TMA: cp.async.bulk.tensor, global -> shared through a tensor map, with the 128-byte swizzle wgmma reads),
 // named barriers (any arch; here for warpgroups taking turns) and the warpgroup register reallocation (setmaxnreg)
-// that lets a producer warpgroup give its registers to the consumers. Under PK_EMULATE each one calls csrc/emulator/ (which checks arrivals, phases, and that a thread
-// reads a copied tile only after waiting for the phase that completed it).
+// that lets a producer warpgroup give its registers to the consumers. Under PK_EMULATE each one calls
+// csrc/emulator/ (which checks arrivals, phases, and that a thread reads a copied tile only after waiting for the
+// phase that completed it).
 //
 // Like wgmma, these are used only in code built for sm_90a; every other device target compiles them to a trap
 // (or nothing), and the launcher runs the kernels that use them only where wgmma runs (forward.cu).
