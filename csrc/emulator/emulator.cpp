@@ -186,7 +186,7 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // ------------------------------------------------------------------------------------------------------------------
 // Block state.
 
-enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma };
+enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma, named_barrier };
 enum class FiberState : uint8_t {
   ready, parked_warp, parked_block, parked_mbarrier, parked_named, parked_registers, done
 };
@@ -506,6 +506,7 @@ std::string op_name(Op op, bool trans, Element type) {
     case Op::ldmatrix: return trans ? "ldmatrix_x4(.trans)" : "ldmatrix_x4";
     case Op::mma: return type == Element::bf16 ? "mma_m16n8k16(bf16)" : "mma_m16n8k16(f16)";
     case Op::wgmma: return type == Element::bf16 ? "wgmma_m64k16(bf16)" : "wgmma_m64k16(f16)";
+    case Op::named_barrier: return trans ? "named_barrier_sync" : "named_barrier_arrive";
   }
   return "?";
 }
@@ -521,7 +522,7 @@ const LaneSlot& collective(Op op, bool trans, Element type, const char* what, Fi
     w.op = op;
     w.trans = trans;
     w.type = type;
-  } else if (w.op != op || (op == Op::ldmatrix && w.trans != trans) ||
+  } else if (w.op != op || ((op == Op::ldmatrix || op == Op::named_barrier) && w.trans != trans) ||
              ((op == Op::mma || op == Op::wgmma) && w.type != type)) {
     std::vector<unsigned> waiting;
     for (unsigned l = 0; l < 32; ++l)
@@ -645,32 +646,49 @@ void sync_threads() {
 }
 
 namespace {
-void named_arrival(Block& b, unsigned id, unsigned count, bool wait, const char* what) {
+// bar.sync / bar.arrive is a warp instruction (.aligned): the 32 lanes arrive together, with the same id and count,
+// and count as 32 threads; then each lane of a sync waits for the phase.
+void named_arrival(unsigned id, unsigned count, bool wait, const char* what) {
+  Block& b = block_of(what);
   if (id == 0 || id >= kNamedBarriers)
     throw std::runtime_error(std::string(what) + ": barrier id " + std::to_string(id) + " is not in [1, 15] (0 is " +
                              "sync_threads')");
   if (count == 0 || count % 32 != 0 || count > b.nthreads)
     throw std::runtime_error(std::string(what) + ": thread count " + std::to_string(count) + " is not a multiple of " +
                              "32 in [32, " + std::to_string(b.nthreads) + "]");
-  NamedBarrier& nb = b.named[id];
-  if (nb.arrived == 0) {
-    nb.expected = count;
-  } else if (nb.expected != count) {
-    throw std::runtime_error(std::string(what) + ": named barrier " + std::to_string(id) + " with " +
-                             std::to_string(count) + " threads while this phase's earlier arrivals named " +
-                             std::to_string(nb.expected));
-  }
+  const LaneSlot& slot = collective(
+      Op::named_barrier, wait, Element::f16, what,
+      [&](LaneSlot& lane) {
+        lane.lane_mask = id;
+        lane.n = static_cast<int>(count);
+      },
+      [what](LaneSlot* lanes) {
+        Block& blk = *t_block;
+        const unsigned barrier = lanes[0].lane_mask, threads = static_cast<unsigned>(lanes[0].n);
+        for (unsigned l = 1; l < 32; ++l)
+          if (lanes[l].lane_mask != barrier || static_cast<unsigned>(lanes[l].n) != threads)
+            throw std::runtime_error(std::string(what) + ": the lanes of a warp name different barriers or counts");
+        NamedBarrier& nb = blk.named[barrier];
+        if (nb.arrived == 0) {
+          nb.expected = threads;
+        } else if (nb.expected != threads) {
+          throw std::runtime_error(std::string(what) + ": named barrier " + std::to_string(barrier) + " with " +
+                                   std::to_string(threads) + " threads while this phase's earlier arrivals named " +
+                                   std::to_string(nb.expected));
+        }
+        for (unsigned l = 0; l < 32; ++l) lanes[l].a_desc = nb.generation;  // the phase this warp arrived in
+        nb.arrived += 32;
+        if (nb.arrived == nb.expected) {
+          nb.arrived = 0;
+          ++nb.generation;
+          for (unsigned t : blk.order) {
+            Fiber& w = blk.fibers[t];
+            if (w.state == FiberState::parked_named && w.named_waited == barrier) wake(blk, w);
+          }
+        }
+      });
   Fiber& f = *b.current;
-  const uint64_t generation = nb.generation;
-  if (++nb.arrived == nb.expected) {
-    nb.arrived = 0;
-    ++nb.generation;
-    for (unsigned t : b.order) {
-      Fiber& w = b.fibers[t];
-      if (w.state == FiberState::parked_named && w.named_waited == id) wake(b, w);
-    }
-    return;
-  }
+  const uint64_t generation = slot.a_desc;
   f.named_waited = id;
   while (wait && b.named[id].generation == generation) {
     park(b, f, FiberState::parked_named);
@@ -724,15 +742,13 @@ void set_max_registers(unsigned count, bool increase) {
 }
 
 void named_barrier_sync(unsigned id, unsigned count) {
-  Block& b = block_of("named_barrier_sync");
-  if (aborted(b)) return;
-  named_arrival(b, id, count, true, "named_barrier_sync");
+  if (aborted(block_of("named_barrier_sync"))) return;
+  named_arrival(id, count, true, "named_barrier_sync");
 }
 
 void named_barrier_arrive(unsigned id, unsigned count) {
-  Block& b = block_of("named_barrier_arrive");
-  if (aborted(b)) return;
-  named_arrival(b, id, count, false, "named_barrier_arrive");
+  if (aborted(block_of("named_barrier_arrive"))) return;
+  named_arrival(id, count, false, "named_barrier_arrive");
 }
 
 float shfl_xor(float value, int lane_mask) {

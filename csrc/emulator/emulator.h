@@ -68,9 +68,9 @@ char* shared_memory();
 // __syncthreads(): waits until every thread of the block has called it.
 void sync_threads();
 
-// bar.sync id, count / bar.arrive id, count (named barriers, ids 1-15; 0 is sync_threads'): the barrier's phase
-// completes when `count` threads (a multiple of 32) have arrived by either call; named_barrier_sync waits for that,
-// named_barrier_arrive does not. Errors: arrivals of one phase naming different counts, a bad id or count, a phase
+// bar.sync id, count / bar.arrive id, count (named barriers, ids 1-15; 0 is sync_threads'): warp collectives (all 32
+// lanes, the same id and count; a warp counts as 32 threads). The barrier's phase completes when `count` threads (a
+// multiple of 32) have arrived by either call; named_barrier_sync waits for that, named_barrier_arrive does not. Errors: arrivals of one phase naming different counts, a bad id or count, a phase
 // left incomplete when the block ends (the kernel's arrivals and waits do not pair up), and deadlocks (listed).
 void named_barrier_sync(unsigned id, unsigned count);
 void named_barrier_arrive(unsigned id, unsigned count);

@@ -622,7 +622,7 @@ void test_tma_rules() {
 
 // (7) Named barriers as FlashAttention-3's ping-pong uses them: two warpgroups take turns (each waits on its own
 // barrier, then lets the other go by arriving on the other's), so their turns alternate strictly whatever the
-// schedule; counts that differ, a phase left incomplete and a missing arrival are errors.
+// schedule; counts that differ, a phase left incomplete, half a warp arriving and a missing arrival are errors.
 void test_named_barriers() {
   std::vector<int> turns;
   pk_emu::launch(Dim3{}, 256, 0, [&] {
@@ -643,6 +643,11 @@ void test_named_barriers() {
       if (pk_emu::thread_index() < 32) pk_emu::named_barrier_arrive(2, 64);
     });
   }, {"named barrier 2 ended with 32 of 64 threads arrived"});
+  expect_error("half a warp arrives at a named barrier", [] {
+    pk_emu::launch(Dim3{}, 64, 0, [] {
+      if (pk_emu::thread_index() % 32 < 16) pk_emu::named_barrier_arrive(5, 64);
+    });
+  }, {"deadlock", "wait at named_barrier_arrive"});
   expect_error("a warp waits at a named barrier the other never reaches", [] {
     pk_emu::launch(Dim3{}, 64, 0, [] {
       if (pk_emu::thread_index() < 32) pk_emu::named_barrier_sync(4, 64);
