@@ -21,6 +21,7 @@ import triton
 
 import prefix_kernels
 from prefix_kernels.reference import prefix_attention_reference
+from sanitize_cuda import broken_loops  # (beside this script) the Hopper loops that failed their smoke run
 
 SHAPES = [dict(B=8, S=2048, P=128), dict(B=16, S=1024, P=512)]
 
@@ -37,7 +38,7 @@ def main(argv=None):
     time_decode(args)
     if torch.cuda.get_device_capability() == (9, 0):
         # Last: a loop that has never run on a GPU may trap, which ends the process's CUDA context.
-        broken = set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())  # see bench/sanitize_cuda.py
+        broken = broken_loops()
         for loop in sorted(broken):
             print(f"{args.label:24} left out: PK_CUDA_FORWARD={loop} (it failed its smoke run)")
         loops = [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma") if loop not in broken]

@@ -60,7 +60,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using Softmax::scale_and_mask;
   using Softmax::softmax;
   using Softmax::warp;
-  static constexpr bool kTmaFeed = kTma;
+  static constexpr bool kTmaFeed = kTma;  // what forward_kernel asks (BlockAttention's is false)
   static constexpr int kWarpGroups = 2;               // consumers: the math
   static constexpr int kConsumerThreads = 128 * kWarpGroups;
   static constexpr int kProducerThreads = kTma ? 128 : 0;  // warpgroup 0 when there is one
@@ -135,6 +135,11 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       else if (!last_turn)
         named_barrier_arrive<kTurnBarrier, kConsumerThreads>();
     }
+  }
+  // An idle warpgroup (all its rows padding) still takes its turns, so that the other's barriers complete.
+  PK_DEVICE void skip_turn(bool last_turn) const {
+    take_turn();
+    pass_turn(last_turn);
   }
 
   // ---- the TMA feed: the producer's side (the kernel calls these before constructing the consumers' object)
@@ -321,8 +326,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         probabilities(s, alpha);
         pack_probabilities(s, p);  // (O is still zero: nothing to rescale)
       } else {
-        take_turn();
-        pass_turn(false);
+        skip_turn(false);
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
@@ -349,8 +353,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         rescale(alpha);
         pack_probabilities(s, p);
       } else {
-        take_turn();
-        pass_turn(false);
+        skip_turn(false);
         feed.release(t - 1);
       }
     }
@@ -366,8 +369,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(output());
         fence_operand(p);
       } else {
-        take_turn();
-        pass_turn(true);
+        skip_turn(true);
       }
       feed.release(num_tiles - 1);
     }
