@@ -18,8 +18,8 @@
 #                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap,hopper_pingpong" for
 #                    csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's PK_DECODE_STAGES; the first
 #                    default variant is the shipped build), each built in its own copy of the tree, next to Triton;
-#                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds;
-#                    bench/tune_cuda.py: tune_cuda.json,
+#                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds) and each
+#                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
@@ -33,7 +33,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET PK_CUDA_FORWARD  # (an inherited loop choice would run everywhere, a broken one too)
+# (an inherited loop choice would run everywhere, a broken one too)
+unset TRITON_INTERPRET PK_CUDA_FORWARD PK_CUDA_DECODE
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
 # Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit
@@ -90,7 +91,7 @@ fi
 echo "build: $build_summary" | tee -a "$out/build.txt"
 
 # The Hopper loops have never run on a GPU: each runs a small sweep alone first, under a short timeout, so that one
-# that hangs or crashes is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_FORWARD_LOOPS)
+# that hangs or crashes is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_CUDA_LOOPS)
 # instead of stalling or breaking every later CUDA call of the run. Wrong numbers (exit 3) stay in: the tests report
 # them. smoke_loops <tree> prints the broken ones of the extension built in <tree> (log lines to log.txt).
 smoke_loops() {
@@ -100,17 +101,17 @@ smoke_loops() {
       > "/tmp/smoke_$loop.txt" 2>&1
     status=$?  # 124: the timeout (a hang)
     [ $status = 0 ] || [ $status = 3 ] || broken="$broken $loop"
-    { echo "smoke ${tree##*/} PK_CUDA_FORWARD=$loop: exit $status$([ $status = 124 ] && echo " (timed out)")"
+    { echo "smoke ${tree##*/} $loop: exit $status$([ $status = 124 ] && echo " (timed out)")"
       grep -E "^BAD|Error" "/tmp/smoke_$loop.txt" | head -n 5; [ $status = 0 ] || tail -n 3 "/tmp/smoke_$loop.txt"
     } >> "$out/log.txt"
   done
   echo "${broken# }"
 }
 smoke_summary="not run (extension not loaded)"
-export PK_BROKEN_FORWARD_LOOPS=""
+export PK_BROKEN_CUDA_LOOPS=""
 if [ "$ext" = loads ]; then
-  PK_BROKEN_FORWARD_LOOPS=$(smoke_loops "$PWD")
-  smoke_summary="${PK_BROKEN_FORWARD_LOOPS:-none}"
+  PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$PWD")
+  smoke_summary="${PK_BROKEN_CUDA_LOOPS:-none}"
   grep -q "^smoke " "$out/log.txt" 2>/dev/null || smoke_summary="not run (no Hopper loop on this card)"
 fi
 
@@ -193,8 +194,8 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
     copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
     label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}-hp${hpingpong}"
     # each build's own Hopper loops (ping-pong, other depths) get their own smoke run first
-    PK_BROKEN_FORWARD_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" \
-      python3 "$copy/bench/tune_cuda.py" --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 10 \
+    PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" \
+      python3 "$copy/bench/tune_cuda.py" --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 20 \
       | tee -a "$out/log.txt"
   done
 fi

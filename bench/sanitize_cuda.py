@@ -4,13 +4,14 @@ masks and several prefixes, at sizes that make the tools finish in seconds. benc
     compute-sanitizer --tool racecheck  --error-exitcode 1 python3 bench/sanitize_cuda.py
 (150 x 300 with a 200-key prefix: every stage of the forward's rings is refilled),
 and also checks each result against the reference, so a clean run is also a correct one. On an sm_90 card the sweep
-runs three times: with the forward's mma.sync loop and with its wgmma loop fed by cp.async and by TMA
-(PK_CUDA_FORWARD, csrc/forward.cu).
+runs four times: with the mma.sync loops, with the forward's wgmma loop fed by cp.async and by TMA (PK_CUDA_FORWARD,
+csrc/forward.cu), and with the decode's wgmma prefix programs (PK_CUDA_DECODE, csrc/decode.cu): the loops "mma",
+"wgmma", "wgmma-tma" and "decode-wgmma".
 
 gpu_check.sh also runs it once per Hopper loop, alone and under a short timeout (--loops LOOP), before the tests: a
 loop that never ran on a GPU may hang (an mbarrier never completing) or trap, which would stall or break every later
 CUDA call in the test processes. A loop that hangs or crashes there (any exit but 0, and WRONG_RESULTS: wrong numbers
-are for the tests to report) is named in $PK_BROKEN_FORWARD_LOOPS, which this sweep, the tests and
+are for the tests to report) is named in $PK_BROKEN_CUDA_LOOPS, which this sweep, the tests and
 bench/tune_cuda.py then leave out (each saying so)."""
 from __future__ import annotations
 
@@ -28,17 +29,27 @@ WRONG_RESULTS = 3  # the exit status when every call ran but some result was wro
 
 
 def card_loops():
-    """The forward loops this card runs: the Hopper ones on sm_90 only."""
-    return ("mma", "wgmma", "wgmma-tma") if torch.cuda.get_device_capability() == (9, 0) else ("mma",)
+    """The loops this card runs: the Hopper ones on sm_90 only."""
+    if torch.cuda.get_device_capability() == (9, 0):
+        return ("mma", "wgmma", "wgmma-tma", "decode-wgmma")
+    return ("mma",)
 
 
 def broken_loops():
-    return set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())
+    return set(os.environ.get("PK_BROKEN_CUDA_LOOPS", "").split())
+
+
+def select_loop(loop):
+    """Sets the variables the extension reads at each call: "decode-X" is the decode's prefix loop X (the forward on
+    mma.sync), any other name the forward's loop (the decode on mma.sync)."""
+    decode = loop.removeprefix("decode-") if loop.startswith("decode-") else "mma"
+    os.environ["PK_CUDA_DECODE"] = decode
+    os.environ["PK_CUDA_FORWARD"] = "mma" if loop.startswith("decode-") else loop
 
 
 def sweep(loops):
     for loop in loops:
-        os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each forward call
+        select_loop(loop)
         yield from _shapes(loop)
 
 
@@ -52,7 +63,7 @@ def _shapes(loop):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--loops", help="comma-separated forward loops (default: the card's, less the broken ones)")
+    parser.add_argument("--loops", help="comma-separated loops (default: the card's, less the broken ones)")
     parser.add_argument("--list-hopper-loops", action="store_true", help="print the card's opt-in loops and exit")
     args = parser.parse_args(argv)
     if args.list_hopper_loops:
@@ -63,7 +74,7 @@ def main(argv=None) -> int:
         return 0
     loops = args.loops.split(",") if args.loops else [loop for loop in card_loops() if loop not in broken_loops()]
     for loop in sorted(broken_loops() - set(loops)):
-        print(f"left out: PK_CUDA_FORWARD={loop} (it failed its smoke run)")
+        print(f"left out: {loop} (it failed its smoke run)")
     failures = 0
     for loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep(loops):
         batch, heads_q, heads_kv = 3, 6, 2

@@ -6,8 +6,9 @@ through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this
 JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
 reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
 also timed with its wgmma loops (PK_CUDA_FORWARD=wgmma, "cuda-wgmma", fed by cp.async, and wgmma-tma,
-"cuda-wgmma-tma", fed by a TMA producer warpgroup), last and in rows of their own. Used to pick csrc's defaults; not
-a pass/fail test.
+"cuda-wgmma-tma", fed by a TMA producer warpgroup), and the decode with its wgmma prefix programs
+(PK_CUDA_DECODE=wgmma, "cuda-wgmma"), last and in rows of their own. Used to pick csrc's defaults; not a pass/fail
+test.
 """
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ def main(argv=None):
     if prefix_kernels.cuda.UNAVAILABLE_REASON:
         raise SystemExit(f"{args.label}: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
     time_forward(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
-    time_decode(args)
+    time_decode(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
     if torch.cuda.get_device_capability() == (9, 0):
         # Last: a loop that has never run on a GPU may trap, which ends the process's CUDA context.
         broken = broken_loops()
         for loop in sorted(broken):
-            print(f"{args.label:24} left out: PK_CUDA_FORWARD={loop} (it failed its smoke run)")
+            print(f"{args.label:24} left out: {loop} (it failed its smoke run)")
         loops = [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma") if loop not in broken]
         if loops:
             time_forward(args, loops)
+        if "decode-wgmma" not in broken:
+            time_decode(args, [("cuda-wgmma", "cuda", "wgmma")])
 
 
 def time_forward(args, variants):
@@ -77,9 +80,9 @@ def time_forward(args, variants):
             for name, _, _ in variants), flush=True)
 
 
-def time_decode(args):
-    """The ANCHORS decode shapes, each backend replayed from a CUDA graph (device time only, what a serving loop
-    that captures its step pays)."""
+def time_decode(args, variants):
+    """The ANCHORS decode shapes, each (name, backend, $PK_CUDA_DECODE) of `variants` replayed from a CUDA graph
+    (device time only, what a serving loop that captures its step pays); CUDA's output against Triton's."""
     from prefix_kernels.bench.cases import get_preset
     from prefix_kernels.bench.providers import make_inputs
     from prefix_kernels.bench.timing import graph_bench_ms
@@ -87,23 +90,26 @@ def time_decode(args):
     for case in (c for c in get_preset("anchors").ops if c.op == "decode"):
         inputs = make_inputs(case, "cuda")
         row = dict(label=args.label, card=torch.cuda.get_device_name(), shape=case.label)
-        outputs = {}
-        for backend in ("cuda", "triton"):
-            def run(backend=backend):
-                return prefix_kernels.prefix_attention(inputs.q, inputs.k, inputs.v, inputs.prefix_k,
-                                                       inputs.prefix_v, causal=True, scale=inputs.scale,
-                                                       backend=backend)
-            with torch.no_grad():
-                outputs[backend] = run()
-                ms, why_not = graph_bench_ms(run)
-            row[backend] = dict(ms=ms, not_captured=why_not)
-        row["cuda"]["max_diff_vs_triton"] = (outputs["cuda"].float() - outputs["triton"].float()).abs().max().item()
+
+        def call(backend):
+            return prefix_kernels.prefix_attention(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v,
+                                                   causal=True, scale=inputs.scale, backend=backend)
+
+        with torch.no_grad():
+            expected = call("triton").float()
+            for name, backend, loop in variants:
+                os.environ["PK_CUDA_DECODE"] = loop  # read by the extension at each call
+                # (eager first: the first wgmma call on a device checks its code outside the capture)
+                row[name] = dict(max_diff_vs_triton=(call(backend).float() - expected).abs().max().item())
+                row[name]["ms"], row[name]["not_captured"] = graph_bench_ms(lambda: call(backend))
+            os.environ["PK_CUDA_DECODE"] = "mma"
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
-        shown = {b: f"{row[b]['ms']:.3f} ms" if row[b]["ms"] else f"not captured ({row[b]['not_captured']})"
-                 for b in ("cuda", "triton")}
-        print(f"{args.label:24} decode {case.label}: cuda {shown['cuda']} (vs triton max diff "
-              f"{row['cuda']['max_diff_vs_triton']:.2g}) | triton {shown['triton']}", flush=True)
+        shown = [f"{name} " + (f"{row[name]['ms']:.3f} ms" if row[name]["ms"] else
+                               f"not captured ({row[name]['not_captured']})") +
+                 (f" (vs triton max diff {row[name]['max_diff_vs_triton']:.2g})" if backend == "cuda" else "")
+                 for name, backend, _ in variants]
+        print(f"{args.label:24} decode {case.label}: " + " | ".join(shown), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,18 @@
 //     against one split of one prefix's keys: a prefix tile is read once per 64 rows instead of once per
 //     sequence. Own programs take the G * S rows of one (sequence, KV head) against one split of its own keys.
 //     Both kinds share one launch (prefix programs first); each writes a normalized partial + LSE to its slot.
+//     With PK_CUDA_DECODE=wgmma (sm_90a) the prefix programs take 128 rows on the Hopper loop (attend_sm90.h) in a
+//     launch of their own before the own programs': with many packed rows (B * G in the hundreds) the prefix part
+//     is bound by the tensor cores, where mma.sync reaches about a third of what wgmma can.
 //  2. merge: every row's slots combined by their LSEs into out (q's dtype) and lse.
 // Sized from shapes only (no host sync): CUDA-graph safe.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 
 #include "attend.h"
+#include "attend_sm90.h"
 #include "dispatch.h"
 #include "launch.h"
 
@@ -33,11 +40,18 @@ template <typename T, int D, int kStages>
 using DecodeAttention = BlockAttention<T, D, 1, 64, kStages>;
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
+// The wgmma prefix programs: the shipped Hopper forward's loop (FA3's overlap over a ring of 3 tile pairs, fed by
+// cp.async: the packed rows are gathered, which a TMA box cannot do).
+template <typename T, int D>
+using HopperPrefixAttention = HopperAttention<T, D, 128, 3, true, false, false>;
+constexpr int kHopperBlockM = 128;
+constexpr int kHopperBlockN = 128;
+constexpr int kHopperSharedPerSm = 228 * 1024;  // every sm_90 GPU's (wgmma runs on nothing else)
 
-template <typename T, int D, int kStages>
-PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D, kStages>& attention, int slot,
-                             const int64_t (&row)[2]) {
-  float inv[2], lse[2];
+template <int D, class Attention>
+PK_DEVICE void store_partial(const DecodeParams& d, const Attention& attention, int slot,
+                             const int64_t (&row)[Attention::kRows]) {
+  float inv[Attention::kRows], lse[Attention::kRows];
   attention.finish(inv, lse);
   const int64_t base = static_cast<int64_t>(slot) * d.rows;
   attention.for_each_output(inv, [&](int h, int col, float x0, float x1) {
@@ -49,13 +63,15 @@ PK_DEVICE void store_partial(const DecodeParams& d, const DecodeAttention<T, D, 
   });
   if (attention.lane % 4 == 0) {
     PK_UNROLL
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < Attention::kRows; ++h)
       if (row[h] >= 0) d.work_lse[base + row[h]] = lse[h];
   }
 }
 
-template <typename T, int D, int kStages>
+// `Attention` is DecodeAttention (mma.sync, 64 rows, 64-key tiles) or HopperPrefixAttention (wgmma, 128 and 128).
+template <typename T, int D, class Attention>
 PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
+  constexpr int kRowsPerBlock = Attention::kBlockM, kKeysPerTile = Attention::kBlockN;
   const AttentionParams& p = d.attention;
   const int nh_count = p.num_prefixes * p.heads_kv;
   const int row_block = pid % d.prefix_row_blocks;
@@ -71,20 +87,20 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
     return r < packed_rows &&
            (!p.prefix_index || load_index(p.prefix_index, p.prefix_index_int32, sequence_of(r)) == n);
   };
-  const int r0 = row_block * kBlockM;
+  const int r0 = row_block * kRowsPerBlock;
   bool any_mine = false;
-  for (int r = r0; r < r0 + kBlockM && !any_mine; ++r) any_mine = mine(r);
+  for (int r = r0; r < r0 + kRowsPerBlock && !any_mine; ++r) any_mine = mine(r);
 
   const int prefix_len = p.prefix_lens ? static_cast<int>(load_index(p.prefix_lens, p.prefix_lens_int32, n))
                                        : p.prefix_len;
   const int begin = split * d.prefix_chunk;
   const int end = any_mine ? imin(begin + d.prefix_chunk, prefix_len) : begin;
-  const int num_tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;
+  const int num_tiles = end > begin ? (end - begin + kKeysPerTile - 1) / kKeysPerTile : 0;
   const T* pk = static_cast<const T*>(p.prefix_k) + n * p.pk_stride[0] + h * p.pk_stride[1];
   const T* pv = static_cast<const T*>(p.prefix_v) + n * p.pv_stride[0] + h * p.pv_stride[1];
   auto tile = [&](int t) {
-    const int key0 = begin + t * kBlockN;
-    return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, end, false, key0 + kBlockN > end};
+    const int key0 = begin + t * kKeysPerTile;
+    return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, end, false, key0 + kKeysPerTile > end};
   };
   auto visible = [](const KeyTile<T>& t, int, int key) { return key < t.end; };
 
@@ -96,17 +112,17 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
     return q + b * p.q_stride[0] + (h * p.group + g) * p.q_stride[1] + s * p.q_stride[2];
   };
 
-  DecodeAttention<T, D, kStages> attention(shared_memory());
+  Attention attention(shared_memory());
   attention.load_q_async(q_row, q);
   attention.run(num_tiles, tile, p.scale_log2, visible, packed_rows - r0);
-  int64_t row[2];
+  int64_t row[Attention::kRows];
   PK_UNROLL
-  for (int hh = 0; hh < 2; ++hh) {
+  for (int hh = 0; hh < Attention::kRows; ++hh) {
     const int r = r0 + attention.row_of(hh);
     const int b = sequence_of(r), g = (r / p.seq_q) % p.group, s = r % p.seq_q;
     row[hh] = mine(r) ? (static_cast<int64_t>(b) * p.heads_q + h * p.group + g) * p.seq_q + s : -1;
   }
-  store_partial(d, attention, split, row);
+  store_partial<D>(d, attention, split, row);
 }
 
 template <typename T, int D, int kStages>
@@ -155,17 +171,25 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
     const int r = r0 + attention.row_of(hh);
     row[hh] = r < group_rows ? (static_cast<int64_t>(b) * p.heads_q + h * p.group) * p.seq_q + r : -1;
   }
-  store_partial(d, attention, d.prefix_splits + split, row);
+  store_partial<D>(d, attention, d.prefix_splits + split, row);
 }
 
+// The prefix programs first, then the own programs; only the own programs when the prefix programs have a wgmma
+// launch of their own.
 template <typename T, int D, int kStages>
 PK_KERNEL(kThreads) decode_partials_kernel(const DecodeParams d) {
   const int pid = static_cast<int>(block_index_x());
-  const int prefix_programs = d.prefix_row_blocks * d.attention.num_prefixes * d.attention.heads_kv * d.prefix_splits;
-  if (pid < prefix_programs)
-    prefix_program<T, D, kStages>(d, pid);
+  const int prefix_here =
+      d.prefix_wgmma ? 0 : d.prefix_row_blocks * d.attention.num_prefixes * d.attention.heads_kv * d.prefix_splits;
+  if (pid < prefix_here)
+    prefix_program<T, D, DecodeAttention<T, D, kStages>>(d, pid);
   else
-    own_program<T, D, kStages>(d, pid - prefix_programs);
+    own_program<T, D, kStages>(d, pid - prefix_here);
+}
+
+template <typename T, int D>
+PK_KERNEL(HopperPrefixAttention<T, D>::kBlockThreads) decode_prefix_wgmma_kernel(const DecodeParams d) {
+  prefix_program<T, D, HopperPrefixAttention<T, D>>(d, static_cast<int>(block_index_x()));
 }
 
 // One warp per row (b, hq, s): out = sum_slot e^(lse_slot - m) o_slot / sum_slot e^(lse_slot - m), m = max lse;
@@ -198,34 +222,72 @@ PK_KERNEL(32 * kMergeRowsPerBlock) decode_merge_kernel(const DecodeParams d) {
   if (lane == 0) d.attention.lse[row] = total > 0.f ? m_use + fast_log2(total) * kLn2 : -INFINITY;
 }
 
-// (splits, chunk) of `keys` keys when every program should read about `per_program` keys; chunks in whole tiles.
-void split_keys(int keys, int64_t per_program, int& splits, int& chunk) {
+constexpr size_t kReservedPerBlock = 1024;  // the driver's share of every block's shared memory
+
+// `keys` keys in about `wanted` splits of whole `tile`-key tiles: (splits, chunk).
+void split_evenly(int keys, int64_t wanted, int tile, int& splits, int& chunk) {
   if (keys <= 0) {
     splits = 0;
-    chunk = kBlockN;
+    chunk = tile;
     return;
   }
-  const int wanted = static_cast<int>(std::min<int64_t>((keys + per_program - 1) / per_program, kMaxSplits));
-  const int even = ceil_div(keys, std::max(wanted, 1));
-  chunk = ceil_div(even, kBlockN) * kBlockN;
+  wanted = std::max<int64_t>(1, std::min<int64_t>(wanted, kMaxSplits));
+  chunk = ceil_div(ceil_div(keys, static_cast<int>(wanted)), tile) * tile;
   splits = ceil_div(keys, chunk);
+}
+
+// (splits, chunk) of `keys` keys when every program should read about `per_program` keys.
+void split_keys(int keys, int64_t per_program, int tile, int& splits, int& chunk) {
+  split_evenly(keys, (keys + per_program - 1) / per_program, tile, splits, chunk);
 }
 
 }  // namespace
 
-DecodePlan plan_decode(const AttentionParams& p, int sms) {
+DecodePlan plan_decode(const AttentionParams& p, int sms, DecodePrefixLoop loop) {
   DecodePlan plan{};
-  plan.prefix_row_blocks = ceil_div(p.batch * p.group * p.seq_q, kBlockM);
+  const int packed_rows = p.batch * p.group * p.seq_q;
   plan.own_row_blocks = ceil_div(p.group * p.seq_q, kBlockM);
+  const int64_t own_programs = static_cast<int64_t>(plan.own_row_blocks) * p.batch * p.heads_kv;
+  if (loop == DecodePrefixLoop::wgmma) {
+    // Two launches, each balanced on its own. The prefix programs: as many splits as fill one wave of the SMs'
+    // block slots (one block of 224 KB per SM at head dim 128, two at 64), no split under kMinSplitTiles tiles.
+    plan.prefix_wgmma = true;
+    plan.prefix_row_blocks = ceil_div(packed_rows, kHopperBlockM);
+    const int64_t prefix_programs =
+        std::max<int64_t>(1, static_cast<int64_t>(plan.prefix_row_blocks) * p.num_prefixes * p.heads_kv);
+    size_t shared = 0;
+    PK_DISPATCH(p, shared = HopperPrefixAttention<Element, kHeadDim>::kSharedBytes);
+    const int64_t blocks_per_sm = std::max<int64_t>(1, kHopperSharedPerSm / (shared + kReservedPerBlock));
+    const int64_t most = ceil_div(p.prefix_len, kHopperBlockN * kMinSplitTiles);
+    split_evenly(p.prefix_len, std::min(sms * blocks_per_sm / prefix_programs, most), kHopperBlockN,
+                 plan.prefix_splits, plan.prefix_chunk);
+    const int64_t per_own = std::max<int64_t>(
+        kBlockN * kMinSplitTiles, (own_programs * p.seq_k + kProgramsPerSm * sms - 1) / (kProgramsPerSm * sms));
+    split_keys(p.seq_k, per_own, kBlockN, plan.own_splits, plan.own_chunk);
+    return plan;
+  }
+  plan.prefix_row_blocks = ceil_div(packed_rows, kBlockM);
   // Prefix and own programs share one launch: balance the keys each program reads (see the Triton decode).
   const int64_t prefix_programs = static_cast<int64_t>(plan.prefix_row_blocks) * p.num_prefixes * p.heads_kv;
-  const int64_t own_programs = static_cast<int64_t>(plan.own_row_blocks) * p.batch * p.heads_kv;
   const int64_t total = prefix_programs * p.prefix_len + own_programs * p.seq_k;
   const int64_t per_program =
       std::max<int64_t>(kBlockN * kMinSplitTiles, (total + kProgramsPerSm * sms - 1) / (kProgramsPerSm * sms));
-  split_keys(p.prefix_len, per_program, plan.prefix_splits, plan.prefix_chunk);
-  split_keys(p.seq_k, per_program, plan.own_splits, plan.own_chunk);
+  split_keys(p.prefix_len, per_program, kBlockN, plan.prefix_splits, plan.prefix_chunk);
+  split_keys(p.seq_k, per_program, kBlockN, plan.own_splits, plan.own_chunk);
   return plan;
+}
+
+// $PK_CUDA_DECODE (read at each call): "mma" (the default) or "wgmma", which needs an sm_90 device and a kernel built
+// for 9.0a (an error otherwise, never a silent fallback). The default stays mma.sync until a GPU run has timed the
+// two (bench/gpu_check.sh --tune-cuda).
+DecodePrefixLoop decode_prefix_loop(Stream stream) {
+  const char* choice = std::getenv("PK_CUDA_DECODE");
+  if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return DecodePrefixLoop::mma;
+  if (std::strcmp(choice, "wgmma") != 0)
+    throw std::invalid_argument(std::string("PK_CUDA_DECODE=") + choice + " is not one of mma, wgmma");
+  const std::string why = hopper_unavailable_reason(stream);
+  if (!why.empty()) throw std::runtime_error("PK_CUDA_DECODE=wgmma: " + why);
+  return DecodePrefixLoop::wgmma;
 }
 
 namespace {
@@ -234,7 +296,6 @@ namespace {
 // launch for two programs per SM) within the card's per-block opt-in: 3 stages on sm_90 (112 KB of 228 KiB), 2 on
 // sm_80 (80 KB of 164 KiB; 3 would leave one block per SM), 1 on sm_86/89 (48 KB of 100 KiB).
 bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
-  constexpr size_t kReservedPerBlock = 1024;  // the driver's share of every block's shared memory
   return bytes <= limits.per_block_optin && 2 * (bytes + kReservedPerBlock) <= limits.per_sm;
 }
 
@@ -252,14 +313,29 @@ void launch_partials(const DecodeParams& d, int programs, Stream stream) {
             kShared, stream, d);
 }
 
+// The wgmma prefix programs (after the same once-per-device opt-in).
+template <typename T, int D>
+void launch_prefix_wgmma(const DecodeParams& d, int programs, Stream stream) {
+  using Attention = HopperPrefixAttention<T, D>;
+  static std::atomic<int> opted_in[kCachedDevices];
+  once_per_device(opted_in, current_device(), [] {
+    allow_shared_bytes(decode_prefix_wgmma_kernel<T, D>, Attention::kSharedBytes);
+    return 1;
+  });
+  PK_LAUNCH((decode_prefix_wgmma_kernel<T, D>), (Dim3{static_cast<unsigned>(programs), 1, 1}),
+            Attention::kBlockThreads, Attention::kSharedBytes, stream, d);
+}
+
 }  // namespace
 
 void launch_decode(const DecodeParams& d, Stream stream) {
   const AttentionParams& p = d.attention;
-  const int programs = d.prefix_row_blocks * p.num_prefixes * p.heads_kv * d.prefix_splits +
-                       d.own_row_blocks * p.batch * p.heads_kv * d.own_splits;
+  const int prefix_programs = d.prefix_row_blocks * p.num_prefixes * p.heads_kv * d.prefix_splits;
+  const int own_programs = d.own_row_blocks * p.batch * p.heads_kv * d.own_splits;
+  const int programs = d.prefix_wgmma ? own_programs : prefix_programs + own_programs;  // in the partials kernel
   const Dim3 merge_grid{static_cast<unsigned>(ceil_div(d.rows, kMergeRowsPerBlock)), 1, 1};
   PK_DISPATCH(p, {
+    if (d.prefix_wgmma && prefix_programs > 0) launch_prefix_wgmma<Element, kHeadDim>(d, prefix_programs, stream);
     if (programs > 0) {
       // The deepest ring that keeps two blocks per SM; one K and one V tile (<= 48 KB) where none does.
       const SharedMemoryLimits limits = shared_memory_limits();

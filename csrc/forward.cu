@@ -217,9 +217,12 @@ void launch_forward_with(const AttentionParams& params, Stream stream) {
             maps);
 }
 
+}  // namespace
+
 #ifdef PK_EMULATE
 std::string hopper_unavailable_reason(Stream) { return ""; }  // the emulator runs wgmma on any machine
 #else
+namespace {
 // 1 in the device code built for sm_90a, 0 in every other target's (sm_90 without the "a" has no wgmma): read
 // from the code loaded for the current device.
 #ifdef PK_WGMMA_NATIVE
@@ -227,10 +230,11 @@ __device__ int pk_wgmma_in_binary = 1;
 #else
 __device__ int pk_wgmma_in_binary = 0;
 #endif
+}  // namespace
 
-// Empty when the current device can run the wgmma kernels, else why not. The loaded code is asked once per device
-// (once_per_device) by a synchronous copy: not allowed while `stream` is being captured into a CUDA graph (an error
-// then says so, and the next call asks again).
+// Empty when the current device can run the wgmma kernels (forward and decode), else why not. The loaded code is
+// asked once per device (once_per_device) by a synchronous copy: not allowed while `stream` is being captured into
+// a CUDA graph (an error then says so, and the next call asks again).
 std::string hopper_unavailable_reason(Stream stream) {
   const int device = current_device();
   int major = 0, minor = 0;
@@ -246,8 +250,8 @@ std::string hopper_unavailable_reason(Stream stream) {
   const int state = once_per_device(in_binary_cache, device, [&] {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone) {
-      why = "the first wgmma forward on a device checks its code with a synchronous copy, which a CUDA-graph "
-            "capture forbids: run one forward outside the capture first";
+      why = "the first wgmma kernel on a device checks its code with a synchronous copy, which a CUDA-graph "
+            "capture forbids: run one call outside the capture first";
       return 0;  // not asked: asked again next time
     }
     int in_binary = 0;
@@ -266,6 +270,8 @@ std::string hopper_unavailable_reason(Stream stream) {
   return "";
 }
 #endif
+
+namespace {
 
 enum class ForwardLoop { mma, wgmma, wgmma_tma };
 

@@ -45,6 +45,7 @@ struct DecodeParams {
   int rows;                        // B * Hq * S
   int prefix_row_blocks, prefix_splits, prefix_chunk;  // prefix programs: (row block, prefix * Hkv, split)
   int own_row_blocks, own_splits, own_chunk;           // own programs: (row block, sequence * Hkv, split)
+  bool prefix_wgmma;  // the prefix programs run in a wgmma launch of their own (128 rows, 128-key tiles)
 };
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }

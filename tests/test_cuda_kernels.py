@@ -121,16 +121,17 @@ def test_decode_matches_reference(kernels, case, dtype):
 
 
 def _hopper_or_skip(device, loop):
+    """loop: a PK_CUDA_FORWARD value, or "decode-wgmma" (PK_CUDA_DECODE=wgmma), as bench/sanitize_cuda.py names them."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) != (9, 0):
-        pytest.skip("the wgmma forward runs on sm_90 only")
+        pytest.skip("the wgmma kernels run on sm_90 only")
     if device.type == "cuda" and loop in _broken_loops():
-        pytest.skip(f"PK_CUDA_FORWARD={loop} failed its smoke run in bench/gpu_check.sh (see its log)")
+        pytest.skip(f"the {loop} loop failed its smoke run in bench/gpu_check.sh (see its log)")
 
 
 def _broken_loops():
     """The Hopper loops bench/gpu_check.sh saw hang or fail when run alone first (bench/sanitize_cuda.py): running
     them here would stall every later CUDA call of the test process."""
-    return set(os.environ.get("PK_BROKEN_FORWARD_LOOPS", "").split())
+    return set(os.environ.get("PK_BROKEN_CUDA_LOOPS", "").split())
 
 
 # The Hopper loop's tiles are 128 keys: these have 6-8 tiles a row block, so every stage of its ring is refilled
@@ -201,6 +202,35 @@ def test_other_hopper_builds_match_reference(defines, stages, cases, feed, sched
         cuda.use_kernels(*previous)
 
 
+# The decode's wgmma prefix programs (PK_CUDA_DECODE=wgmma) take 128 packed rows against 128-key tiles:
+HOPPER_DECODE_CASES = DECODE_CASES + [
+    # G = 4: 160 packed rows, two row blocks, the second's warpgroup 1 idle; split prefix
+    Case(batch=40, heads_q=8, heads_kv=2, seq_q=1, seq_k=30, prefix_len=700, head_dim=64, padding="left"),
+    # one row block: the prefix in 2 splits of 5 and 4 tiles (every stage of the 3-stage ring refilled)
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=2, seq_k=20, prefix_len=1100, head_dim=128),
+    # two prefixes in one row block: prefix 1's rows only in the second warpgroup (64 rows a sequence); one prefix
+    # ends inside a tile
+    Case(batch=3, heads_q=4, heads_kv=1, seq_q=16, seq_k=20, prefix_len=300, head_dim=128, num_prefixes=2,
+         prefix_lens=(300, 130), padding="random"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", HOPPER_DECODE_CASES, ids=lambda c: c.id)
+def test_hopper_decode_matches_reference(kernels, case, dtype, monkeypatch):
+    """The decode with its prefix programs on the sm_90a loop (PK_CUDA_DECODE=wgmma: a launch of their own, 128
+    packed rows of many sequences per block, the Hopper forward's loop fed by cp.async), the own programs and the
+    merge as by default: in the emulation (with its wgmma checks) and on an H100/H200."""
+    _hopper_or_skip(kernels, "decode-wgmma")
+    monkeypatch.setenv("PK_CUDA_DECODE", "wgmma")
+    ops = cuda.kernels()
+    if kernels.type == "cpu":
+        ops.shared_memory_stats(True)
+    _check_op("decode", case, dtype, kernels)
+    if kernels.type == "cpu":  # the largest launch was the wgmma prefix programs' (twice the own programs')
+        assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, False)
+
+
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
     """PK_CUDA_FORWARD names the loop; anything else, or a Hopper loop on a device without wgmma, is an error that
     says why."""
@@ -217,6 +247,20 @@ def test_forward_loop_choice_is_checked(kernels, monkeypatch):
                 _call_op("forward", call)
         else:
             _call_op("forward", call)
+
+
+def test_decode_loop_choice_is_checked(kernels, monkeypatch):
+    """PK_CUDA_DECODE likewise: mma or wgmma, and wgmma only where the device runs it."""
+    call = _validated(*_split_options(make_inputs(DECODE_CASES[0], torch.float16, kernels)))
+    monkeypatch.setenv("PK_CUDA_DECODE", "fastest")
+    with pytest.raises(Exception, match="PK_CUDA_DECODE=fastest is not one of mma, wgmma"):
+        _call_op("decode", call)
+    monkeypatch.setenv("PK_CUDA_DECODE", "wgmma")
+    if kernels.type == "cuda" and torch.cuda.get_device_capability(kernels) != (9, 0):
+        with pytest.raises(Exception, match="PK_CUDA_DECODE=wgmma: wgmma needs an sm_90 GPU"):
+            _call_op("decode", call)
+    elif not (kernels.type == "cuda" and "decode-wgmma" in _broken_loops()):
+        _call_op("decode", call)
 
 
 def _split_options(inputs):
@@ -289,10 +333,15 @@ def test_int32_prefix_index_and_lens(kernels, op_name):
     _check_op(op_name, case, torch.float16, kernels, index_dtype=torch.int32)
 
 
-def test_decode_replays_in_a_cuda_graph(kernels):
-    """The CUDA decode allocates from shapes only and never syncs: it captures and replays in a CUDA graph."""
+@pytest.mark.parametrize("loop", ["mma", "wgmma"])
+def test_decode_replays_in_a_cuda_graph(kernels, loop, monkeypatch):
+    """The CUDA decode allocates from shapes only and never syncs: it captures and replays in a CUDA graph (with
+    either prefix loop; the wgmma one's first call, eager here, checks the loaded code outside the capture)."""
     if kernels.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
+    if loop == "wgmma":
+        _hopper_or_skip(kernels, "decode-wgmma")
+    monkeypatch.setenv("PK_CUDA_DECODE", loop)
     case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=300, head_dim=128, num_prefixes=2,
                 prefix_lens=(300, 40))
     *tensors, options = make_inputs(case, torch.bfloat16, kernels)
@@ -326,13 +375,17 @@ def _random_case(generator, decode):
         kv_slice=bool(pick((0, 1))))
 
 
-@pytest.mark.parametrize("op_name", ["forward", "forward-wgmma", "forward-wgmma-tma", "decode"])
+@pytest.mark.parametrize("op_name", ["forward", "forward-wgmma", "forward-wgmma-tma", "decode", "decode-wgmma"])
 def test_random_shapes_match_reference(kernels, op_name, monkeypatch):
     if op_name.startswith("forward-"):
         loop = op_name.removeprefix("forward-")
         _hopper_or_skip(kernels, loop)
         monkeypatch.setenv("PK_CUDA_FORWARD", loop)
         op_name = "forward"
+    elif op_name == "decode-wgmma":
+        _hopper_or_skip(kernels, op_name)
+        monkeypatch.setenv("PK_CUDA_DECODE", "wgmma")
+        op_name = "decode"
     generator = torch.Generator().manual_seed(int(torch.randint(2**31, (1,))))
     for _ in range(6):
         case = _random_case(generator, decode=op_name == "decode")

@@ -21,6 +21,8 @@ SPILL_BUDGET = {
     ("forward_kernel", 128): 32,          # 254-255 registers, no spill today (36 B before idle warps skipped math)
     ("decode_partials_kernel", 64): 8,    # 4 B on sm_80 today
     ("decode_partials_kernel", 128): 32,  # 252-254 registers, no spill today
+    ("decode_prefix_wgmma_kernel", 64): 0,   # sm_90a: 165 registers (a trap stub on sm_80)
+    ("decode_prefix_wgmma_kernel", 128): 0,  # sm_90a: 203 registers
     ("decode_merge_kernel", 64): 0,
     ("decode_merge_kernel", 128): 0,
 }
@@ -80,18 +82,21 @@ def test_kernels_compile_within_spill_budgets(source, arch, defines, tmp_path):
 
 @pytest.mark.compile
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def _ptx(source, arch, tmp_path):
+    out = tmp_path / f"{source}-{arch}.ptx"
+    result = subprocess.run(["nvcc", "-std=c++20", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-I", str(CSRC),
+                             "-ptx", str(CSRC / source), "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out.read_text()
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_hopper_forward_uses_wgmma_on_sm90a_only(tmp_path):
     """The forward's Hopper loops (attend_sm90.h) are wgmma (and TMA, mbarriers, setmaxnreg) in the sm_90a code and
     trap stubs elsewhere (the launcher never runs them there): a build that lost the sm_90a feature macro would
     silently trap on an H100."""
-    def ptx(arch):
-        out = tmp_path / f"forward-{arch}.ptx"
-        result = subprocess.run(["nvcc", "-std=c++20", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-I", str(CSRC),
-                                 "-ptx", str(CSRC / "forward.cu"), "-o", str(out)],
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return out.read_text()
-    hopper = ptx("90a")
+    hopper = _ptx("forward.cu", "90a", tmp_path)
     # S = Q K^T (m64n128, both from shared memory) and O += P V (A from registers) for f16 and bf16, head dims 64
     # and 128
     for dtype in ("f16", "bf16"):
@@ -103,6 +108,17 @@ def test_hopper_forward_uses_wgmma_on_sm90a_only(tmp_path):
                         "mbarrier.try_wait.parity.shared::cta.b64", "mbarrier.arrive.expect_tx.shared::cta.b64",
                         "setmaxnreg.dec.sync.aligned.u32 24", "setmaxnreg.inc.sync.aligned.u32 240"):
         assert instruction in hopper, instruction
-    other = ptx("80")
+    other = _ptx("forward.cu", "80", tmp_path)
     assert "wgmma.mma_async" not in other and "trap;" in other
     assert "cp.async.bulk.tensor" not in other and "setmaxnreg" not in other
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_hopper_decode_uses_wgmma_on_sm90a_only(tmp_path):
+    """The decode's wgmma prefix programs (PK_CUDA_DECODE=wgmma): wgmma in the sm_90a code, a trap stub on sm_80."""
+    hopper = _ptx("decode.cu", "90a", tmp_path)
+    for dtype in ("f16", "bf16"):
+        assert f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype}" in hopper
+    other = _ptx("decode.cu", "80", tmp_path)
+    assert "wgmma.mma_async" not in other and "trap;" in other
