@@ -42,10 +42,10 @@ constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 // The wgmma prefix programs: the shipped Hopper forward's loop (FA3's overlap over a ring of 3 tile pairs, fed by
 // cp.async: the packed rows are gathered, which a TMA box cannot do).
-template <typename T, int D>
-using HopperPrefixAttention = HopperAttention<T, D, 128, 3, true, false, false>;
-constexpr int kHopperBlockM = 128;
+constexpr int kHopperBlockM = 128;  // two warpgroups of 64 rows
 constexpr int kHopperBlockN = 128;
+template <typename T, int D>
+using HopperPrefixAttention = HopperAttention<T, D, kHopperBlockN, 3, true, false, false>;
 constexpr int kHopperSharedPerSm = 228 * 1024;  // every sm_90 GPU's (wgmma runs on nothing else)
 
 template <int D, class Attention>
@@ -189,6 +189,7 @@ PK_KERNEL(kThreads) decode_partials_kernel(const DecodeParams d) {
 
 template <typename T, int D>
 PK_KERNEL(HopperPrefixAttention<T, D>::kBlockThreads) decode_prefix_wgmma_kernel(const DecodeParams d) {
+  static_assert(HopperPrefixAttention<T, D>::kBlockM == kHopperBlockM, "plan_decode's row blocks");
   prefix_program<T, D, HopperPrefixAttention<T, D>>(d, static_cast<int>(block_index_x()));
 }
 
