@@ -54,11 +54,16 @@ def sweep(loops):
 
 
 def _shapes(loop):
+    """(loop, dtype, head dim, batch, S, L, P, prefixes): forward shapes (S > 16) and decode shapes (the public op
+    sends S <= 16 without grad to the decode); a decode-* loop runs the decode shapes only, one of them with a batch
+    of 30 (90 packed rows: both warpgroups of a 128-row block busy)."""
+    shapes = [(3, 70, 75, 45, 1), (3, 150, 300, 200, 1), (3, 3, 140, 19, 2), (3, 1, 0, 130, 1)]
+    if loop.startswith("decode-"):
+        shapes = [shape for shape in shapes if shape[1] <= 16] + [(30, 1, 20, 700, 1)]
     for dtype in (torch.float16, torch.bfloat16):
         for head_dim in (64, 128):
-            for seq_q, seq_k, prefix_len, prefixes in ((70, 75, 45, 1), (150, 300, 200, 1), (3, 140, 19, 2),
-                                                       (1, 0, 130, 1)):
-                yield loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes
+            for batch, seq_q, seq_k, prefix_len, prefixes in shapes:
+                yield loop, dtype, head_dim, batch, seq_q, seq_k, prefix_len, prefixes
 
 
 def main(argv=None) -> int:
@@ -76,8 +81,8 @@ def main(argv=None) -> int:
     for loop in sorted(broken_loops() - set(loops)):
         print(f"left out: {loop} (it failed its smoke run)")
     failures = 0
-    for loop, dtype, head_dim, seq_q, seq_k, prefix_len, prefixes in sweep(loops):
-        batch, heads_q, heads_kv = 3, 6, 2
+    for loop, dtype, head_dim, batch, seq_q, seq_k, prefix_len, prefixes in sweep(loops):
+        heads_q, heads_kv = 6, 2
         q = torch.randn(batch, seq_q, heads_q, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
         k, v = (torch.randn(batch, heads_kv, seq_k, head_dim, device="cuda", dtype=dtype) for _ in range(2))
         pk, pv = (torch.randn(prefixes, heads_kv, prefix_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
@@ -91,8 +96,8 @@ def main(argv=None) -> int:
         error = (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
         ok = error < (2e-2 if dtype == torch.bfloat16 else 4e-3)
         failures += not ok
-        print(f"{'ok ' if ok else 'BAD'} {loop:5} {str(dtype)[6:]:8} D={head_dim:3} S={seq_q:3} L={seq_k:3} "
-              f"P={prefix_len:3} N={prefixes} max error {error:.2e}")
+        print(f"{'ok ' if ok else 'BAD'} {loop:12} {str(dtype)[6:]:8} D={head_dim:3} B={batch:2} S={seq_q:3} "
+              f"L={seq_k:3} P={prefix_len:3} N={prefixes} max error {error:.2e}")
     torch.cuda.synchronize()
     return WRONG_RESULTS if failures else 0
 

@@ -46,7 +46,6 @@ constexpr int kHopperBlockM = 128;  // two warpgroups of 64 rows
 constexpr int kHopperBlockN = 128;
 template <typename T, int D>
 using HopperPrefixAttention = HopperAttention<T, D, kHopperBlockN, 3, true, false, false>;
-constexpr int kHopperSharedPerSm = 228 * 1024;  // every sm_90 GPU's (wgmma runs on nothing else)
 
 template <int D, class Attention>
 PK_DEVICE void store_partial(const DecodeParams& d, const Attention& attention, int slot,
@@ -250,18 +249,16 @@ DecodePlan plan_decode(const AttentionParams& p, int sms, DecodePrefixLoop loop)
   plan.own_row_blocks = ceil_div(p.group * p.seq_q, kBlockM);
   const int64_t own_programs = static_cast<int64_t>(plan.own_row_blocks) * p.batch * p.heads_kv;
   if (loop == DecodePrefixLoop::wgmma) {
-    // Two launches, each balanced on its own. The prefix programs: as many splits as fill one wave of the SMs'
-    // block slots (one block of 224 KB per SM at head dim 128, two at 64), no split under kMinSplitTiles tiles.
+    // Two launches, each balanced on its own. The prefix programs: as many splits as fill one wave of the SMs
+    // (one block per SM: 224 KB of shared memory at head dim 128, 168 x 256 = 43K registers at 64), no split under
+    // kMinSplitTiles tiles.
     plan.prefix_wgmma = true;
     plan.prefix_row_blocks = ceil_div(packed_rows, kHopperBlockM);
     const int64_t prefix_programs =
         std::max<int64_t>(1, static_cast<int64_t>(plan.prefix_row_blocks) * p.num_prefixes * p.heads_kv);
-    size_t shared = 0;
-    PK_DISPATCH(p, shared = HopperPrefixAttention<Element, kHeadDim>::kSharedBytes);
-    const int64_t blocks_per_sm = std::max<int64_t>(1, kHopperSharedPerSm / (shared + kReservedPerBlock));
-    const int64_t most = ceil_div(p.prefix_len, kHopperBlockN * kMinSplitTiles);
-    split_evenly(p.prefix_len, std::min(sms * blocks_per_sm / prefix_programs, most), kHopperBlockN,
-                 plan.prefix_splits, plan.prefix_chunk);
+    const int64_t most = std::max(1, p.prefix_len / (kHopperBlockN * kMinSplitTiles));
+    split_evenly(p.prefix_len, std::min(sms / prefix_programs, most), kHopperBlockN, plan.prefix_splits,
+                 plan.prefix_chunk);
     const int64_t per_own = std::max<int64_t>(
         kBlockN * kMinSplitTiles, (own_programs * p.seq_k + kProgramsPerSm * sms - 1) / (kProgramsPerSm * sms));
     split_keys(p.seq_k, per_own, kBlockN, plan.own_splits, plan.own_chunk);
@@ -286,6 +283,7 @@ DecodePrefixLoop decode_prefix_loop(Stream stream) {
   if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return DecodePrefixLoop::mma;
   if (std::strcmp(choice, "wgmma") != 0)
     throw std::invalid_argument(std::string("PK_CUDA_DECODE=") + choice + " is not one of mma, wgmma");
+  // (it asks forward.cu's code whether the build holds sm_90a: setup.py builds every source for the same archs)
   const std::string why = hopper_unavailable_reason(stream);
   if (!why.empty()) throw std::runtime_error("PK_CUDA_DECODE=wgmma: " + why);
   return DecodePrefixLoop::wgmma;

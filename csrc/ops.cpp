@@ -2,6 +2,8 @@
 // Checks everything the kernels assume (raising before any launch), fills AttentionParams, launches on the
 // current stream. Built twice: by setup.py for CUDA tensors, and under PK_EMULATE (tests) for CPU tensors as
 // prefix_kernels_emulated::*, running the same kernels through csrc/emulator/.
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,7 +26,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kEmulatedSms = 2;  // the decode plan off a GPU: small, so that tests see several splits
+constexpr int kEmulatedSms = 2;  // the decode plan off a GPU: small, so that tests see several splits ($PK_EMU_SMS)
 
 void check_operand(const char* name, const Tensor& t, const Tensor& q) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got ", t.dim(), "-D");
@@ -136,7 +138,8 @@ pk::Stream current_stream(const Tensor& q) {
 
 int sm_count() {
 #ifdef PK_EMULATE
-  return kEmulatedSms;
+  const char* sms = std::getenv("PK_EMU_SMS");  // a test's other card
+  return sms && std::atoi(sms) > 0 ? std::atoi(sms) : kEmulatedSms;
 #else
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 #endif

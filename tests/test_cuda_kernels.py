@@ -215,20 +215,35 @@ HOPPER_DECODE_CASES = DECODE_CASES + [
 ]
 
 
+# On 8 emulated SMs (PK_EMU_SMS; 2 above): two row blocks, both warpgroups of the first busy, each in 3 splits
+HOPPER_DECODE_MORE_SMS = Case(batch=50, heads_q=4, heads_kv=1, seq_q=1, seq_k=10, prefix_len=900, head_dim=64,
+                              padding="left")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", HOPPER_DECODE_CASES, ids=lambda c: c.id)
-def test_hopper_decode_matches_reference(kernels, case, dtype, monkeypatch):
+@pytest.mark.parametrize("case,sms", [pytest.param(c, None, id=c.id) for c in HOPPER_DECODE_CASES] +
+                         [pytest.param(HOPPER_DECODE_MORE_SMS, "8", id=f"{HOPPER_DECODE_MORE_SMS.id}-8sms")])
+def test_hopper_decode_matches_reference(kernels, case, sms, dtype, monkeypatch):
     """The decode with its prefix programs on the sm_90a loop (PK_CUDA_DECODE=wgmma: a launch of their own, 128
     packed rows of many sequences per block, the Hopper forward's loop fed by cp.async), the own programs and the
-    merge as by default: in the emulation (with its wgmma checks) and on an H100/H200."""
+    merge as by default: in the emulation (with its wgmma checks) and on an H100/H200 (where the profiler shows the
+    wgmma kernel ran)."""
     _hopper_or_skip(kernels, "decode-wgmma")
     monkeypatch.setenv("PK_CUDA_DECODE", "wgmma")
+    if sms:
+        monkeypatch.setenv("PK_EMU_SMS", sms)
     ops = cuda.kernels()
     if kernels.type == "cpu":
         ops.shared_memory_stats(True)
-    _check_op("decode", case, dtype, kernels)
-    if kernels.type == "cpu":  # the largest launch was the wgmma prefix programs' (twice the own programs')
-        assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, False)
+        _check_op("decode", case, dtype, kernels)
+        if case.prefix_len > 0:  # the largest launch was the wgmma prefix programs' (twice the own programs')
+            assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, False)
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        _check_op("decode", case, dtype, kernels)
+    names = [event.name for event in profile.events()]
+    if any("decode_merge_kernel" in name for name in names):  # (the profiler saw the kernels at all)
+        assert any("decode_prefix_wgmma_kernel" in name for name in names) == (case.prefix_len > 0)
 
 
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
