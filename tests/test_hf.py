@@ -8,7 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels  # noqa: E402
-from prefix_kernels.hf.compat import cache_kwargs  # noqa: E402
+from prefix_kernels.hf.compat import (  # noqa: E402
+    cache_kwargs, enable_activation_checkpointing, is_activation_checkpointing)
 from prefix_kernels.hf.patch import FAMILIES  # noqa: E402
 
 VOCAB, BATCH, SEQ, P = 64, 2, 9, 5
@@ -264,8 +265,8 @@ def test_gradient_checkpointing(use_peft):
     labels = ids.masked_fill(mask == 0, -100)
     plain = trained(input_ids=ids, attention_mask=mask, labels=labels).loss
     plain_grads = torch.autograd.grad(plain, params)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing
+    enable_activation_checkpointing(model)
+    assert is_activation_checkpointing(model)
     checkpointed = trained(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert_close("loss", checkpointed, plain, tol=1e-6)
     for got, want in zip(torch.autograd.grad(checkpointed, params), plain_grads):

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels  # noqa: E402
+from prefix_kernels.hf.compat import enable_activation_checkpointing  # noqa: E402
 from prefix_kernels.hf.lean import causal_lm_loss, lean_training  # noqa: E402
 
 VOCAB, HIDDEN, INTER, LAYERS, B, S, P = 96, 64, 160, 2, 3, 13, 5
@@ -83,7 +84,7 @@ def test_with_gradient_checkpointing():
     model, prefix = tiny()
     ids = torch.randint(0, VOCAB, (B, S), device=DEVICE)
     want_loss, want_grads = step(model, prefix, ids, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     lean_training(model)
     got_loss, got_grads = step(model, prefix, ids, ids)

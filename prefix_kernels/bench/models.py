@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from .cases import ModelCase
+from ..hf.compat import enable_activation_checkpointing
 from .timing import PeakMemory, time_calls_ms
 
 
@@ -122,7 +123,7 @@ def train_step_rows(case: ModelCase, device, progress=None, rows=None) -> list[d
         reference_loss = loss_now()
         patched = current["model"] = prefix_kernels.patch(peft_model, backend=backend)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if lean:
             prefix_kernels.lean_training(peft_model, backend=lean)
         try:

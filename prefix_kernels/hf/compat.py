@@ -43,3 +43,20 @@ def output_cache(output):
     if "cache" in output.keys():
         return output["cache"]
     return output.get("past_key_values")
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model: `activation_checkpointing_enable`
+    from transformers 5.2x (`gradient_checkpointing_enable` warns there and goes in v6), the old name on 5.17."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_activation_checkpointing(model) -> bool:
+    """Whether checkpointing is on (`is_activation_checkpointing` from 5.2x, `is_gradient_checkpointing` on 5.17)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
