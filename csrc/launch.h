@@ -30,7 +30,8 @@ struct DecodePlan {
 // How the decode splits its work (from shapes only, so a CUDA graph can capture it) for a GPU of `sms` SMs.
 DecodePlan plan_decode(const AttentionParams& params, int sms, DecodePrefixLoop loop);
 
-// The partials (prefix programs, then own programs, one launch), then the merge into params.attention.out/lse.
+// The partials (prefix programs, then own programs, one launch; two with the wgmma prefix programs), then the merge
+// into params.attention.out/lse.
 void launch_decode(const DecodeParams& params, Stream stream);
 
 }  // namespace pk
