@@ -334,3 +334,30 @@ def test_decode_tile_sweep_script_runs(tmp_path):
     occupancy = {"prefix-1/sm", "own-2/sm", "own-4/sm", "own-8/sm", "prefix-1/sm+own-4/sm"}
     assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "own-only", "split"} | taller | occupancy
     assert all(t > 0 for t in row["times_ms"].values())
+
+
+def test_sanitize_sweep_selects_each_loop(monkeypatch):
+    """bench/sanitize_cuda.py (the smoke runs and compute-sanitizer): a loop name sets the variables the extension
+    reads (decode-X: the decode's prefix loop, the forward on mma.sync; else the forward's loop), and a decode-*
+    loop runs decode shapes only, one of them filling both 64-row warpgroups of a wgmma block."""
+    import importlib.util
+    from pathlib import Path
+
+    from prefix_kernels.triton.configs import DECODE_MAX_SEQ_Q
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+    for loop, *_, batch, seq_q, seq_k, prefix_len, prefixes in module.sweep(["wgmma-tma", "decode-wgmma"]):
+        seen.setdefault(loop, []).append((batch, seq_q))
+        assert (os.environ["PK_CUDA_FORWARD"], os.environ["PK_CUDA_DECODE"]) == \
+            (("mma", "wgmma") if loop == "decode-wgmma" else ("wgmma-tma", "mma"))
+    assert any(seq_q > DECODE_MAX_SEQ_Q for _, seq_q in seen["wgmma-tma"])
+    assert all(seq_q <= DECODE_MAX_SEQ_Q for _, seq_q in seen["decode-wgmma"])
+    assert any(batch * 3 * seq_q > 64 for batch, seq_q in seen["decode-wgmma"])  # G = 3 in the sweep
+    monkeypatch.setenv("PK_BROKEN_CUDA_LOOPS", "wgmma decode-wgmma")
+    assert module.broken_loops() == {"wgmma", "decode-wgmma"}
