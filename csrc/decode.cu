@@ -222,8 +222,6 @@ PK_KERNEL(32 * kMergeRowsPerBlock) decode_merge_kernel(const DecodeParams d) {
   if (lane == 0) d.attention.lse[row] = total > 0.f ? m_use + fast_log2(total) * kLn2 : -INFINITY;
 }
 
-constexpr size_t kReservedPerBlock = 1024;  // the driver's share of every block's shared memory
-
 // `keys` keys in about `wanted` splits of whole `tile`-key tiles: (splits, chunk).
 void split_evenly(int keys, int64_t wanted, int tile, int& splits, int& chunk) {
   if (keys <= 0) {
@@ -295,6 +293,7 @@ namespace {
 // launch for two programs per SM) within the card's per-block opt-in: 3 stages on sm_90 (112 KB of 228 KiB), 2 on
 // sm_80 (80 KB of 164 KiB; 3 would leave one block per SM), 1 on sm_86/89 (48 KB of 100 KiB).
 bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
+  constexpr size_t kReservedPerBlock = 1024;  // the driver's share of every block's shared memory
   return bytes <= limits.per_block_optin && 2 * (bytes + kReservedPerBlock) <= limits.per_sm;
 }
 
