@@ -17,7 +17,7 @@
 #   --tune-cuda      last, time the CUDA forward and decode built with other tile settings (TUNE_CUDA_VARIANTS,
 #                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap,hopper_pingpong" for
 #                    csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's PK_DECODE_STAGES; the first
-#                    default variant is the shipped build), each built in its own copy of the tree, next to Triton;
+#                    default variant is the shipped build), each built in its own copy of the tree (in the background, while the tests run), next to Triton;
 #                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds) and each
 #                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
@@ -89,6 +89,33 @@ else
     "$out/build.txt" | cut -c1-200); extension: $ext"
 fi
 echo "build: $build_summary" | tee -a "$out/build.txt"
+
+# --tune-cuda's builds, one per variant, each in its own copy of the tree: started in the background right after the
+# main build, so that they compile while the smoke runs and the tests use the GPU.
+variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3,3,1,0 2,32,1,1,1,2,0,0 2,32,1,2,3,3,1,1 1,64,2,3,3,3,1,0"}
+build_variants() {
+  for variant in $variants; do
+    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong <<< "$variant"
+    # (older, shorter variants: the shipped depths)
+    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
+    hpingpong=${hpingpong:-0}
+    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
+    rm -rf "$copy" && mkdir -p "$copy"
+    tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
+    (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
+      PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
+      -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
+      -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap \
+      -DPK_HOPPER_PINGPONG=$hpingpong" timeout "${BUILD_TIMEOUT:-240}" \
+      python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
+  done
+  wait
+}
+variant_builds=""
+if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
+  build_variants >> "$out/log.txt" 2>&1 &
+  variant_builds=$!
+fi
 
 # The Hopper loops have never run on a GPU: each runs a small sweep alone first, under a short timeout, so that one
 # that hangs or crashes is left out of the tests, the sanitizer and --tune-cuda (named in PK_BROKEN_CUDA_LOOPS)
@@ -168,25 +195,9 @@ if [ $tune_forward = 1 ]; then
     | sed 's/^/tune_forward: /' | tee -a "$out/log.txt"
 fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
-  echo "== CUDA tile settings (forward and decode): one build per variant, in parallel, each in its own copy of the tree"
+  echo "== CUDA tile settings (forward and decode): timing each variant's build (waiting for the builds first)"
   rm -f "$out/tune_cuda.json"
-  variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3,3,1,0 2,32,1,1,1,2,0,0 2,32,1,2,3,3,1,1 1,64,2,3,3,3,1,0"}
-  for variant in $variants; do
-    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong <<< "$variant"
-    # (older, shorter variants: the shipped depths)
-    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
-    hpingpong=${hpingpong:-0}
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
-    rm -rf "$copy" && mkdir -p "$copy"
-    tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
-    (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
-      PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
-      -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
-      -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap \
-      -DPK_HOPPER_PINGPONG=$hpingpong" timeout "${BUILD_TIMEOUT:-240}" \
-      python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
-  done
-  wait
+  wait "$variant_builds"
   for variant in $variants; do
     IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong <<< "$variant"
     fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
