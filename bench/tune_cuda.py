@@ -66,13 +66,16 @@ def time_forward(args, variants):
             truth = prefix_attention_reference(*(t.float() for t in one), prefix_k.float(), prefix_v.float(),
                                                causal=True)
             for name, backend, loop in variants:
-                os.environ["PK_CUDA_FORWARD"] = loop  # read by the extension at each call
-                run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
-                                                              scale=1 / math.sqrt(D), backend=backend)
-                error = (run()[:1].float() - truth).abs().max().item()
-                ms = triton.testing.do_bench(run, return_mode="median")
-                row[name] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
-            os.environ["PK_CUDA_FORWARD"] = "mma"
+                # read by the extension at each call; named, "mma" too: the default differs between cards
+                os.environ["PK_CUDA_FORWARD"] = loop
+                try:
+                    run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
+                                                                  scale=1 / math.sqrt(D), backend=backend)
+                    error = (run()[:1].float() - truth).abs().max().item()
+                    ms = triton.testing.do_bench(run, return_mode="median")
+                    row[name] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
+                finally:
+                    os.environ.pop("PK_CUDA_FORWARD")  # the default loop (gpu_check.sh unsets it)
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{args.label:24} B={B:2} S={S} P={P}: " + " | ".join(

@@ -275,13 +275,25 @@ namespace {
 
 enum class ForwardLoop { mma, wgmma, wgmma_tma };
 
-// $PK_CUDA_FORWARD (read at each call) picks the loop: "mma" (the default), "wgmma" (the Hopper loop fed by
-// cp.async) or "wgmma-tma" (fed by a TMA producer warpgroup); both Hopper loops need an sm_90 device and a kernel
-// built for 9.0a (an error otherwise, never a silent fallback). The default stays mma.sync until a GPU run has timed
-// the Hopper loops against it (bench/gpu_check.sh --tune-cuda).
+// Unset, the loop is wgmma where the device runs it: 1.33x mma.sync on the H200 at both ANCHORS training shapes
+// (286-292 against 214-218 TFLOP/s, bench/results/nvidia-h200/tune_cuda.json), mma.sync elsewhere (sm_80, a build
+// without 9.0a code, a first call made inside a CUDA-graph capture) and in the emulator, whose tests name each loop.
+ForwardLoop default_forward_loop(Stream stream) {
+#ifdef PK_EMULATE
+  (void)stream;
+  return ForwardLoop::mma;
+#else
+  return hopper_unavailable_reason(stream).empty() ? ForwardLoop::wgmma : ForwardLoop::mma;
+#endif
+}
+
+// $PK_CUDA_FORWARD (read at each call) names the loop: "mma", "wgmma" (the Hopper loop fed by cp.async) or
+// "wgmma-tma" (fed by a TMA producer warpgroup; slower than cp.async on the H200); both Hopper loops need an sm_90
+// device and a kernel built for 9.0a (an error otherwise, never a silent fallback).
 ForwardLoop forward_loop(Stream stream) {
   const char* choice = std::getenv("PK_CUDA_FORWARD");
-  if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
+  if (!choice || !*choice) return default_forward_loop(stream);
+  if (std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
   const bool tma = std::strcmp(choice, "wgmma-tma") == 0;
   if (!tma && std::strcmp(choice, "wgmma") != 0)
     throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice + " is not one of mma, wgmma, wgmma-tma");

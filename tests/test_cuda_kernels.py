@@ -110,7 +110,8 @@ def _check_op(op_name, case, dtype, device, index_dtype=torch.int64):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
-def test_forward_matches_reference(kernels, case, dtype):
+def test_forward_matches_reference(kernels, case, dtype, monkeypatch):
+    monkeypatch.setenv("PK_CUDA_FORWARD", "mma")  # (named: on an H100/H200 the default is the Hopper loop)
     _check_op("forward", case, dtype, kernels)
 
 
@@ -244,6 +245,27 @@ def test_hopper_decode_matches_reference(kernels, case, sms, dtype, monkeypatch)
     names = [event.name for event in profile.events()]
     if any("decode_merge_kernel" in name for name in names):  # (the profiler saw the kernels at all)
         assert any("decode_prefix_wgmma_kernel" in name for name in names) == (case.prefix_len > 0)
+
+
+def test_default_forward_loop(kernels, monkeypatch):
+    """With PK_CUDA_FORWARD unset the forward runs the wgmma loop where the device runs it (sm_90 with 9.0a code;
+    1.33x mma.sync on the H200) and mma.sync elsewhere; the emulator keeps to mma.sync (its tests name each loop)."""
+    monkeypatch.delenv("PK_CUDA_FORWARD", raising=False)
+    case = FORWARD_CASES[1]
+    if kernels.type == "cpu":
+        ops = cuda.kernels()
+        ops.shared_memory_stats(True)
+        _check_op("forward", case, torch.float16, kernels)
+        assert ops.shared_memory_stats(True)[2] not in (_hopper_shared_bytes(case.head_dim, 3, tma) for tma in (0, 1))
+        return
+    hopper = torch.cuda.get_device_capability(kernels) == (9, 0)
+    if hopper and "wgmma" in _broken_loops():
+        pytest.skip("the wgmma loop failed its smoke run in bench/gpu_check.sh (see its log)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        _check_op("forward", case, torch.bfloat16, kernels)
+    names = [event.name for event in profile.events() if "forward_kernel" in event.name]
+    if names:  # (the profiler saw the kernels at all)
+        assert all(("HopperAttention" in name) == hopper for name in names), names
 
 
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
