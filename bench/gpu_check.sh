@@ -15,9 +15,10 @@
 #   --no-bench       skip the anchors preset
 #   --no-sanitize    skip compute-sanitizer (memcheck, racecheck: sanitize.txt)
 #   --tune-cuda      last, time the CUDA forward and decode built with other tile settings (TUNE_CUDA_VARIANTS,
-#                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap,hopper_pingpong" for
-#                    csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's PK_DECODE_STAGES; the first
-#                    default variant is the shipped build), each built in its own copy of the tree (in the background, while the tests run), next to Triton;
+#                    "rows,keys,blocks,forward_stages,decode_stages,hopper_stages,hopper_overlap,hopper_pingpong,
+#                    hopper_keys,hopper_warpgroups" for csrc/forward.cu's PK_FORWARD_* and PK_HOPPER_*, csrc/decode.cu's
+#                    PK_DECODE_STAGES; the first default variant is the shipped build), each built in its own copy of
+#                    the tree (in the background, while the tests run), next to Triton;
 #                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds) and each
 #                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
@@ -92,21 +93,29 @@ echo "build: $build_summary" | tee -a "$out/build.txt"
 
 # --tune-cuda's builds, one per variant, each in its own copy of the tree: started in the background right after the
 # main build, so that they compile while the smoke runs and the tests use the GPU.
-variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3,3,1,0 2,32,1,1,1,2,0,0 2,32,1,2,3,3,1,1 1,64,2,3,3,3,1,0"}
+# (the shipped build; the Hopper forward's one-warpgroup blocks of 64 rows x 64 keys; its ping-pong)
+variants=${TUNE_CUDA_VARIANTS:-"2,32,1,1,3,3,1,0 2,32,1,1,3,3,1,0,64,1 2,32,1,1,3,3,1,1"}
+# parse_variant <variant>: its fields as variables (older, shorter variants: the shipped values), its tree's copy
+# and its label
+parse_variant() {
+  IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong hkeys hwarpgroups <<< "$1"
+  fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
+  hpingpong=${hpingpong:-0}; hkeys=${hkeys:-128}; hwarpgroups=${hwarpgroups:-2}
+  local name="${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}_${hkeys}_${hwarpgroups}"
+  copy="/tmp/pk_tune_$name"
+  label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}-hp${hpingpong}"
+  label="$label-hk${hkeys}-hw${hwarpgroups}"
+}
 build_variants() {
   for variant in $variants; do
-    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong <<< "$variant"
-    # (older, shorter variants: the shipped depths)
-    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
-    hpingpong=${hpingpong:-0}
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
+    parse_variant "$variant"
     rm -rf "$copy" && mkdir -p "$copy"
     tar --exclude=./.git --exclude=./build --exclude='./prefix_kernels/_C*.so' -cf - . | tar -xf - -C "$copy"
     (cd "$copy" && unset PREFIX_KERNELS_SKIP_CUDA_BUILD && PREFIX_KERNELS_FORCE_CUDA_BUILD=1 \
       PREFIX_KERNELS_CUDA_ARCHS="$archs" MAX_JOBS=4 NVCC_APPEND_FLAGS="-DPK_FORWARD_ROW_TILES=$rows \
       -DPK_FORWARD_KEYS_D128=$keys -DPK_FORWARD_MIN_BLOCKS=$blocks -DPK_FORWARD_STAGES=$fstages \
       -DPK_DECODE_STAGES=$dstages -DPK_HOPPER_STAGES=$hstages -DPK_HOPPER_OVERLAP=$hoverlap \
-      -DPK_HOPPER_PINGPONG=$hpingpong" timeout "${BUILD_TIMEOUT:-240}" \
+      -DPK_HOPPER_PINGPONG=$hpingpong -DPK_HOPPER_KEYS=$hkeys -DPK_HOPPER_WARPGROUPS=$hwarpgroups" timeout "${BUILD_TIMEOUT:-240}" \
       python3 setup.py -q build_ext --inplace > build_variant.txt 2>&1 || echo "variant $variant: build failed") &
   done
   wait
@@ -199,11 +208,7 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   rm -f "$out/tune_cuda.json"
   wait "$variant_builds"
   for variant in $variants; do
-    IFS=, read -r rows keys blocks fstages dstages hstages hoverlap hpingpong <<< "$variant"
-    fstages=${fstages:-1}; dstages=${dstages:-3}; hstages=${hstages:-3}; hoverlap=${hoverlap:-1}
-    hpingpong=${hpingpong:-0}
-    copy="/tmp/pk_tune_${rows}_${keys}_${blocks}_${fstages}_${dstages}_${hstages}_${hoverlap}_${hpingpong}"
-    label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}-hp${hpingpong}"
+    parse_variant "$variant"
     # each build's own Hopper loops (ping-pong, other depths) get their own smoke run first
     PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" \
       python3 "$copy/bench/tune_cuda.py" --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 20 \

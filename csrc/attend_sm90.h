@@ -1,5 +1,7 @@
-// The Hopper (sm_90a) block attention loop: BlockAttention's schedule with wgmma instead of mma.sync. Two
-// warpgroups (8 warps, 256 threads) of 64 query rows each, kKeys-key tiles:
+// The Hopper (sm_90a) block attention loop: BlockAttention's schedule with wgmma instead of mma.sync. kWarpGroups
+// warpgroups of 64 query rows each (two: 8 warps, 256 threads, one block per SM at 128-key tiles; one: 64 rows,
+// which with 64-key tiles takes 112 KB at head dim 128, so that two blocks share an SM as the Triton forward's
+// 64 x 64 tiles do), kKeys-key tiles:
 //   S = Q K^T   wgmma, A (Q) and B (K) both read from shared memory by descriptor, D/16 k-steps;
 //   O += P V    wgmma, A (P) from registers (the score accumulators re-packed, as on sm_80), B (V) from shared
 //               memory, MN-major (V's [keys][D] tile used as B^T without a transpose in shared memory).
@@ -47,11 +49,14 @@ PK_DEVICE void tma_load_tile(T* dst, const TensorMap& map, uint64_t* bar, int ro
 }
 
 template <typename T, int D, int kKeys = 128, int kStages = 3, bool kOverlap = true, bool kTma = false,
-          bool kPingPong = false>
+          bool kPingPong = false, int kWarpGroups = 2>
 struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static_assert(kStages >= 2, "a ring of at least two tile pairs");
   static_assert(kOverlap || !kPingPong, "the warpgroups take turns in the overlapped loop only");
   static_assert(kKeys == 64 || kKeys == 128, "wgmma_ss is instantiated for 64 and 128 columns");
+  static_assert(kWarpGroups == 1 || kWarpGroups == 2, "one or two consumer warpgroups");
+  static_assert(kWarpGroups == 2 || !(kPingPong || kTma),
+                "the ping-pong needs two warpgroups to take turns; the TMA feed's setmaxnreg counts are for two");
   using Softmax = OnlineSoftmax<T, 1, kKeys / 8, D / 8>;
   using Softmax::acc;
   using Softmax::kRows;
@@ -61,7 +66,6 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using Softmax::softmax;
   using Softmax::warp;
   static constexpr bool kTmaFeed = kTma;  // what forward_kernel asks (BlockAttention's is false)
-  static constexpr int kWarpGroups = 2;               // consumers: the math
   static constexpr int kConsumerThreads = 128 * kWarpGroups;
   static constexpr int kProducerThreads = kTma ? 128 : 0;  // warpgroup 0 when there is one
   static constexpr int kBlockThreads = kProducerThreads + kConsumerThreads;

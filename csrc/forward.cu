@@ -37,9 +37,11 @@ using ForwardAttention =
     BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
 // The sm_90a forward (attend_sm90.h): 128 rows, 128-key tiles, FA3's overlap of one tile's softmax with the
-// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128). PK_HOPPER_STAGES, PK_HOPPER_OVERLAP and
-// PK_HOPPER_PINGPONG are for bench/tune_cuda.py (the plain loop with 2 stages and the ping-pong of the two
-// warpgroups are the other candidates); none has run on a GPU yet.
+// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128): one block per SM, 286-292 TFLOP/s on
+// the H200 (bench/NOTES.md, tenth session). PK_HOPPER_STAGES, PK_HOPPER_OVERLAP, PK_HOPPER_PINGPONG,
+// PK_HOPPER_WARPGROUPS and PK_HOPPER_KEYS are for bench/tune_cuda.py: the plain loop with 2 stages, the ping-pong
+// of the two warpgroups (+2% there), and one warpgroup of 64 rows with 64-key tiles, two blocks per SM (the
+// shape of the Triton forward's tiles, 383-392 TFLOP/s there; the cp.async feed only).
 #ifndef PK_HOPPER_STAGES
 #define PK_HOPPER_STAGES 3
 #endif
@@ -49,9 +51,22 @@ using ForwardAttention =
 #ifndef PK_HOPPER_PINGPONG  // the two warpgroups take turns issuing (needs the overlap)
 #define PK_HOPPER_PINGPONG 0
 #endif
+#ifndef PK_HOPPER_WARPGROUPS  // 64-row warpgroups per block (the TMA feed keeps 2)
+#define PK_HOPPER_WARPGROUPS 2
+#endif
+#ifndef PK_HOPPER_KEYS  // keys per tile (the TMA feed keeps 128)
+#define PK_HOPPER_KEYS 128
+#endif
 template <typename T, int D, bool kTma>
 using HopperForwardAttention =
-    HopperAttention<T, D, 128, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0, kTma, PK_HOPPER_PINGPONG != 0>;
+    HopperAttention<T, D, kTma ? 128 : PK_HOPPER_KEYS, PK_HOPPER_STAGES, PK_HOPPER_OVERLAP != 0, kTma,
+                    PK_HOPPER_PINGPONG != 0, kTma ? 2 : PK_HOPPER_WARPGROUPS>;
+// Blocks per SM the register allocation must allow: two for a one-warpgroup block whose shared memory lets two
+// share an SM (at most 255 registers a thread either way), one otherwise.
+template <class Attention>
+constexpr int hopper_min_blocks() {
+  return Attention::kBlockThreads == 128 && 2 * (Attention::kSharedBytes + 1024) <= 228 * 1024 ? 2 : 1;
+}
 
 // The tensor maps of the TMA feed (tma.h), one per tensor it copies; nothing for the cp.async loops.
 template <bool kTma>
@@ -310,7 +325,8 @@ void launch_forward(const AttentionParams& params, Stream stream) {
     if (loop == ForwardLoop::wgmma_tma)
       launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);
     else if (loop == ForwardLoop::wgmma)
-      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, false>, 1>(params, stream);
+      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, false>,
+                          hopper_min_blocks<HopperForwardAttention<Element, kHeadDim, false>>()>(params, stream);
     else
       launch_forward_with<Element, kHeadDim, ForwardAttention<Element, kHeadDim>, PK_FORWARD_MIN_BLOCKS>(params,
                                                                                                          stream);

@@ -59,8 +59,11 @@ def kernels_in(report: str):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.parametrize("source,arch,defines", [pytest.param(source, arch, (), id=f"{source}-{arch}")
                                                  for source in ("forward.cu", "decode.cu") for arch in ARCHS] +
-                         # the Hopper loop with its two warpgroups taking turns (a --tune-cuda candidate)
-                         [pytest.param("forward.cu", "90a", ("-DPK_HOPPER_PINGPONG=1",), id="forward.cu-90a-pingpong")])
+                         # the Hopper loop's --tune-cuda candidates: its two warpgroups taking turns; one warpgroup
+                         # with 64-key tiles (two blocks per SM: the launch bounds cap it at 255 registers)
+                         [pytest.param("forward.cu", "90a", ("-DPK_HOPPER_PINGPONG=1",), id="forward.cu-90a-pingpong"),
+                          pytest.param("forward.cu", "90a", ("-DPK_HOPPER_WARPGROUPS=1", "-DPK_HOPPER_KEYS=64"),
+                                       id="forward.cu-90a-one-warpgroup")])
 def test_kernels_compile_within_spill_budgets(source, arch, defines, tmp_path):
     seen = set()
     report = ptxas_report(CSRC / source, arch, tmp_path, defines)
