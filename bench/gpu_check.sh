@@ -4,7 +4,7 @@
 # Runs on the machine's own torch/triton/transformers (nothing is installed). Needs no network.
 #
 # Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--tune-decode] [--tune-cuda] [--no-bench]
-#                                [--no-sanitize]
+#                                [--no-sanitize] [--profile-cuda]
 #   default          build, tests, compute-sanitizer on the CUDA kernels, then the anchors preset (forward, fwd+bwd,
 #                    decode, training step, generate; ours-cuda next to ours-triton)
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py; after the anchors preset,
@@ -22,6 +22,9 @@
 #                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds) and each
 #                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
+#   --profile-cuda   last, ncu on the forward at B=8 S=2048 P=128 (the CUDA default loop and the Triton kernel) and
+#                    on the wgmma decode's prefix kernel at B=256 P=16384: occupancy, the pipes, and the warps' stall
+#                    reasons per issued instruction, side by side (ncu.txt; its summary lines in the output)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
 # --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
@@ -41,7 +44,7 @@ out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device too
 # Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit
 # (e396d34) for a later tree.
 export PREFIX_KERNELS_COMMIT="${PREFIX_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-tune_forward=0; tune_backward=0; tune_cuda=0; tune_decode=0; bench=1; sanitize=1
+tune_forward=0; tune_backward=0; tune_cuda=0; tune_decode=0; bench=1; sanitize=1; profile_cuda=0
 for arg in "$@"; do
   case "$arg" in
     --tune-forward) tune_forward=1 ;;
@@ -50,6 +53,7 @@ for arg in "$@"; do
     --no-sanitize) sanitize=0 ;;
     --tune-cuda) tune_cuda=1 ;;
     --tune-decode) tune_decode=1 ;;
+    --profile-cuda) profile_cuda=1 ;;
     *) echo "unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -216,6 +220,22 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   done
 fi
 
+if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
+  echo "== ncu: the forward (CUDA's default loop, Triton) and the wgmma decode's prefix kernel (ncu.txt)"
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+  rm -f "$out/ncu.txt"
+  for run in "forward cuda forward_kernel -B 8 -S 2048 -P 128" "forward triton _prefix_attention_fwd -B 8 -S 2048 -P 128" \
+             "decode cuda decode_prefix_wgmma -B 256 -P 16384 -L 128 --heads 32/8"; do
+    read -r op backend kernel shape <<< "$run"
+    { echo "==== $op $backend ($kernel) $shape"
+      PK_CUDA_DECODE=$([ "$op" = decode ] && echo wgmma) timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none \
+        -k "regex:$kernel" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 bench/profile_case.py --op "$op" --backend "$backend" $shape 2>&1; } >> "$out/ncu.txt"
+  done
+fi
+
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -n 20
 echo "cuda extension: $build_summary"
@@ -226,6 +246,8 @@ echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
 [ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30
 [ -f "$out/log.txt" ] && grep -E "^tune_backward: best" "$out/log.txt"
 [ -f "$out/log.txt" ] && grep -E "^r[0-9]+-k[0-9]+-b" "$out/log.txt"
+[ -f "$out/ncu.txt" ] && grep -E "^====|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|Warp Cycles Per Issued" \
+  "$out/ncu.txt"
 for md in "$out/anchors.md" "$out/tuned/anchors.md"; do
   [ -f "$md" ] && grep -E "^\| B=.*(ours|naive|flex)" "$md" | cut -d'|' -f2-8
   [ -f "$md" ] && grep -E "^\| (train_step|generate) \|" "$md" | cut -d'|' -f2-7,10
