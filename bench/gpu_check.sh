@@ -23,8 +23,9 @@
 #                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
 #   --profile-cuda   last, ncu on the forward at B=8 S=2048 P=128 (the CUDA default loop and the Triton kernel) and
-#                    on the wgmma decode's prefix kernel at B=256 P=16384: occupancy, the pipes, and the warps' stall
-#                    reasons per issued instruction, side by side (ncu.txt; its summary lines in the output)
+#                    on the wgmma decode's three kernels (prefix, own partials, merge) at B=256 P=16384: occupancy,
+#                    the pipes, and the warps' stall reasons per issued instruction (ncu.txt; summary lines in the
+#                    output)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
 # --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
@@ -221,15 +222,15 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
 fi
 
 if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
-  echo "== ncu: the forward (CUDA's default loop, Triton) and the wgmma decode's prefix kernel (ncu.txt)"
+  echo "== ncu: the forward (CUDA's default loop, Triton) and the wgmma decode's kernels (ncu.txt)"
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
   rm -f "$out/ncu.txt"
   for run in "forward cuda forward_kernel -B 8 -S 2048 -P 128" "forward triton _prefix_attention_fwd -B 8 -S 2048 -P 128" \
-             "decode cuda decode_prefix_wgmma -B 256 -P 16384 -L 128 --heads 32/8"; do
+             "decode cuda decode -B 256 -P 16384 -L 128 --heads 32/8"; do
     read -r op backend kernel shape <<< "$run"
     { echo "==== $op $backend ($kernel) $shape"
       PK_CUDA_DECODE=$([ "$op" = decode ] && echo wgmma) timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none \
-        -k "regex:$kernel" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        -k "regex:$kernel" -c "$([ "$op" = decode ] && echo 3 || echo 1)" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 bench/profile_case.py --op "$op" --backend "$backend" $shape 2>&1; } >> "$out/ncu.txt"
