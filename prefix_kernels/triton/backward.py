@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
 from .device import launch, on_first_tensor_device
-from .forward import _load_rows, _query_block, _softcap_log2, dot_precision
+from .forward import _load_rows, _own_visible, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
 
@@ -174,26 +174,14 @@ def _prefix_attention_bwd_dq(
     full_end = tl.maximum(full_end, lo)
     q_pos = L - S + offs_m
     for start_n in range(lo, full_end, BLOCK_N):
-        cols = start_n + offs_n
-        visible = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml)
-            visible = visible & (key_ok != 0)[None, :]
+        visible = _own_visible(start_n + offs_n, L, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW, True)
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                       start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
-        cols = start_n + offs_n
-        visible = tl.broadcast_to(cols[None, :] < L, (BLOCK_M, BLOCK_N))
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < L, other=0)
-            visible = visible & (key_ok != 0)[None, :]
+        visible = _own_visible(start_n + offs_n, L, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW)
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                       start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)

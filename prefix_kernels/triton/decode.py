@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
-from .forward import _attend_tile, _has_tma, _load_rows, _tma_compatible, dot_precision
+from .forward import _attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision
 
 
 @triton.jit
@@ -129,21 +129,6 @@ def _prefix_part(
 def _own_window_start(L, S, window, BLOCK_N: tl.constexpr):
     """Keys left of L - S - window + 1 are outside every row's window: whole tiles of them are skipped."""
     return (tl.maximum(L - S - window + 1, 0) // BLOCK_N) * BLOCK_N
-
-
-@triton.jit
-def _own_visible(cols, end, q_pos, b, KPM, stride_mb, stride_ml, window, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which own keys `cols` (< end) each row at position q_pos sees: causality, window, key padding."""
-    visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= q_pos[:, None])
-    if HAS_WINDOW:
-        visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-    if HAS_KPM:
-        key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < end, other=0)
-        visible = visible & (key_ok != 0)[None, :]
-    return visible
 
 
 @triton.jit

@@ -50,6 +50,30 @@ def _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _own_visible(cols, end, q_pos, b, KPM, stride_mb, stride_ml, window, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 INTERIOR: tl.constexpr = False):
+    """Which own keys `cols` (< end) each row at position q_pos sees: causality, window, key padding. INTERIOR: a
+    tile wholly below `end` and at or before every row's causal diagonal (the forward's and dq's fast tiles), where
+    only the window and the padding can hide a key and the padding mask is read without a bounds check."""
+    if INTERIOR:
+        visible = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+    else:
+        visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
+    if HAS_KPM:
+        if INTERIOR:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml)
+        else:
+            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < end, other=0)
+        visible = visible & (key_ok != 0)[None, :]
+    return visible
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -195,27 +219,15 @@ def _prefix_attention_fwd(
     full_end = tl.maximum(full_end, lo)
     q_pos = L - S + offs_m
     for start_n in range(lo, full_end, BLOCK_N):
-        cols = start_n + offs_n
-        visible = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml)
-            visible = visible & (key_ok != 0)[None, :]
+        visible = _own_visible(start_n + offs_n, L, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW, True)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, HAS_KPM or HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION, desc_b, desc_h, USE_DESC)
     for start_n in range(full_end, hi, BLOCK_N):
-        cols = start_n + offs_n
-        visible = tl.broadcast_to(cols[None, :] < L, (BLOCK_M, BLOCK_N))
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - cols[None, :]) < window)
-        if HAS_KPM:
-            key_ok = tl.load(KPM + b * stride_mb + cols * stride_ml, mask=cols < L, other=0)
-            visible = visible & (key_ok != 0)[None, :]
+        visible = _own_visible(start_n + offs_n, L, q_pos, b, KPM, stride_mb, stride_ml, window,
+                               BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM, HAS_WINDOW)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
