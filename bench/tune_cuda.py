@@ -38,7 +38,7 @@ def main(argv=None):
     time_forward(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
     time_decode(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
     if torch.cuda.get_device_capability() == (9, 0):
-        # Last: a loop that has never run on a GPU may trap, which ends the process's CUDA context.
+        # Last: a Hopper loop built with new settings may trap, which ends the process's CUDA context.
         broken = broken_loops()
         for loop in sorted(broken):
             print(f"{args.label:24} left out: {loop} (it failed its smoke run)")

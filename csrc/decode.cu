@@ -274,8 +274,9 @@ DecodePlan plan_decode(const AttentionParams& p, int sms, DecodePrefixLoop loop)
 }
 
 // $PK_CUDA_DECODE (read at each call): "mma" (the default) or "wgmma", which needs an sm_90 device and a kernel built
-// for 9.0a (an error otherwise, never a silent fallback). The default stays mma.sync until a GPU run has timed the
-// two (bench/gpu_check.sh --tune-cuda).
+// for 9.0a (an error otherwise, never a silent fallback). The default stays mma.sync: on the H200 the wgmma prefix
+// part was 5-17% faster at 128 packed rows or more and 9% slower at 64, Triton's decode faster than both, and its
+// extra launch would cost the small eager calls "auto" sends here (bench/NOTES.md, tenth session).
 DecodePrefixLoop decode_prefix_loop(Stream stream) {
   const char* choice = std::getenv("PK_CUDA_DECODE");
   if (!choice || !*choice || std::strcmp(choice, "mma") == 0) return DecodePrefixLoop::mma;

@@ -116,7 +116,8 @@ class BackwardConfig:
     dprefix: ForwardConfig
     # dq added with fp32 atomics by the dkdv and d prefix kernels (FlashAttention-2's way: two matmuls per tile
     # pair fewer than the separate dq kernel, which recomputes p and dp) instead of the dq kernel; dq is then not
-    # bit-reproducible. Off until a GPU run shows it faster (bench/tune_backward.py times both).
+    # bit-reproducible. Off: slower on an H200 (the backward 3.04 vs 2.60 ms at B=8 S=2048 P=128, 8816e5e;
+    # bench/tune_backward.py times both).
     fuse_dq: bool = False
 
 
