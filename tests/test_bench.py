@@ -361,3 +361,24 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     assert any(batch * 3 * seq_q > 64 for batch, seq_q in seen["decode-wgmma"])  # G = 3 in the sweep
     monkeypatch.setenv("PK_BROKEN_CUDA_LOOPS", "wgmma decode-wgmma")
     assert module.broken_loops() == {"wgmma", "decode-wgmma"}
+
+
+def test_gpu_check_parses_tune_variants():
+    """bench/gpu_check.sh's --tune-cuda variants: each field reaches its define's variable, the label names every
+    field, and an older, shorter variant takes the shipped values for the fields it lacks (a slip here costs a
+    device call, so it is checked on CPU)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    program = (f'eval "$(sed -n "/^parse_variant() {{/,/^}}/p" {script})"; '
+               'for v in 2,32,1,1,3,3,1,0,64,1 2,32,1,1,1,2,0,0; do parse_variant "$v"; '
+               'echo "$hkeys $hwarpgroups $hstages $hoverlap $hpingpong|$label|$copy"; done')
+    lines = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["64 1 3 1 0|r2-k32-b1-fs1-ds3-hs3-ho1-hp0-hk64-hw1|/tmp/pk_tune_2_32_1_1_3_3_1_0_64_1",
+                     "128 2 2 0 0|r2-k32-b1-fs1-ds1-hs2-ho0-hp0-hk128-hw2|/tmp/pk_tune_2_32_1_1_1_2_0_0_128_2"]
+    text = script.read_text()
+    for define, variable in (("PK_HOPPER_KEYS", "hkeys"), ("PK_HOPPER_WARPGROUPS", "hwarpgroups"),
+                             ("PK_HOPPER_PINGPONG", "hpingpong"), ("PK_HOPPER_STAGES", "hstages")):
+        assert f"-D{define}=${variable}" in text, define
