@@ -28,7 +28,8 @@
 #                    output)
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
-# --tune-backward three (tune_backward.json, tuned/anchors.{json,md}); all their lines go to log.txt. So: two of
+# --tune-backward three (tune_backward.json, tuned/anchors.{json,md}), --profile-cuda one (ncu.txt); all their lines
+# go to log.txt. So: two of
 # the three with the default run, and all three with --tune-backward as --no-bench --no-sanitize; add files only
 # by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
@@ -111,6 +112,13 @@ parse_variant() {
   label="r${rows}-k${keys}-b${blocks}-fs${fstages}-ds${dstages}-hs${hstages}-ho${hoverlap}-hp${hpingpong}"
   label="$label-hk${hkeys}-hw${hwarpgroups}"
 }
+deduped="" seen=""  # one entry per distinct build: a short variant and its spelled-out form share a copy
+for variant in $variants; do
+  parse_variant "$variant"
+  case " $seen " in *" $copy "*) continue ;; esac
+  seen="$seen $copy" deduped="$deduped $variant"
+done
+variants=${deduped# }
 build_variants() {
   for variant in $variants; do
     parse_variant "$variant"
@@ -154,6 +162,8 @@ export PK_BROKEN_CUDA_LOOPS=""
 if [ "$ext" = loads ]; then
   PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$PWD")
   smoke_summary="${PK_BROKEN_CUDA_LOOPS:-none}"
+  # wgmma is the forward's default on sm_90a: a broken one is left out of every call that names no loop too
+  case " $PK_BROKEN_CUDA_LOOPS " in *" wgmma "*) export PK_CUDA_FORWARD=mma ;; esac
   grep -q "^smoke " "$out/log.txt" 2>/dev/null || smoke_summary="not run (no Hopper loop on this card)"
 fi
 
@@ -226,7 +236,8 @@ if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
   echo "== ncu: the forward (CUDA's default loop, Triton) and the wgmma decode's kernels (ncu.txt)"
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
   rm -f "$out/ncu.txt"
-  for run in "forward cuda forward_kernel -B 8 -S 2048 -P 128" "forward triton _prefix_attention_fwd -B 8 -S 2048 -P 128" \
+  [ -n "$ncu" ] || echo "no ncu found" > "$out/ncu.txt"
+  [ -n "$ncu" ] && for run in "forward cuda forward_kernel -B 8 -S 2048 -P 128" "forward triton _prefix_attention_fwd -B 8 -S 2048 -P 128" \
              "decode cuda decode -B 256 -P 16384 -L 128 --heads 32/8"; do
     read -r op backend kernel shape <<< "$run"
     { echo "==== $op $backend ($kernel) $shape"

@@ -9,7 +9,7 @@ csrc/forward.cu), and with the decode's wgmma prefix programs (PK_CUDA_DECODE, c
 "wgmma", "wgmma-tma" and "decode-wgmma".
 
 gpu_check.sh also runs it once per Hopper loop, alone and under a short timeout (--loops LOOP), before the tests: a
-loop that never ran on a GPU may hang (an mbarrier never completing) or trap, which would stall or break every later
+loop built with new settings may hang (an mbarrier never completing) or trap, which would stall or break every later
 CUDA call in the test processes. A loop that hangs or crashes there (any exit but 0, and WRONG_RESULTS: wrong numbers
 are for the tests to report) is named in $PK_BROKEN_CUDA_LOOPS, which this sweep, the tests and
 bench/tune_cuda.py then leave out (each saying so)."""

@@ -67,6 +67,7 @@ def time_forward(args, variants):
                                                causal=True)
             for name, backend, loop in variants:
                 # read by the extension at each call; named, "mma" too: the default differs between cards
+                previous = os.environ.get("PK_CUDA_FORWARD")
                 os.environ["PK_CUDA_FORWARD"] = loop
                 try:
                     run = lambda: prefix_kernels.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True,
@@ -75,7 +76,7 @@ def time_forward(args, variants):
                     ms = triton.testing.do_bench(run, return_mode="median")
                     row[name] = dict(ms=ms, tflops=flops / ms / 1e9, max_error=error)
                 finally:
-                    os.environ.pop("PK_CUDA_FORWARD")  # the default loop (gpu_check.sh unsets it)
+                    restore_env("PK_CUDA_FORWARD", previous)
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{args.label:24} B={B:2} S={S} P={P}: " + " | ".join(
@@ -101,6 +102,7 @@ def time_decode(args, variants):
         with torch.no_grad():
             expected = call("triton").float()
             for name, backend, loop in variants:
+                previous = os.environ.get("PK_CUDA_DECODE")
                 os.environ["PK_CUDA_DECODE"] = loop  # read by the extension at each call
                 try:
                     # (eager first: the first wgmma call on a device checks its code outside the capture)
@@ -110,7 +112,7 @@ def time_decode(args, variants):
                         row[name]["max_diff_vs_triton"] = (out.float() - expected).abs().max().item()
                     row[name]["ms"], row[name]["not_captured"] = graph_bench_ms(lambda: call(backend))
                 finally:
-                    os.environ.pop("PK_CUDA_DECODE")  # the default loop (gpu_check.sh unsets it)
+                    restore_env("PK_CUDA_DECODE", previous)
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
         shown = [f"{name} " + (f"{row[name]['ms']:.3f} ms" if row[name]["ms"] else
@@ -118,6 +120,14 @@ def time_decode(args, variants):
                  (f" (vs triton max diff {row[name]['max_diff_vs_triton']:.2g})" if backend == "cuda" else "")
                  for name, backend, _ in variants]
         print(f"{args.label:24} decode {case.label}: " + " | ".join(shown), flush=True)
+
+
+def restore_env(name, previous):
+    """Puts back the variable as it was before a timed variant set it (unset: the extension's default loop)."""
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous
 
 
 if __name__ == "__main__":

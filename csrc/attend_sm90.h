@@ -8,7 +8,7 @@
 // Scores and O land in the m16n8 C layout per warp, so OnlineSoftmax (attend.h) does the masking and softmax.
 // Q, K and V tiles sit in shared memory with the 128-byte swizzle wgmma reads (TileLayout128B); K/V tiles stream
 // through a ring of kStages pairs, fed one of two ways:
-//   cp.async (kTma = false): the 256 threads copy, each copy handed to the async proxy before the block barrier
+//   cp.async (kTma = false): the consumer threads copy, each copy handed to the async proxy before the block barrier
 //               that publishes it (TileRing);
 //   TMA      (kTma = true, FlashAttention-3's warp specialization): a third, producer warpgroup (its registers given
 //               to the two consumers by setmaxnreg) copies Q and each tile by TMA; a "full" mbarrier per stage tells

@@ -31,8 +31,9 @@ constexpr int kMergeRowsPerBlock = 4;  // one warp per row
 // rows are memory-bound streams, and with one K and one V tile per block (1 stage) an SM of two blocks had at
 // most ~64 KB in flight (the H200 ran this decode at 51-53% of the copy floor where the Triton decode, 3 stages,
 // reached 72-82%). 3 stages: 112 KB of shared memory at head dim 128, two blocks per SM on sm_90 (226 of 228 KiB);
-// where two such blocks do not fit an SM the launcher takes 2 stages (sm_80) or 1 (sm_86/89): launch_decode. Not
-// timed yet: bench/gpu_check.sh --tune-cuda rebuilds with -DPK_DECODE_STAGES=1 to compare.
+// where two such blocks do not fit an SM the launcher takes 2 stages (sm_80) or 1 (sm_86/89): launch_decode. On
+// the H200 (8816e5e) the 3-stage decode took what the 1-stage one had at B=64 P=4096 (0.150 ms; bench/NOTES.md);
+// a --tune-cuda variant with decode_stages 1 compares the two in one run.
 #ifndef PK_DECODE_STAGES
 #define PK_DECODE_STAGES 3
 #endif

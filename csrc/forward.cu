@@ -1,7 +1,8 @@
-// The fused forward (prefill and training forward): each block takes 128 consecutive queries of one (b, hq) and
-// attends to its sequence's prefix (read in place from the ONE prefix copy, picked by prefix_index) and then to
-// its own keys, in one online softmax. Own tiles past the block's last causal key are never loaded; only tiles
-// that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are masked.
+// The fused forward (prefill and training forward): each block takes 128 consecutive queries of one (b, hq) (64 in
+// a one-warpgroup Hopper build) and attends to its sequence's prefix (read in place from the ONE prefix copy, picked
+// by prefix_index) and then to its own keys, in one online softmax. Own tiles past the block's last causal key are
+// never loaded; only tiles that cross a boundary (prefix end, causal diagonal, sequence end) or have a
+// key_padding_mask are masked.
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -37,11 +38,11 @@ using ForwardAttention =
     BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
 // The sm_90a forward (attend_sm90.h): 128 rows, 128-key tiles, FA3's overlap of one tile's softmax with the
-// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128): one block per SM, 286-292 TFLOP/s on
+// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128): one block per SM, 283-286 TFLOP/s on
 // the H200 (bench/NOTES.md, tenth session). PK_HOPPER_STAGES, PK_HOPPER_OVERLAP, PK_HOPPER_PINGPONG,
 // PK_HOPPER_WARPGROUPS and PK_HOPPER_KEYS are for bench/tune_cuda.py: the plain loop with 2 stages, the ping-pong
 // of the two warpgroups (+2% there), and one warpgroup of 64 rows with 64-key tiles, two blocks per SM (the
-// shape of the Triton forward's tiles, 383-392 TFLOP/s there; the cp.async feed only).
+// shape of the Triton forward's tiles, 382-392 TFLOP/s there; the cp.async feed only).
 #ifndef PK_HOPPER_STAGES
 #define PK_HOPPER_STAGES 3
 #endif
@@ -248,8 +249,10 @@ __device__ int pk_wgmma_in_binary = 0;
 }  // namespace
 
 // Empty when the current device can run the wgmma kernels (forward and decode), else why not. The loaded code is
-// asked once per device (once_per_device) by a synchronous copy: not allowed while `stream` is being captured into
-// a CUDA graph (an error then says so, and the next call asks again).
+// asked once per device (once_per_device) by a synchronous copy: not while `stream` is being captured into a CUDA
+// graph (the reason then says so, and the next call asks again), and in the relaxed capture mode, so that a
+// capture another thread runs in the global mode is not invalidated by it (PyTorch's streams do not block on the
+// legacy stream the copy uses).
 std::string hopper_unavailable_reason(Stream stream) {
   const int device = current_device();
   int major = 0, minor = 0;
@@ -264,13 +267,17 @@ std::string hopper_unavailable_reason(Stream stream) {
   std::string why;
   const int state = once_per_device(in_binary_cache, device, [&] {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture != cudaStreamCaptureStatusNone) {
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+      cudaGetLastError();  // (a status that could not be read counts as a capture)
       why = "the first wgmma kernel on a device checks its code with a synchronous copy, which a CUDA-graph "
             "capture forbids: run one call outside the capture first";
       return 0;  // not asked: asked again next time
     }
     int in_binary = 0;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
     const cudaError_t copy = cudaMemcpyFromSymbol(&in_binary, pk_wgmma_in_binary, sizeof(int));
+    cudaThreadExchangeStreamCaptureMode(&mode);  // the thread's own mode back
     if (copy != cudaSuccess) {
       cudaGetLastError();  // a non-sticky error must not be blamed on the launch that follows
       why = std::string("the extension's device code for this GPU could not be read: ") + cudaGetErrorString(copy);
@@ -290,9 +297,11 @@ namespace {
 
 enum class ForwardLoop { mma, wgmma, wgmma_tma };
 
-// Unset, the loop is wgmma where the device runs it: 1.33x mma.sync on the H200 at both ANCHORS training shapes
-// (286-292 against 214-218 TFLOP/s, bench/results/nvidia-h200/tune_cuda.json), mma.sync elsewhere (sm_80, a build
-// without 9.0a code, a first call made inside a CUDA-graph capture) and in the emulator, whose tests name each loop.
+// Unset, the loop is wgmma where the device runs it: 1.31-1.32x mma.sync on the H200 at both ANCHORS training shapes
+// (283-286 against 214-218 TFLOP/s, bench/results/nvidia-h200/tune_cuda.json), mma.sync elsewhere (sm_80, a build
+// without 9.0a code) and in the emulator, whose tests name each loop. A first call on a device made inside a
+// CUDA-graph capture cannot ask the loaded code (above): that graph keeps mma.sync, as does every call until one
+// outside a capture has asked; both loops compute the same function.
 ForwardLoop default_forward_loop(Stream stream) {
 #ifdef PK_EMULATE
   (void)stream;
