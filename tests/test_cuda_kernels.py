@@ -257,7 +257,7 @@ def test_hopper_decode_matches_reference(kernels, case, sms, dtype, monkeypatch)
 
 def test_default_forward_loop(kernels, monkeypatch):
     """With PK_CUDA_FORWARD unset the forward runs the wgmma loop where the device runs it (sm_90 with 9.0a code;
-    1.33x mma.sync on the H200) and mma.sync elsewhere; the emulator keeps to mma.sync (its tests name each loop)."""
+    1.31-1.32x mma.sync on the H200) and mma.sync elsewhere; the emulator keeps to mma.sync (its tests name each loop)."""
     monkeypatch.delenv("PK_CUDA_FORWARD", raising=False)
     case = FORWARD_CASES[1]
     if kernels.type == "cpu":
