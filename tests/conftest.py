@@ -38,3 +38,19 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"torch seed: {seed}")  # pytest shows this on failure
     yield
+
+
+# The CUDA kernels read their loop choices from the environment at each call, and bench scripts the tests import set
+# them directly: whatever a test leaves behind would silently change the loop of every later test in its process.
+_LOOP_VARIABLES = ("PK_CUDA_FORWARD", "PK_CUDA_DECODE", "PK_BROKEN_CUDA_LOOPS")
+
+
+@pytest.fixture(autouse=True)
+def _loop_choices_restored():
+    saved = {name: os.environ.get(name) for name in _LOOP_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -350,7 +350,11 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):
-        monkeypatch.delenv(name, raising=False)
+        # set first, so that monkeypatch records it and undoes at teardown what sweep() sets: a delenv of an unset
+        # variable records nothing, and the loops leaked into the next tests of the process (seen in CI: a decode
+        # test then ran the wgmma prefix programs)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     seen = {}
     for loop, *_, batch, seq_q, seq_k, prefix_len, prefixes in module.sweep(["wgmma-tma", "decode-wgmma"]):
         seen.setdefault(loop, []).append((batch, seq_q))
