@@ -349,12 +349,8 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):
-        # set first, so that monkeypatch records it and undoes at teardown what sweep() sets: a delenv of an unset
-        # variable records nothing, and the loops leaked into the next tests of the process (seen in CI: a decode
-        # test then ran the wgmma prefix programs)
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):  # (what sweep() sets, conftest.py undoes after the test)
+        monkeypatch.delenv(name, raising=False)
     seen = {}
     for loop, *_, batch, seq_q, seq_k, prefix_len, prefixes in module.sweep(["wgmma-tma", "decode-wgmma"]):
         seen.setdefault(loop, []).append((batch, seq_q))

@@ -224,6 +224,13 @@ HOPPER_DECODE_CASES = DECODE_CASES + [
 ]
 
 
+def _gpu_kernel_names(run):
+    """The names of the GPU kernels `run()` launched, as the profiler saw them (which loop a call took)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+    return [event.name for event in profile.events()]
+
+
 # On 8 emulated SMs (PK_EMU_SMS; 2 above): two row blocks, both warpgroups of the first busy, each in 3 splits
 HOPPER_DECODE_MORE_SMS = Case(batch=50, heads_q=4, heads_kv=1, seq_q=1, seq_k=10, prefix_len=900, head_dim=64,
                               padding="left")
@@ -248,9 +255,7 @@ def test_hopper_decode_matches_reference(kernels, case, sms, dtype, monkeypatch)
         if case.prefix_len > 0:  # the largest launch was the wgmma prefix programs' (twice the own programs')
             assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, False)
         return
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        _check_op("decode", case, dtype, kernels)
-    names = [event.name for event in profile.events()]
+    names = _gpu_kernel_names(lambda: _check_op("decode", case, dtype, kernels))
     if any("decode_merge_kernel" in name for name in names):  # (the profiler saw the kernels at all)
         assert any("decode_prefix_wgmma_kernel" in name for name in names) == (case.prefix_len > 0)
 
@@ -276,9 +281,7 @@ def test_default_forward_loop(kernels, monkeypatch):
         assert "PK_CUDA_FORWARD=wgmma: " in str(error)
         hopper = False
     monkeypatch.delenv("PK_CUDA_FORWARD")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        _check_op("forward", case, torch.bfloat16, kernels)
-    names = [event.name for event in profile.events()]
+    names = _gpu_kernel_names(lambda: _check_op("forward", case, torch.bfloat16, kernels))
     if any("_prefix_attention_fwd" in name for name in names):  # (the profiler saw kernels: Triton's, at least)
         ours = [name for name in names if "forward_kernel" in name]
         assert ours and all(("HopperAttention" in name) == hopper for name in ours), names
