@@ -65,10 +65,11 @@ PK_DEVICE void load_rows_async(T* tile, Row row, const T* any, int thread) {
 
 // A K or V tile of kRows keys [key0, key0 + kRows) (clipped to `end`: zeros past it) at `base`, `stride` elements
 // per key: each thread copies one 16-byte column (thread % kChunks) of the rows thread / kChunks + kRowsPerPass * j.
-// The source then advances by a fixed stride and the destination by a fixed offset (rows a multiple of 8 apart keep
-// their swizzle): a few instructions per chunk, in a loop the compiler unrolls (the generic strided loop cost ~25
-// per chunk in the SASS, with 64-bit math).
-template <typename T, class Layout, int kThreads, int kRows>
+// The destination advances by a fixed offset (rows a multiple of 8 apart keep their swizzle), the source by a fixed
+// stride: with kStepPointer one 64-bit add a pass (~6 instructions a chunk, where the multiply per pass cost ~15 in
+// the Hopper loops' SASS); without it a multiply per pass, for the sm_80 loops: they run at 254-255 registers, where
+// the stepped pointers, all live at once, spilled 12-40 B. (The generic strided loop cost ~25 a chunk.)
+template <typename T, class Layout, int kThreads, int kRows, bool kStepPointer = false>
 PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end, int thread) {
   constexpr int kRowsPerPass = kThreads / Layout::kChunks;
   static_assert(kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0, "passes must keep each row's swizzle");
@@ -78,8 +79,9 @@ PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, 
   PK_UNROLL
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const bool in_range = key0 + row + pass * kRowsPerPass < end;
-    cp_async_16(to + pass * kRowsPerPass * Layout::kRowPitch, in_range ? from + pass * kRowsPerPass * stride : base,
-                in_range);
+    cp_async_16(to + pass * kRowsPerPass * Layout::kRowPitch,
+                in_range ? (kStepPointer ? from : from + pass * kRowsPerPass * stride) : base, in_range);
+    if constexpr (kStepPointer) from += kRowsPerPass * stride;  // (past `end` only as an address: base is read)
   }
 }
 
@@ -148,45 +150,48 @@ struct OnlineSoftmax {
   // Row of the block of this lane's row i (warps own consecutive 16-row tiles).
   PK_DEVICE int row_of(int i) const { return (warp * kRowTiles + i / 2) * 16 + lane / 4 + 8 * (i % 2); }
 
-  // Scores to the base-2 domain; keys a row must not see become -inf. visible(tile, i, key) says for row i.
+  // Keys a row must not see become -inf (the scores stay unscaled: probabilities() scales them inside one FFMA).
+  // visible(tile, i, key) says for row i. One branch per tile, outside the loops: with the test inside them ptxas
+  // kept a branch per 8-key tile even where no mask applies (~10 instructions each, 16 per 128-key tile).
   template <class Visible>
-  PK_DEVICE void scale_and_mask(float (&s)[kRowTiles][kNTiles][4], float scale_log2, const KeyTile<T>& tile,
-                                Visible visible) const {
+  PK_DEVICE void mask(float (&s)[kRowTiles][kNTiles][4], const KeyTile<T>& tile, Visible visible) const {
+    if (!tile.needs_mask) return;
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
       PK_UNROLL
       for (int n = 0; n < kNTiles; ++n)
         PK_UNROLL
         for (int j = 0; j < 4; ++j) {
-          s[rt][n][j] *= scale_log2;
-          if (tile.needs_mask) {
-            const int key = tile.key0 + n * 8 + (lane % 4) * 2 + (j & 1);
-            if (!visible(tile, 2 * rt + (j >> 1), key)) s[rt][n][j] = -INFINITY;
-          }
+          const int key = tile.key0 + n * 8 + (lane % 4) * 2 + (j & 1);
+          if (!visible(tile, 2 * rt + (j >> 1), key)) s[rt][n][j] = -INFINITY;
         }
   }
 
   // Online softmax update: new row maxima (over the quad of lanes sharing a row), rescale O and the sums, and
   // turn s into the tile's probabilities. A row that has seen nothing yet keeps max -inf and adds exact zeros.
-  PK_DEVICE void softmax(float (&s)[kRowTiles][kNTiles][4]) {
+  PK_DEVICE void softmax(float (&s)[kRowTiles][kNTiles][4], float scale_log2) {
     float alpha[kRows];
-    probabilities(s, alpha);
+    probabilities(s, scale_log2, alpha);
     rescale(alpha);
   }
 
   // The part of softmax() that leaves O alone (a loop whose P.V is still writing O runs it first): new maxima, s
-  // to probabilities, the sums; alpha[i] is what row i's O must still be multiplied by.
-  PK_DEVICE void probabilities(float (&s)[kRowTiles][kNTiles][4], float (&alpha)[kRows]) {
+  // to probabilities, the sums; alpha[i] is what row i's O must still be multiplied by. s holds the raw (masked)
+  // scores; the maxima are kept in the base-2 domain, scale_log2 times theirs (scale_log2 > 0, so the raw
+  // maximum's), and each probability is exp2(fma(s, scale_log2, -max)): one FFMA where scaling first cost an FMUL
+  // and an FADD per score (FlashAttention's order).
+  PK_DEVICE void probabilities(float (&s)[kRowTiles][kNTiles][4], float scale_log2, float (&alpha)[kRows]) {
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
       PK_UNROLL
       for (int h = 0; h < 2; ++h) {
         const int i = 2 * rt + h;
-        float m = row_max[i];
+        float m = -INFINITY;
         PK_UNROLL
         for (int n = 0; n < kNTiles; ++n) m = fmaxf(m, fmaxf(s[rt][n][2 * h], s[rt][n][2 * h + 1]));
         m = fmaxf(m, shfl_xor(m, 1));
         m = fmaxf(m, shfl_xor(m, 2));
+        m = fmaxf(row_max[i], m * scale_log2);
         const float m_use = m == -INFINITY ? 0.f : m;  // exp2(-inf - -inf) would be NaN
         alpha[i] = fast_exp2(row_max[i] - m_use);
         row_max[i] = m;
@@ -195,7 +200,7 @@ struct OnlineSoftmax {
         for (int n = 0; n < kNTiles; ++n)
           PK_UNROLL
           for (int j = 0; j < 2; ++j) {
-            const float p = fast_exp2(s[rt][n][2 * h + j] - m_use);
+            const float p = fast_exp2(fmaf(s[rt][n][2 * h + j], scale_log2, -m_use));
             s[rt][n][2 * h + j] = p;
             sum += p;
           }
@@ -251,7 +256,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
   using Softmax::acc;
   using Softmax::kRows;
   using Softmax::lane;
-  using Softmax::scale_and_mask;
+  using Softmax::mask;
   using Softmax::softmax;
   using Softmax::warp;
   static constexpr int kBlockThreads = kThreads;
@@ -398,8 +403,8 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
       }
       cp_async_commit();
       if (busy) {
-        scale_and_mask(s, scale_log2, current, visible);
-        softmax(s);
+        mask(s, current, visible);
+        softmax(s, scale_log2);
       }
       cp_async_wait<1>();  // V(t) landed; K(t + 1) may still be in flight
       sync_threads();
@@ -424,8 +429,8 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
         const int stage = t % kStages;
         float s[kRowTiles][kNTiles][4];
         scores(s, k_tile + stage * kStageElements);
-        scale_and_mask(s, scale_log2, tile(t), visible);
-        softmax(s);
+        mask(s, tile(t), visible);
+        softmax(s, scale_log2);
         accumulate_pv(s, v_tile + stage * kStageElements);
       }
     }

@@ -62,7 +62,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using Softmax::kRows;
   using Softmax::probabilities;
   using Softmax::rescale;
-  using Softmax::scale_and_mask;
+  using Softmax::mask;
   using Softmax::softmax;
   using Softmax::warp;
   static constexpr bool kTmaFeed = kTma;  // what forward_kernel asks (BlockAttention's is false)
@@ -110,7 +110,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
 
   PK_DEVICE void load_tile_async(int stage, const KeyTile<T>& t) const {
     T* keys = k_tile + stage * kStageElements;
-    constexpr auto load = load_keys_async<T, KeyLayout, kConsumerThreads, kBlockN>;
+    constexpr auto load = load_keys_async<T, KeyLayout, kConsumerThreads, kBlockN, true>;
     load(keys, t.k, t.k_stride, t.key0, t.end, thread);
     load(keys + kBlockN * D, t.v, t.v_stride, t.key0, t.end, thread);
   }
@@ -187,13 +187,15 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   }
 
   // How the consumers' loops get tile t into shared memory and hand its stage back: acquire(t) returns once tile t
-  // is there and visible to wgmma; release(t) once this thread's wgmmas that read it completed.
+  // is there and visible to wgmma; refill(t), called once per step after acquire(t), starts the copy of a later tile
+  // where the consumers copy; release(t) once this thread's wgmmas that read it completed.
   template <int kAhead, class Load>
   struct CpAsyncFeed {  // TileRing: each step's block barrier publishes a tile and frees the one kAhead + 1 back
     int num_tiles;
     Load load;
     PK_DEVICE void prologue() { TileRing<kAhead, true>::prologue(num_tiles, load); }
-    PK_DEVICE void acquire(int t) { TileRing<kAhead, true>::begin_step(t, num_tiles, load); }
+    PK_DEVICE void acquire(int) { TileRing<kAhead, true>::wait_for_tile(); }
+    PK_DEVICE void refill(int t) { TileRing<kAhead, true>::load_ahead(t, num_tiles, load); }
     PK_DEVICE void release(int) {}
     PK_DEVICE void finish() { cp_async_wait<0>(); }
   };
@@ -201,6 +203,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     uint64_t* bar;
     PK_DEVICE void prologue() { mbarrier_wait(bar + 2 * kStages, 0); }  // Q (every block copies it)
     PK_DEVICE void acquire(int t) { mbarrier_wait(bar + t % kStages, (t / kStages) & 1); }
+    PK_DEVICE void refill(int) {}  // the producer warpgroup copies
     PK_DEVICE void release(int t) { mbarrier_arrive(bar + kStages + t % kStages); }
     PK_DEVICE void finish() {}
   };
@@ -210,11 +213,12 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   // swizzle applies to the address, so stepping the start by 32 bytes stays inside the atom's rows); 8-row groups
   // are 1024 bytes apart.
   PK_DEVICE void issue_scores(float (&s)[kKeys / 2], const T* keys) const {
-    const T* q_rows = q_tile + warp_group() * 64 * 64;  // this warpgroup's 64 rows of each Q panel
+    const uint64_t q_rows = matrix_descriptor(q_tile + warp_group() * 64 * 64, 16, 1024);  // this warpgroup's rows
+    const uint64_t key_rows = matrix_descriptor(keys, 16, 1024);
     PK_UNROLL
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t a = matrix_descriptor(q_rows + (kk / 4) * QLayout::kPanelElements + (kk % 4) * 16, 16, 1024);
-      const uint64_t b = matrix_descriptor(keys + (kk / 4) * KeyLayout::kPanelElements + (kk % 4) * 16, 16, 1024);
+      const uint64_t a = descriptor_plus(q_rows, 2 * ((kk / 4) * QLayout::kPanelElements + (kk % 4) * 16));
+      const uint64_t b = descriptor_plus(key_rows, 2 * ((kk / 4) * KeyLayout::kPanelElements + (kk % 4) * 16));
       wgmma_ss<T, kKeys>(s, a, b, kk > 0);
     }
     wgmma_commit();
@@ -235,9 +239,10 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   // apart) of every panel; the panels (64 columns of V each) are kBlockN * 128 bytes apart. p and O must not be
   // touched until the group is waited for.
   PK_DEVICE void issue_pv(const uint32_t (&p)[kKeys / 16][4], const T* values) {
+    const uint64_t value_rows = matrix_descriptor(values, kBlockN * 128, 1024);
     PK_UNROLL
     for (int ks = 0; ks < kKeys / 16; ++ks)
-      wgmma_rs_mn_major_b<T, D>(output(), p[ks], matrix_descriptor(values + ks * 16 * 64, kBlockN * 128, 1024), true);
+      wgmma_rs_mn_major_b<T, D>(output(), p[ks], descriptor_plus(value_rows, 2 * ks * 16 * 64), true);
     wgmma_commit();
   }
 
@@ -274,6 +279,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     feed.prologue();
     for (int t = 0; t < num_tiles; ++t) {
       feed.acquire(t);
+      feed.refill(t);
       if (busy) {
         const T* keys = k_tile + (t % kStages) * kStageElements;
         float s[1][kNTiles][4];
@@ -283,8 +289,8 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         issue_scores(scores, keys);
         wgmma_wait<0>();
         fence_operand(scores);
-        scale_and_mask(s, scale_log2, tile(t), visible);
-        softmax(s);
+        mask(s, tile(t), visible);
+        softmax(s, scale_log2);
         uint32_t p[kKeys / 16][4];
         pack_probabilities(s, p);
         fence_operand(output());
@@ -323,14 +329,16 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         take_turn();
         issue_scores(scores, k_tile);
         pass_turn(false);
+        feed.refill(0);
         wgmma_wait<0>();
         fence_operand(scores);
-        scale_and_mask(s, scale_log2, tile(0), visible);
+        mask(s, tile(0), visible);
         float alpha[kRows];
-        probabilities(s, alpha);
+        probabilities(s, scale_log2, alpha);
         pack_probabilities(s, p);  // (O is still zero: nothing to rescale)
       } else {
         skip_turn(false);
+        feed.refill(0);
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
@@ -345,11 +353,12 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         issue_scores(scores, k_tile + (t % kStages) * kStageElements);
         issue_pv(p, k_tile + ((t - 1) % kStages) * kStageElements + kBlockN * D);
         pass_turn(false);
+        feed.refill(t);  // the copies start while the tensor cores run
         wgmma_wait<1>();  // the scores landed (groups complete in order); the P.V may still run
         fence_operand(scores);
-        scale_and_mask(s, scale_log2, tile(t), visible);
+        mask(s, tile(t), visible);
         float alpha[kRows];
-        probabilities(s, alpha);
+        probabilities(s, scale_log2, alpha);
         wgmma_wait<0>();  // tile t - 1's P.V landed: O may be rescaled, p rewritten
         fence_operand(output());
         fence_operand(p);
@@ -358,6 +367,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         pack_probabilities(s, p);
       } else {
         skip_turn(false);
+        feed.refill(t);
         feed.release(t - 1);
       }
     }

@@ -31,6 +31,15 @@ PK_DEVICE uint64_t matrix_descriptor(const void* shared, uint32_t leading_bytes,
          (uint64_t((stride_bytes & 0x3FFFF) >> 4) << 32) | (uint64_t(1) << 62);
 }
 
+// The descriptor of the operand `bytes` (a multiple of 16, known at compile time in the loops) past `descriptor`'s:
+// one 32-bit add to the start-address field, which cannot carry into the next one because every shared address
+// of a block (< 228 KB) fits its 18 bits; the high word (stride, swizzle) is the same. The loops build one
+// descriptor per tile and step through it this way, where a matrix_descriptor per k-step cost ~14 instructions
+// between consecutive wgmmas in the SASS (a 64-bit add, ~8).
+PK_DEVICE uint64_t descriptor_plus(uint64_t descriptor, uint32_t bytes) {
+  return (descriptor & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(descriptor) + (bytes >> 4));
+}
+
 // Orders this thread's register writes (accumulators, A fragments) before the wgmma that reads them.
 PK_DEVICE void wgmma_fence() {
 #ifdef PK_EMULATE
