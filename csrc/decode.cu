@@ -160,7 +160,9 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   PK_UNROLL
   for (int hh = 0; hh < 2; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
   auto visible = [&](const KeyTile<T>& t, int hh, int key) {
-    return key < t.end && (!p.causal || key <= row_pos[hh]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
+    if (key >= t.end) return false;
+    const bool kept = !key_ok || key_ok[key * p.mask_stride[1]] != 0;  // first: one load a key, not a (row, key)
+    return kept && (!p.causal || key <= row_pos[hh]);
   };
   attention.load_q_async(q_row, q);
   // With G * S < 64 (one query per sequence: G rows) only the first warp has rows: the other three only load.
