@@ -74,6 +74,9 @@ DECODE_CASES = [
     Case(batch=9, heads_q=8, heads_kv=2, seq_q=2, seq_k=140, prefix_len=19, head_dim=64),   # 2 row blocks, own splits
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
          padding="random", q_layout="bhsd"),                                                # L < S
+    # A speculative width of 17 whose causal limit falls inside full own tiles (L a multiple of 64, no padding):
+    # the tiles the own programs may skip masking for must stop below the first query's position.
+    Case(batch=4, heads_q=6, heads_kv=2, seq_q=17, seq_k=128, prefix_len=20, head_dim=64),
     # Splits of more tiles than the ring has stages, so every stage is refilled (found in review: without these,
     # a refill issued before the barrier passed every decode case):
     Case(batch=8, heads_q=6, heads_kv=2, seq_q=1, seq_k=300, prefix_len=40, head_dim=64),   # 5 own tiles a split
