@@ -102,7 +102,8 @@ struct TileRing {
       cp_async_commit();
     }
   }
-  // A step's start: wait_for_tile (tile t landed and published), then load_ahead (the tile kAhead steps on).
+  // Each step: wait_for_tile (tile t landed and published), then, before the next step, load_ahead once (the tile
+  // kAhead steps on; the wgmma loop issues it after its step's wgmmas).
   static PK_DEVICE void wait_for_tile() {
     cp_async_wait<kAhead - 1>();
     if constexpr (kAsyncProxy) fence_proxy_async();
@@ -112,11 +113,6 @@ struct TileRing {
   static PK_DEVICE void load_ahead(int t, int num_tiles, Load load) {
     if (t + kAhead < num_tiles) load(t + kAhead);
     cp_async_commit();
-  }
-  template <class Load>
-  static PK_DEVICE void begin_step(int t, int num_tiles, Load load) {
-    wait_for_tile();
-    load_ahead(t, num_tiles, load);
   }
 };
 

@@ -2,6 +2,7 @@
 // Checks everything the kernels assume (raising before any launch), fills AttentionParams, launches on the
 // current stream. Built twice: by setup.py for CUDA tensors, and under PK_EMULATE (tests) for CPU tensors as
 // prefix_kernels_emulated::*, running the same kernels through csrc/emulator/.
+#include <cmath>
 #include <cstdlib>
 
 #include <ATen/ATen.h>
@@ -86,7 +87,9 @@ pk::AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& 
                 "key_padding_mask must have shape [", batch, ", ", seq_k, "], got ", key_padding_mask->sizes());
     TORCH_CHECK(key_padding_mask->device() == q.device(), "key_padding_mask is on ", key_padding_mask->device());
   }
-  TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
+  // the kernels take it in base 2 as a float32 and flush denormals: 0 or inf would make masked scores NaN
+  TORCH_CHECK(std::isnormal(static_cast<float>(scale * 1.4426950408889634)) && scale > 0,
+              "scale must be positive with scale * log2(e) a normal float32, got ", scale);
 
   pk::AttentionParams p{};
   p.q = q.data_ptr();

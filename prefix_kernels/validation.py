@@ -11,6 +11,20 @@ import torch
 
 from .triton.configs import DECODE_MAX_SEQ_Q  # (configs.py imports no Triton)
 
+# The kernels compute in base 2: scale * log2(e), a float32 on the device, must be a normal number there.
+_LOG2E = 1.4426950408889634
+_FLOAT32_NORMAL_MIN, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def _is_kernel_scale(scale: int | float) -> bool:
+    """The kernels take scale * log2(e) as a float32 and flush denormals: 0 or inf there would turn masked scores
+    (-inf * 0) into NaN. False for NaN, negatives, and ints beyond a float."""
+    try:
+        return _FLOAT32_NORMAL_MIN <= float(scale) * _LOG2E <= _FLOAT32_MAX
+    except OverflowError:
+        return False
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
@@ -147,7 +161,8 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _is_kernel_scale(scale):
+        raise ValueError(f"scale must be a positive number whose scale * log2(e) is a normal float32 "
+                         f"(about 8e-39 to 2e38), or None, got {scale!r}")
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
                                prefix_index, prefix_lens, window, None if softcap is None else float(softcap))

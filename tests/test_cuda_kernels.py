@@ -651,3 +651,6 @@ def test_op_checks_its_inputs_before_launching(kernels):
         ops.decode(q.float(), k.float(), v.float(), pk4.float(), pv4.float(), None, None, None, True, 0.1)
     with pytest.raises(RuntimeError, match="prefix_index"):
         ops.forward(q, k, v, torch.cat([pk4, pk4]), torch.cat([pv4, pv4]), None, None, None, True, 0.1)
+    for scale in (0.0, 1e-39, 1e39):  # 0 (or a flushed denormal) in base 2 makes masked scores -inf * 0 = NaN
+        with pytest.raises(RuntimeError, match="scale"):
+            ops.decode(q[:, :, :1], k, v, pk4, pv4, None, None, None, True, scale)

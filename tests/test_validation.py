@@ -51,6 +51,8 @@ BAD_INPUTS = {
     "causal-not-bool": (dict(causal=1), TypeError, None, "causal"),
     "scale-nan": (dict(scale=float("nan")), ValueError, None, "scale"),
     "scale-negative": (dict(scale=-0.1), ValueError, None, "scale"),
+    "scale-float32-underflow": (dict(scale=1e-39), ValueError, None, "scale"),  # 0 or a denormal in the kernels
+    "scale-float32-overflow": (dict(scale=1e39), ValueError, None, "scale"),
     "backend-name": (dict(backend="flash"), ValueError, None, "backend"),
     "not-a-tensor": (dict(prefix_v=[1, 2]), TypeError, None, "prefix_v"),
 }

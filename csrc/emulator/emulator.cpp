@@ -953,12 +953,13 @@ namespace {
 // swizzle mode), with addresses relative to the block's shared memory.
 struct MatrixDescriptor {
   uint32_t start, leading, stride, base_offset, swizzle;
+  uint32_t reserved;  // bits 14-15 and 30-31: where a carry out of the start or leading field would land
 };
 
 MatrixDescriptor decode_descriptor(uint64_t desc) {
   return {static_cast<uint32_t>(desc & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
           static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 49) & 0x7),
-          static_cast<uint32_t>(desc >> 62)};
+          static_cast<uint32_t>(desc >> 62), static_cast<uint32_t>(desc & 0xC000C000u)};
 }
 
 // Byte offset of element (mn, k) (k < 16) of a 16-bit operand with the 128-byte swizzle (CuTe's canonical GMMA
@@ -974,6 +975,9 @@ size_t operand_offset(const MatrixDescriptor& d, bool mn_major, unsigned mn, uns
 }
 
 void check_descriptor(const MatrixDescriptor& d, const char* which) {
+  if (d.reserved != 0)  // e.g. descriptor_plus stepped the start address past its 14 bits (the hardware drops it)
+    throw std::runtime_error(std::string("wgmma_m64k16: the ") + which + " descriptor sets reserved bits 14-15 or "
+                             "30-31 (a start or leading offset that carried out of its field)");
   if (d.swizzle != 1)
     throw std::runtime_error(std::string("wgmma_m64k16: the ") + which + " descriptor's swizzle mode " +
                              std::to_string(d.swizzle) + " is not emulated (only 1, the 128-byte swizzle)");
