@@ -32,8 +32,9 @@ PK_DEVICE uint64_t matrix_descriptor(const void* shared, uint32_t leading_bytes,
 }
 
 // The descriptor of the operand `bytes` (a multiple of 16, known at compile time in the loops) past `descriptor`'s:
-// one 32-bit add to the start-address field, which cannot carry into the next one because every shared address
-// of a block (< 228 KB) fits its 18 bits; the high word (stride, swizzle) is the same. The loops build one
+// one 32-bit add to the start-address field (14 bits of address >> 4), which cannot carry into the bits above it
+// because every shared address of a block (< 228 KB < 256 KB) fits; the high word (stride, swizzle) is the same
+// (the emulator refuses a descriptor with those bits set). The loops build one
 // descriptor per tile and step through it this way, where a matrix_descriptor per k-step cost ~14 instructions
 // between consecutive wgmmas in the SASS (a 64-bit add, ~8).
 PK_DEVICE uint64_t descriptor_plus(uint64_t descriptor, uint32_t bytes) {
