@@ -151,20 +151,24 @@ def _main_loop(sass_function: str) -> list[str]:
 @pytest.mark.compile
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found")
-def test_hopper_forward_loop_keeps_the_tensor_cores_fed(tmp_path):
-    """The SASS of the shipped Hopper forward (cp.async feed, overlapped loop) for sm_90a, per dtype and head dim:
+@pytest.mark.parametrize("defines,keys,warp_groups", [
+    pytest.param((), 128, 2, id="shipped"),
+    # the --tune-cuda candidate: one warpgroup, 64-key tiles, two blocks per SM
+    pytest.param(("-DPK_HOPPER_WARPGROUPS=1", "-DPK_HOPPER_KEYS=64"), 64, 1, id="one-warpgroup")])
+def test_hopper_forward_loop_keeps_the_tensor_cores_fed(defines, keys, warp_groups, tmp_path):
+    """The SASS of the Hopper forward with the cp.async feed (overlapped loop) for sm_90a, per dtype and head dim:
     - the wgmmas are issued nearly back to back: one descriptor per tile, stepped by constants (descriptor_plus;
       a matrix_descriptor per k-step put ~14 instructions between the scores' consecutive wgmmas);
     - every copy of the tile loaded ahead is issued after the step's wgmmas and before the wait for its scores
       (the refill runs while the tensor cores work; before, the copies sat between the barrier and the wgmmas)."""
     cubin = tmp_path / "forward-90a.cubin"
     result = subprocess.run(["nvcc", "-std=c++20", "-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
-                             "-I", str(CSRC), "-cubin", str(CSRC / "forward.cu"), "-o", str(cubin)],
+                             *defines, "-I", str(CSRC), "-cubin", str(CSRC / "forward.cu"), "-o", str(cubin)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    # HopperAttention<T, D, 128 keys, 3 stages, overlap, no TMA, ...>: the default loop's instantiations
-    pattern = re.compile(r"HopperAttentionI\w+?Li(\d+)ELi128ELi3ELb1ELb0E")
+    # HopperAttention<T, D, keys, 3 stages, overlap, no TMA, no ping-pong, warp_groups>
+    pattern = re.compile(rf"HopperAttentionI\w+?Li(\d+)ELi{keys}ELi3ELb1ELb0ELb0ELi{warp_groups}E")
     checked = 0
     for function in re.split(r"\n\s*Function : ", sass)[1:]:
         match = pattern.search(function.splitlines()[0])
@@ -173,11 +177,12 @@ def test_hopper_forward_loop_keeps_the_tensor_cores_fed(tmp_path):
         head_dim = int(match.group(1))
         loop = _main_loop(function)
         wgmmas = [i for i, text in enumerate(loop) if "HGMMA" in text]
-        assert len(wgmmas) == head_dim // 16 + 128 // 16, (head_dim, len(wgmmas))  # S's k-steps, then P.V's
+        assert len(wgmmas) == head_dim // 16 + keys // 16, (head_dim, len(wgmmas))  # S's k-steps, then P.V's
         gaps = [b - a - 1 for a, b in zip(wgmmas, wgmmas[1:])]  # today 5-6 on average, ~9 with a descriptor a step
         assert sum(gaps) <= 7 * len(gaps), f"d{head_dim}: instructions between consecutive wgmmas: {gaps}"
         wait_for_scores = next(i for i in range(wgmmas[-1], len(loop)) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in loop[i])
         copies = sum("LDGSTS" in text for text in loop[wgmmas[-1]:wait_for_scores])
-        assert copies == 2 * 128 * (head_dim // 8) // 256, f"d{head_dim}: {copies} copies while the wgmmas run"
+        assert copies == 2 * keys * (head_dim // 8) // (128 * warp_groups), \
+            f"d{head_dim}: {copies} copies while the wgmmas run"
         checked += 1
     assert checked == 4, "f16 and bf16 at head dims 64 and 128"
