@@ -88,7 +88,8 @@ pk::AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& 
     TORCH_CHECK(key_padding_mask->device() == q.device(), "key_padding_mask is on ", key_padding_mask->device());
   }
   // the kernels take it in base 2 as a float32 and flush denormals: 0 or inf would make masked scores NaN
-  TORCH_CHECK(std::isnormal(static_cast<float>(scale * 1.4426950408889634)) && scale > 0,
+  const float scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  TORCH_CHECK(std::isnormal(scale_log2) && scale_log2 > 0,
               "scale must be positive with scale * log2(e) a normal float32, got ", scale);
 
   pk::AttentionParams p{};
@@ -125,7 +126,7 @@ pk::AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& 
   p.prefix_len = static_cast<int>(prefix_len);
   p.head_dim = static_cast<int>(head_dim);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.scale_log2 = scale_log2;
   p.causal = causal;
   return p;
 }

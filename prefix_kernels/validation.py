@@ -13,14 +13,14 @@ from .triton.configs import DECODE_MAX_SEQ_Q  # (configs.py imports no Triton)
 
 # The kernels compute in base 2: scale * log2(e), a float32 on the device, must be a normal number there.
 _LOG2E = 1.4426950408889634
-_FLOAT32_NORMAL_MIN, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+_FLOAT32 = torch.finfo(torch.float32)
 
 
 def _is_kernel_scale(scale: int | float) -> bool:
     """The kernels take scale * log2(e) as a float32 and flush denormals: 0 or inf there would turn masked scores
     (-inf * 0) into NaN. False for NaN, negatives, and ints beyond a float."""
     try:
-        return _FLOAT32_NORMAL_MIN <= float(scale) * _LOG2E <= _FLOAT32_MAX
+        return _FLOAT32.tiny <= float(scale) * _LOG2E <= _FLOAT32.max
     except OverflowError:
         return False
 
