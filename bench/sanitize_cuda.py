@@ -56,8 +56,9 @@ def sweep(loops):
 def _shapes(loop):
     """(loop, dtype, head dim, batch, S, L, P, prefixes): forward shapes (S > 16) and decode shapes (the public op
     sends S <= 16 without grad to the decode); a decode-* loop runs the decode shapes only, one of them with a batch
-    of 30 (90 packed rows: both warpgroups of a 128-row block busy)."""
-    shapes = [(3, 70, 75, 45, 1), (3, 150, 300, 200, 1), (3, 3, 140, 19, 2), (3, 1, 0, 130, 1)]
+    of 30 (90 packed rows: both warpgroups of a 128-row block busy). Decode shapes of up to 16 rows per sequence
+    (G * S, G = 3 here) take the own programs whose warps split the keys, S = 9 the 64-row ones."""
+    shapes = [(3, 70, 75, 45, 1), (3, 150, 300, 200, 1), (3, 3, 140, 19, 2), (3, 9, 140, 19, 1), (3, 1, 0, 130, 1)]
     if loop.startswith("decode-"):
         shapes = [shape for shape in shapes if shape[1] <= 16] + [(30, 1, 20, 700, 1)]
     for dtype in (torch.float16, torch.bfloat16):

@@ -36,7 +36,10 @@ def main(argv=None):
     if prefix_kernels.cuda.UNAVAILABLE_REASON:
         raise SystemExit(f"{args.label}: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
     time_forward(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
-    time_decode(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
+    # (the own programs' layout before the keys were split across the warps, next to the default)
+    time_decode(args, [("cuda", "cuda", {"PK_CUDA_DECODE": "mma"}),
+                       ("cuda-own-rows", "cuda", {"PK_CUDA_DECODE": "mma", "PK_CUDA_DECODE_OWN": "rows"}),
+                       ("triton", "triton", {})])
     if torch.cuda.get_device_capability() == (9, 0):
         # Last: a Hopper loop built with new settings may trap, which ends the process's CUDA context.
         broken = broken_loops()
@@ -46,7 +49,7 @@ def main(argv=None):
         if loops:
             time_forward(args, loops)
         if "decode-wgmma" not in broken:
-            time_decode(args, [("cuda-wgmma", "cuda", "wgmma")])
+            time_decode(args, [("cuda-wgmma", "cuda", {"PK_CUDA_DECODE": "wgmma"})])
 
 
 def time_forward(args, variants):
@@ -85,8 +88,9 @@ def time_forward(args, variants):
 
 
 def time_decode(args, variants):
-    """The ANCHORS decode shapes, each (name, backend, $PK_CUDA_DECODE) of `variants` replayed from a CUDA graph
-    (device time only, what a serving loop that captures its step pays); CUDA's output against Triton's."""
+    """The ANCHORS decode shapes, each (name, backend, environment: $PK_CUDA_DECODE, $PK_CUDA_DECODE_OWN) of
+    `variants` replayed from a CUDA graph (device time only, what a serving loop that captures its step pays);
+    CUDA's output against Triton's."""
     from prefix_kernels.bench.cases import get_preset
     from prefix_kernels.bench.providers import make_inputs
     from prefix_kernels.bench.timing import graph_bench_ms
@@ -101,9 +105,9 @@ def time_decode(args, variants):
 
         with torch.no_grad():
             expected = call("triton").float()
-            for name, backend, loop in variants:
-                previous = os.environ.get("PK_CUDA_DECODE")
-                os.environ["PK_CUDA_DECODE"] = loop  # read by the extension at each call
+            for name, backend, environment in variants:
+                previous = {variable: os.environ.get(variable) for variable in environment}
+                os.environ.update(environment)  # read by the extension at each call
                 try:
                     # (eager first: the first wgmma call on a device checks its code outside the capture)
                     out = call(backend)
@@ -112,7 +116,8 @@ def time_decode(args, variants):
                         row[name]["max_diff_vs_triton"] = (out.float() - expected).abs().max().item()
                     row[name]["ms"], row[name]["not_captured"] = graph_bench_ms(lambda: call(backend))
                 finally:
-                    restore_env("PK_CUDA_DECODE", previous)
+                    for variable, value in previous.items():
+                        restore_env(variable, value)
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
         shown = [f"{name} " + (f"{row[name]['ms']:.3f} ms" if row[name]["ms"] else

@@ -145,6 +145,8 @@ struct OnlineSoftmax {
 
   // Row of the block of this lane's row i (warps own consecutive 16-row tiles).
   PK_DEVICE int row_of(int i) const { return (warp * kRowTiles + i / 2) * 16 + lane / 4 + 8 * (i % 2); }
+  // Whether this lane writes the LSE of its rows (one lane of the quad holding them).
+  PK_DEVICE bool writes_lse() const { return lane % 4 == 0; }
 
   // Keys a row must not see become -inf (the scores stay unscaled: probabilities() scales them inside one FFMA).
   // visible(tile, i, key) says for row i. One branch per tile, outside the loops: with the test inside them ptxas
@@ -245,10 +247,20 @@ struct OnlineSoftmax {
 };
 
 // kKeys keys per tile (a multiple of 16): 64, or 32 where 64 would not fit the registers.
-template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1>
-struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
+//
+// kKeysAcrossWarps: the 4 warps share the same 16 * kRowTiles rows and split each tile's keys instead (warp w scores
+// keys [w, w + 1) * kKeys / 4 of every tile), each with its own online softmax over its keys; finish() merges the
+// four (max, sum, O) through shared memory (FlashDecoding inside the block). For blocks with at most 16 rows (the
+// decode's own programs, G * S rows of one sequence): split by rows, three of the four warps would have none and
+// one warp would run every tile's whole chain alone. Replaces OnlineSoftmax's row_of, finish and
+// for_each_output (after finish, warp w holds the output columns [w, w + 1) * D / 4), and says which lanes write
+// the LSE (writes_lse).
+template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1, bool kKeysAcrossWarps = false>
+struct BlockAttention : OnlineSoftmax<T, kRowTiles, (kKeysAcrossWarps ? kKeys / kWarps : kKeys) / 8, D / 8> {
   static_assert(kStages >= 1, "at least one stage");
-  using Softmax = OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8>;
+  static constexpr int kWarpKeys = kKeysAcrossWarps ? kKeys / kWarps : kKeys;  // keys of each tile a warp scores
+  static_assert(kWarpKeys % 16 == 0, "P.V takes a warp's keys 16 at a time");
+  using Softmax = OnlineSoftmax<T, kRowTiles, kWarpKeys / 8, D / 8>;
   using Softmax::acc;
   using Softmax::kRows;
   using Softmax::lane;
@@ -258,11 +270,19 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
   static constexpr int kBlockThreads = kThreads;
   static constexpr bool kTmaFeed = false;  // cp.async by every thread (HopperAttention may use TMA instead)
   using Layout = TileLayout<D>;
-  static constexpr int kBlockM = 16 * kWarps * kRowTiles;  // query rows per block
+  static constexpr int kBlockM = 16 * kRowTiles * (kKeysAcrossWarps ? 1 : kWarps);  // query rows per block
   static constexpr int kBlockN = kKeys;
-  static constexpr int kNTiles = kKeys / 8;                // 8-key score tiles
-  static constexpr size_t kSharedBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;  // Q, kStages x (K, V)
+  static constexpr int kNTiles = kWarpKeys / 8;            // 8-key score tiles per warp
   static constexpr int kDTiles = D / 8;                    // 8-column output tiles per row tile
+  // finish()'s merge of the warps' states (kKeysAcrossWarps), over the ring once the loop is done: each warp's
+  // unnormalized O [kBlockM][D] in fp32, rows kMergePitch floats apart (8 more than D: the 8 rows a quad pattern
+  // touches fall into 16 banks two ways instead of 4 banks eight ways), then each warp's (max, sum) per row.
+  static constexpr int kMergePitch = D + 8;
+  static constexpr size_t kMergeBytes = kKeysAcrossWarps ? (kWarps * kBlockM * (kMergePitch + 2)) * sizeof(float) : 0;
+  static constexpr size_t kRingBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;  // Q, kStages x (K, V)
+  static constexpr size_t kSharedBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  static constexpr int kOutputDTiles = kKeysAcrossWarps ? kDTiles / kWarps : kDTiles;  // a warp's after finish()
+  static_assert(kOutputDTiles * (kKeysAcrossWarps ? kWarps : 1) == kDTiles, "finish() splits the columns evenly");
   static constexpr int kDSteps = D / 16;                   // 16-deep k-steps of QK^T
   // Q's A fragments stay in registers when they fit; otherwise each k-step reloads them from shared memory.
   static constexpr bool kQInRegisters = kRowTiles * kDSteps * 4 <= 32;
@@ -287,12 +307,34 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
     load_rows_async<T, Layout, kThreads, kBlockM>(q_tile, q_row, any_q, thread);
   }
 
+  // With kKeysAcrossWarps through a stepped pointer: each warp's share of a tile's math is a quarter, so the copies'
+  // address math was ~40% of its loop (~280 of ~700 instructions in the SASS), and these blocks' registers (their
+  // kernel's other programs set the count) leave room for the pointers.
   PK_DEVICE void load_keys_async(T* dst, const T* base, int64_t stride, int key0, int end) const {
-    pk::load_keys_async<T, Layout, kThreads, kBlockN>(dst, base, stride, key0, end, thread);
+    pk::load_keys_async<T, Layout, kThreads, kBlockN, kKeysAcrossWarps>(dst, base, stride, key0, end, thread);
+  }
+
+  // The warp's first 16-row tile (all warps share rows 0.. with kKeysAcrossWarps) and the first of its keys in
+  // every key tile.
+  PK_DEVICE int first_row_tile() const { return kKeysAcrossWarps ? 0 : warp * kRowTiles; }
+  PK_DEVICE int first_key() const { return kKeysAcrossWarps ? warp * kWarpKeys : 0; }
+
+  PK_DEVICE int row_of(int i) const { return (first_row_tile() + i / 2) * 16 + lane / 4 + 8 * (i % 2); }
+
+  // Whether this lane writes the LSE of its rows: one lane of the quad holding them, in one warp.
+  PK_DEVICE bool writes_lse() const { return lane % 4 == 0 && (!kKeysAcrossWarps || warp == 0); }
+
+  // A busy warp has rows below rows_in_use (the same in the whole warp).
+  PK_DEVICE bool busy(int rows_in_use) const { return first_row_tile() * 16 < rows_in_use; }
+
+  // `tile` as mask() sees it for this warp's keys: its key0 moved to the warp's first key.
+  PK_DEVICE KeyTile<T> warp_keys(KeyTile<T> tile) const {
+    tile.key0 += first_key();
+    return tile;
   }
 
   PK_DEVICE void load_q_fragment(uint32_t (&a)[4], int rt, int kk) const {
-    ldmatrix_x4(a, q_tile + Layout::offset((warp * kRowTiles + rt) * 16 + lane % 16, kk * 2 + lane / 16));
+    ldmatrix_x4(a, q_tile + Layout::offset((first_row_tile() + rt) * 16 + lane % 16, kk * 2 + lane / 16));
   }
 
   PK_DEVICE void load_q_fragments() {
@@ -305,8 +347,9 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
     }
   }
 
-  // s = Q K^T for this warp's rows and the tile's 64 keys (the K tile at `keys`): s[rt][n][j] is key
-  // 8n + 2 (lane % 4) + (j & 1) of row 2 rt + (j >> 1). Each K fragment is loaded once for all row tiles.
+  // s = Q K^T for this warp's rows and keys of the tile (the K tile at `keys`): s[rt][n][j] is key
+  // first_key() + 8n + 2 (lane % 4) + (j & 1) of row 2 rt + (j >> 1). Each K fragment is loaded once for all row
+  // tiles.
   PK_DEVICE void scores(float (&s)[kRowTiles][kNTiles][4], const T* keys) const {
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
@@ -330,7 +373,8 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
       PK_UNROLL
       for (int np = 0; np < kNTiles / 2; ++np) {  // two 8-key tiles per ldmatrix.x4: keys 16np + [0, 8), + [8, 16)
         uint32_t b[4];
-        ldmatrix_x4(b, keys + Layout::offset(np * 16 + (matrix / 2) * 8 + lane % 8, kk * 2 + matrix % 2));
+        ldmatrix_x4(b, keys + Layout::offset(first_key() + np * 16 + (matrix / 2) * 8 + lane % 8,
+                                             kk * 2 + matrix % 2));
         PK_UNROLL
         for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(s[rt][2 * np], a[rt], b[0], b[1]);
@@ -358,7 +402,8 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
       PK_UNROLL
       for (int dp = 0; dp < kDSteps; ++dp) {  // two 8-column output tiles per ldmatrix.x4.trans
         uint32_t b[4];
-        ldmatrix_x4_trans(b, values + Layout::offset(ks * 16 + (matrix % 2) * 8 + lane % 8, dp * 2 + matrix / 2));
+        ldmatrix_x4_trans(b, values + Layout::offset(first_key() + ks * 16 + (matrix % 2) * 8 + lane % 8,
+                                                     dp * 2 + matrix / 2));
         PK_UNROLL
         for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(acc[rt][2 * dp], a[rt], b[0], b[1]);
@@ -377,7 +422,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
       run_ring(num_tiles, tile, scale_log2, visible, rows_in_use);
       return;
     }
-    const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
+    const bool busy = this->busy(rows_in_use);
     if (num_tiles > 0) {
       const KeyTile<T> first = tile(0);
       load_keys_async(k_tile, first.k, first.k_stride, first.key0, first.end);
@@ -399,7 +444,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
       }
       cp_async_commit();
       if (busy) {
-        mask(s, current, visible);
+        mask(s, warp_keys(current), visible);
         softmax(s, scale_log2);
       }
       cp_async_wait<1>();  // V(t) landed; K(t + 1) may still be in flight
@@ -414,7 +459,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
   template <class Tiles, class Visible>
   PK_DEVICE void run_ring(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
     using Ring = TileRing<kStages - 1, false>;
-    const bool busy = warp * 16 * kRowTiles < rows_in_use;  // the same in the whole warp
+    const bool busy = this->busy(rows_in_use);
     auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
     Ring::prologue(num_tiles, load);
     for (int t = 0; t < num_tiles; ++t) {
@@ -425,7 +470,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
         const int stage = t % kStages;
         float s[kRowTiles][kNTiles][4];
         scores(s, k_tile + stage * kStageElements);
-        mask(s, tile(t), visible);
+        mask(s, warp_keys(tile(t)), visible);
         softmax(s, scale_log2);
         accumulate_pv(s, v_tile + stage * kStageElements);
       }
@@ -438,6 +483,88 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, kKeys / 8, D / 8> {
     load_keys_async(v_tile + stage * kStageElements, t.v, t.v_stride, t.key0, t.end);
   }
 
+  // OnlineSoftmax::finish, after merging the warps' states with kKeysAcrossWarps. Every thread of the block calls
+  // it (it meets two barriers), after run(). The merge: each warp writes its unnormalized O and its rows' (max, sum)
+  // to shared memory; then row by row M = max_w m_w, factor_w = exp2(m_w - M) (0 for a warp that saw none of the
+  // row's keys), total = sum_w factor_w * l_w, and warp w sums factor_w' * O_w' over w' for its quarter of the
+  // columns (into acc[rt][0, kOutputDTiles)).
+  PK_DEVICE void finish(float (&inv)[kRows], float (&lse)[kRows]) {
+    if constexpr (!kKeysAcrossWarps) {
+      Softmax::finish(inv, lse);
+    } else {
+      float* partial = reinterpret_cast<float*>(q_tile);  // [kWarps][kBlockM][kMergePitch], over the ring
+      float* stats = partial + kWarps * kBlockM * kMergePitch;  // [kWarps][kBlockM][max, sum]
+      auto at = [&](int w, int row) { return partial + (w * kBlockM + row) * kMergePitch; };
+      sync_threads();  // every warp is done with the ring (its last P.V read a V tile there)
+      PK_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        float sum = this->row_sum[i];
+        sum += shfl_xor(sum, 1);
+        sum += shfl_xor(sum, 2);
+        if (lane % 4 == 0) {
+          stats[(warp * kBlockM + row_of(i)) * 2] = this->row_max[i];
+          stats[(warp * kBlockM + row_of(i)) * 2 + 1] = sum;
+        }
+      }
+      PK_UNROLL
+      for (int rt = 0; rt < kRowTiles; ++rt)
+        PK_UNROLL
+        for (int h = 0; h < 2; ++h)
+          PK_UNROLL
+          for (int d = 0; d < kDTiles; ++d) {
+            float* out = at(warp, row_of(2 * rt + h)) + d * 8 + (lane % 4) * 2;
+            out[0] = acc[rt][d][2 * h];
+            out[1] = acc[rt][d][2 * h + 1];
+          }
+      sync_threads();
+      float factor[kRows][kWarps];
+      PK_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const int row = row_of(i);
+        float m = -INFINITY;
+        PK_UNROLL
+        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, stats[(w * kBlockM + row) * 2]);
+        const float m_use = m == -INFINITY ? 0.f : m;  // exp2(-inf - -inf) would be NaN
+        float total = 0.f;
+        PK_UNROLL
+        for (int w = 0; w < kWarps; ++w) {
+          factor[i][w] = fast_exp2(stats[(w * kBlockM + row) * 2] - m_use);
+          total += factor[i][w] * stats[(w * kBlockM + row) * 2 + 1];
+        }
+        const bool seen = total > 0.f;
+        inv[i] = seen ? 1.f / total : 0.f;
+        lse[i] = seen ? (m + fast_log2(total)) * kLn2 : -INFINITY;
+      }
+      PK_UNROLL
+      for (int rt = 0; rt < kRowTiles; ++rt)
+        PK_UNROLL
+        for (int h = 0; h < 2; ++h)
+          PK_UNROLL
+          for (int d = 0; d < kOutputDTiles; ++d)
+            PK_UNROLL
+            for (int j = 0; j < 2; ++j) {
+              const int col = (warp * kOutputDTiles + d) * 8 + (lane % 4) * 2 + j;
+              float x = 0.f;
+              PK_UNROLL
+              for (int w = 0; w < kWarps; ++w) x += factor[2 * rt + h][w] * at(w, row_of(2 * rt + h))[col];
+              acc[rt][d][2 * h + j] = x;
+            }
+    }
+  }
+
+  // store(i, column, value0, value1): this lane's two adjacent output columns of its row i (with kKeysAcrossWarps,
+  // in the warp's quarter of the columns).
+  template <class Store>
+  PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store) const {
+    PK_UNROLL
+    for (int rt = 0; rt < kRowTiles; ++rt)
+      PK_UNROLL
+      for (int h = 0; h < 2; ++h)
+        PK_UNROLL
+        for (int d = 0; d < kOutputDTiles; ++d)
+          store(2 * rt + h, ((kKeysAcrossWarps ? warp * kOutputDTiles : 0) + d) * 8 + (lane % 4) * 2,
+                acc[rt][d][2 * h] * inv[2 * rt + h], acc[rt][d][2 * h + 1] * inv[2 * rt + h]);
+  }
 };
 
 // prefix_index / prefix_lens entries are int32 or int64.

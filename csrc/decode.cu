@@ -39,6 +39,18 @@ constexpr int kMergeRowsPerBlock = 4;  // one warp per row
 #endif
 template <typename T, int D, int kStages>
 using DecodeAttention = BlockAttention<T, D, 1, 64, kStages>;
+// The own programs of a sequence with G * S <= 16 rows (every one-query decode with G <= 16): 16-row blocks whose 4
+// warps split each tile's keys (BlockAttention's kKeysAcrossWarps). In 64-row blocks only the first warp would have
+// rows, and would run each tile's whole chain alone (~890 instructions in the SASS) while the other three only
+// load. $PK_CUDA_DECODE_OWN chooses (decode_own_layout).
+template <typename T, int D, int kStages>
+using OwnKeysAttention = BlockAttention<T, D, 1, 64, kStages, true>;
+constexpr int kKeysAcrossWarpsMaxRows = OwnKeysAttention<__half, 64, 1>::kBlockM;
+// The partials kernel's dynamic shared memory: its programs' largest.
+template <typename T, int D, int kStages>
+constexpr size_t partials_shared_bytes() {
+  return std::max(DecodeAttention<T, D, kStages>::kSharedBytes, OwnKeysAttention<T, D, kStages>::kSharedBytes);
+}
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 // The wgmma prefix programs: the shipped Hopper forward's loop (FA3's overlap over a ring of 3 tile pairs, fed by
@@ -49,7 +61,7 @@ template <typename T, int D>
 using HopperPrefixAttention = HopperAttention<T, D, kHopperBlockN, 3, true, false, false>;
 
 template <int D, class Attention>
-PK_DEVICE void store_partial(const DecodeParams& d, const Attention& attention, int slot,
+PK_DEVICE void store_partial(const DecodeParams& d, Attention& attention, int slot,
                              const int64_t (&row)[Attention::kRows]) {
   float inv[Attention::kRows], lse[Attention::kRows];
   attention.finish(inv, lse);
@@ -61,7 +73,7 @@ PK_DEVICE void store_partial(const DecodeParams& d, const Attention& attention, 
       out[1] = x1;
     }
   });
-  if (attention.lane % 4 == 0) {
+  if (attention.writes_lse()) {
     PK_UNROLL
     for (int h = 0; h < Attention::kRows; ++h)
       if (row[h] >= 0) d.work_lse[base + row[h]] = lse[h];
@@ -125,8 +137,10 @@ PK_DEVICE void prefix_program(const DecodeParams& d, int pid) {
   store_partial<D>(d, attention, split, row);
 }
 
-template <typename T, int D, int kStages>
+// `Attention` is DecodeAttention (64 rows, split across the warps) or OwnKeysAttention (16 rows, the keys split).
+template <typename T, int D, class Attention>
 PK_DEVICE void own_program(const DecodeParams& d, int pid) {
+  constexpr int kRowsPerBlock = Attention::kBlockM, kRows = Attention::kRows;
   const AttentionParams& p = d.attention;
   const int bh_count = p.batch * p.heads_kv;
   const int row_block = pid % d.own_row_blocks;
@@ -134,7 +148,7 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   const int split = pid / (d.own_row_blocks * bh_count);
   const int b = bh / p.heads_kv, h = bh % p.heads_kv;
   const int group_rows = p.group * p.seq_q;  // row r = g * S + s of this sequence's KV-head group
-  const int r0 = row_block * kBlockM;
+  const int r0 = row_block * kRowsPerBlock;
   const int offset = p.seq_k - p.seq_q;
 
   const int begin = split * d.own_chunk;
@@ -159,21 +173,20 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
     return q + (r / p.seq_q) * p.q_stride[1] + (r % p.seq_q) * p.q_stride[2];
   };
 
-  DecodeAttention<T, D, kStages> attention(shared_memory());
-  int row_pos[2];
+  Attention attention(shared_memory());
+  int row_pos[kRows];
   PK_UNROLL
-  for (int hh = 0; hh < 2; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
+  for (int hh = 0; hh < kRows; ++hh) row_pos[hh] = offset + (r0 + attention.row_of(hh)) % p.seq_q;
   auto visible = [&](const KeyTile<T>& t, int hh, int key) {
     if (key >= t.end) return false;
     const bool kept = !key_ok || key_ok[key * p.mask_stride[1]] != 0;  // first: one load a key, not a (row, key)
     return kept && (!p.causal || key <= row_pos[hh]);
   };
   attention.load_q_async(q_row, q);
-  // With G * S < 64 (one query per sequence: G rows) only the first warp has rows: the other three only load.
   attention.run(num_tiles, tile, p.scale_log2, visible, group_rows - r0);
-  int64_t row[2];
+  int64_t row[kRows];
   PK_UNROLL
-  for (int hh = 0; hh < 2; ++hh) {
+  for (int hh = 0; hh < kRows; ++hh) {
     const int r = r0 + attention.row_of(hh);
     row[hh] = r < group_rows ? (static_cast<int64_t>(b) * p.heads_q + h * p.group) * p.seq_q + r : -1;
   }
@@ -189,8 +202,10 @@ PK_KERNEL(kThreads) decode_partials_kernel(const DecodeParams d) {
       d.prefix_wgmma ? 0 : d.prefix_row_blocks * d.attention.num_prefixes * d.attention.heads_kv * d.prefix_splits;
   if (pid < prefix_here)
     prefix_program<T, D, DecodeAttention<T, D, kStages>>(d, pid);
+  else if (d.own_keys_across_warps)
+    own_program<T, D, OwnKeysAttention<T, D, kStages>>(d, pid - prefix_here);
   else
-    own_program<T, D, kStages>(d, pid - prefix_here);
+    own_program<T, D, DecodeAttention<T, D, kStages>>(d, pid - prefix_here);
 }
 
 template <typename T, int D>
@@ -248,10 +263,12 @@ void split_keys(int keys, int64_t per_program, int tile, int& splits, int& chunk
 
 }  // namespace
 
-DecodePlan plan_decode(const AttentionParams& p, int sms, DecodePrefixLoop loop) {
+DecodePlan plan_decode(const AttentionParams& p, int sms, DecodePrefixLoop loop, DecodeOwnLayout own) {
   DecodePlan plan{};
   const int packed_rows = p.batch * p.group * p.seq_q;
-  plan.own_row_blocks = ceil_div(p.group * p.seq_q, kBlockM);
+  plan.own_keys_across_warps = own == DecodeOwnLayout::keys ||
+                               (own == DecodeOwnLayout::automatic && p.group * p.seq_q <= kKeysAcrossWarpsMaxRows);
+  plan.own_row_blocks = ceil_div(p.group * p.seq_q, plan.own_keys_across_warps ? kKeysAcrossWarpsMaxRows : kBlockM);
   const int64_t own_programs = static_cast<int64_t>(plan.own_row_blocks) * p.batch * p.heads_kv;
   if (loop == DecodePrefixLoop::wgmma) {
     // Two launches, each balanced on its own. The prefix programs: as many splits as fill one wave of the SMs
@@ -295,6 +312,17 @@ DecodePrefixLoop decode_prefix_loop(Stream stream) {
   return DecodePrefixLoop::wgmma;
 }
 
+// $PK_CUDA_DECODE_OWN (read at each call): the own programs' layout, "auto" (the default: the keys split across the
+// warps where a sequence has at most 16 rows, else 64-row blocks), "rows" (64-row blocks always: the layout before
+// the split, which bench/tune_cuda.py times next to the default) or "keys" (16-row blocks always).
+DecodeOwnLayout decode_own_layout() {
+  const char* choice = std::getenv("PK_CUDA_DECODE_OWN");
+  if (!choice || !*choice || std::strcmp(choice, "auto") == 0) return DecodeOwnLayout::automatic;
+  if (std::strcmp(choice, "rows") == 0) return DecodeOwnLayout::rows;
+  if (std::strcmp(choice, "keys") == 0) return DecodeOwnLayout::keys;
+  throw std::invalid_argument(std::string("PK_CUDA_DECODE_OWN=") + choice + " is not one of auto, rows, keys");
+}
+
 namespace {
 
 // Whether a block using `bytes` of shared memory still shares an SM with a second one (plan_decode sizes the
@@ -309,7 +337,7 @@ bool two_blocks_fit(size_t bytes, const SharedMemoryLimits& limits) {
 // setting of the kernel on each device: made once per device, not on every call of the host-bound small decodes).
 template <typename T, int D, int kStages>
 void launch_partials(const DecodeParams& d, int programs, Stream stream) {
-  constexpr size_t kShared = DecodeAttention<T, D, kStages>::kSharedBytes;
+  constexpr size_t kShared = partials_shared_bytes<T, D, kStages>();
   static std::atomic<int> opted_in[kCachedDevices];
   once_per_device(opted_in, current_device(), [] {
     allow_shared_bytes(decode_partials_kernel<T, D, kStages>, kShared);
@@ -345,9 +373,9 @@ void launch_decode(const DecodeParams& d, Stream stream) {
     if (programs > 0) {
       // The deepest ring that keeps two blocks per SM; one K and one V tile (<= 48 KB) where none does.
       const SharedMemoryLimits limits = shared_memory_limits();
-      if (two_blocks_fit(DecodeAttention<Element, kHeadDim, PK_DECODE_STAGES>::kSharedBytes, limits))
+      if (two_blocks_fit(partials_shared_bytes<Element, kHeadDim, PK_DECODE_STAGES>(), limits))
         launch_partials<Element, kHeadDim, PK_DECODE_STAGES>(d, programs, stream);
-      else if (two_blocks_fit(DecodeAttention<Element, kHeadDim, 2>::kSharedBytes, limits))
+      else if (two_blocks_fit(partials_shared_bytes<Element, kHeadDim, 2>(), limits))
         launch_partials<Element, kHeadDim, 2>(d, programs, stream);
       else
         launch_partials<Element, kHeadDim, 1>(d, programs, stream);

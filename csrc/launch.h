@@ -20,15 +20,21 @@ void launch_forward(const AttentionParams& params, Stream stream);
 enum class DecodePrefixLoop { mma, wgmma };
 DecodePrefixLoop decode_prefix_loop(Stream stream);
 
+// The own programs' layout ($PK_CUDA_DECODE_OWN, read by decode_own_layout): 64-row blocks split by rows across the
+// warps, 16-row blocks whose warps split each tile's keys, or (automatic) the keys where a sequence has <= 16 rows.
+enum class DecodeOwnLayout { automatic, rows, keys };
+DecodeOwnLayout decode_own_layout();
+
 struct DecodePlan {
   int prefix_row_blocks, prefix_splits, prefix_chunk;
   int own_row_blocks, own_splits, own_chunk;
   bool prefix_wgmma;
+  bool own_keys_across_warps;
   int slots() const { return prefix_splits + own_splits; }
 };
 
 // How the decode splits its work (from shapes only, so a CUDA graph can capture it) for a GPU of `sms` SMs.
-DecodePlan plan_decode(const AttentionParams& params, int sms, DecodePrefixLoop loop);
+DecodePlan plan_decode(const AttentionParams& params, int sms, DecodePrefixLoop loop, DecodeOwnLayout own);
 
 // The partials (prefix programs, then own programs, one launch; two with the wgmma prefix programs), then the merge
 // into params.attention.out/lse.

@@ -185,7 +185,8 @@ std::tuple<Tensor, Tensor> decode(const Tensor& q, const Tensor& k, const Tensor
   d.attention = make_params(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale,
                             out, lse);
   if (out.numel() == 0) return {out, lse};
-  const pk::DecodePlan plan = pk::plan_decode(d.attention, sm_count(), pk::decode_prefix_loop(current_stream(q)));
+  const pk::DecodePlan plan = pk::plan_decode(d.attention, sm_count(), pk::decode_prefix_loop(current_stream(q)),
+                                              pk::decode_own_layout());
   d.rows = static_cast<int>(q.size(0) * q.size(1) * q.size(2));
   d.prefix_row_blocks = plan.prefix_row_blocks;
   d.prefix_splits = plan.prefix_splits;
@@ -194,6 +195,7 @@ std::tuple<Tensor, Tensor> decode(const Tensor& q, const Tensor& k, const Tensor
   d.own_splits = plan.own_splits;
   d.own_chunk = plan.own_chunk;
   d.prefix_wgmma = plan.prefix_wgmma;
+  d.own_keys_across_warps = plan.own_keys_across_warps;
   // Sized from shapes only (CUDA-graph safe); every slot of every row is written once by the partials.
   Tensor work_out = at::empty({plan.slots(), d.rows, q.size(3)}, q.options().dtype(at::kFloat));
   Tensor work_lse = at::empty({plan.slots(), d.rows}, q.options().dtype(at::kFloat));

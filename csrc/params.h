@@ -46,6 +46,7 @@ struct DecodeParams {
   int prefix_row_blocks, prefix_splits, prefix_chunk;  // prefix programs: (row block, prefix * Hkv, split)
   int own_row_blocks, own_splits, own_chunk;           // own programs: (row block, sequence * Hkv, split)
   bool prefix_wgmma;  // the prefix programs run in a wgmma launch of their own (128 rows, 128-key tiles)
+  bool own_keys_across_warps;  // own programs: 16-row blocks whose warps split each tile's keys (else 64 rows)
 };
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }

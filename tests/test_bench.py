@@ -359,6 +359,8 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     assert any(seq_q > DECODE_MAX_SEQ_Q for _, seq_q in seen["wgmma-tma"])
     assert all(seq_q <= DECODE_MAX_SEQ_Q for _, seq_q in seen["decode-wgmma"])
     assert any(batch * 3 * seq_q > 64 for batch, seq_q in seen["decode-wgmma"])  # G = 3 in the sweep
+    # both layouts of the decode's own programs: the keys split across the warps (G * S <= 16), 64-row blocks
+    assert {3 * seq_q <= 16 for _, seq_q in seen["decode-wgmma"]} == {True, False}
     monkeypatch.setenv("PK_BROKEN_CUDA_LOOPS", "wgmma decode-wgmma")
     assert module.broken_loops() == {"wgmma", "decode-wgmma"}
 

@@ -320,6 +320,53 @@ def test_decode_loop_choice_is_checked(kernels, monkeypatch):
             _call_op("decode", call)
     elif not (kernels.type == "cuda" and "decode-wgmma" in _broken_loops()):
         _call_op("decode", call)
+    monkeypatch.delenv("PK_CUDA_DECODE")
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", "columns")
+    with pytest.raises(Exception, match="PK_CUDA_DECODE_OWN=columns is not one of auto, rows, keys"):
+        _call_op("decode", call)
+
+
+# The own programs' two layouts (PK_CUDA_DECODE_OWN): by default a sequence of at most 16 rows (G * S) takes one
+# 16-row block whose 4 warps split each tile's keys, a larger one 64-row blocks split by rows; "rows" and "keys"
+# force one. Each forced layout runs the decode cases the default gives the other one, and "keys" also a sequence
+# of 40 rows (3 blocks of 16, the last partly empty) with a padding mask.
+OWN_LAYOUT_CASES = (
+    [("rows", c) for c in DECODE_CASES if c.heads_q // c.heads_kv * c.seq_q <= 16] +
+    [("keys", c) for c in DECODE_CASES if c.heads_q // c.heads_kv * c.seq_q > 16] +
+    [("keys", Case(batch=3, heads_q=8, heads_kv=2, seq_q=10, seq_k=150, prefix_len=30, head_dim=128,
+                   padding="random"))])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,case", OWN_LAYOUT_CASES, ids=lambda x: x.id if isinstance(x, Case) else x)
+def test_decode_own_layouts_match_reference(kernels, layout, case, dtype, monkeypatch):
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", layout)
+    _check_op("decode", case, dtype, kernels)
+
+
+@pytest.mark.skipif(HAS_CUDA or unavailable_reason() is not None,
+                    reason="the emulated build's decode_plan op (no GPU here, and a host compiler with CUDA headers)")
+def test_decode_own_layout_choice(monkeypatch):
+    """Which layout the plan gives the own programs, and how many row blocks (results alone cannot tell: both
+    layouts are right)."""
+    ops = emulated_kernels()
+
+    def layout(heads_q, heads_kv, seq_q):  # (own row blocks, keys split across the warps)
+        own_row_blocks, keys_across_warps, *_ = ops.decode_plan(8, heads_q, heads_kv, seq_q, 300, 100, 132)
+        return own_row_blocks, bool(keys_across_warps)
+
+    monkeypatch.delenv("PK_CUDA_DECODE_OWN", raising=False)
+    assert layout(32, 32, 1) == (1, True)     # one query, G = 1 (ANCHORS' 32/32 shapes)
+    assert layout(32, 8, 1) == (1, True)      # G = 4 (32/8)
+    assert layout(32, 2, 1) == (1, True)      # G * S = 16: still one block of 16
+    assert layout(6, 2, 6) == (1, False)      # 18 rows: one 64-row block
+    assert layout(6, 2, 30) == (2, False)     # 90 rows: two
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", "auto")
+    assert layout(32, 8, 1) == (1, True)
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", "rows")
+    assert layout(32, 8, 1) == (1, False)
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", "keys")
+    assert layout(6, 2, 17) == (4, True)      # 51 rows: four blocks of 16
 
 
 def _split_options(inputs):

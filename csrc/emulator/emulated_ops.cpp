@@ -18,8 +18,30 @@ std::vector<int64_t> shared_memory_stats(bool reset) {
           static_cast<int64_t>(stats.largest_launch_bytes)};
 }
 
+// The decode's plan (pk::plan_decode, with the mma prefix loop and the own layout $PK_CUDA_DECODE_OWN asks for) for
+// one prefix and these sizes on `sms` SMs: [own_row_blocks, own_keys_across_warps, own_splits, prefix_row_blocks,
+// prefix_splits]. For the tests of the plan's choices, which the kernels' results cannot show.
+std::vector<int64_t> decode_plan(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seq_q, int64_t seq_k,
+                                 int64_t prefix_len, int64_t sms) {
+  pk::AttentionParams p{};
+  p.batch = static_cast<int>(batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.seq_q = static_cast<int>(seq_q);
+  p.seq_k = static_cast<int>(seq_k);
+  p.num_prefixes = 1;
+  p.prefix_len = static_cast<int>(prefix_len);
+  const pk::DecodePlan plan =
+      pk::plan_decode(p, static_cast<int>(sms), pk::DecodePrefixLoop::mma, pk::decode_own_layout());
+  return {plan.own_row_blocks, plan.own_keys_across_warps, plan.own_splits, plan.prefix_row_blocks,
+          plan.prefix_splits};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(PK_OPS_NAMESPACE, m) {
   m.def("shared_memory_stats(bool reset) -> int[]", &shared_memory_stats);
+  m.def("decode_plan(int batch, int heads_q, int heads_kv, int seq_q, int seq_k, int prefix_len, int sms) -> int[]",
+        &decode_plan);
 }
