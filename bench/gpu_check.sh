@@ -20,7 +20,8 @@
 #                    PK_DECODE_STAGES; the first default variant is the shipped build), each built in its own copy of
 #                    the tree (in the background, while the tests run), next to Triton;
 #                    on an sm_90 card each forward also with its wgmma loops (cp.async and TMA feeds) and each
-#                    decode with its wgmma prefix programs (bench/tune_cuda.py: tune_cuda.json,
+#                    decode with its wgmma prefix programs; every decode also with its own programs in 64-row
+#                    blocks, PK_CUDA_DECODE_OWN=rows (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
 #   --profile-cuda   last, ncu on the forward at B=8 S=2048 P=128 (the CUDA default loop and the Triton kernel) and
 #                    on the wgmma decode's three kernels (prefix, own partials, merge) at B=256 P=16384: occupancy,

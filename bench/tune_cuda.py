@@ -7,8 +7,9 @@ JSON line per shape to --json. The label names the build. Each forward variant i
 reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
 also timed with its wgmma loops (PK_CUDA_FORWARD=wgmma, "cuda-wgmma", fed by cp.async, and wgmma-tma,
 "cuda-wgmma-tma", fed by a TMA producer warpgroup), and the decode with its wgmma prefix programs
-(PK_CUDA_DECODE=wgmma, "cuda-wgmma"), last and in rows of their own. Used to pick csrc's defaults; not a pass/fail
-test.
+(PK_CUDA_DECODE=wgmma, "cuda-wgmma"), last and in rows of their own. The decode is also timed with its own programs
+in 64-row blocks ("cuda-own-rows", PK_CUDA_DECODE_OWN=rows: the layout before the keys were split across the
+warps). Used to pick csrc's defaults; not a pass/fail test.
 """
 from __future__ import annotations
 
