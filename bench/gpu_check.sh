@@ -41,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # (an inherited loop choice would run everywhere, a broken one too)
-unset TRITON_INTERPRET PK_CUDA_FORWARD PK_CUDA_DECODE
+unset TRITON_INTERPRET PK_CUDA_FORWARD PK_CUDA_DECODE PK_CUDA_DECODE_OWN
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 out="${OUT:-$PWD/bench/results/$card}"; mkdir -p "$out"   # $OUT: the device tool's folder that comes back
 # Pass PREFIX_KERNELS_COMMIT from the checkout: on the device machine git reported the session's first commit

@@ -44,6 +44,7 @@ def select_loop(loop):
     mma.sync), any other name the forward's loop (the decode on mma.sync)."""
     decode = loop.removeprefix("decode-") if loop.startswith("decode-") else "mma"
     os.environ["PK_CUDA_DECODE"] = decode
+    os.environ["PK_CUDA_DECODE_OWN"] = "auto"  # (an inherited layout would leave one of the two uncovered)
     os.environ["PK_CUDA_FORWARD"] = "mma" if loop.startswith("decode-") else loop
 
 
@@ -56,8 +57,9 @@ def sweep(loops):
 def _shapes(loop):
     """(loop, dtype, head dim, batch, S, L, P, prefixes): forward shapes (S > 16) and decode shapes (the public op
     sends S <= 16 without grad to the decode); a decode-* loop runs the decode shapes only, one of them with a batch
-    of 30 (90 packed rows: both warpgroups of a 128-row block busy). Decode shapes of up to 16 rows per sequence
-    (G * S, G = 3 here) take the own programs whose warps split the keys, S = 9 the 64-row ones."""
+    of 30 (90 packed rows: both warpgroups of a 128-row block busy). The decode shapes with own keys (L > 0) of up to
+    16 rows per sequence (G * S, G = 3 here: S = 3 and 1) take the own programs whose warps split the keys, S = 9 the
+    64-row ones."""
     shapes = [(3, 70, 75, 45, 1), (3, 150, 300, 200, 1), (3, 3, 140, 19, 2), (3, 9, 140, 19, 1), (3, 1, 0, 130, 1)]
     if loop.startswith("decode-"):
         shapes = [shape for shape in shapes if shape[1] <= 16] + [(30, 1, 20, 700, 1)]

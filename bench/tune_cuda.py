@@ -38,7 +38,7 @@ def main(argv=None):
         raise SystemExit(f"{args.label}: {prefix_kernels.cuda.UNAVAILABLE_REASON}")
     time_forward(args, [("cuda", "cuda", "mma"), ("triton", "triton", "mma")])
     # (the own programs' layout before the keys were split across the warps, next to the default)
-    time_decode(args, [("cuda", "cuda", {"PK_CUDA_DECODE": "mma"}),
+    time_decode(args, [("cuda", "cuda", {"PK_CUDA_DECODE": "mma", "PK_CUDA_DECODE_OWN": "auto"}),
                        ("cuda-own-rows", "cuda", {"PK_CUDA_DECODE": "mma", "PK_CUDA_DECODE_OWN": "rows"}),
                        ("triton", "triton", {})])
     if torch.cuda.get_device_capability() == (9, 0):
@@ -50,7 +50,7 @@ def main(argv=None):
         if loops:
             time_forward(args, loops)
         if "decode-wgmma" not in broken:
-            time_decode(args, [("cuda-wgmma", "cuda", {"PK_CUDA_DECODE": "wgmma"})])
+            time_decode(args, [("cuda-wgmma", "cuda", {"PK_CUDA_DECODE": "wgmma", "PK_CUDA_DECODE_OWN": "auto"})])
 
 
 def time_forward(args, variants):

@@ -1,5 +1,6 @@
 // The block-level attention loop shared by every CUDA kernel: 4 warps, each owning kRowTiles 16-row tiles of
-// queries, against a sequence of kKeys-key tiles, FlashAttention-2 style. Scores and P.V on sm_80 tensor cores
+// queries (or, kKeysAcrossWarps, sharing them and splitting each tile's keys: see BlockAttention), against a
+// sequence of kKeys-key tiles, FlashAttention-2 style. Scores and P.V on sm_80 tensor cores
 // (mma.sync m16n8k16, fp32 accumulate), online softmax in base 2, K and V tiles streamed through shared memory with
 // cp.async so that each tile's V load overlaps its QK^T and the next K load overlaps the softmax and P.V.
 //
@@ -254,7 +255,7 @@ struct OnlineSoftmax {
 // decode's own programs, G * S rows of one sequence): split by rows, three of the four warps would have none and
 // one warp would run every tile's whole chain alone. Replaces OnlineSoftmax's row_of, finish and
 // for_each_output (after finish, warp w holds the output columns [w, w + 1) * D / 4), and says which lanes write
-// the LSE (writes_lse).
+// the LSE (writes_lse): hidden, not virtual, so callers use this class's (OnlineSoftmax's row_of would be wrong).
 template <typename T, int D, int kRowTiles, int kKeys = 64, int kStages = 1, bool kKeysAcrossWarps = false>
 struct BlockAttention : OnlineSoftmax<T, kRowTiles, (kKeysAcrossWarps ? kKeys / kWarps : kKeys) / 8, D / 8> {
   static_assert(kStages >= 1, "at least one stage");

@@ -26,7 +26,8 @@ constexpr int kProgramsPerSm = 2;    // enough programs to fill the GPU twice ov
 constexpr int kMinSplitTiles = 2;    // no split shorter than this many tiles: each split costs an fp32 partial
 constexpr int kMaxSplits = 32;
 constexpr int kMergeRowsPerBlock = 4;  // one warp per row
-// 64 rows per block (decode has few rows per (sequence, KV head)), 64-key tiles.
+// Prefix programs (and own programs of more than 16 rows): 64 rows per block; own programs of at most 16 rows:
+// 16-row blocks (OwnKeysAttention below). 64-key tiles.
 // A ring of PK_DECODE_STAGES (K, V) tile pairs (BlockAttention's kStages): the own keys and a long prefix at few
 // rows are memory-bound streams, and with one K and one V tile per block (1 stage) an SM of two blocks had at
 // most ~64 KB in flight (the H200 ran this decode at 51-53% of the copy floor where the Triton decode, 3 stages,
@@ -159,7 +160,7 @@ PK_DEVICE void own_program(const DecodeParams& d, int pid) {
   const uint8_t* key_ok = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride[0] : nullptr;
   // A tile every row sees whole skips the masking: full, no padding mask, and (causal) no key past the first
   // query's position `offset` (every row's position is offset + s >= offset). With one query per sequence that is
-  // every tile but the last; the masked path cost ~5 instructions a score of the one warp that has rows.
+  // every tile but the last; the masked path costs ~5 instructions a score (~170 a warp's tile in the keys layout).
   auto tile = [&](int t) {
     const int key0 = begin + t * kBlockN;
     const bool needs_mask = key0 + kBlockN > end || key_ok != nullptr || (p.causal && key0 + kBlockN - 1 > offset);

@@ -351,9 +351,11 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     spec.loader.exec_module(module)
     for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):  # (what sweep() sets, conftest.py undoes after the test)
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PK_CUDA_DECODE_OWN", "rows")  # inherited: the sweep must put the default layout back
     seen = {}
     for loop, *_, batch, seq_q, seq_k, prefix_len, prefixes in module.sweep(["wgmma-tma", "decode-wgmma"]):
         seen.setdefault(loop, []).append((batch, seq_q))
+        assert os.environ["PK_CUDA_DECODE_OWN"] == "auto"
         assert (os.environ["PK_CUDA_FORWARD"], os.environ["PK_CUDA_DECODE"]) == \
             (("mma", "wgmma") if loop == "decode-wgmma" else ("wgmma-tma", "mma"))
     assert any(seq_q > DECODE_MAX_SEQ_Q for _, seq_q in seen["wgmma-tma"])

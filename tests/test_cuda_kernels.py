@@ -71,7 +71,7 @@ DECODE_CASES = [
          prefix_lens=(37, 5), padding="left"),                                              # two prefixes
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
          prefix_lens=(0, 8), padding="empty-row"),                                          # rows see nothing
-    Case(batch=9, heads_q=8, heads_kv=2, seq_q=2, seq_k=140, prefix_len=19, head_dim=64),   # 2 row blocks, own splits
+    Case(batch=9, heads_q=8, heads_kv=2, seq_q=2, seq_k=140, prefix_len=19, head_dim=64),   # 2 prefix row blocks
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
          padding="random", q_layout="bhsd"),                                                # L < S
     # A speculative width of 17 whose causal limit falls inside full own tiles (L a multiple of 64, no padding):
@@ -329,12 +329,15 @@ def test_decode_loop_choice_is_checked(kernels, monkeypatch):
 # The own programs' two layouts (PK_CUDA_DECODE_OWN): by default a sequence of at most 16 rows (G * S) takes one
 # 16-row block whose 4 warps split each tile's keys, a larger one 64-row blocks split by rows; "rows" and "keys"
 # force one. Each forced layout runs the decode cases the default gives the other one, and "keys" also a sequence
-# of 40 rows (3 blocks of 16, the last partly empty) with a padding mask.
+# of 40 rows (3 blocks of 16, the last partly empty) with a padding mask. The last two split the own keys (the
+# emulator's 2 SMs give every other case one own split): 4 splits by default, 3 row blocks x 2 splits with "keys".
 OWN_LAYOUT_CASES = (
     [("rows", c) for c in DECODE_CASES if c.heads_q // c.heads_kv * c.seq_q <= 16] +
     [("keys", c) for c in DECODE_CASES if c.heads_q // c.heads_kv * c.seq_q > 16] +
     [("keys", Case(batch=3, heads_q=8, heads_kv=2, seq_q=10, seq_k=150, prefix_len=30, head_dim=128,
-                   padding="random"))])
+                   padding="random")),
+     ("auto", Case(batch=1, heads_q=4, heads_kv=1, seq_q=1, seq_k=600, prefix_len=0, head_dim=64, padding="random")),
+     ("keys", Case(batch=1, heads_q=4, heads_kv=1, seq_q=10, seq_k=600, prefix_len=0, head_dim=128, padding="left"))])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
