@@ -233,16 +233,17 @@ struct OnlineSoftmax {
     }
   }
 
-  // store(i, column, value0, value1): this lane's two adjacent output columns of its row i.
-  template <class Store>
-  PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store) const {
+  // store(i, column, value0, value1): this lane's two adjacent output columns of its row i. acc[.][d] holds the
+  // 8-column tile first_tile + d, for d < kCount (BlockAttention's kKeysAcrossWarps leaves each warp a quarter).
+  template <int kCount = kDTiles, class Store>
+  PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store, int first_tile = 0) const {
     PK_UNROLL
     for (int rt = 0; rt < kRowTiles; ++rt)
       PK_UNROLL
       for (int h = 0; h < 2; ++h)
         PK_UNROLL
-        for (int d = 0; d < kDTiles; ++d)
-          store(2 * rt + h, d * 8 + (lane % 4) * 2, acc[rt][d][2 * h] * inv[2 * rt + h],
+        for (int d = 0; d < kCount; ++d)
+          store(2 * rt + h, (first_tile + d) * 8 + (lane % 4) * 2, acc[rt][d][2 * h] * inv[2 * rt + h],
                 acc[rt][d][2 * h + 1] * inv[2 * rt + h]);
   }
 };
@@ -557,14 +558,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, (kKeysAcrossWarps ? kKeys / 
   // in the warp's quarter of the columns).
   template <class Store>
   PK_DEVICE void for_each_output(const float (&inv)[kRows], Store store) const {
-    PK_UNROLL
-    for (int rt = 0; rt < kRowTiles; ++rt)
-      PK_UNROLL
-      for (int h = 0; h < 2; ++h)
-        PK_UNROLL
-        for (int d = 0; d < kOutputDTiles; ++d)
-          store(2 * rt + h, ((kKeysAcrossWarps ? warp * kOutputDTiles : 0) + d) * 8 + (lane % 4) * 2,
-                acc[rt][d][2 * h] * inv[2 * rt + h], acc[rt][d][2 * h + 1] * inv[2 * rt + h]);
+    Softmax::template for_each_output<kOutputDTiles>(inv, store, kKeysAcrossWarps ? warp * kOutputDTiles : 0);
   }
 };
 
