@@ -223,14 +223,23 @@ struct OnlineSoftmax {
   // is then zeros, never NaN).
   PK_DEVICE void finish(float (&inv)[kRows], float (&lse)[kRows]) const {
     PK_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      float sum = row_sum[i];
-      sum += shfl_xor(sum, 1);
-      sum += shfl_xor(sum, 2);
-      const bool seen = sum > 0.f;
-      inv[i] = seen ? 1.f / sum : 0.f;
-      lse[i] = seen ? (row_max[i] + fast_log2(sum)) * kLn2 : -INFINITY;
-    }
+    for (int i = 0; i < kRows; ++i) normalization(row_max[i], row_total(i), inv[i], lse[i]);
+  }
+
+  // Row i's sum of exp2 over all its columns (each lane of the quad holds its own columns' share).
+  PK_DEVICE float row_total(int i) const {
+    float sum = row_sum[i];
+    sum += shfl_xor(sum, 1);
+    sum += shfl_xor(sum, 2);
+    return sum;
+  }
+
+  // 1 / sum and the natural-log LSE of a row whose base-2 maximum is `max` and sum of exp2 `sum`; 0 and -inf for a
+  // row that saw nothing.
+  static PK_DEVICE void normalization(float max, float sum, float& inv, float& lse) {
+    const bool seen = sum > 0.f;
+    inv = seen ? 1.f / sum : 0.f;
+    lse = seen ? (max + fast_log2(sum)) * kLn2 : -INFINITY;
   }
 
   // store(i, column, value0, value1): this lane's two adjacent output columns of its row i. acc[.][d] holds the
@@ -498,26 +507,21 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, (kKeysAcrossWarps ? kKeys / 
       float* stats = partial + kWarps * kBlockM * kMergePitch;  // [kWarps][kBlockM][max, sum]
       auto at = [&](int w, int row) { return partial + (w * kBlockM + row) * kMergePitch; };
       sync_threads();  // every warp is done with the ring (its last P.V read a V tile there)
+      float ones[kRows];
       PK_UNROLL
       for (int i = 0; i < kRows; ++i) {
-        float sum = this->row_sum[i];
-        sum += shfl_xor(sum, 1);
-        sum += shfl_xor(sum, 2);
+        const float sum = this->row_total(i);
         if (lane % 4 == 0) {
           stats[(warp * kBlockM + row_of(i)) * 2] = this->row_max[i];
           stats[(warp * kBlockM + row_of(i)) * 2 + 1] = sum;
         }
+        ones[i] = 1.f;
       }
-      PK_UNROLL
-      for (int rt = 0; rt < kRowTiles; ++rt)
-        PK_UNROLL
-        for (int h = 0; h < 2; ++h)
-          PK_UNROLL
-          for (int d = 0; d < kDTiles; ++d) {
-            float* out = at(warp, row_of(2 * rt + h)) + d * 8 + (lane % 4) * 2;
-            out[0] = acc[rt][d][2 * h];
-            out[1] = acc[rt][d][2 * h + 1];
-          }
+      Softmax::for_each_output(ones, [&](int i, int col, float x0, float x1) {  // every column, unnormalized
+        float* out = at(warp, row_of(i)) + col;
+        out[0] = x0;
+        out[1] = x1;
+      });
       sync_threads();
       float factor[kRows][kWarps];
       PK_UNROLL
@@ -533,9 +537,7 @@ struct BlockAttention : OnlineSoftmax<T, kRowTiles, (kKeysAcrossWarps ? kKeys / 
           factor[i][w] = fast_exp2(stats[(w * kBlockM + row) * 2] - m_use);
           total += factor[i][w] * stats[(w * kBlockM + row) * 2 + 1];
         }
-        const bool seen = total > 0.f;
-        inv[i] = seen ? 1.f / total : 0.f;
-        lse[i] = seen ? (m + fast_log2(total)) * kLn2 : -INFINITY;
+        Softmax::normalization(m, total, inv[i], lse[i]);
       }
       PK_UNROLL
       for (int rt = 0; rt < kRowTiles; ++rt)
