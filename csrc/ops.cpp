@@ -53,6 +53,19 @@ void check_index(const char* name, const c10::optional<Tensor>& t, int64_t lengt
   TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
 }
 
+// The sizes of a call (the group G = Hq / Hkv derived), as make_params and the emulated build's decode_plan set them.
+void set_sizes(pk::AttentionParams& p, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seq_q, int64_t seq_k,
+               int64_t num_prefixes, int64_t prefix_len) {
+  p.batch = static_cast<int>(batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.seq_q = static_cast<int>(seq_q);
+  p.seq_k = static_cast<int>(seq_k);
+  p.num_prefixes = static_cast<int>(num_prefixes);
+  p.prefix_len = static_cast<int>(prefix_len);
+}
+
 pk::AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
                                 const Tensor& prefix_v, const c10::optional<Tensor>& key_padding_mask,
                                 const c10::optional<Tensor>& prefix_index, const c10::optional<Tensor>& prefix_lens,
@@ -116,14 +129,7 @@ pk::AttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& 
   p.prefix_lens_int32 = prefix_lens && prefix_lens->scalar_type() == at::kInt;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.batch = static_cast<int>(batch);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.group = static_cast<int>(heads_q / heads_kv);
-  p.seq_q = static_cast<int>(seq_q);
-  p.seq_k = static_cast<int>(seq_k);
-  p.num_prefixes = static_cast<int>(num_prefixes);
-  p.prefix_len = static_cast<int>(prefix_len);
+  set_sizes(p, batch, heads_q, heads_kv, seq_q, seq_k, num_prefixes, prefix_len);
   p.head_dim = static_cast<int>(head_dim);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   p.scale_log2 = scale_log2;

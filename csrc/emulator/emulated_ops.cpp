@@ -24,14 +24,7 @@ std::vector<int64_t> shared_memory_stats(bool reset) {
 std::vector<int64_t> decode_plan(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seq_q, int64_t seq_k,
                                  int64_t prefix_len, int64_t sms) {
   pk::AttentionParams p{};
-  p.batch = static_cast<int>(batch);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.group = static_cast<int>(heads_q / heads_kv);
-  p.seq_q = static_cast<int>(seq_q);
-  p.seq_k = static_cast<int>(seq_k);
-  p.num_prefixes = 1;
-  p.prefix_len = static_cast<int>(prefix_len);
+  set_sizes(p, batch, heads_q, heads_kv, seq_q, seq_k, 1, prefix_len);  // (ops.cpp: the same translation unit)
   const pk::DecodePlan plan =
       pk::plan_decode(p, static_cast<int>(sms), pk::DecodePrefixLoop::mma, pk::decode_own_layout());
   return {plan.own_row_blocks, plan.own_keys_across_warps, plan.own_splits, plan.prefix_row_blocks,
