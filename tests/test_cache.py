@@ -122,6 +122,29 @@ def test_sampling_equals_stock_on_the_padded_batch():
     assert torch.equal(out[:, ids.shape[1]:], stock[:, full_ids.shape[1]:])
 
 
+@pytest.mark.parametrize("options", [dict(num_beams=3, num_return_sequences=2),
+                                     dict(do_sample=True, top_k=0, num_return_sequences=2)],
+                         ids=["beams", "sampled-copies"])
+def test_expanded_batch_equals_stock_on_the_padded_batch(options):
+    """Beam search and num_return_sequences repeat and reorder the batch's rows: generate() does it to the cache's
+    own part (DynamicCache's row operations) while the shared prompt stays one copy for every row."""
+    model = tiny_model("llama")
+    prompt, suffixes = random_inputs()
+    full_ids, full_mask = left_padded([torch.cat([prompt, s]) for s in suffixes])
+    torch.manual_seed(99)
+    stock = generate(model, full_ids, full_mask, **options)
+
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    ids, mask = left_padded(suffixes)
+    torch.manual_seed(99)
+    out = generate(model, ids, mask, past_key_values=cache, **options)
+    assert out.shape == (2 * len(SUFFIXES), ids.shape[1] + NEW)
+    assert torch.equal(out[:, ids.shape[1]:], stock[:, full_ids.shape[1]:])
+    assert [tuple(k.shape) for k in cache.prefix_k] == [(2, PROMPT, 32)] * 2   # still one copy of the prompt
+    if "num_beams" in options:  # the beams' rows really differ (a reorder that did nothing would show here)
+        assert cache.layers[0].keys.shape[0] == 3 * len(SUFFIXES)
+
+
 def test_unpadded_batch_and_single_row():
     model = tiny_model("qwen2")
     prompt = torch.randint(2, VOCAB, (PROMPT,))
