@@ -23,13 +23,16 @@
 #                    decode with its wgmma prefix programs; every decode also with its own programs in 64-row
 #                    blocks, PK_CUDA_DECODE_OWN=rows (bench/tune_cuda.py: tune_cuda.json,
 #                    log.txt lines)
-#   --profile-cuda   last, ncu on the forward at B=8 S=2048 P=128 (the CUDA default loop and the Triton kernel) and
-#                    on the wgmma decode's three kernels (prefix, own partials, merge) at B=256 P=16384: occupancy,
-#                    the pipes, and the warps' stall reasons per issued instruction (ncu.txt; summary lines in the
-#                    output)
+#   --profile-cuda   last, ncu on the forward at B=8 S=2048 P=128 (the CUDA wgmma loop with each feed, cp.async and
+#                    TMA, and the Triton kernel) and on the wgmma decode's three kernels (prefix, own partials,
+#                    merge) at B=256 P=16384: occupancy, the pipes, and the warps' stall reasons per issued
+#                    instruction (ncu.txt; summary lines in the output); then both CUDA forward loops' stalls per
+#                    SASS instruction (ncu's source page: the CSVs in ncu_source.tar.gz, a summary of each by
+#                    bench/ncu_source_summary.py in ncu.txt), for CPU sessions to read against their own SASS
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
-# --tune-backward three (tune_backward.json, tuned/anchors.{json,md}), --profile-cuda one (ncu.txt); all their lines
+# --tune-backward three (tune_backward.json, tuned/anchors.{json,md}), --profile-cuda two (ncu.txt,
+# ncu_source.tar.gz); all their lines
 # go to log.txt. So: two of
 # the three with the default run, and all three with --tune-backward as --no-bench --no-sanitize; add files only
 # by merging others.
@@ -234,20 +237,41 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
 fi
 
 if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
-  echo "== ncu: the forward (CUDA's default loop, Triton) and the wgmma decode's kernels (ncu.txt)"
+  echo "== ncu: the forward (CUDA's wgmma loop with each feed, Triton) and the wgmma decode's kernels (ncu.txt)"
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
-  rm -f "$out/ncu.txt"
+  rm -rf "$out/ncu.txt" "$out/ncu_source.tar.gz" /tmp/ncu_source && mkdir -p /tmp/ncu_source
   [ -n "$ncu" ] || echo "no ncu found" > "$out/ncu.txt"
-  [ -n "$ncu" ] && for run in "forward cuda forward_kernel -B 8 -S 2048 -P 128" "forward triton _prefix_attention_fwd -B 8 -S 2048 -P 128" \
-             "decode cuda decode -B 256 -P 16384 -L 128 --heads 32/8"; do
-    read -r op backend kernel shape <<< "$run"
-    { echo "==== $op $backend ($kernel) $shape"
-      PK_CUDA_DECODE=$([ "$op" = decode ] && echo wgmma) timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none \
-        -k "regex:$kernel" -c "$([ "$op" = decode ] && echo 3 || echo 1)" --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+  forward="--op forward -B 8 -S 2048 -P 128"
+  # label | Hopper loop (its smoke name; "-" for none) | loop choice (env) | kernel regex | launches | arguments
+  # (a loop that hung or crashed in its smoke run is left out: under ncu it would only hang again)
+  [ -n "$ncu" ] && while IFS='|' read -r label loop env kernel count args; do
+    case " $PK_BROKEN_CUDA_LOOPS " in *" $loop "*) echo "==== $label: skipped (broken in its smoke run)"; continue ;; esac
+    { echo "==== $label ($kernel) $args"
+      env $env timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none -k "regex:$kernel" -c "$count" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-        python3 bench/profile_case.py --op "$op" --backend "$backend" $shape 2>&1; } >> "$out/ncu.txt"
+        python3 bench/profile_case.py $args 2>&1; } >> "$out/ncu.txt"
+  done <<RUNS
+forward cuda wgmma|wgmma|PK_CUDA_FORWARD=wgmma|forward_kernel|1|$forward --backend cuda
+forward cuda wgmma-tma|wgmma-tma|PK_CUDA_FORWARD=wgmma-tma|forward_kernel|1|$forward --backend cuda
+forward triton|-|PK_CUDA_FORWARD=|_prefix_attention_fwd|1|$forward --backend triton
+decode cuda wgmma|decode-wgmma|PK_CUDA_DECODE=wgmma|decode|3|--op decode --backend cuda -B 256 -P 16384 -L 128 --heads 32/8
+RUNS
+  # Where each forward loop's warps stall, per SASS instruction (the source page; CPU sessions have no ncu): the
+  # CSVs in ncu_source.tar.gz, a summary of each in ncu.txt (bench/ncu_source_summary.py)
+  [ -n "$ncu" ] && for loop in wgmma wgmma-tma; do
+    case " $PK_BROKEN_CUDA_LOOPS " in *" $loop "*) continue ;; esac
+    { echo "==== source page: forward cuda $loop, B=8 S=2048 P=128"
+      PK_CUDA_FORWARD=$loop timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none -k "regex:forward_kernel" \
+        -c 1 --section SourceCounters -f -o "/tmp/ncu_source/$loop" python3 bench/profile_case.py $forward \
+        --backend cuda > "/tmp/ncu_source/$loop.log" 2>&1 || tail -n 5 "/tmp/ncu_source/$loop.log"
+      "$ncu" -i "/tmp/ncu_source/$loop.ncu-rep" --page source --print-source sass --csv \
+        > "/tmp/ncu_source/$loop.csv" 2> "/tmp/ncu_source/$loop.err" || head -n 5 "/tmp/ncu_source/$loop.err"
+      python3 bench/ncu_source_summary.py "/tmp/ncu_source/$loop.csv" 2>&1 | cut -c1-400
+    } >> "$out/ncu.txt"
   done
+  [ -n "$ncu" ] && tar -czf "$out/ncu_source.tar.gz" -C /tmp --exclude='*.ncu-rep' ncu_source
 fi
 
 echo "== summary ($card, commit $PREFIX_KERNELS_COMMIT)"

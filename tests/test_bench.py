@@ -386,3 +386,32 @@ def test_gpu_check_parses_tune_variants():
     for define, variable in (("PK_HOPPER_KEYS", "hkeys"), ("PK_HOPPER_WARPGROUPS", "hwarpgroups"),
                              ("PK_HOPPER_PINGPONG", "hpingpong"), ("PK_HOPPER_STAGES", "hstages")):
         assert f"-D{define}=${variable}" in text, define
+
+
+def test_ncu_source_summary_ranks_instructions_by_stall_samples(capsys):
+    """bench/ncu_source_summary.py (gpu_check.sh --profile-cuda): ncu's source-page CSV, its notes before the header
+    skipped, ranked by warp-stall samples with each instruction's nonzero stall columns and the share per opcode;
+    a CSV without the columns it needs is said so, not guessed at."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "ncu_source_summary.py"
+    spec = importlib.util.spec_from_file_location("ncu_source_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = ['==PROF== Connected to process 1', '"Kernel Name","forward_kernel"',
+             '"# Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier",'
+             '"stall_wait"',
+             '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24","1,200","64","0","1200"',
+             '"0x20","@P0 BAR.SYNC.DEFER_BLOCKING 0x0","3,000","64","3000","0"',
+             '"0x30","MUFU.EX2 R3, R3","300","4,096","0","0"',
+             '"0x40","MUFU.EX2 R4, R4","500","4,096","0","0"']
+    module.summarize(module.read_rows(lines), top=2)
+    text = capsys.readouterr().out
+    assert "4 instructions, 5000 warp-stall samples" in text
+    assert "BAR 60.0%, HGMMA 24.0%, MUFU 16.0%" in text
+    top = text.split("top 2 instructions")[1].splitlines()[1:]
+    assert len(top) == 2 and "BAR.SYNC" in top[0] and "stall_barrier=3000" in top[0] and "stall_wait" not in top[0]
+    assert "HGMMA" in top[1] and "stall_wait=1200" in top[1]
+    module.summarize(module.read_rows(['"Address","Opcode only"', '"0x10","FADD"']), top=2)
+    assert "no source or stall-sampling column found" in capsys.readouterr().out
