@@ -8,9 +8,9 @@ Four kernels, each launched only when a gradient it produces is needed:
               and the query blocks that can see those keys.
   dprefix     key-major over one prefix's keys: per (prefix n, kv head, prefix key block), every sequence b with
               prefix_index[b] == n, its G query heads and all its query blocks. The sum over the batch happens in
-              registers: no atomics, no [B, ...] buffer. When too few programs exist to fill the GPU, the query
-              tiles are split into a fixed number of chunks (configs.MAX_PREFIX_CHUNKS) whose fp32 partials are
-              summed in a fixed order.
+              registers: no atomics, no [B, ...] buffer. When the programs fill the GPU's waves badly, the query
+              tiles are split into a number of chunks fixed by the shapes and the SM count (at most
+              configs.MAX_PREFIX_CHUNKS; configs.chunks_for_waves) whose fp32 partials are summed in a fixed order.
   fused dq    (BackwardConfig.fuse_dq, off by default) dkdv and dprefix also add ds @ k to an fp32 dq with
               atomics and the dq kernel does not run: two matmuls per (query, key) tile pair fewer (the dq kernel
               recomputes p and dp), dq no longer bit-reproducible run to run.

@@ -7,6 +7,7 @@ exactly what is compiled for sm_80 and sm_90 on the CPU machines.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -106,7 +107,6 @@ PREPROCESS_BLOCK_M = 64
 # at most this many chunks (a cap independent of B), each writing an fp32 partial [chunks, N, Hkv, P, D] that is
 # summed in a fixed order: deterministic, and O(P) memory whatever the batch.
 MAX_PREFIX_CHUNKS = 16
-PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,32 @@ def backward_config(head_dim: int, dtype: torch.dtype, seq_q: int) -> BackwardCo
 
 
 def prefix_grad_chunks(programs: int, query_tiles: int, device: torch.device) -> int:
-    """How many query chunks the d prefix kernel splits into: enough to reach PROGRAMS_PER_SM programs per SM,
-    never more than MAX_PREFIX_CHUNKS (independent of B) nor than there are query tiles. 1 off the GPU."""
+    """How many query chunks the d prefix kernel splits into (1 off the GPU): chunks_for_waves with one program
+    per SM, what its 8-warp tiles get at 16 bits and head dim >= 64 (~255 registers x 256 threads, ptxas via
+    compile_check; only the fp32 and head-dim-32 tiles could hold two, and they are not the fast paths)."""
     if device.type != "cuda" or programs <= 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = -(-PROGRAMS_PER_SM * sms // programs)
-    return max(1, min(wanted, MAX_PREFIX_CHUNKS, query_tiles))
+    return chunks_for_waves(programs, min(MAX_PREFIX_CHUNKS, query_tiles), sms)
+
+
+# chunks_for_waves takes the fewest chunks within this factor of the best time it finds
+CHUNK_TIME_SLACK = Fraction(21, 20)
+
+
+def chunks_for_waves(programs: int, most: int, slots: int) -> int:
+    """The chunk count in [1, most] for `programs` programs of equal work, each split into that many chunks.
+
+    Equal programs finish in waves: with `slots` programs resident at a time, c chunks take ceil(programs * c /
+    slots) rounds of 1/c of a program's work. The count is the fewest chunks whose time is within 5% of the best
+    (each chunk's fp32 partials are written and summed again). The first rule, enough chunks for two programs
+    per SM, rounded up past a wave boundary: B=8 P=128 at head dim 128 got 9 chunks, 288 programs in 3 rounds on
+    132 SMs, where 4 chunks take one round of 1/4 (0.25 of the work against 3/9).
+    """
+    candidates = range(1, max(1, most) + 1)
+    time = {c: Fraction(-(-programs * c // slots), c) for c in candidates}
+    best = min(time.values())
+    return next(c for c in candidates if time[c] <= best * CHUNK_TIME_SLACK)
 
 
 BACKWARD_KERNELS = ("dq", "dkdv", "dprefix")
