@@ -11,9 +11,11 @@
 //   cp.async (kTma = false): the consumer threads copy, each copy handed to the async proxy before the block barrier
 //               that publishes it (TileRing);
 //   TMA      (kTma = true, FlashAttention-3's warp specialization): a third, producer warpgroup (its registers given
-//               to the two consumers by setmaxnreg) copies Q and each tile by TMA; a "full" mbarrier per stage tells
-//               the consumers a tile landed, an "empty" one tells the producer that all 256 consumer threads are done
-//               with a stage. No block barrier in the loop.
+//               to the two consumers by setmaxnreg) copies Q and each tile by TMA. K and V have their own
+//               pipelines, as in FA3: per stage a "full" mbarrier each tells the consumers that K or V landed, and
+//               an "empty" one each that every consumer warp is done with it (one arrival per warp). K is handed
+//               back as soon as its scores are computed, V once its P.V is, so the producer refills K a step early.
+//               No block barrier in the loop.
 // run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as FlashAttention-3 does
 // within a warpgroup; with kPingPong the two warpgroups also take turns issuing their wgmmas (FA3's ping-pong, two
 // named barriers), so that one's softmax runs while the other's matrix products occupy the tensor cores.
@@ -83,8 +85,9 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using KeyLayout = TileLayout128B<kBlockN, D>;
   static constexpr int kStageElements = 2 * kBlockN * D;  // one K and one V tile
   static constexpr size_t kTileBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;
-  // TMA's mbarriers after the tiles: full[kStages], empty[kStages], then Q's
-  static constexpr int kBarriers = kTma ? 2 * kStages + 1 : 0;
+  // TMA's mbarriers after the tiles: full keys, full values, empty keys, empty values (kStages each), then Q's
+  static constexpr int kBarriers = kTma ? 4 * kStages + 1 : 0;
+  static constexpr int kConsumerWarps = kConsumerThreads / 32;  // the arrivals an empty barrier's phase takes
   static constexpr size_t kSharedBytes = kTileBytes + 8 * kBarriers;
 
   T* q_tile;
@@ -148,63 +151,95 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
 
   // ---- the TMA feed: the producer's side (the kernel calls these before constructing the consumers' object)
 
+  // The TMA feed's barrier of stage s: full (a copy landed) or empty (the consumers are done with it), of K or V.
   static PK_DEVICE uint64_t* barriers(char* shared) { return reinterpret_cast<uint64_t*>(shared + kTileBytes); }
+  static PK_DEVICE uint64_t* barrier(uint64_t* bars, bool full, bool values, int s) {
+    return bars + ((full ? 0 : 2) + (values ? 1 : 0)) * kStages + s;
+  }
+  static PK_DEVICE uint64_t* q_barrier(uint64_t* bars) { return bars + 4 * kStages; }
   static PK_DEVICE bool is_producer() { return static_cast<int>(thread_index()) < kProducerThreads; }
 
   // Every thread of the block calls it: one initializes the barriers, the block barrier publishes them.
   static PK_DEVICE void init_barriers(char* shared) {
     static_assert(kTma, "the cp.async feed has no mbarriers");
     if (thread_index() == 0) {
-      uint64_t* bar = barriers(shared);
-      for (int s = 0; s < kStages; ++s) {
-        mbarrier_init(bar + s, 1);                            // full: the producer's arrive_expect_tx + the bytes
-        mbarrier_init(bar + kStages + s, kConsumerThreads);  // empty: every consumer thread is done with it
-      }
-      mbarrier_init(bar + 2 * kStages, 1);  // Q landed
+      uint64_t* bars = barriers(shared);
+      for (int s = 0; s < kStages; ++s)
+        for (bool values : {false, true}) {
+          mbarrier_init(barrier(bars, true, values, s), 1);                // the producer's arrive_expect_tx + bytes
+          mbarrier_init(barrier(bars, false, values, s), kConsumerWarps);  // every consumer warp is done with it
+        }
+      mbarrier_init(q_barrier(bars), 1);
       fence_barrier_init();
     }
     sync_threads();
   }
 
-  // The producer warpgroup: gives its registers away, then one thread copies Q (copy_q(dst, bar)) and tile t's K
-  // and V (copy_tile(t, k_dst, v_dst, bar)) into stage t % kStages once the consumers released that stage's
-  // previous tile (the first kStages tiles find the fresh barriers' parity-1 phase completed).
-  template <class CopyQ, class CopyTile>
-  static PK_DEVICE void produce(char* shared, int num_tiles, CopyQ copy_q, CopyTile copy_tile) {
+  // The producer warpgroup: gives its registers away, then one thread copies Q (copy_q(dst, bar)) and every tile's
+  // K (copy_keys(t, dst, bar)), and a thread of another warp every tile's V (copy_values(t, dst, bar)), each into
+  // stage t % kStages of its pipeline once the consumers released that stage's previous tile (the first kStages
+  // tiles find the fresh barriers' parity-1 phase completed). Two threads, so that a K stage, released once its
+  // scores are computed, is refilled then, not after the V copy before it in one thread's order waited for its P.V.
+  template <class CopyQ, class CopyKeys, class CopyValues>
+  static PK_DEVICE void produce(char* shared, int num_tiles, CopyQ copy_q, CopyKeys copy_keys,
+                                CopyValues copy_values) {
     lower_registers_to<kProducerRegisters>();
-    if (thread_index() != 0) return;
+    const bool values = thread_index() == 32;
+    if (thread_index() != 0 && !values) return;
     T* q = reinterpret_cast<T*>(shared);
     T* stages = q + kBlockM * D;
-    uint64_t* bar = barriers(shared);
-    mbarrier_arrive_expect_tx(bar + 2 * kStages, kBlockM * D * 2);
-    copy_q(q, bar + 2 * kStages);
+    uint64_t* bars = barriers(shared);
+    if (!values) {
+      mbarrier_arrive_expect_tx(q_barrier(bars), kBlockM * D * 2);
+      copy_q(q, q_barrier(bars));
+    }
     for (int t = 0; t < num_tiles; ++t) {
       const int s = t % kStages;
-      mbarrier_wait(bar + kStages + s, ((t / kStages) & 1) ^ 1);
-      mbarrier_arrive_expect_tx(bar + s, kStageElements * 2);
-      copy_tile(t, stages + s * kStageElements, stages + s * kStageElements + kBlockN * D, bar + s);
+      mbarrier_wait(barrier(bars, false, values, s), ((t / kStages) & 1) ^ 1);
+      uint64_t* full = barrier(bars, true, values, s);
+      mbarrier_arrive_expect_tx(full, kBlockN * D * 2);
+      T* dst = stages + s * kStageElements + (values ? kBlockN * D : 0);
+      if (values)
+        copy_values(t, dst, full);
+      else
+        copy_keys(t, dst, full);
     }
   }
 
-  // How the consumers' loops get tile t into shared memory and hand its stage back: acquire(t) returns once tile t
-  // is there and visible to wgmma; refill(t), called once per step after acquire(t), starts the copy of a later tile
-  // where the consumers copy; release(t) once this thread's wgmmas that read it completed.
+  // How the consumers' loops get tile t into shared memory and hand it back: acquire_keys(t) / acquire_values(t)
+  // return once its K / V is there and visible to wgmma (every thread calls them); refill(t), called once per step
+  // after acquire_keys(t), starts the copy of a later tile where the consumers copy; release_keys(t) /
+  // release_values(t), by every thread of a warp, once the warp's wgmmas that read it completed.
   template <int kAhead, class Load>
   struct CpAsyncFeed {  // TileRing: each step's block barrier publishes a tile and frees the one kAhead + 1 back
     int num_tiles;
     Load load;
     PK_DEVICE void prologue() { TileRing<kAhead, true>::prologue(num_tiles, load); }
-    PK_DEVICE void acquire(int) { TileRing<kAhead, true>::wait_for_tile(); }
+    PK_DEVICE void acquire_keys(int) { TileRing<kAhead, true>::wait_for_tile(); }  // K and V together
+    PK_DEVICE void acquire_values(int) {}
     PK_DEVICE void refill(int t) { TileRing<kAhead, true>::load_ahead(t, num_tiles, load); }
-    PK_DEVICE void release(int) {}
+    PK_DEVICE void release_keys(int) {}
+    PK_DEVICE void release_values(int) {}
     PK_DEVICE void finish() { cp_async_wait<0>(); }
   };
   struct TmaFeed {
-    uint64_t* bar;
-    PK_DEVICE void prologue() { mbarrier_wait(bar + 2 * kStages, 0); }  // Q (every block copies it)
-    PK_DEVICE void acquire(int t) { mbarrier_wait(bar + t % kStages, (t / kStages) & 1); }
+    uint64_t* bars;
+    bool first_lane;
+    PK_DEVICE void prologue() { mbarrier_wait(q_barrier(bars), 0); }  // Q (every block copies it)
+    PK_DEVICE void acquire(int t, bool values) {
+      mbarrier_wait(barrier(bars, true, values, t % kStages), (t / kStages) & 1);
+    }
+    PK_DEVICE void acquire_keys(int t) { acquire(t, false); }
+    PK_DEVICE void acquire_values(int t) { acquire(t, true); }
     PK_DEVICE void refill(int) {}  // the producer warpgroup copies
-    PK_DEVICE void release(int t) { mbarrier_arrive(bar + kStages + t % kStages); }
+    // One arrival per warp, once all its lanes are past their wgmma_wait (CUTLASS's pipelines arrive once per
+    // warpgroup; per warp needs no more than the warp's own wait)
+    PK_DEVICE void release(int t, bool values) {
+      sync_warp();
+      mbarrier_arrive_if(barrier(bars, false, values, t % kStages), first_lane);
+    }
+    PK_DEVICE void release_keys(int t) { release(t, false); }
+    PK_DEVICE void release_values(int t) { release(t, true); }
     PK_DEVICE void finish() {}
   };
 
@@ -254,7 +289,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
     if constexpr (kTma) {
       raise_registers_to<kConsumerRegisters>();
-      TmaFeed feed{barriers(reinterpret_cast<char*>(q_tile))};
+      TmaFeed feed{barriers(reinterpret_cast<char*>(q_tile)), this->lane == 0};
       if constexpr (kOverlap)
         run_overlapped(num_tiles, feed, tile, scale_log2, visible, rows_in_use);
       else
@@ -278,7 +313,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     const bool busy = warp_group() * 64 < rows_in_use;  // the same in the whole warpgroup
     feed.prologue();
     for (int t = 0; t < num_tiles; ++t) {
-      feed.acquire(t);
+      feed.acquire_keys(t);
       feed.refill(t);
       if (busy) {
         const T* keys = k_tile + (t % kStages) * kStageElements;
@@ -289,10 +324,12 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         issue_scores(scores, keys);
         wgmma_wait<0>();
         fence_operand(scores);
+        feed.release_keys(t);
         mask(s, tile(t), visible);
         softmax(s, scale_log2);
         uint32_t p[kKeys / 16][4];
         pack_probabilities(s, p);
+        feed.acquire_values(t);
         fence_operand(output());
         fence_operand(p);
         wgmma_fence();
@@ -300,8 +337,11 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         wgmma_wait<0>();
         fence_operand(output());
         fence_operand(p);
+      } else {
+        feed.release_keys(t);
+        feed.acquire_values(t);
       }
-      feed.release(t);
+      feed.release_values(t);
     }
     feed.finish();
   }
@@ -322,7 +362,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     // Each step's branches stay outside the wgmma sequence (ptxas serializes wgmma in divergent paths, C7520): the
     // first step, which has no P.V to overlap, is peeled off.
     if (num_tiles > 0) {
-      feed.acquire(0);
+      feed.acquire_keys(0);
       if (busy) {
         fence_operand(scores);
         wgmma_fence();
@@ -332,6 +372,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         feed.refill(0);
         wgmma_wait<0>();
         fence_operand(scores);
+        feed.release_keys(0);
         mask(s, tile(0), visible);
         float alpha[kRows];
         probabilities(s, scale_log2, alpha);
@@ -339,10 +380,13 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       } else {
         skip_turn(false);
         feed.refill(0);
+        feed.release_keys(0);
       }
     }
     for (int t = 1; t < num_tiles; ++t) {
-      feed.acquire(t);
+      feed.acquire_keys(t);
+      // (a wait between the two wgmma issues, as FA3 has it, made ptxas serialize them: C7520)
+      feed.acquire_values(t - 1);
       if (busy) {
         // the last step's register writes (O rescaled, p packed, s read) stay above the fence
         fence_operand(scores);
@@ -356,22 +400,25 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         feed.refill(t);  // the copies start while the tensor cores run
         wgmma_wait<1>();  // the scores landed (groups complete in order); the P.V may still run
         fence_operand(scores);
+        feed.release_keys(t);
         mask(s, tile(t), visible);
         float alpha[kRows];
         probabilities(s, scale_log2, alpha);
         wgmma_wait<0>();  // tile t - 1's P.V landed: O may be rescaled, p rewritten
         fence_operand(output());
         fence_operand(p);
-        feed.release(t - 1);
+        feed.release_values(t - 1);
         rescale(alpha);
         pack_probabilities(s, p);
       } else {
         skip_turn(false);
         feed.refill(t);
-        feed.release(t - 1);
+        feed.release_keys(t);
+        feed.release_values(t - 1);
       }
     }
-    if (num_tiles > 0) {  // the last tile's P.V (its V was acquired in the last step)
+    if (num_tiles > 0) {  // the last tile's P.V
+      feed.acquire_values(num_tiles - 1);
       if (busy) {
         fence_operand(output());
         fence_operand(p);
@@ -385,7 +432,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       } else {
         skip_turn(true);
       }
-      feed.release(num_tiles - 1);
+      feed.release_values(num_tiles - 1);
     }
     feed.finish();
   }

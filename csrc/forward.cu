@@ -135,14 +135,17 @@ forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Atten
       Attention::produce(
           shared_memory(), prefix_tiles + own_tiles,
           [&](T* dst, uint64_t* bar) { tma_load_tile<T, D, kBlockM>(dst, maps.q, bar, m0, hq, b); },
-          [&](int t, T* keys, T* values, uint64_t* bar) {
-            if (t < prefix_tiles) {
+          [&](int t, T* keys, uint64_t* bar) {
+            if (t < prefix_tiles)
               tma_load_tile<T, D, kBlockN>(keys, maps.prefix_k, bar, t * kBlockN, h, n);
-              tma_load_tile<T, D, kBlockN>(values, maps.prefix_v, bar, t * kBlockN, h, n);
-            } else {
+            else
               tma_load_tile<T, D, kBlockN>(keys, maps.k, bar, (t - prefix_tiles) * kBlockN, h, b);
+          },
+          [&](int t, T* values, uint64_t* bar) {
+            if (t < prefix_tiles)
+              tma_load_tile<T, D, kBlockN>(values, maps.prefix_v, bar, t * kBlockN, h, n);
+            else
               tma_load_tile<T, D, kBlockN>(values, maps.v, bar, (t - prefix_tiles) * kBlockN, h, b);
-            }
           });
       return;
     }

@@ -53,6 +53,7 @@ inline unsigned block_index_y() { return pk_emu::block_index().y; }
 inline unsigned block_index_z() { return pk_emu::block_index().z; }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
+inline void sync_warp() { pk_emu::sync_warp(); }
 // A kernel's own check failed: the launch fails (the emulator names the thread).
 [[noreturn]] inline void trap() { throw std::runtime_error("the kernel trapped (one of its own checks failed)"); }
 
@@ -100,6 +101,7 @@ PK_DEVICE char* shared_memory() {  // 1024-byte aligned: wgmma's 128-byte-swizzl
   return pk_dynamic_shared;
 }
 PK_DEVICE void sync_threads() { __syncthreads(); }
+PK_DEVICE void sync_warp() { __syncwarp(); }
 // A kernel's own check failed: the launch fails with an illegal-instruction error, which the caller checks.
 PK_DEVICE void trap() { __trap(); }
 

@@ -66,6 +66,22 @@ PK_DEVICE void mbarrier_arrive(uint64_t* bar) {
 #endif
 }
 
+// An arrival by the threads whose `arrive` is true (predicated, no branch: CUTLASS's ClusterBarrier::arrive(cta,
+// pred)), e.g. one lane per warp where the barrier counts warps.
+PK_DEVICE void mbarrier_arrive_if(uint64_t* bar, bool arrive) {
+#ifdef PK_EMULATE
+  if (arrive) pk_emu::mbarrier_arrive(bar);
+#elif defined(PK_WGMMA_NATIVE)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+          shared_address(bar)),
+      "r"(static_cast<uint32_t>(arrive))
+      : "memory");
+#else
+  (void)bar, (void)arrive;
+#endif
+}
+
 // Announces `bytes` of copies completing on this barrier's current phase, and arrives.
 PK_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #ifdef PK_EMULATE

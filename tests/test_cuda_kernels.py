@@ -152,8 +152,9 @@ HOPPER_FEEDS = [pytest.param(("wgmma", False), id="cp.async"), pytest.param(("wg
 
 def _hopper_shared_bytes(head_dim, stages, tma, rows=128, keys=128):
     """Q (`rows` rows), a ring of `stages` (K, V) pairs of `keys` keys, and with TMA a full and an empty mbarrier per
-    stage and Q's: what the emulator reports as the launch's shared memory when the Hopper loop ran."""
-    return (rows + 2 * stages * keys) * head_dim * 2 + (8 * (2 * stages + 1) if tma else 0)
+    stage for K and for V, and Q's: what the emulator reports as the launch's shared memory when the Hopper loop
+    ran."""
+    return (rows + 2 * stages * keys) * head_dim * 2 + (8 * (4 * stages + 1) if tma else 0)
 
 
 @pytest.mark.parametrize("feed", HOPPER_FEEDS)

@@ -186,7 +186,7 @@ inline void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &
 // ------------------------------------------------------------------------------------------------------------------
 // Block state.
 
-enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma, named_barrier };
+enum class Op : uint8_t { shfl_xor, ldmatrix, mma, wgmma, named_barrier, sync_warp };
 enum class FiberState : uint8_t {
   ready, parked_warp, parked_block, parked_mbarrier, parked_named, parked_registers, done
 };
@@ -507,6 +507,7 @@ std::string op_name(Op op, bool trans, Element type) {
     case Op::mma: return type == Element::bf16 ? "mma_m16n8k16(bf16)" : "mma_m16n8k16(f16)";
     case Op::wgmma: return type == Element::bf16 ? "wgmma_m64k16(bf16)" : "wgmma_m64k16(f16)";
     case Op::named_barrier: return trans ? "named_barrier_sync" : "named_barrier_arrive";
+    case Op::sync_warp: return "sync_warp";
   }
   return "?";
 }
@@ -749,6 +750,10 @@ void named_barrier_sync(unsigned id, unsigned count) {
 void named_barrier_arrive(unsigned id, unsigned count) {
   if (aborted(block_of("named_barrier_arrive"))) return;
   named_arrival(id, count, false, "named_barrier_arrive");
+}
+
+void sync_warp() {
+  collective(Op::sync_warp, false, Element::f16, "sync_warp", [](LaneSlot&) {}, [](LaneSlot*) {});
 }
 
 float shfl_xor(float value, int lane_mask) {

@@ -75,6 +75,9 @@ void sync_threads();
 void named_barrier_sync(unsigned id, unsigned count);
 void named_barrier_arrive(unsigned id, unsigned count);
 
+// __syncwarp(): waits until every lane of the warp has called it (a warp collective, with nothing exchanged).
+void sync_warp();
+
 // __shfl_xor_sync(0xffffffff, value, lane_mask): the value of lane (lane ^ lane_mask); a source lane outside the
 // warp (lane_mask >= 32) gives the caller its own value, as shfl.sync.bfly does.
 float shfl_xor(float value, int lane_mask);

@@ -655,6 +655,26 @@ void test_named_barriers() {
   }, {"deadlock", "waiting at named barrier 4 (32 of 64 threads arrived)"});
 }
 
+// (7b) sync_warp (__syncwarp): no lane of a warp goes past it before every lane reached it, whatever the schedule;
+// a lane that skips it leaves the others waiting (a deadlock), as on the GPU.
+void test_sync_warp() {
+  std::vector<int> order;
+  pk_emu::launch(Dim3{}, 64, 0, [&] {
+    const unsigned lane = pk_emu::thread_index() % 32;
+    if (pk_emu::thread_index() < 32) order.push_back(0);  // warp 0 before its sync_warp
+    pk_emu::sync_warp();
+    if (pk_emu::thread_index() < 32 && lane == 0) order.push_back(1);
+  });
+  const auto first_after = std::find(order.begin(), order.end(), 1);
+  CHECK(first_after != order.end() && std::count(order.begin(), first_after, 0) == 32,
+        "sync_warp: lane 0 goes on only after all 32 lanes of its warp arrived");
+  expect_error("a lane skips sync_warp", [] {
+    pk_emu::launch(Dim3{}, 32, 0, [] {
+      if (pk_emu::thread_index() != 5) pk_emu::sync_warp();
+    });
+  }, {"deadlock"});
+}
+
 // (8) setmaxnreg: a producer warpgroup of a 384-thread block (168 registers each at launch) gives 144 per thread
 // back, and the two consumer warpgroups take 72 each up to 240 (FlashAttention-3's 24 / 240): the pool balances to
 // the register. 248 is 16 x 128 too many for the second consumer, which then waits forever; a warpgroup of which
@@ -1097,6 +1117,7 @@ int main() {
     test_wgmma_rules();
     test_tma_rules();
     test_named_barriers();
+    test_sync_warp();
     test_set_max_registers();
   }
 #ifdef HAVE_PLATFORM_H
