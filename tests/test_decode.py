@@ -110,6 +110,40 @@ def test_interleaved_program_order_computes_the_same(case):
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("case", CASES + [PREFIX_HEAVY], ids=lambda c: c.id)
+def test_own_launch_computes_the_same(case):
+    """DecodeConfig.own_launch: the prefix programs and the own programs in two launches (each with its own part's
+    code only) write the same partials as one launch of both: the same numbers, split-K and several prefixes
+    included; without prefix keys there is the usual one launch."""
+    tensors, options = _call(case, torch.float32)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                          config=base, sms=MANY_SMS, **call.options())
+    separate = replace(base, own_launch=True)
+    launches = []
+    real_launch = decode.launch
+    try:
+        decode.launch = lambda kernel, grid, args, kwargs: (launches.append((kernel, grid, kwargs)),
+                                                            real_launch(kernel, grid, args, kwargs))
+        out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
+                                                  config=separate, sms=MANY_SMS, **call.options())
+    finally:
+        decode.launch = real_launch
+    parts = [(kw["PREFIX_PART"], kw["OWN_PART"]) for kernel, _, kw in launches if kernel is decode._decode_partials]
+    if case.prefix_len == 0:  # no prefix programs: the usual one launch
+        assert parts == [(True, True)], parts
+    else:
+        assert parts == [(True, False), (False, True)], parts
+        own_kwargs = launches[1][2]
+        assert (own_kwargs["num_warps"], own_kwargs["num_stages"]) == (base.own.num_warps, base.own.num_stages)
+    assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same programs, same arithmetic
+    ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
+    assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
+    with pytest.raises(ValueError, match="nothing to interleave"):
+        replace(separate, interleave=True)
+
+
 @pytest.mark.parametrize("case,programs_per_sm",
                          [(c, 1) for c in CASES] + [(c, 3) for c in CASES if c.batch * c.heads_kv >= 6],
                          ids=lambda x: x.id if isinstance(x, Case) else f"per-sm{x}")
@@ -151,6 +185,20 @@ def test_occupancy_knobs_together_in_fp16(case):
     _, (_, _, prefix_splits, _), (_, _, _, _, units) = decode.decode_plan(call.q, call.k, call.prefix_k,
                                                                           config=config, sms=2)
     assert units > 1 or prefix_splits < default[1][2], "neither knob changes this launch"
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                              sms=2, **call.options())
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.float16)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], PREFIX_HEAVY], ids=lambda c: c.id)
+def test_own_launch_with_the_occupancy_knobs_in_fp16(case):
+    """DecodeConfig.own_launch with both occupancy knobs, in fp16, against the float64 truth (2 notional SMs: the
+    own programs take several pairs each in their own launch)."""
+    tensors, options = _call(case, torch.float16)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, torch.float16)
+    call = _validated(tensors, options)
+    default = decode.decode_plan(call.q, call.k, call.prefix_k, sms=2)
+    config = replace(default[0], prefix_programs_per_sm=1, own_programs_per_sm=1, own_launch=True)
     out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
                                               sms=2, **call.options())
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.float16)

@@ -259,6 +259,18 @@ class DecodeConfig:
     # H200), so between two short own programs (256 keys, 128 KB) the SM has nothing in flight for a whole memory
     # latency. Only where the own part is one split and one row block. Not timed yet (bench/tune_decode.py).
     own_programs_per_sm: Optional[int] = None
+    # The own programs in a launch of their own, after the prefix programs', with the own tiling's warps and
+    # pipelining (so its shared memory and registers) instead of the prefix part's. Where it may pay: the same
+    # B=128 G=1 P=16384 shape, whose own programs run one per SM under the prefix part's footprint; alone, the own
+    # stream (537 MB) should run as fast as at B=64 P=4096 (~3.5 TB/s there, where the prefix part is small): about
+    # 0.08 + 0.15 ms + the merge against 0.265 ms (H200, 8816e5e). It gives up the overlap of the two parts, which
+    # the compute-bound GQA shapes need. Not timed yet (bench/tune_decode.py); no meaning with `interleave`.
+    own_launch: bool = False
+
+    def __post_init__(self):
+        if self.own_launch and self.interleave:
+            raise ValueError("DecodeConfig: own_launch puts the own programs in a launch of their own, so there is "
+                             "nothing to interleave them with; set one of the two")
 
 
 # The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) once it spans several row blocks (compute-bound

@@ -15,7 +15,8 @@ can be captured in a CUDA graph:
    - own programs: one (sequence, KV head, split of its own keys, block of rows), rows = the G*S queries of the
      group, so each sequence's own K/V is read once for all heads of its group.
    Both kinds share one launch: the long prefix programs come first, the many short own programs fill around
-   them, and there is no tail between two kernels (DecodeConfig.interleave alternates the two kinds instead).
+   them, and there is no tail between two kernels (DecodeConfig.interleave alternates the two kinds instead;
+   DecodeConfig.own_launch gives the own programs a launch of their own, with their own tiling's footprint).
    On sm_90 a prefix part of more than 128 packed rows reads its K/V tiles through TMA descriptors.
 2. `_merge_partials` combines the slots of each row by their LSEs into out (q's dtype) and lse (float32);
    rows that saw nothing anywhere get zeros and -inf.
@@ -267,10 +268,15 @@ def _decode_partials(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
-    OWN_UNITS: tl.constexpr = False,
+    OWN_UNITS: tl.constexpr = False, PREFIX_PART: tl.constexpr = True, OWN_PART: tl.constexpr = True,
 ):
+    # PREFIX_PART / OWN_PART: which kinds of program this launch holds (DecodeConfig.own_launch launches each kind
+    # alone); with one kind, is_prefix is a constant and the other kind's code is not compiled in.
     pid = tl.program_id(0)
-    if INTERLEAVE:  # prefix and own programs alternate until the fewer kind runs out (DecodeConfig.interleave)
+    if not (PREFIX_PART and OWN_PART):
+        is_prefix = PREFIX_PART
+        local = pid
+    elif INTERLEAVE:  # prefix and own programs alternate until the fewer kind runs out (DecodeConfig.interleave)
         own_programs = tl.num_programs(0) - PREFIX_PROGRAMS
         paired = tl.minimum(PREFIX_PROGRAMS, own_programs)
         if pid < 2 * paired:
@@ -420,9 +426,11 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
 
 
 def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
-                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None, plan=None):
+                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None, plan=None,
+                  part="both"):
     """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check. `plan`:
-    decode_plan's answer for these tensors, when the caller already has it."""
+    decode_plan's answer for these tensors, when the caller already has it. `part`: "both" kinds of program in
+    one launch, or the "prefix" or the "own" programs alone (DecodeConfig.own_launch)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     num_prefixes = prefix_k.shape[0]
@@ -431,10 +439,11 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     prefix_programs = p_rb * num_prefixes * heads_kv * p_splits
     own_programs = o_rb * cdiv(batch * heads_kv, o_units) * o_splits
-    grid = (prefix_programs + own_programs,)
+    programs = {"both": prefix_programs + own_programs, "prefix": prefix_programs, "own": own_programs}[part]
+    grid = (programs,)
     block_d = block_d_for(head_dim)
     prefix_sources = (prefix_k, prefix_v)
-    use_desc = config.prefix.tma and all(_tma_compatible(t) for t in prefix_sources)
+    use_desc = part != "own" and config.prefix.tma and all(_tma_compatible(t) for t in prefix_sources)
     if use_desc:
         prefix_sources = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, config.prefix.block_n,
                                                                                          block_d])
@@ -455,9 +464,10 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
-        INTERLEAVE=config.interleave, OWN_UNITS=o_units > 1,
-        # One launch holds both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
-        num_warps=max(config.prefix.num_warps, config.own.num_warps), num_stages=config.prefix.num_stages,
+        INTERLEAVE=config.interleave, OWN_UNITS=o_units > 1, PREFIX_PART=part != "own", OWN_PART=part != "prefix",
+        # A launch of both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
+        num_warps=config.own.num_warps if part == "own" else max(config.prefix.num_warps, config.own.num_warps),
+        num_stages=config.own.num_stages if part == "own" else config.prefix.num_stages,
     )
     return grid, args, kwargs
 
@@ -492,11 +502,12 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     if prefix_index is not None and prefix_k.shape[0] > 1 and p_splits:
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
-    if slots:
+    parts = ("prefix", "own") if plan[0].own_launch and p_splits and o_splits else ("both",) if slots else ()
+    for part in parts:
         grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
                                            scale=scale, key_padding_mask=key_padding_mask,
                                            prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-                                           softcap=softcap, order=order, plan=plan)
+                                           softcap=softcap, order=order, plan=plan, part=part)
         launch(_decode_partials, grid, args, kwargs)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     launch(_merge_partials, grid, args, kwargs)

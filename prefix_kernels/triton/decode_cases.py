@@ -18,14 +18,15 @@ from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch
 from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
 
 
-def _decode_case(block_d, dtype, config, features, sms=132):
+def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
     batch, seq_q = 3, 4
     q, k, prefix_k, _, options = case_tensors(block_d, dtype, seq_q, features, batch=batch, prefix_len=512)
     rows = batch * q.shape[1] * seq_q
     work_out = torch.empty(4, rows, block_d, dtype=torch.float32)
     work_lse = torch.empty(4, rows, dtype=torch.float32)
     options["order"] = torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None
-    return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=sms, **options)
+    return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=sms, part=part,
+                         **options)
 
 
 def decode_cases():
@@ -63,6 +64,25 @@ def decode_cases():
                 p, o = config.prefix, config.own
                 yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
                        f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-units-{label}"), \
+                    _decode_partials, args, kwargs
+    # The two launches of DecodeConfig.own_launch (timed by bench/tune_decode.py, not chosen by decode_config yet)
+    # with the bf16 head-dim-128 configs: each launch compiles its own part's code only, so the own launch gets the
+    # own tiling's footprint. Each distinct prefix tiling in the serving case, each own tiling in the serving case
+    # and with every masked path.
+    seen = set()
+    for block_d, dtype, config in decode_launch_space():
+        if dtype != torch.bfloat16 or block_d != 128:
+            continue
+        config = replace(config, own_launch=True)
+        for part, tiling, labels in (("prefix", config.prefix, ("none",)), ("own", config.own, ("none", "all"))):
+            if (part, tiling) in seen:
+                continue
+            seen.add((part, tiling))
+            for label in labels:
+                features = {**NO_FEATURES, "causal": True} if label == "none" else ALL_FEATURES
+                _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
+                yield (f"dec-bfloat16-d128-{part}-launch-m{tiling.block_m}-n{tiling.block_n}-w{kwargs['num_warps']}"
+                       f"-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}-{label}"), \
                     _decode_partials, args, kwargs
     # The taller prefix tiles that bench/tune_decode.py times on sm_90 (bf16, head dim 128, the serving case).
     for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items():
