@@ -3,7 +3,8 @@
 The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
 uses, the default with the interleaved program order (DecodeConfig.interleave), with one prefix program per SM
 (DecodeConfig.prefix_programs_per_sm), with own programs over several sequences (DecodeConfig.own_programs_per_sm),
-with the own programs in a launch of their own (DecodeConfig.own_launch),
+with the own programs in a launch of their own (DecodeConfig.own_launch), after the prefix launch or beside it on a
+side stream (own_stream),
 and where the packed rows span several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each
 replayed from a CUDA graph (device time only), the own part alone (an empty prefix: how much of the prefix part
 overlaps it), and the PyTorch split baseline in the same run. Used to pick the decode entries of
@@ -57,6 +58,8 @@ def main(argv=None):
         configs["prefix-1/sm+own-4/sm"] = replace(default, prefix_programs_per_sm=1, own_programs_per_sm=4)
         # The own programs in a launch of their own, with their own tiling's footprint (DecodeConfig.own_launch)
         configs["own-launch"] = replace(default, own_launch=True)
+        # ... on a side stream, concurrent with the prefix launch (DecodeConfig.own_stream)
+        configs["own-stream"] = replace(default, own_launch=True, own_stream=True)
         # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
         # GPU at every shape, so that the smoke check runs them
         if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":

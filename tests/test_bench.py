@@ -331,7 +331,8 @@ def test_decode_tile_sweep_script_runs(tmp_path):
     from prefix_kernels.triton.configs import HOPPER_DECODE_PREFIX_CANDIDATES
 
     taller = set(HOPPER_DECODE_PREFIX_CANDIDATES) if device == "cpu" else set()  # on a GPU: past 128 rows only
-    occupancy = {"prefix-1/sm", "own-2/sm", "own-4/sm", "own-8/sm", "prefix-1/sm+own-4/sm", "own-launch"}
+    occupancy = {"prefix-1/sm", "own-2/sm", "own-4/sm", "own-8/sm", "prefix-1/sm+own-4/sm", "own-launch",
+                 "own-stream"}
     assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "own-only", "split"} | taller | occupancy
     assert all(t > 0 for t in row["times_ms"].values())
 

@@ -144,6 +144,45 @@ def test_own_launch_computes_the_same(case):
         replace(separate, interleave=True)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], PREFIX_HEAVY], ids=lambda c: c.id)
+def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypatch):
+    """DecodeConfig.own_stream: on a GPU the own launch runs on a side stream beside the prefix launch and is joined
+    before the merge: the same numbers as one launch, eagerly and replayed from a CUDA graph (the fork and join are
+    captured) with new values in the same buffers. Off the GPU the two launches run in turn."""
+    tensors, options = _call(case, torch.float16)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    config = replace(base, own_launch=True, own_stream=True)
+    forks = []
+    real_side_stream = decode._side_stream
+    monkeypatch.setattr(decode, "_side_stream", lambda device: forks.append(device) or real_side_stream(device))
+
+    def run(config):
+        return decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                              sms=MANY_SMS, **call.options())
+
+    (want_out, want_lse), (out, lse) = run(base), run(config)
+    assert len(forks) == (1 if DEVICE.type == "cuda" and case.prefix_len else 0)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    if DEVICE.type != "cuda":
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_lse = run(config)
+    for t in tensors:  # new values in the same buffers, as a decode loop does
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    want_out, want_lse = run(base)
+    torch.cuda.synchronize()
+    assert torch.equal(graph_out, want_out) and torch.equal(graph_lse, want_lse)
+
+
+def test_own_stream_needs_own_launch():
+    config = decode.decode_plan(torch.empty(2, 4, 1, 64), torch.empty(2, 2, 8, 64), torch.empty(1, 2, 16, 64))[0]
+    with pytest.raises(ValueError, match="needs own_launch=True"):
+        replace(config, own_stream=True)
+
+
 @pytest.mark.parametrize("case,programs_per_sm",
                          [(c, 1) for c in CASES] + [(c, 3) for c in CASES if c.batch * c.heads_kv >= 6],
                          ids=lambda x: x.id if isinstance(x, Case) else f"per-sm{x}")

@@ -266,11 +266,21 @@ class DecodeConfig:
     # 0.08 + 0.15 ms + the merge against 0.265 ms (H200, 8816e5e). It gives up the overlap of the two parts, which
     # the compute-bound GQA shapes need. Not timed yet (bench/tune_decode.py); no meaning with `interleave`.
     own_launch: bool = False
+    # With own_launch on a GPU: the own launch on a side stream, concurrent with the prefix launch (joined before the
+    # merge), so that the two parts overlap with each one's own footprint: the compute-bound prefix programs and the
+    # memory-bound own stream share the SMs. Where it may pay: B=256 G=4 P=4096 (1.72x of the floor on the H200:
+    # ~0.04 ms of prefix compute and ~0.07 ms of own stream, one after the other today) towards ~max of the two;
+    # and B=128 G=1 P=16384, where both parts stream memory. Costs an event pair of host time per eager call
+    # (free under CUDA graphs, where a stream fork and join are captured). Not timed yet (bench/tune_decode.py).
+    own_stream: bool = False
 
     def __post_init__(self):
         if self.own_launch and self.interleave:
             raise ValueError("DecodeConfig: own_launch puts the own programs in a launch of their own, so there is "
                              "nothing to interleave them with; set one of the two")
+        if self.own_stream and not self.own_launch:
+            raise ValueError("DecodeConfig: own_stream runs the own launch on a side stream, which needs "
+                             "own_launch=True")
 
 
 # The packed prefix part on sm_90+ (fp16/bf16, by padded head dim) once it spans several row blocks (compute-bound

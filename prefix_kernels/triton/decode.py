@@ -23,6 +23,7 @@ can be captured in a CUDA graph:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -472,6 +473,20 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
     return grid, args, kwargs
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """The side stream of DecodeConfig.own_stream on `device`, made once (a new stream per call costs host time).
+    The caller's tensors need no record_stream: the caller's stream waits for this one before anything after the
+    call can run, and this one allocates nothing."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return stream
+
+
 def merge_partials_launch(work_out, work_lse, out, lse, slots):
     rows, head_dim = work_out.shape[1], work_out.shape[2]
     heads_q, seq_q = out.shape[1], out.shape[2]
@@ -503,12 +518,20 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
     parts = ("prefix", "own") if plan[0].own_launch and p_splits and o_splits else ("both",) if slots else ()
+    # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
+    # joined before the merge (capturable in a CUDA graph); off the GPU the launches simply run in turn.
+    side = _side_stream(q.device) if len(parts) == 2 and plan[0].own_stream and q.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
     for part in parts:
         grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
                                            scale=scale, key_padding_mask=key_padding_mask,
                                            prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
                                            softcap=softcap, order=order, plan=plan, part=part)
-        launch(_decode_partials, grid, args, kwargs)
+        with torch.cuda.stream(side) if side is not None and part == "own" else contextlib.nullcontext():
+            launch(_decode_partials, grid, args, kwargs)
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     launch(_merge_partials, grid, args, kwargs)
     return out, lse
