@@ -43,6 +43,12 @@ def _validated(tensors, options):
                     prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
 
 
+def _decode_with(call, config, sms=None):
+    """The Triton decode of a validated call with this DecodeConfig on `sms` notional SMs (default MANY_SMS)."""
+    return decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                          sms=sms or MANY_SMS, **call.options())
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_decode_matches_reference_and_prefill(case, dtype):
@@ -96,52 +102,44 @@ def test_interleaved_program_order_computes_the_same(case):
     tensors, options = _call(case, torch.float32)
     call = _validated(tensors, options)
     base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
-    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
-                                                          config=base, sms=MANY_SMS, **call.options())
+    first_out, first_lse = _decode_with(call, base)
     interleaved = replace(base, interleave=True)
     _, _, kwargs = decode.decode_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                         torch.empty(64, 1, 1), torch.empty(64, 1), config=interleaved,
                                         sms=MANY_SMS, **call.options())
     assert kwargs["INTERLEAVE"]
-    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
-                                              config=interleaved, sms=MANY_SMS, **call.options())
+    out, lse = _decode_with(call, interleaved)
     assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same programs, same arithmetic
     ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
 
 
 @pytest.mark.parametrize("case", CASES + [PREFIX_HEAVY], ids=lambda c: c.id)
-def test_own_launch_computes_the_same(case):
+def test_own_launch_computes_the_same(case, monkeypatch):
     """DecodeConfig.own_launch: the prefix programs and the own programs in two launches (each with its own part's
     code only) write the same partials as one launch of both: the same numbers, split-K and several prefixes
     included; without prefix keys there is the usual one launch."""
     tensors, options = _call(case, torch.float32)
     call = _validated(tensors, options)
     base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
-    first_out, first_lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
-                                                          config=base, sms=MANY_SMS, **call.options())
-    separate = replace(base, own_launch=True)
+    first_out, first_lse = _decode_with(call, base)
     launches = []
     real_launch = decode.launch
-    try:
-        decode.launch = lambda kernel, grid, args, kwargs: (launches.append((kernel, grid, kwargs)),
-                                                            real_launch(kernel, grid, args, kwargs))
-        out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
-                                                  config=separate, sms=MANY_SMS, **call.options())
-    finally:
-        decode.launch = real_launch
-    parts = [(kw["PREFIX_PART"], kw["OWN_PART"]) for kernel, _, kw in launches if kernel is decode._decode_partials]
+    monkeypatch.setattr(decode, "launch", lambda kernel, grid, args, kwargs: (
+        launches.append((kernel, kwargs)), real_launch(kernel, grid, args, kwargs)))
+    out, lse = _decode_with(call, replace(base, own_launch=True))
+    parts = [(kw["PREFIX_PART"], kw["OWN_PART"]) for kernel, kw in launches if kernel is decode._decode_partials]
     if case.prefix_len == 0:  # no prefix programs: the usual one launch
         assert parts == [(True, True)], parts
     else:
         assert parts == [(True, False), (False, True)], parts
-        own_kwargs = launches[1][2]
+        own_kwargs = launches[1][1]
         assert (own_kwargs["num_warps"], own_kwargs["num_stages"]) == (base.own.num_warps, base.own.num_stages)
     assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same programs, same arithmetic
     ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
     with pytest.raises(ValueError, match="nothing to interleave"):
-        replace(separate, interleave=True)
+        replace(base, own_launch=True, interleave=True)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], PREFIX_HEAVY], ids=lambda c: c.id)
@@ -156,23 +154,18 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
     forks = []
     real_side_stream = decode._side_stream
     monkeypatch.setattr(decode, "_side_stream", lambda device: forks.append(device) or real_side_stream(device))
-
-    def run(config):
-        return decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
-                                              sms=MANY_SMS, **call.options())
-
-    (want_out, want_lse), (out, lse) = run(base), run(config)
+    (want_out, want_lse), (out, lse) = _decode_with(call, base), _decode_with(call, config)
     assert len(forks) == (1 if DEVICE.type == "cuda" and case.prefix_len else 0)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     if DEVICE.type != "cuda":
         return
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph_out, graph_lse = run(config)
+        graph_out, graph_lse = _decode_with(call, config)
     for t in tensors:  # new values in the same buffers, as a decode loop does
         t.copy_(torch.randn_like(t))
     graph.replay()
-    want_out, want_lse = run(base)
+    want_out, want_lse = _decode_with(call, base)
     torch.cuda.synchronize()
     assert torch.equal(graph_out, want_out) and torch.equal(graph_lse, want_lse)
 
@@ -237,9 +230,8 @@ def test_own_launch_with_the_occupancy_knobs_in_fp16(case):
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, torch.float16)
     call = _validated(tensors, options)
     default = decode.decode_plan(call.q, call.k, call.prefix_k, sms=2)
-    config = replace(default[0], prefix_programs_per_sm=1, own_programs_per_sm=1, own_launch=True)
-    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
-                                              sms=2, **call.options())
+    out, lse = _decode_with(call, replace(default[0], prefix_programs_per_sm=1, own_programs_per_sm=1,
+                                          own_launch=True), sms=2)
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.float16)
 
 
