@@ -32,10 +32,9 @@
 # The device tool returns at most 8 files: the default run writes 6 (build with the versions first, tests,
 # sanitize, anchors.json, anchors.md, log); --tune-forward, --tune-decode and --tune-cuda one JSON more each,
 # --tune-backward three (tune_backward.json, tuned/anchors.{json,md}), --profile-cuda two (ncu.txt,
-# ncu_source.tar.gz); all their lines
-# go to log.txt. So: two of
-# the three with the default run, and all three with --tune-backward as --no-bench --no-sanitize; add files only
-# by merging others.
+# ncu_source.tar.gz); all their lines go to log.txt. So: the default run with two of --tune-forward,
+# --tune-decode and --tune-cuda, or with --profile-cuda alone; as --no-bench --no-sanitize (3 files: build, tests,
+# log) --profile-cuda with two of the one-JSON sweeps or with --tune-backward; add files only by merging others.
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT, SMOKE_TIMEOUT (per Hopper loop, before the tests) (seconds),
@@ -251,7 +250,7 @@ if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
         --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
         --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-        python3 bench/profile_case.py $args 2>&1; } >> "$out/ncu.txt"
+        python3 bench/profile_case.py $args 2>&1 < /dev/null; } >> "$out/ncu.txt"  # (stdin: the loop's lines)
   done <<RUNS
 forward cuda wgmma|wgmma|PK_CUDA_FORWARD=wgmma|forward_kernel|1|$forward --backend cuda
 forward cuda wgmma-tma|wgmma-tma|PK_CUDA_FORWARD=wgmma-tma|forward_kernel|1|$forward --backend cuda

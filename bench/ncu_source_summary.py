@@ -47,6 +47,11 @@ def read_rows(lines):
     return list(csv.DictReader(lines[start:]))
 
 
+def short_reason(column: str) -> str:
+    """'smsp__pcsamp_warps_issue_stalled_long_scoreboard' -> 'long_scoreboard' (other names as they are)."""
+    return re.sub(r"^.*stalled_", "", column.strip())
+
+
 def opcode(sass: str) -> str:
     """The instruction's opcode without its modifiers: '@!P0 HGMMA.64x128x16.F32.BF16 ...' -> 'HGMMA'."""
     words = [w for w in sass.split() if not w.startswith("@")]
@@ -66,8 +71,10 @@ def summarize(rows, top: int, out=sys.stdout):
     if source is None or samples is None:
         print(f"no source or stall-sampling column found (source={source!r}, samples={samples!r})", file=out)
         return
+    # ncu names them smsp__pcsamp_warps_issue_stalled_<reason>, each with a _not_issued twin (left out here)
     reasons = [c for c in columns if c not in (samples, executed, address, source)
-               and re.search(r"stall|smsp__pcsamp", c, re.IGNORECASE)]
+               and re.search(r"stall|smsp__pcsamp", c, re.IGNORECASE) and not c.rstrip().endswith("_not_issued")
+               and "not-issued" not in c.lower()]
     total = sum(number(r[samples]) or 0 for r in rows)
     print(f"{len(rows)} instructions, {total:.0f} warp-stall samples ({samples!r})", file=out)
     if total <= 0:
@@ -82,7 +89,8 @@ def summarize(rows, top: int, out=sys.stdout):
           file=out)
     for row in ranked:
         share = 100 * (number(row[samples]) or 0) / total
-        details = [f"{c}={row[c].strip()}" for c in reasons if (number(row[c]) or 0) > 0]
+        found = sorted(((number(row[c]) or 0, short_reason(c)) for c in reasons), reverse=True)
+        details = [f"{name}={value:g}" for value, name in found if value > 0]  # the largest first
         print(f"  {row.get(address, '?'):>8} {share:5.1f}% {row.get(executed, '') or '':>10}  "
               f"{row[source].strip()[:90]}  {' '.join(details)[:300]}", file=out)
 

@@ -217,24 +217,25 @@ def test_prefix_gradient_is_the_sum_over_exactly_the_sequences_using_it():
 def test_prefix_gradient_chunks_fill_whole_waves():
     """The chunk count of the d prefix kernel (configs.chunks_for_waves): equal programs run in waves, so a count
     that spills a few programs into one more wave costs a whole round. The ANCHORS training shapes at head dim 128
-    on 132 SMs: B=8 P=128 has 32 programs (one wave of 4 chunks, where the first rule's 9 took 3 rounds), B=16
-    P=512 has 128 (one wave unsplit: no partials at all)."""
-    from fractions import Fraction
-
+    on 132 SMs: B=8 P=128 has 32 programs of 256 query tiles (one wave of 4 chunks, where the first rule's 9 took 3
+    rounds), B=16 P=512 has 128 (one wave unsplit: no partials at all). With few query tiles (a review's case:
+    32 programs of 32 tiles on 108 SMs) one round of 3 chunks of 11 tiles beats 10 chunks of 4 (2 of them empty,
+    3 rounds). Never an empty chunk."""
     from prefix_kernels.triton.configs import MAX_PREFIX_CHUNKS, chunks_for_waves, prefix_grad_chunks
 
-    assert chunks_for_waves(32, MAX_PREFIX_CHUNKS, 132) == 4
-    assert chunks_for_waves(128, MAX_PREFIX_CHUNKS, 132) == 1
-    assert chunks_for_waves(160, MAX_PREFIX_CHUNKS, 132) == 4   # 2 rounds unsplit; 5 rounds of 1/4 = 1.25
-    assert chunks_for_waves(1, MAX_PREFIX_CHUNKS, 132) == MAX_PREFIX_CHUNKS
-    assert chunks_for_waves(1, 3, 132) == 3 and chunks_for_waves(5, 0, 132) == 1
+    assert chunks_for_waves(32, 256, MAX_PREFIX_CHUNKS, 132) == 4
+    assert chunks_for_waves(128, 256, MAX_PREFIX_CHUNKS, 132) == 1
+    assert chunks_for_waves(32, 32, MAX_PREFIX_CHUNKS, 108) == 3
+    assert chunks_for_waves(160, 256, MAX_PREFIX_CHUNKS, 132) == 4   # 2 rounds unsplit; 5 rounds of a quarter
+    assert chunks_for_waves(1, 256, MAX_PREFIX_CHUNKS, 132) == MAX_PREFIX_CHUNKS
+    assert chunks_for_waves(1, 256, 3, 132) == 3 and chunks_for_waves(5, 4, 0, 132) == 1
     for programs in range(1, 300, 7):
-        for slots in (108, 132):
-            chunks = chunks_for_waves(programs, MAX_PREFIX_CHUNKS, slots)
-            time = [Fraction(-(-programs * c // slots), c) for c in range(1, MAX_PREFIX_CHUNKS + 1)]
-            assert 1 <= chunks <= MAX_PREFIX_CHUNKS
-            assert time[chunks - 1] <= min(time) * Fraction(21, 20)          # within 5% of the best
-            assert all(t > min(time) * Fraction(21, 20) for t in time[:chunks - 1])  # and the fewest such
+        for query_tiles in (1, 2, 5, 32, 33, 256):
+            for slots in (108, 132):
+                chunks = chunks_for_waves(programs, query_tiles, min(MAX_PREFIX_CHUNKS, query_tiles), slots)
+                per_chunk = -(-query_tiles // chunks)
+                assert 1 <= chunks <= min(MAX_PREFIX_CHUNKS, query_tiles)
+                assert -(-query_tiles // per_chunk) == chunks, (programs, query_tiles, slots, chunks)  # none empty
     assert prefix_grad_chunks(32, 256, torch.device("cpu")) == 1  # off the GPU the gradient is never chunked
 
 

@@ -400,19 +400,21 @@ def test_ncu_source_summary_ranks_instructions_by_stall_samples(capsys):
     spec = importlib.util.spec_from_file_location("ncu_source_summary", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    stalled = "smsp__pcsamp_warps_issue_stalled_"
     lines = ['==PROF== Connected to process 1', '"Kernel Name","forward_kernel"',
-             '"# Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier",'
-             '"stall_wait"',
-             '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24","1,200","64","0","1200"',
-             '"0x20","@P0 BAR.SYNC.DEFER_BLOCKING 0x0","3,000","64","3000","0"',
-             '"0x30","MUFU.EX2 R3, R3","300","4,096","0","0"',
-             '"0x40","MUFU.EX2 R4, R4","500","4,096","0","0"']
+             '"# Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+             f'"Instructions Executed","{stalled}barrier","{stalled}barrier_not_issued","{stalled}wait",'
+             f'"{stalled}long_scoreboard"',
+             '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24","1,200","1,100","64","0","0","1000","200"',
+             '"0x20","@P0 BAR.SYNC.DEFER_BLOCKING 0x0","3,000","3,000","64","2900","2900","0","100"',
+             '"0x30","MUFU.EX2 R3, R3","300","0","4,096","0","0","0","0"',
+             '"0x40","MUFU.EX2 R4, R4","500","0","4,096","0","0","0","0"']
     module.summarize(module.read_rows(lines), top=2)
     text = capsys.readouterr().out
     assert "4 instructions, 5000 warp-stall samples" in text
     assert "BAR 60.0%, HGMMA 24.0%, MUFU 16.0%" in text
     top = text.split("top 2 instructions")[1].splitlines()[1:]
-    assert len(top) == 2 and "BAR.SYNC" in top[0] and "stall_barrier=3000" in top[0] and "stall_wait" not in top[0]
-    assert "HGMMA" in top[1] and "stall_wait=1200" in top[1]
+    assert len(top) == 2 and "BAR.SYNC" in top[0] and top[0].rstrip().endswith("barrier=2900 long_scoreboard=100")
+    assert "HGMMA" in top[1] and top[1].rstrip().endswith("wait=1000 long_scoreboard=200")  # largest first
     module.summarize(module.read_rows(['"Address","Opcode only"', '"0x10","FADD"']), top=2)
     assert "no source or stall-sampling column found" in capsys.readouterr().out

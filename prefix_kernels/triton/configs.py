@@ -171,24 +171,30 @@ def prefix_grad_chunks(programs: int, query_tiles: int, device: torch.device) ->
     if device.type != "cuda" or programs <= 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return chunks_for_waves(programs, min(MAX_PREFIX_CHUNKS, query_tiles), sms)
+    return chunks_for_waves(programs, query_tiles, min(MAX_PREFIX_CHUNKS, query_tiles), sms)
 
 
-# chunks_for_waves takes the fewest chunks within this factor of the best time it finds
+# chunks_for_waves: a program's fixed cost (its K/V tile, its fp32 partials' stores), in query tiles, and the
+# factor of the best time within which it takes the fewest chunks (each chunk's partials are summed again)
+CHUNK_PROGRAM_COST = Fraction(1, 2)
 CHUNK_TIME_SLACK = Fraction(21, 20)
 
 
-def chunks_for_waves(programs: int, most: int, slots: int) -> int:
-    """The chunk count in [1, most] for `programs` programs of equal work, each split into that many chunks.
+def chunks_for_waves(programs: int, query_tiles: int, most: int, slots: int) -> int:
+    """The chunk count in [1, most] for `programs` programs that each stream `query_tiles` query tiles, split into
+    chunks of cdiv(query_tiles, chunks) tiles.
 
-    Equal programs finish in waves: with `slots` programs resident at a time, c chunks take ceil(programs * c /
-    slots) rounds of 1/c of a program's work. The count is the fewest chunks whose time is within 5% of the best
-    (each chunk's fp32 partials are written and summed again). The first rule, enough chunks for two programs
-    per SM, rounded up past a wave boundary: B=8 P=128 at head dim 128 got 9 chunks, 288 programs in 3 rounds on
-    132 SMs, where 4 chunks take one round of 1/4 (0.25 of the work against 3/9).
+    Equal programs finish in waves: with `slots` programs resident at a time, c chunks of t tiles take
+    ceil(programs * c / slots) rounds of t + CHUNK_PROGRAM_COST tiles. Only counts that leave no chunk empty are
+    taken (cdiv(query_tiles, t) == c), and the fewest chunks within 5% of the best time. The first rule, enough
+    chunks for two programs per SM, rounded up past a wave boundary: B=8 P=128 at head dim 128 got 9 chunks, 288
+    programs in 3 rounds on 132 SMs, where 4 chunks take one round of a quarter of the tiles.
     """
-    candidates = range(1, max(1, most) + 1)
-    time = {c: Fraction(-(-programs * c // slots), c) for c in candidates}
+    def tiles(c):
+        return -(-query_tiles // c)
+
+    candidates = [c for c in range(1, max(1, most) + 1) if -(-query_tiles // tiles(c)) == c] or [1]
+    time = {c: -(-programs * c // slots) * (tiles(c) + CHUNK_PROGRAM_COST) for c in candidates}
     best = min(time.values())
     return next(c for c in candidates if time[c] <= best * CHUNK_TIME_SLACK)
 
