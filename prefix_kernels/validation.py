@@ -138,6 +138,9 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
                    "[N, Hkv, P, D] with k's Hkv and D")
     _require_shape("prefix_v", prefix_v, prefix_k.shape, "prefix_k's shape")
 
+    if num_prefixes == 0 and batch > 0:  # the kernels would read prefix 0 of an empty tensor
+        raise ValueError(f"prefix_k holds no prefix (N = 0, shape {tuple(prefix_k.shape)}) for a batch of {batch}: "
+                         "pass one prefix, of length 0 ([Hkv, 0, D]) for none")
     if prefix_index is None and num_prefixes > 1:
         raise ValueError(f"prefix_index is required when prefix_k holds N = {num_prefixes} prefixes: "
                          "it says which prefix each sequence uses")

@@ -37,6 +37,8 @@ BAD_INPUTS = {
     "prefix-5d": (dict(prefix_k=torch.randn(1, 1, 2, 4, 32)), ValueError, None, "prefix_k"),
     "n-prefixes-without-index": (dict(prefix_k=torch.randn(3, 2, 4, 32), prefix_v=torch.randn(3, 2, 4, 32)),
                                  ValueError, None, "prefix_index"),
+    "no-prefix-at-all": (dict(prefix_k=torch.randn(0, 2, 4, 32), prefix_v=torch.randn(0, 2, 4, 32)), ValueError,
+                         None, "prefix_k holds no prefix"),
     "index-out-of-range": (dict(prefix_k=torch.randn(3, 2, 4, 32), prefix_v=torch.randn(3, 2, 4, 32),
                                 prefix_index=torch.tensor([0, 3])), ValueError, None, "prefix_index"),
     "index-negative": (dict(prefix_index=torch.tensor([0, -1])), ValueError, None, "prefix_index"),
