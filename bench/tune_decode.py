@@ -65,11 +65,17 @@ def main(argv=None):
         if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":
             configs.update({name: replace(default, prefix=prefix)
                             for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items()})
-        row = dict(label=case.label, times_ms={})
+        row = dict(label=case.label, times_ms={}, max_diff={})
+        want = None
         for name, config in configs.items():
             def run(config=config):
                 return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=inputs.scale,
                                                config=config)
+            # Each choice's output against the default's first (a race or a skipped slot must not pass as a fast
+            # time): the largest difference, and WRONG in the printout past a few units of the dtype's rounding
+            out = run()[0].float()
+            want = out if want is None else want
+            row["max_diff"][name] = float((out - want).abs().max())
             row["times_ms"][name], _ = timer(run)
         # The own part alone (an empty prefix): next to the default's time it says how much of the prefix part
         # runs alongside the own part rather than after it (the GQA serving shapes sat at ~55-58% of their floor
@@ -82,7 +88,10 @@ def main(argv=None):
             row["times_ms"]["split"], _ = timer(prepared.forward)
         results.append(row)
         times = row["times_ms"].items()
-        print(f"{case.label}: " + ", ".join(f"{n} {t:.3f} ms" if t else f"{n} n/a" for n, t in times), flush=True)
+        tolerance = 16 * torch.finfo(q.dtype).eps * max(1.0, float(want.abs().max()))
+        wrong = [n for n, d in row["max_diff"].items() if not d <= tolerance]  # (NaN included)
+        print(f"{case.label}: " + ", ".join(f"{n} {t:.3f} ms" if t else f"{n} n/a" for n, t in times)
+              + (f"; WRONG (max diff vs the default): {', '.join(wrong)}" if wrong else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             card = torch.cuda.get_device_name() if args.device == "cuda" else args.device

@@ -335,6 +335,9 @@ def test_decode_tile_sweep_script_runs(tmp_path):
                  "own-stream"}
     assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "own-only", "split"} | taller | occupancy
     assert all(t > 0 for t in row["times_ms"].values())
+    # every choice's output checked against the default's before it is timed
+    assert set(row["max_diff"]) == set(row["times_ms"]) - {"own-only", "split"}
+    assert all(d < 1e-4 for d in row["max_diff"].values()) and "WRONG" not in result.stdout, result.stdout
 
 
 def test_sanitize_sweep_selects_each_loop(monkeypatch):

@@ -3,6 +3,7 @@
 Through prefix_kernels.triton.compile_check in a subprocess (helpers.compile_check_spills).
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,20 @@ def test_decode_and_merge_compile_for_sm80_and_sm90_with_bounded_spills():
             if "sm_90" in line and "float32" not in line:
                 assert spilled == 0 or (TRITON_39 and "-d256-" in line and spilled <= 144), line
             assert spilled <= 256, line
+        if name_filter == "dec-":
+            _single_part_launches_compile_one_part(spills)
+
+
+def _single_part_launches_compile_one_part(report_lines):
+    """DecodeConfig.own_launch's launches each compile their own part's code only: every own launch needs less
+    shared memory than any prefix launch (had the prefix code been compiled into it, it would hold the prefix
+    tiles too)."""
+    for arch in ("sm_80", "sm_90"):
+        def shared(kind):
+            return [int(re.search(r"shared=(\d+)", line).group(1)) for line in report_lines
+                    if f" {arch} " in line and f"-{kind}-launch-" in line]
+        assert shared("own") and shared("prefix"), arch
+        assert max(shared("own")) < min(shared("prefix")), (arch, shared("own"), shared("prefix"))
 
 
 @pytest.mark.compile

@@ -118,7 +118,7 @@ def test_interleaved_program_order_computes_the_same(case):
 def test_own_launch_computes_the_same(case, monkeypatch):
     """DecodeConfig.own_launch: the prefix programs and the own programs in two launches (each with its own part's
     code only) write the same partials as one launch of both: the same numbers, split-K and several prefixes
-    included; without prefix keys there is the usual one launch."""
+    included; without prefix keys (or own keys) one launch of the other kind."""
     tensors, options = _call(case, torch.float32)
     call = _validated(tensors, options)
     base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
@@ -129,12 +129,14 @@ def test_own_launch_computes_the_same(case, monkeypatch):
         launches.append((kernel, kwargs)), real_launch(kernel, grid, args, kwargs)))
     out, lse = _decode_with(call, replace(base, own_launch=True))
     parts = [(kw["PREFIX_PART"], kw["OWN_PART"]) for kernel, kw in launches if kernel is decode._decode_partials]
-    if case.prefix_len == 0:  # no prefix programs: the usual one launch
-        assert parts == [(True, True)], parts
-    else:
-        assert parts == [(True, False), (False, True)], parts
-        own_kwargs = launches[1][1]
-        assert (own_kwargs["num_warps"], own_kwargs["num_stages"]) == (base.own.num_warps, base.own.num_stages)
+    _, (_, _, prefix_splits, _), (_, _, own_splits, _, _) = decode.decode_plan(call.q, call.k, call.prefix_k,
+                                                                               config=base, sms=MANY_SMS)
+    # each kind that has work, alone (no prefix keys, or no own keys: one launch of the other kind)
+    assert parts == [kind for kind, splits in (((True, False), prefix_splits), ((False, True), own_splits))
+                     if splits], parts
+    for kernel, kw in launches:
+        if kernel is decode._decode_partials and not kw["PREFIX_PART"]:
+            assert (kw["num_warps"], kw["num_stages"]) == (base.own.num_warps, base.own.num_stages)
     assert torch.equal(out, first_out) and torch.equal(lse, first_lse)  # same programs, same arithmetic
     ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
@@ -151,11 +153,23 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
     call = _validated(tensors, options)
     base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
     config = replace(base, own_launch=True, own_stream=True)
-    forks = []
-    real_side_stream = decode._side_stream
+    forks, streams = [], []
+    real_side_stream, real_launch = decode._side_stream, decode.launch
     monkeypatch.setattr(decode, "_side_stream", lambda device: forks.append(device) or real_side_stream(device))
-    (want_out, want_lse), (out, lse) = _decode_with(call, base), _decode_with(call, config)
+
+    def spy(kernel, grid, args, kwargs):  # which stream each part's launch was issued on
+        if kernel is decode._decode_partials and DEVICE.type == "cuda":
+            streams.append((kwargs["PREFIX_PART"], kwargs["OWN_PART"], torch.cuda.current_stream()))
+        real_launch(kernel, grid, args, kwargs)
+
+    monkeypatch.setattr(decode, "launch", spy)
+    want_out, want_lse = _decode_with(call, base)
+    caller, streams[:] = (torch.cuda.current_stream() if DEVICE.type == "cuda" else None), []
+    out, lse = _decode_with(call, config)
     assert len(forks) == (1 if DEVICE.type == "cuda" and case.prefix_len else 0)
+    if forks:  # the prefix launch on the caller's stream, the own launch on the side stream
+        assert [(p, o, st == caller, st == real_side_stream(DEVICE)) for p, o, st in streams] == \
+            [(True, False, True, False), (False, True, False, True)], streams
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     if DEVICE.type != "cuda":
         return
@@ -168,6 +182,15 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
     want_out, want_lse = _decode_with(call, base)
     torch.cuda.synchronize()
     assert torch.equal(graph_out, want_out) and torch.equal(graph_lse, want_lse)
+
+
+def test_own_stream_is_not_made_inside_a_capture(monkeypatch):
+    """The side stream is made at the first call on a device and thread; inside a CUDA-graph capture that is
+    refused with a message saying to run the step once first (checked without a GPU: the capture is faked)."""
+    monkeypatch.setattr(decode, "_SIDE_STREAMS", __import__("threading").local())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before a CUDA-graph capture"):
+        decode._side_stream(torch.device("cuda", 0))
 
 
 def test_own_stream_needs_own_launch():

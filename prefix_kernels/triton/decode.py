@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -473,18 +474,25 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
     return grid, args, kwargs
 
 
-_SIDE_STREAMS: dict = {}
+_SIDE_STREAMS = threading.local()  # per thread: another thread's decode must not land in this one's capture
 
 
 def _side_stream(device: torch.device):
-    """The side stream of DecodeConfig.own_stream on `device`, made once (a new stream per call costs host time).
-    The caller's tensors need no record_stream: the caller's stream waits for this one before anything after the
-    call can run, and this one allocates nothing."""
+    """This thread's side stream of DecodeConfig.own_stream on `device`, made once (a new stream per call costs
+    host time; making one inside a CUDA-graph capture is refused: a first call outside it makes it, as the
+    kernels' compilation needs anyway). The caller's tensors need no record_stream: the caller's stream waits for
+    this one before anything after the call can run, and this one allocates nothing."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
-    return stream
+    streams = getattr(_SIDE_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _SIDE_STREAMS.by_device = {}
+    if index not in streams:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("DecodeConfig(own_stream=True): the decode's side stream is made at its first call "
+                               "on a device and thread, which must come before a CUDA-graph capture (run the step "
+                               "once eagerly first, as the kernels' compilation needs anyway)")
+        streams[index] = torch.cuda.Stream(device=index)
+    return streams[index]
 
 
 def merge_partials_launch(work_out, work_lse, out, lse, slots):
@@ -517,21 +525,27 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     if prefix_index is not None and prefix_k.shape[0] > 1 and p_splits:
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
-    parts = ("prefix", "own") if plan[0].own_launch and p_splits and o_splits else ("both",) if slots else ()
+    if plan[0].own_launch:  # each kind of program that has work, in a launch of its own
+        parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)
+    else:
+        parts = ("both",) if slots else ()
     # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
-    # joined before the merge (capturable in a CUDA graph); off the GPU the launches simply run in turn.
+    # joined before the merge, also when a launch raises (a capture must not end with the side stream still in
+    # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn.
     side = _side_stream(q.device) if len(parts) == 2 and plan[0].own_stream and q.is_cuda else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(q.device))
-    for part in parts:
-        grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
-                                           scale=scale, key_padding_mask=key_padding_mask,
-                                           prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-                                           softcap=softcap, order=order, plan=plan, part=part)
-        with torch.cuda.stream(side) if side is not None and part == "own" else contextlib.nullcontext():
-            launch(_decode_partials, grid, args, kwargs)
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    try:
+        for part in parts:
+            grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
+                                               scale=scale, key_padding_mask=key_padding_mask,
+                                               prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
+                                               softcap=softcap, order=order, plan=plan, part=part)
+            with torch.cuda.stream(side) if side is not None and part == "own" else contextlib.nullcontext():
+                launch(_decode_partials, grid, args, kwargs)
+    finally:
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     launch(_merge_partials, grid, args, kwargs)
     return out, lse
