@@ -1,5 +1,6 @@
 """The decode strategy (S <= 16, no gradients) against the float64 reference and the prefill kernel, the Triton
 merge of attention states, and CUDA-graph safety. Small shapes: this runs under the interpreter on CPU."""
+import threading
 from dataclasses import replace
 
 import pytest
@@ -187,7 +188,7 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
 def test_own_stream_is_not_made_inside_a_capture(monkeypatch):
     """The side stream is made at the first call on a device and thread; inside a CUDA-graph capture that is
     refused with a message saying to run the step once first (checked without a GPU: the capture is faked)."""
-    monkeypatch.setattr(decode, "_SIDE_STREAMS", __import__("threading").local())
+    monkeypatch.setattr(decode, "_SIDE_STREAMS", threading.local())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="before a CUDA-graph capture"):
         decode._side_stream(torch.device("cuda", 0))
