@@ -56,16 +56,6 @@ PK_DEVICE void fence_barrier_init() {
 #endif
 }
 
-PK_DEVICE void mbarrier_arrive(uint64_t* bar) {
-#ifdef PK_EMULATE
-  pk_emu::mbarrier_arrive(bar);
-#elif defined(PK_WGMMA_NATIVE)
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
-#else
-  (void)bar;
-#endif
-}
-
 // An arrival by the threads whose `arrive` is true (predicated, no branch: CUTLASS's ClusterBarrier::arrive(cta,
 // pred)), e.g. one lane per warp where the barrier counts warps.
 PK_DEVICE void mbarrier_arrive_if(uint64_t* bar, bool arrive) {
