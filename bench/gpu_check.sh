@@ -165,8 +165,12 @@ export PK_BROKEN_CUDA_LOOPS=""
 if [ "$ext" = loads ]; then
   PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$PWD")
   smoke_summary="${PK_BROKEN_CUDA_LOOPS:-none}"
-  # wgmma is the forward's default on sm_90a: a broken one is left out of every call that names no loop too
-  case " $PK_BROKEN_CUDA_LOOPS " in *" wgmma "*) export PK_CUDA_FORWARD=mma ;; esac
+  # the wgmma loops are the forward's default on sm_90a (the TMA feed at D = 128, cp.async's at 64): a broken one is
+  # left out of every call that names no loop too
+  case " $PK_BROKEN_CUDA_LOOPS " in
+    *" wgmma "*) export PK_CUDA_FORWARD=mma ;;
+    *" wgmma-tma "*) export PK_CUDA_FORWARD=wgmma ;;
+  esac
   grep -q "^smoke " "$out/log.txt" 2>/dev/null || smoke_summary="not run (no Hopper loop on this card)"
 fi
 

@@ -199,7 +199,9 @@ void encode_forward_map(TensorMap& map, const char* name, const void* base, cons
   const uint32_t box[4] = {64, box_rows, 1, 1};
   const std::string why = encode_tensor_map_4d(map, base, dims, strides, box, bf16);
   if (!why.empty())
-    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=wgmma-tma: ") + name + " cannot be copied by TMA: " + why);
+    throw std::invalid_argument(std::string("the TMA-fed forward (PK_CUDA_FORWARD=wgmma-tma, the default at D = 128 "
+                                            "on sm_90a): ") + name + " cannot be copied by TMA: " + why +
+                                " (PK_CUDA_FORWARD=wgmma takes the cp.async feed)");
 }
 
 template <int D, class Attention>
@@ -300,26 +302,30 @@ namespace {
 
 enum class ForwardLoop { mma, wgmma, wgmma_tma };
 
-// Unset, the loop is wgmma where the device runs it: 1.31-1.32x mma.sync on the H200 at both ANCHORS training shapes
-// (283-286 against 214-218 TFLOP/s, bench/results/nvidia-h200/tune_cuda.json), mma.sync elsewhere (sm_80, a build
-// without 9.0a code) and in the emulator, whose tests name each loop. A first call on a device made inside a
-// CUDA-graph capture cannot ask the loaded code (above): that graph keeps mma.sync, as does every call until one
-// outside a capture has asked; both loops compute the same function.
-ForwardLoop default_forward_loop(Stream stream) {
+// Unset, the loop is a wgmma one where the device runs it, mma.sync elsewhere (sm_80, a build without 9.0a code) and
+// in the emulator, whose tests name each loop. Of the two Hopper feeds, D = 128 takes TMA's: 1.15x cp.async's on the
+// H200 at both ANCHORS training shapes since its separate K and V pipelines (395 / 382 against 345 / 333 TFLOP/s,
+// one process, bench/results/nvidia-h200/tune_cuda.json at dd6375c); D = 64 keeps cp.async's (the TMA feed there
+// is untimed). ops.cpp's operand checks are TMA's too (16-byte aligned bases and strides). A first call on a device
+// made inside a CUDA-graph capture cannot ask the loaded code (above): that graph keeps mma.sync, as does every call
+// until one outside a capture has asked; all loops compute the same function.
+ForwardLoop default_forward_loop(const AttentionParams& params, Stream stream) {
 #ifdef PK_EMULATE
+  (void)params;
   (void)stream;
   return ForwardLoop::mma;
 #else
-  return hopper_unavailable_reason(stream).empty() ? ForwardLoop::wgmma : ForwardLoop::mma;
+  if (!hopper_unavailable_reason(stream).empty()) return ForwardLoop::mma;
+  return params.head_dim == 128 ? ForwardLoop::wgmma_tma : ForwardLoop::wgmma;
 #endif
 }
 
 // $PK_CUDA_FORWARD (read at each call) names the loop: "mma", "wgmma" (the Hopper loop fed by cp.async) or
-// "wgmma-tma" (fed by a TMA producer warpgroup; slower than cp.async on the H200); both Hopper loops need an sm_90
-// device and a kernel built for 9.0a (an error otherwise, never a silent fallback).
-ForwardLoop forward_loop(Stream stream) {
+// "wgmma-tma" (fed by a TMA producer warpgroup); both Hopper loops need an sm_90 device and a kernel built for 9.0a
+// (an error otherwise, never a silent fallback).
+ForwardLoop forward_loop(const AttentionParams& params, Stream stream) {
   const char* choice = std::getenv("PK_CUDA_FORWARD");
-  if (!choice || !*choice) return default_forward_loop(stream);
+  if (!choice || !*choice) return default_forward_loop(params, stream);
   if (std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
   const bool tma = std::strcmp(choice, "wgmma-tma") == 0;
   if (!tma && std::strcmp(choice, "wgmma") != 0)
@@ -332,7 +338,7 @@ ForwardLoop forward_loop(Stream stream) {
 }  // namespace
 
 void launch_forward(const AttentionParams& params, Stream stream) {
-  const ForwardLoop loop = forward_loop(stream);
+  const ForwardLoop loop = forward_loop(params, stream);
   PK_DISPATCH(params, {
     if (loop == ForwardLoop::wgmma_tma)
       launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);

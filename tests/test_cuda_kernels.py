@@ -265,8 +265,9 @@ def test_hopper_decode_matches_reference(kernels, case, sms, dtype, monkeypatch)
 
 
 def test_default_forward_loop(kernels, monkeypatch):
-    """With PK_CUDA_FORWARD unset the forward runs the wgmma loop where the device runs it (sm_90 with 9.0a code;
-    1.31-1.32x mma.sync on the H200) and mma.sync elsewhere; the emulator keeps to mma.sync (its tests name each loop)."""
+    """With PK_CUDA_FORWARD unset the forward runs a wgmma loop where the device runs it (sm_90 with 9.0a code): at
+    D = 128 the TMA feed (1.15x the cp.async feed on the H200), at D = 64 the cp.async one; mma.sync elsewhere. The
+    emulator keeps to mma.sync (its tests name each loop)."""
     monkeypatch.delenv("PK_CUDA_FORWARD", raising=False)
     case = FORWARD_CASES[1]
     if kernels.type == "cpu":
@@ -275,8 +276,8 @@ def test_default_forward_loop(kernels, monkeypatch):
         _check_op("forward", case, torch.float16, kernels)
         assert ops.shared_memory_stats(True)[2] not in (_hopper_shared_bytes(case.head_dim, 3, tma) for tma in (0, 1))
         return
-    if "wgmma" in _broken_loops():
-        pytest.skip("the wgmma loop failed its smoke run in bench/gpu_check.sh (see its log)")
+    if {"wgmma", "wgmma-tma"} & set(_broken_loops()):
+        pytest.skip("a wgmma loop failed its smoke run in bench/gpu_check.sh (see its log)")
     monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma")  # where it is an error (sm_80, no 9.0a code) mma.sync is expected
     try:
         _call_op("forward", _validated(*_split_options(make_inputs(case, torch.bfloat16, kernels))))
@@ -284,11 +285,21 @@ def test_default_forward_loop(kernels, monkeypatch):
     except Exception as error:  # (the extension's std::runtime_error)
         assert "PK_CUDA_FORWARD=wgmma: " in str(error)
         hopper = False
-    monkeypatch.delenv("PK_CUDA_FORWARD")
-    names = _gpu_kernel_names(lambda: _check_op("forward", case, torch.bfloat16, kernels))
-    if any("_prefix_attention_fwd" in name for name in names):  # (the profiler saw kernels: Triton's, at least)
-        ours = [name for name in names if "forward_kernel" in name]
-        assert ours and all(("HopperAttention" in name) == hopper for name in ours), names
+
+    def forward_kernels(case):
+        names = _gpu_kernel_names(lambda: _check_op("forward", case, torch.bfloat16, kernels))
+        seen = any("_prefix_attention_fwd" in name for name in names)  # (the profiler saw kernels: Triton's, at least)
+        return [name for name in names if "forward_kernel" in name] if seen else None
+
+    for case, feed in ((FORWARD_CASES[1], "wgmma-tma"), (FORWARD_CASES[0], "wgmma")):  # D = 128, D = 64
+        monkeypatch.delenv("PK_CUDA_FORWARD", raising=False)
+        ours = forward_kernels(case)
+        if ours is None:
+            continue
+        assert ours and all(("HopperAttention" in name) == hopper for name in ours), ours
+        if hopper:  # the same kernel as the feed named explicitly
+            monkeypatch.setenv("PK_CUDA_FORWARD", feed)
+            assert forward_kernels(case) == ours, (case.head_dim, feed)
 
 
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
