@@ -1,9 +1,10 @@
 """Time the Triton decode at the ANCHORS decode shapes with each launch choice it has (GPU only).
 
-The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound), the pointer tiles that sm_80
-uses, the default with the interleaved program order (DecodeConfig.interleave), with one prefix program per SM
-(DecodeConfig.prefix_programs_per_sm), with own programs over several sequences (DecodeConfig.own_programs_per_sm),
-with the own programs in a launch of their own (DecodeConfig.own_launch), after the prefix launch or beside it on a
+The default (on sm_90: TMA prefix tiles where the prefix part is compute-bound; the own launch on a side stream
+where decode_config takes it, then also "one-launch"), the pointer tiles that sm_80 uses, and on the one-launch
+config: the interleaved program order (DecodeConfig.interleave), one prefix program per SM
+(DecodeConfig.prefix_programs_per_sm), own programs over several sequences (DecodeConfig.own_programs_per_sm),
+the own programs in a launch of their own (DecodeConfig.own_launch), after the prefix launch or beside it on a
 side stream (own_stream),
 and where the packed rows span several blocks the taller prefix tiles (HOPPER_DECODE_PREFIX_CANDIDATES), each
 replayed from a CUDA graph (device time only), the own part alone (an empty prefix: how much of the prefix part
@@ -45,25 +46,30 @@ def main(argv=None):
         q, k, v, prefix_k, prefix_v = inputs.q, inputs.k, inputs.v, inputs.prefix_k[None], inputs.prefix_v[None]
         group = case.heads_q // case.heads_kv
         rows, group_rows = case.batch * group * case.seq_q, group * case.seq_q
-        default = decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=_has_tma(q.device))
+        own_kv_bytes = k.numel() * k.element_size() * 2
+        default = decode_config(case.head_dim, q.dtype, rows, group_rows, _has_tma(q.device), own_kv_bytes)
+        # The knobs below are each tried on the one-launch config (decode_config takes the own launch on a side
+        # stream at some shapes: then "one-launch" is timed too)
+        base = replace(default, own_launch=False, own_stream=False)
         configs = {"default": None,
-                   "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, tma_capable=False),
-                   "interleaved": replace(default, interleave=True),
+                   **({"one-launch": base} if base != default else {}),
+                   "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, False, own_kv_bytes),
+                   "interleaved": replace(base, interleave=True),
                    # one prefix program per SM: the other program slot streams own keys from the first wave on
-                   "prefix-1/sm": replace(default, prefix_programs_per_sm=1)}
+                   "prefix-1/sm": replace(base, prefix_programs_per_sm=1)}
         # Own programs over several (sequence, KV head) pairs in one pipelined loop: no drained stream between
         # two short own programs (DecodeConfig.own_programs_per_sm), alone and with one prefix program per SM.
         for per_sm in (2, 4, 8):
-            configs[f"own-{per_sm}/sm"] = replace(default, own_programs_per_sm=per_sm)
-        configs["prefix-1/sm+own-4/sm"] = replace(default, prefix_programs_per_sm=1, own_programs_per_sm=4)
+            configs[f"own-{per_sm}/sm"] = replace(base, own_programs_per_sm=per_sm)
+        configs["prefix-1/sm+own-4/sm"] = replace(base, prefix_programs_per_sm=1, own_programs_per_sm=4)
         # The own programs in a launch of their own, with their own tiling's footprint (DecodeConfig.own_launch)
-        configs["own-launch"] = replace(default, own_launch=True)
+        configs["own-launch"] = replace(base, own_launch=True)
         # ... on a side stream, concurrent with the prefix launch (DecodeConfig.own_stream)
-        configs["own-stream"] = replace(default, own_launch=True, own_stream=True)
+        configs["own-stream"] = replace(base, own_launch=True, own_stream=True)
         # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
         # GPU at every shape, so that the smoke check runs them
         if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":
-            configs.update({name: replace(default, prefix=prefix)
+            configs.update({name: replace(base, prefix=prefix)
                             for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items()})
         row = dict(label=case.label, times_ms={}, max_diff={})
         want = None

@@ -11,7 +11,7 @@ from helpers import Case, assert_attention_matches_truth, make_inputs, max_error
 from prefix_kernels import merge_attention_states, prefix_attention
 from prefix_kernels.reference import merge_attention_states_reference
 from prefix_kernels.triton import decode
-from prefix_kernels.triton.configs import DecodeConfig
+from prefix_kernels.triton.configs import OWN_STREAM_MIN_OWN_BYTES, DecodeConfig
 from prefix_kernels.triton.forward import prefix_attention_forward
 from prefix_kernels.validation import validate
 
@@ -192,6 +192,33 @@ def test_own_stream_is_not_made_inside_a_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="before a CUDA-graph capture"):
         decode._side_stream(torch.device("cuda", 0))
+
+
+def _default_config(batch, heads_q, heads_kv, seq_k, prefix_len, head_dim=128, dtype=torch.bfloat16, tma=True):
+    """The decode plan's config for one-token decode of these sizes, as on a 132-SM GPU with TMA or without."""
+    return decode._plan_for_shapes((batch, heads_q, 1, head_dim), heads_kv, seq_k, 1, prefix_len, dtype, 132, None,
+                                   tma)[0]
+
+
+def test_decode_config_takes_the_side_stream_where_one_launch_gives_own_programs_the_prefix_footprint():
+    """decode_config runs the own programs in their own launch on a side stream where one launch would give them
+    the prefix part's bigger footprint (one row block of 65-128 packed rows on 8 warps against own tiles of 4) and
+    the own K/V is large: the H200's B=128 G=1 P=16384 (0.207 against 0.266 ms in one launch); not where the
+    footprints match (64 rows; the GQA serving shapes' 4-warp TMA tiles), nor for small steps, fp32, or head dim 256."""
+    measured = _default_config(128, 32, 32, 256, 16384)
+    assert measured.own_launch and measured.own_stream and measured.prefix.num_warps > measured.own.num_warps
+    assert _default_config(128, 32, 32, 256, 16384, tma=False).own_stream  # the same tile without TMA
+    assert _default_config(100, 16, 16, 512, 4096, head_dim=64, dtype=torch.float16).own_stream  # 100 rows, 105 MB
+    # own K/V of 2 MB per key position: the gate at 32 keys
+    assert _default_config(128, 32, 32, 32, 16384).own_stream
+    assert OWN_STREAM_MIN_OWN_BYTES == 32 * 2 * 128 * 32 * 128 * 2
+    for config in (_default_config(64, 32, 32, 256, 4096),              # 64 packed rows: the own programs' 4 warps
+                   _default_config(256, 32, 8, 256, 4096),              # G=4, 1024 rows: the 4-warp TMA prefix tile
+                   _default_config(256, 32, 8, 128, 16384, tma=False),  # ... several row blocks without TMA
+                   _default_config(128, 32, 32, 31, 16384),             # own K/V under the gate
+                   _default_config(128, 32, 32, 256, 16384, dtype=torch.float32),
+                   _default_config(128, 16, 16, 256, 16384, head_dim=256)):
+        assert not config.own_launch and not config.own_stream, config
 
 
 def test_own_stream_needs_own_launch():

@@ -249,7 +249,8 @@ class DecodeConfig:
     # fewer runs out (all prefix programs still start in the first waves, so no long one is left as a tail).
     # Why it may pay: at B=256 G=4 P=4096 (H100, c194848) the step took 0.143 ms, about the compute-bound prefix
     # phase (~0.045 ms) plus the memory-bound own phase (~0.092 ms): with prefix programs first the two do not
-    # overlap. Not timed yet (bench/tune_decode.py times it); off until a GPU run shows it.
+    # overlap. H200 (dd6375c, bench/results/nvidia-h200/tune_decode.json): 0.114 against 0.117 ms there, within 2% of
+    # the default at the other three ANCHORS decode shapes: off.
     interleave: bool = False
     # At most this many prefix programs per SM (None: the prefix keys are split like the own keys, by count).
     # Why 1 may pay at the GQA serving shapes (B=256 G=4 P=4096: 58% of the floor on the H200): the split by key
@@ -257,27 +258,34 @@ class DecodeConfig:
     # in tensor-core time, so the first wave is all prefix work (~35 us compute-bound) and the memory-bound own
     # stream (~268 MB, ~65 us at full bandwidth) only starts after it. One prefix program per SM (one split) leaves
     # each SM's second program slot to the own stream from the start: ~max(45, 70) us instead of their sum, if
-    # one own program per SM keeps enough loads in flight. Not timed yet (bench/tune_decode.py times it).
+    # one own program per SM keeps enough loads in flight. H200 (dd6375c): 0.106 against 0.117 ms there, but 0.273
+    # against 0.181 at B=256 G=4 P=16384 (the same 128 prefix programs, each 4x as long in one wave); the same at
+    # G=1. Off: one point on each side is no rule to tell the two apart.
     prefix_programs_per_sm: Optional[int] = None
     # About this many own programs per SM, each taking several whole (sequence, KV head) pairs in one pipelined loop
     # (None: one pair per program). Where it may pay: the launch's footprint is the prefix part's (B=128 G=1
     # P=16384: 128 KB of shared memory and 255 registers x 8 warps, one program per SM; 72% of the floor on the
     # H200), so between two short own programs (256 keys, 128 KB) the SM has nothing in flight for a whole memory
-    # latency. Only where the own part is one split and one row block. Not timed yet (bench/tune_decode.py).
+    # latency. Only where the own part is one split and one row block. H200 (dd6375c): 8 per SM 0.259 against
+    # 0.266 ms there, 2 and 4 slower; slower or the same at the other shapes (own_stream does better there): off.
     own_programs_per_sm: Optional[int] = None
     # The own programs in a launch of their own, after the prefix programs', with the own tiling's warps and
     # pipelining (so its shared memory and registers) instead of the prefix part's. Where it may pay: the same
     # B=128 G=1 P=16384 shape, whose own programs run one per SM under the prefix part's footprint; alone, the own
     # stream (537 MB) should run as fast as at B=64 P=4096 (~3.5 TB/s there, where the prefix part is small): about
     # 0.08 + 0.15 ms + the merge against 0.265 ms (H200, 8816e5e). It gives up the overlap of the two parts, which
-    # the compute-bound GQA shapes need. Not timed yet (bench/tune_decode.py); no meaning with `interleave`.
+    # the compute-bound GQA shapes need. H200 (dd6375c): 0.237 against 0.266 ms there, slower at the other three
+    # shapes (3-14%). No meaning with `interleave`. decode_config sets it with own_stream.
     own_launch: bool = False
     # With own_launch on a GPU: the own launch on a side stream, concurrent with the prefix launch (joined before the
     # merge), so that the two parts overlap with each one's own footprint: the compute-bound prefix programs and the
     # memory-bound own stream share the SMs. Where it may pay: B=256 G=4 P=4096 (1.72x of the floor on the H200:
     # ~0.04 ms of prefix compute and ~0.07 ms of own stream, one after the other today) towards ~max of the two;
     # and B=128 G=1 P=16384, where both parts stream memory. Costs an event pair of host time per eager call
-    # (free under CUDA graphs, where a stream fork and join are captured). Not timed yet (bench/tune_decode.py).
+    # (free under CUDA graphs, where a stream fork and join are captured). H200 (dd6375c): 0.207 against 0.266 ms
+    # at B=128 G=1 P=16384 (1.09x its floor), no faster at the other three shapes, whose prefix tiles have the own
+    # programs' 4 warps already (nor at the GQA ones, where it was to overlap compute and memory). decode_config sets it
+    # where one launch would run the own programs under the prefix part's bigger footprint (OWN_STREAM_MIN_OWN_BYTES).
     own_stream: bool = False
 
     def __post_init__(self):
@@ -332,13 +340,29 @@ def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardCo
     return ForwardConfig(32 if block_d >= 256 else 64, block_n, 4, 2)
 
 
+# The own programs go in a launch of their own on a side stream (DecodeConfig.own_launch, own_stream) where one launch
+# would run them under a bigger footprint than their own tiling's: the prefix part in one row block of 65-128 packed
+# rows (its 128 x 64 tile on 8 warps, 255 registers and ~131 KB on sm_90, one program per SM) next to own programs of
+# 4 warps. H200, CUDA-graph replays, one run (bench/results/nvidia-h200/tune_decode.json at dd6375c): B=128 G=1
+# P=16384 L=256 took 0.207 ms with the side stream, 0.237 with the own launch after the prefix one, 0.266 in one
+# launch (the copy floor is 0.190). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps:
+# 0.100 against 0.097; the GQA shapes, whose TMA prefix tile has 4 warps: 0.118 / 0.181 against 0.117 / 0.181). Only
+# for own K/V of at least this many bytes a step, so that the stream's fork and join (~3 us of device time, and host
+# time in eager calls) stay a few percent of what they save; only the measured geometry (16-bit, head dims to 128).
+OWN_STREAM_MIN_OWN_BYTES = 64 << 20
+
+
 def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_rows: int,
-                  tma_capable: bool = False) -> DecodeConfig:
+                  tma_capable: bool = False, own_kv_bytes: int = 0) -> DecodeConfig:
     """packed_rows = B * G * S (the prefix matrix of one KV head), group_rows = G * S (one sequence's rows);
-    tma_capable: the GPU has TMA (sm_90+)."""
+    tma_capable: the GPU has TMA (sm_90+); own_kv_bytes: the bytes of every sequence's own K and V that a step reads
+    (B * Hkv * L * D * 2 * itemsize)."""
     block_d = block_d_for(head_dim)
-    return DecodeConfig(_decode_prefix_config(block_d, dtype, packed_rows, tma_capable),
-                        _decode_own_config(block_d, dtype, group_rows))
+    prefix = _decode_prefix_config(block_d, dtype, packed_rows, tma_capable)
+    own = _decode_own_config(block_d, dtype, group_rows)
+    own_stream = (dtype in (torch.float16, torch.bfloat16) and block_d <= 128 and packed_rows <= DECODE_ONE_BLOCK_ROWS
+                  and prefix.num_warps > own.num_warps and own_kv_bytes >= OWN_STREAM_MIN_OWN_BYTES)
+    return DecodeConfig(prefix, own, own_launch=own_stream, own_stream=own_stream)
 
 
 def decode_splits(prefix_programs: int, prefix_keys: int, own_programs: int, own_keys: int, block_n: int,
@@ -377,9 +401,10 @@ def decode_launch_space() -> list[tuple[int, torch.dtype, DecodeConfig]]:
             for packed_rows in (1, 64, 65, 4096):
                 for group_rows in (1, 17, 33, 512):
                     for tma_capable in (False, True):
-                        config = decode_config(block_d, dtype, max(packed_rows, group_rows), group_rows,
-                                               tma_capable)
-                        if config not in seen:
-                            seen.add(config)
-                            space.append((block_d, dtype, config))
+                        for own_kv_bytes in (0, OWN_STREAM_MIN_OWN_BYTES):
+                            config = decode_config(block_d, dtype, max(packed_rows, group_rows), group_rows,
+                                                   tma_capable, own_kv_bytes)
+                            if config not in seen:
+                                seen.add(config)
+                                space.append((block_d, dtype, config))
     return space

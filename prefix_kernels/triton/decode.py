@@ -409,7 +409,8 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
     # latency is made of when the GPU work is ~0.1 ms.
     batch, heads_q, seq_q, head_dim = q_shape
     group = heads_q // heads_kv
-    config = config or decode_config(head_dim, dtype, batch * group * seq_q, group * seq_q, tma_capable)
+    own_kv_bytes = 2 * batch * heads_kv * seq_k * head_dim * dtype.itemsize
+    config = config or decode_config(head_dim, dtype, batch * group * seq_q, group * seq_q, tma_capable, own_kv_bytes)
     p_rows = batch * group * seq_q
     p_rb = cdiv(p_rows, config.prefix.block_m)
     o_rows = group * seq_q

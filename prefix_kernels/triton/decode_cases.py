@@ -30,33 +30,44 @@ def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
 
 
 def decode_cases():
+    # The single-part launches compiled so far, by (block_d, dtype, part, that part's tiling, features): a launch
+    # of one part compiles that part's code only, whatever the other part's tiling.
+    seen = set()
     for block_d, dtype, config in decode_launch_space():
         variants = [("all", ALL_FEATURES)]
         if dtype == torch.bfloat16 and block_d in (64, 128):
             variants.append(("none", {**NO_FEATURES, "causal": True}))
         dtype_name = str(dtype).removeprefix("torch.")
-        for label, features in variants:
-            _, args, kwargs = _decode_case(block_d, dtype, config, features)
-            p, o = config.prefix, config.own
-            name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
-                    f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-{label}")
-            yield name, _decode_partials, args, kwargs
+        # where decode_config takes the own launch (on a side stream), its two launches are what runs
+        for part in ("prefix", "own") if config.own_launch else ("both",):
+            for label, features in variants:
+                if part != "both":
+                    key = (block_d, dtype, part, config.prefix if part == "prefix" else config.own, label)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
+                p, o = config.prefix, config.own
+                name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
+                        f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}"
+                        f"{'' if part == 'both' else '-' + part + '-launch'}-{label}")
+                yield name, _decode_partials, args, kwargs
     # The interleaved program order (DecodeConfig.interleave; timed by bench/tune_decode.py, not chosen by
-    # decode_config yet) on the bf16 serving configs of head dim 128.
+    # decode_config) on the bf16 serving configs of head dim 128 (of one launch: nothing to interleave otherwise).
     for block_d, dtype, config in decode_launch_space():
-        if dtype == torch.bfloat16 and block_d == 128:
+        if dtype == torch.bfloat16 and block_d == 128 and not config.own_launch:
             config = replace(config, interleave=True)
             _, args, kwargs = _decode_case(block_d, dtype, config, {**NO_FEATURES, "causal": True})
             p, o = config.prefix, config.own
             yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}-w{kwargs['num_warps']}"
                    f"-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-interleave-none"), _decode_partials, args, kwargs
     # Own programs over several (sequence, KV head) pairs (DecodeConfig.own_programs_per_sm; timed by
-    # bench/tune_decode.py, not chosen by decode_config yet) with the bf16 head-dim-128 configs of one-token
+    # bench/tune_decode.py, not chosen by decode_config) with the bf16 head-dim-128 one-launch configs of one-token
     # decode (G * S <= 16 own rows), in the serving case and with every masked path; one notional SM, so that
     # the plan takes it. (Triton 3.8: no spill on sm_90; the GPU image's 3.6 spills 8 B in the every-mask variant
     # of the 64 x 64 pointer tile, not in the serving case.)
     for block_d, dtype, config in decode_launch_space():
-        if dtype == torch.bfloat16 and block_d == 128 and config.own.block_m == 16:
+        if dtype == torch.bfloat16 and block_d == 128 and config.own.block_m == 16 and not config.own_launch:
             config = replace(config, own_programs_per_sm=1)
             for label, features in (("none", {**NO_FEATURES, "causal": True}), ("all", ALL_FEATURES)):
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, sms=1)
@@ -65,20 +76,19 @@ def decode_cases():
                 yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
                        f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-units-{label}"), \
                     _decode_partials, args, kwargs
-    # The two launches of DecodeConfig.own_launch (timed by bench/tune_decode.py, not chosen by decode_config yet)
-    # with the bf16 head-dim-128 configs: each launch compiles its own part's code only, so the own launch gets the
-    # own tiling's footprint. Each distinct prefix tiling in the serving case, each own tiling in the serving case
-    # and with every masked path.
-    seen = set()
+    # The two launches of DecodeConfig.own_launch (timed by bench/tune_decode.py; decode_config takes them for a
+    # one-block prefix part with a bigger footprint, above) with every bf16 head-dim-128 config: each launch compiles
+    # its own part's code only, so the own launch gets the own tiling's footprint. Each distinct prefix tiling in the
+    # serving case, each own tiling in the serving case and with every masked path.
     for block_d, dtype, config in decode_launch_space():
         if dtype != torch.bfloat16 or block_d != 128:
             continue
         config = replace(config, own_launch=True)
         for part, tiling, labels in (("prefix", config.prefix, ("none",)), ("own", config.own, ("none", "all"))):
-            if (part, tiling) in seen:
-                continue
-            seen.add((part, tiling))
             for label in labels:
+                if (block_d, dtype, part, tiling, label) in seen:
+                    continue
+                seen.add((block_d, dtype, part, tiling, label))
                 features = {**NO_FEATURES, "causal": True} if label == "none" else ALL_FEATURES
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
                 yield (f"dec-bfloat16-d128-{part}-launch-m{tiling.block_m}-n{tiling.block_n}-w{kwargs['num_warps']}"
