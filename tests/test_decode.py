@@ -11,7 +11,7 @@ from helpers import Case, assert_attention_matches_truth, make_inputs, max_error
 from prefix_kernels import merge_attention_states, prefix_attention
 from prefix_kernels.reference import merge_attention_states_reference
 from prefix_kernels.triton import decode
-from prefix_kernels.triton.configs import OWN_STREAM_MIN_OWN_BYTES, DecodeConfig
+from prefix_kernels.triton.configs import OWN_STREAM_MIN_OWN_BYTES, DecodeConfig, decode_launch_space
 from prefix_kernels.triton.forward import prefix_attention_forward
 from prefix_kernels.validation import validate
 
@@ -201,12 +201,13 @@ def _default_config(batch, heads_q, heads_kv, seq_k, prefix_len, head_dim=128, d
 
 
 def test_decode_config_takes_the_side_stream_where_one_launch_gives_own_programs_the_prefix_footprint():
-    """decode_config runs the own programs in their own launch on a side stream where one launch would give them
-    the prefix part's bigger footprint (one row block of 65-128 packed rows on 8 warps against own tiles of 4) and
-    the own K/V is large: the H200's B=128 G=1 P=16384 (0.207 against 0.266 ms in one launch); not where the
+    """decode_config runs the own programs in their own launch on a side stream (in CUDA-graph captures) where one
+    launch would give them the prefix part's bigger footprint (one row block of 65-128 packed rows on 8 warps against
+    own tiles of 4) and the own K/V is large: the H200's B=128 G=1 P=16384 (0.207 against 0.266 ms); not where the
     footprints match (64 rows; the GQA serving shapes' 4-warp TMA tiles), nor for small steps, fp32, or head dim 256."""
     measured = _default_config(128, 32, 32, 256, 16384)
     assert measured.own_launch and measured.own_stream and measured.prefix.num_warps > measured.own.num_warps
+    assert measured.graphs_only  # eagerly the side stream's host time cost more than it saved
     assert _default_config(128, 32, 32, 256, 16384, tma=False).own_stream  # the same tile without TMA
     assert _default_config(100, 16, 16, 512, 4096, head_dim=64, dtype=torch.float16).own_stream  # 100 rows, 105 MB
     # own K/V of 2 MB per key position: the gate at 32 keys
@@ -219,6 +220,35 @@ def test_decode_config_takes_the_side_stream_where_one_launch_gives_own_programs
                    _default_config(128, 32, 32, 256, 16384, dtype=torch.float32),
                    _default_config(128, 16, 16, 256, 16384, head_dim=256)):
         assert not config.own_launch and not config.own_stream, config
+    # the compile check's space holds these configs' two launches and, for eager calls, their one launch
+    space = {(block_d, dtype, config) for block_d, dtype, config in decode_launch_space()}
+    graphs_only = [(block_d, dtype, config) for block_d, dtype, config in space if config.graphs_only]
+    assert (128, torch.bfloat16, measured) in space and graphs_only
+    for block_d, dtype, config in graphs_only:
+        assert (block_d, dtype, replace(config, own_launch=False, own_stream=False, graphs_only=False)) in space
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "captured"])
+def test_graphs_only_runs_one_launch_eagerly_and_two_in_a_capture(capturing, monkeypatch):
+    """DecodeConfig.graphs_only (as decode_config sets it): an eager call runs one launch of both parts, a call
+    being captured into a CUDA graph the prefix and own launches (the capture is faked: the launches run here, so the
+    numbers are checked too, bit-equal to one launch)."""
+    case = CASES[0]
+    tensors, options = _call(case, torch.float32)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    want_out, want_lse = _decode_with(call, base)
+    launches = []
+    real_launch = decode.launch
+    monkeypatch.setattr(decode, "launch", lambda kernel, grid, args, kwargs: (
+        launches.append((kwargs.get("PREFIX_PART"), kwargs.get("OWN_PART"))), real_launch(kernel, grid, args, kwargs)))
+    monkeypatch.setattr(decode, "_capturing", lambda device: capturing)
+    out, lse = _decode_with(call, replace(base, own_launch=True, graphs_only=True))
+    partials = [parts for parts in launches if parts != (None, None)]  # (the merge has neither flag)
+    assert partials == ([(True, False), (False, True)] if capturing else [(True, True)]), partials
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match="graphs_only limits own_launch"):
+        replace(base, graphs_only=True)
 
 
 def test_own_stream_needs_own_launch():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
+from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, DecodeConfig, block_d_for,
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
 from .forward import _attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision
@@ -496,6 +497,17 @@ def _side_stream(device: torch.device):
     return streams[index]
 
 
+@functools.lru_cache(maxsize=64)
+def _one_launch(config: DecodeConfig) -> DecodeConfig:
+    """`config` with both parts in one launch (what a graphs_only config runs eagerly); its plan is the same."""
+    return replace(config, own_launch=False, own_stream=False, graphs_only=False)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this call is being captured into a CUDA graph (never off the GPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def merge_partials_launch(work_out, work_lse, out, lse, slots):
     rows, head_dim = work_out.shape[1], work_out.shape[2]
     heads_q, seq_q = out.shape[1], out.shape[2]
@@ -526,14 +538,18 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     if prefix_index is not None and prefix_k.shape[0] > 1 and p_splits:
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
-    if plan[0].own_launch:  # each kind of program that has work, in a launch of its own
+    config = plan[0]
+    if config.graphs_only and not _capturing(q.device):  # eagerly: one launch (DecodeConfig.graphs_only)
+        config = _one_launch(config)
+        plan = (config, *plan[1:])
+    if config.own_launch:  # each kind of program that has work, in a launch of its own
         parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)
     else:
         parts = ("both",) if slots else ()
     # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
     # joined before the merge, also when a launch raises (a capture must not end with the side stream still in
     # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn.
-    side = _side_stream(q.device) if len(parts) == 2 and plan[0].own_stream and q.is_cuda else None
+    side = _side_stream(q.device) if len(parts) == 2 and config.own_stream and q.is_cuda else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(q.device))
     try:

@@ -38,7 +38,8 @@ def decode_cases():
         if dtype == torch.bfloat16 and block_d in (64, 128):
             variants.append(("none", {**NO_FEATURES, "causal": True}))
         dtype_name = str(dtype).removeprefix("torch.")
-        # where decode_config takes the own launch (on a side stream), its two launches are what runs
+        # where decode_config takes the own launch (on a side stream, in graph captures), its two launches are what
+        # runs there (eager calls run one launch: the same config without own_launch, also in the space)
         for part in ("prefix", "own") if config.own_launch else ("both",):
             for label, features in variants:
                 if part != "both":
