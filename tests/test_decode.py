@@ -207,7 +207,7 @@ def test_decode_config_takes_the_side_stream_where_one_launch_gives_own_programs
     footprints match (64 rows; the GQA serving shapes' 4-warp TMA tiles), nor for small steps, fp32, or head dim 256."""
     measured = _default_config(128, 32, 32, 256, 16384)
     assert measured.own_launch and measured.own_stream and measured.prefix.num_warps > measured.own.num_warps
-    assert measured.graphs_only  # eagerly the side stream's host time cost more than it saved
+    assert measured.graphs_only  # eagerly the side stream cost more than it saved
     assert _default_config(128, 32, 32, 256, 16384, tma=False).own_stream  # the same tile without TMA
     assert _default_config(100, 16, 16, 512, 4096, head_dim=64, dtype=torch.float16).own_stream  # 100 rows, 105 MB
     # own K/V of 2 MB per key position: the gate at 32 keys

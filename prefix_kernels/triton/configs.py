@@ -287,9 +287,10 @@ class DecodeConfig:
     # programs' 4 warps already (nor at the GQA ones, where it was to overlap compute and memory). decode_config sets it
     # where one launch would run the own programs under the prefix part's bigger footprint (OWN_STREAM_MIN_OWN_BYTES).
     own_stream: bool = False
-    # own_launch and own_stream inside a CUDA-graph capture only; an eager call runs one launch of both parts. The
-    # side stream's host time made the eager call at B=128 G=1 P=16384 2.2x slower on the H200 (0.585 ms against
-    # 0.266 in one launch, where a graph replay took 0.204), so decode_config asks for the side stream this way.
+    # own_launch and own_stream inside a CUDA-graph capture only; an eager call runs one launch of both parts. On the
+    # H200 (67a1aae) the eager call at B=128 G=1 P=16384 took 0.585 ms with the side stream, where a graph replay took
+    # 0.204 and one launch had taken 0.266 eagerly (d432cfb's anchors run). Not explained yet: one more launch and
+    # two stream waits should add ~0.1 ms of host time. So decode_config asks for the side stream this way.
     graphs_only: bool = False
 
     def __post_init__(self):
@@ -352,8 +353,8 @@ def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardCo
 # rows (its 128 x 64 tile on 8 warps, 255 registers and ~131 KB on sm_90, one program per SM) next to own programs of
 # 4 warps. H200, CUDA-graph replays, one run (bench/results/nvidia-h200/tune_decode.json at dd6375c): B=128 G=1
 # P=16384 L=256 took 0.207 ms with the side stream, 0.237 with the own launch after the prefix one, 0.266 in one
-# launch (the copy floor is 0.190); inside CUDA-graph captures only (DecodeConfig.graphs_only: eagerly it cost host
-# time). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps:
+# launch (the copy floor is 0.190); inside CUDA-graph captures only (DecodeConfig.graphs_only: eagerly it was
+# slower). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps:
 # 0.100 against 0.097; the GQA shapes, whose TMA prefix tile has 4 warps: 0.118 / 0.181 against 0.117 / 0.181). Only
 # for own K/V of at least this many bytes a step, so that the stream's fork and join (~3 us of device time, and host
 # time in eager calls) stay a few percent of what they save; only the measured geometry (16-bit, head dims to 128).
