@@ -167,10 +167,12 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
     want_out, want_lse = _decode_with(call, base)
     caller, streams[:] = (torch.cuda.current_stream() if DEVICE.type == "cuda" else None), []
     out, lse = _decode_with(call, config)
-    assert len(forks) == (1 if DEVICE.type == "cuda" and case.prefix_len else 0)
-    if forks:  # the prefix launch on the caller's stream, the own launch on the side stream
-        assert [(p, o, st == caller, st == real_side_stream(DEVICE)) for p, o, st in streams] == \
+    assert len(forks) == (1 if DEVICE.type == "cuda" else 0)
+    if forks and case.prefix_len:  # the prefix launch on the caller's stream, the own launch on the side stream
+        assert [(p, o, st == caller, st == real_side_stream(DEVICE)[0]) for p, o, st in streams] == \
             [(True, False, True, False), (False, True, False, True)], streams
+    elif forks:  # one kind of program: one launch, on the caller's stream
+        assert [st == caller for *_, st in streams] == [True], streams
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     if DEVICE.type != "cuda":
         return
@@ -181,6 +183,27 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
         t.copy_(torch.randn_like(t))
     graph.replay()
     want_out, want_lse = _decode_with(call, base)
+    torch.cuda.synchronize()
+    assert torch.equal(graph_out, want_out) and torch.equal(graph_lse, want_lse)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_graphs_only_config_captures_after_an_eager_call_on_a_fresh_thread(monkeypatch):
+    """A graphs_only config (decode_config's side stream) runs one launch eagerly, and that eager call still makes
+    the side stream, so that the capture which follows it (the usual warm-up, then capture) does not refuse to
+    make one; the replay matches one launch."""
+    monkeypatch.setattr(decode, "_SIDE_STREAMS", threading.local())  # as on a thread that never ran a decode
+    tensors, options = _call(CASES[0], torch.float16)
+    call = _validated(tensors, options)
+    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+    config = replace(base, own_launch=True, own_stream=True, graphs_only=True)
+    want_out, want_lse = _decode_with(call, base)
+    out, lse = _decode_with(call, config)  # eager: one launch, the stream made
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_lse = _decode_with(call, config)
+    graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(graph_out, want_out) and torch.equal(graph_lse, want_lse)
 

@@ -480,10 +480,12 @@ _SIDE_STREAMS = threading.local()  # per thread: another thread's decode must no
 
 
 def _side_stream(device: torch.device):
-    """This thread's side stream of DecodeConfig.own_stream on `device`, made once (a new stream per call costs
-    host time; making one inside a CUDA-graph capture is refused: a first call outside it makes it, as the
-    kernels' compilation needs anyway). The caller's tensors need no record_stream: the caller's stream waits for
-    this one before anything after the call can run, and this one allocates nothing."""
+    """This thread's side stream of DecodeConfig.own_stream on `device` and the two events that fork it from the
+    caller's stream and join it back, made once (new ones per call cost host time; making them inside a CUDA-graph
+    capture is refused: a first call outside it makes them, as the kernels' compilation needs anyway, an eager call
+    of a graphs_only config too). An event is recorded anew before every wait on it, so reusing it is safe. The
+    caller's tensors need no record_stream: the caller's stream waits for this one before anything after the call
+    can run, and this one allocates nothing."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     streams = getattr(_SIDE_STREAMS, "by_device", None)
     if streams is None:
@@ -493,7 +495,7 @@ def _side_stream(device: torch.device):
             raise RuntimeError("DecodeConfig(own_stream=True): the decode's side stream is made at its first call "
                                "on a device and thread, which must come before a CUDA-graph capture (run the step "
                                "once eagerly first, as the kernels' compilation needs anyway)")
-        streams[index] = torch.cuda.Stream(device=index)
+        streams[index] = (torch.cuda.Stream(device=index), torch.cuda.Event(), torch.cuda.Event())
     return streams[index]
 
 
@@ -539,30 +541,35 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
     config = plan[0]
+    # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
+    # joined before the merge, also when a launch raises (a capture must not end with the side stream still in
+    # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn. The stream is made at the first
+    # call, also an eager one that runs one launch (graphs_only), so that a later capture finds it.
+    side = _side_stream(q.device) if config.own_stream and q.is_cuda else None
     if config.graphs_only and not _capturing(q.device):  # eagerly: one launch (DecodeConfig.graphs_only)
-        config = _one_launch(config)
+        config, side = _one_launch(config), None
         plan = (config, *plan[1:])
     if config.own_launch:  # each kind of program that has work, in a launch of its own
         parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)
     else:
         parts = ("both",) if slots else ()
-    # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
-    # joined before the merge, also when a launch raises (a capture must not end with the side stream still in
-    # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn.
-    side = _side_stream(q.device) if len(parts) == 2 and config.own_stream and q.is_cuda else None
+    side = side if len(parts) == 2 else None
     if side is not None:
-        side.wait_stream(torch.cuda.current_stream(q.device))
+        side_stream, fork, join = side
+        fork.record(torch.cuda.current_stream(q.device))
+        side_stream.wait_event(fork)
     try:
         for part in parts:
             grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
                                                scale=scale, key_padding_mask=key_padding_mask,
                                                prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
                                                softcap=softcap, order=order, plan=plan, part=part)
-            with torch.cuda.stream(side) if side is not None and part == "own" else contextlib.nullcontext():
+            with torch.cuda.stream(side_stream) if side is not None and part == "own" else contextlib.nullcontext():
                 launch(_decode_partials, grid, args, kwargs)
     finally:
         if side is not None:
-            torch.cuda.current_stream(q.device).wait_stream(side)
+            join.record(side_stream)
+            torch.cuda.current_stream(q.device).wait_event(join)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     launch(_merge_partials, grid, args, kwargs)
     return out, lse
