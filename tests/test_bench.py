@@ -332,7 +332,7 @@ def test_decode_tile_sweep_script_runs(tmp_path):
 
     taller = set(HOPPER_DECODE_PREFIX_CANDIDATES) if device == "cpu" else set()  # on a GPU: past 128 rows only
     occupancy = {"prefix-1/sm", "own-2/sm", "own-4/sm", "own-8/sm", "prefix-1/sm+own-4/sm", "own-launch",
-                 "own-stream"}
+                 "own-stream", "prefix-1/sm+own-stream"}
     eager = {"default-eager", "own-stream-eager"}  # (the smoke shapes' default is one launch)
     assert set(row["times_ms"]) == {"default", "pointer", "interleaved", "own-only", "split"} | taller | occupancy \
         | eager
