@@ -38,11 +38,12 @@ using ForwardAttention =
     BlockAttention<T, D, PK_FORWARD_ROW_TILES, D == 128 ? PK_FORWARD_KEYS_D128 : 64, PK_FORWARD_STAGES>;
 
 // The sm_90a forward (attend_sm90.h): 128 rows, 128-key tiles, FA3's overlap of one tile's softmax with the
-// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128): one block per SM, 283-286 TFLOP/s on
-// the H200 (bench/NOTES.md, tenth session). PK_HOPPER_STAGES, PK_HOPPER_OVERLAP, PK_HOPPER_PINGPONG,
-// PK_HOPPER_WARPGROUPS and PK_HOPPER_KEYS are for bench/tune_cuda.py: the plain loop with 2 stages, the ping-pong
-// of the two warpgroups (+2% there), and one warpgroup of 64 rows with 64-key tiles, two blocks per SM (the
-// shape of the Triton forward's tiles, 382-392 TFLOP/s there; the cp.async feed only).
+// previous tile's P.V, over a ring of 3 tile pairs (224 KB at head dim 128): one block per SM, 333-345 TFLOP/s on
+// the H200 with the cp.async feed, 382-395 with the TMA feed (bench/NOTES.md, fourteenth session).
+// PK_HOPPER_STAGES, PK_HOPPER_OVERLAP, PK_HOPPER_PINGPONG, PK_HOPPER_WARPGROUPS and PK_HOPPER_KEYS are for
+// bench/tune_cuda.py: the plain loop with 2 stages, the ping-pong of the two warpgroups (+2% there with the
+// cp.async feed), and one warpgroup of 64 rows with 64-key tiles, two blocks per SM (the shape of the Triton
+// forward's tiles; the cp.async feed only: 312-320 TFLOP/s on the H200, below the shipped 333-345).
 #ifndef PK_HOPPER_STAGES
 #define PK_HOPPER_STAGES 3
 #endif
@@ -185,7 +186,12 @@ forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Atten
 // The TMA feed's maps: each [outer, heads, rows, D] tensor (any strides, D contiguous) as 4-d boxes of 64 columns x
 // `box_rows` rows; rows past the tensor read as zeros (Q past seq_q, keys past L or P). Keys in [prefix_lens[n], P)
 // are copied and masked, as the reference masks them. ops.cpp already refused what TMA cannot read (an address or a
-// stride not a multiple of 16 bytes); a refusal here (the driver's) names the tensor.
+// stride not a multiple of 16 bytes); a refusal here (the driver's: a driver without the encoder, a stride it does
+// not take, such as 0 for a broadcast dim) names the tensor. Its own type lets the default fall back (launch_forward).
+struct TmaMapError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 template <int D>
 void encode_forward_map(TensorMap& map, const char* name, const void* base, const int64_t (&stride)[3], int outer,
                         int heads, int rows, uint32_t box_rows, bool bf16) {
@@ -199,9 +205,8 @@ void encode_forward_map(TensorMap& map, const char* name, const void* base, cons
   const uint32_t box[4] = {64, box_rows, 1, 1};
   const std::string why = encode_tensor_map_4d(map, base, dims, strides, box, bf16);
   if (!why.empty())
-    throw std::invalid_argument(std::string("the TMA-fed forward (PK_CUDA_FORWARD=wgmma-tma, the default at D = 128 "
-                                            "on sm_90a): ") + name + " cannot be copied by TMA: " + why +
-                                " (PK_CUDA_FORWARD=wgmma takes the cp.async feed)");
+    throw TmaMapError(std::string("PK_CUDA_FORWARD=wgmma-tma: ") + name + " cannot be copied by TMA: " + why +
+                      " (PK_CUDA_FORWARD=wgmma takes the cp.async feed)");
 }
 
 template <int D, class Attention>
@@ -323,8 +328,7 @@ ForwardLoop default_forward_loop(const AttentionParams& params, Stream stream) {
 // $PK_CUDA_FORWARD (read at each call) names the loop: "mma", "wgmma" (the Hopper loop fed by cp.async) or
 // "wgmma-tma" (fed by a TMA producer warpgroup); both Hopper loops need an sm_90 device and a kernel built for 9.0a
 // (an error otherwise, never a silent fallback).
-ForwardLoop forward_loop(const AttentionParams& params, Stream stream) {
-  const char* choice = std::getenv("PK_CUDA_FORWARD");
+ForwardLoop forward_loop(const char* choice, const AttentionParams& params, Stream stream) {
   if (!choice || !*choice) return default_forward_loop(params, stream);
   if (std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
   const bool tma = std::strcmp(choice, "wgmma-tma") == 0;
@@ -338,11 +342,19 @@ ForwardLoop forward_loop(const AttentionParams& params, Stream stream) {
 }  // namespace
 
 void launch_forward(const AttentionParams& params, Stream stream) {
-  const ForwardLoop loop = forward_loop(params, stream);
+  const char* choice = std::getenv("PK_CUDA_FORWARD");
+  ForwardLoop loop = forward_loop(choice, params, stream);
   PK_DISPATCH(params, {
-    if (loop == ForwardLoop::wgmma_tma)
-      launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);
-    else if (loop == ForwardLoop::wgmma)
+    if (loop == ForwardLoop::wgmma_tma) {
+      try {
+        launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);
+        return;
+      } catch (const TmaMapError&) {
+        if (choice && *choice) throw;  // named: the error; the default takes the cp.async feed (the same function)
+      }
+      loop = ForwardLoop::wgmma;
+    }
+    if (loop == ForwardLoop::wgmma)
       launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, false>,
                           hopper_min_blocks<HopperForwardAttention<Element, kHeadDim, false>>()>(params, stream);
     else

@@ -302,6 +302,30 @@ def test_default_forward_loop(kernels, monkeypatch):
             assert forward_kernels(case) == ours, (case.head_dim, feed)
 
 
+def test_default_forward_takes_cp_async_where_tma_cannot_copy_a_tensor(kernels, monkeypatch):
+    """A key tensor broadcast over the KV heads (stride 0, which the operand checks accept) at head dim 128: the
+    default forward computes it (TMA's feed where the driver encodes such a map, else the cp.async feed, the same
+    function), and naming the TMA feed either computes it too or says which tensor TMA cannot copy."""
+    _hopper_or_skip(kernels, "wgmma-tma")
+    case = Case(batch=2, heads_q=6, heads_kv=3, seq_q=40, seq_k=40, prefix_len=24, head_dim=128)
+    tensors, options = _split_options(make_inputs(case, torch.bfloat16, kernels))
+    tensors[1] = tensors[1][:, :1].expand(-1, case.heads_kv, -1, -1)  # k: one head's keys for every KV head
+    assert tensors[1].stride(1) == 0
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, torch.bfloat16)
+    call = _validated(tensors, options)
+    for loop in (None, "wgmma-tma"):
+        if loop is None:
+            monkeypatch.delenv("PK_CUDA_FORWARD", raising=False)
+        else:
+            monkeypatch.setenv("PK_CUDA_FORWARD", loop)
+        try:
+            out, lse = _call_op("forward", call)
+        except Exception as error:  # (the extension's std::invalid_argument)
+            assert loop is not None and "k cannot be copied by TMA" in str(error), str(error)
+            continue
+        assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.bfloat16)
+
+
 def test_forward_loop_choice_is_checked(kernels, monkeypatch):
     """PK_CUDA_FORWARD names the loop; anything else, or a Hopper loop on a device without wgmma, is an error that
     says why."""
