@@ -28,6 +28,38 @@ from prefix_kernels.triton.decode import prefix_attention_decode
 from prefix_kernels.triton.forward import _has_tma
 
 
+def launch_choices(head_dim, dtype, rows, group_rows, tma_capable, own_kv_bytes, every_tile=False):
+    """{name: DecodeConfig (None: the plan's own choice)} of every launch choice timed at one shape."""
+    default = decode_config(head_dim, dtype, rows, group_rows, tma_capable, own_kv_bytes)
+    # The knobs below are each tried on the one-launch config (decode_config takes the own launch on a side
+    # stream at some shapes: then "one-launch" is timed too)
+    base = default.one_launch()
+    configs = {"default": None,
+               **({"one-launch": base} if base != default else {}),
+               "pointer": decode_config(head_dim, dtype, rows, group_rows, False, own_kv_bytes),
+               "interleaved": replace(base, interleave=True),
+               # one prefix program per SM: the other program slot streams own keys from the first wave on
+               "prefix-1/sm": replace(base, prefix_programs_per_sm=1)}
+    # Own programs over several (sequence, KV head) pairs in one pipelined loop: no drained stream between
+    # two short own programs (DecodeConfig.own_programs_per_sm), alone and with one prefix program per SM.
+    for per_sm in (2, 4, 8):
+        configs[f"own-{per_sm}/sm"] = replace(base, own_programs_per_sm=per_sm)
+    configs["prefix-1/sm+own-4/sm"] = replace(base, prefix_programs_per_sm=1, own_programs_per_sm=4)
+    # The own programs in a launch of their own, with their own tiling's footprint (DecodeConfig.own_launch)
+    configs["own-launch"] = replace(base, own_launch=True)
+    # ... on a side stream, concurrent with the prefix launch (DecodeConfig.own_stream)
+    configs["own-stream"] = replace(base, own_launch=True, own_stream=True)
+    # ... with one prefix program per SM (B=256 G=4 P=4096 on the H200: prefix-1/sm alone 0.106 against 0.117 ms,
+    # own-stream alone no gain): whether the own launch fills the slot it leaves
+    configs["prefix-1/sm+own-stream"] = replace(base, prefix_programs_per_sm=1, own_launch=True, own_stream=True)
+    # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
+    # GPU at every shape (every_tile), so that the smoke check runs them
+    if rows > DECODE_ONE_BLOCK_ROWS or every_tile:
+        configs.update({name: replace(base, prefix=prefix)
+                        for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items()})
+    return configs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
@@ -47,33 +79,8 @@ def main(argv=None):
         group = case.heads_q // case.heads_kv
         rows, group_rows = case.batch * group * case.seq_q, group * case.seq_q
         own_kv_bytes = k.numel() * k.element_size() * 2
-        default = decode_config(case.head_dim, q.dtype, rows, group_rows, _has_tma(q.device), own_kv_bytes)
-        # The knobs below are each tried on the one-launch config (decode_config takes the own launch on a side
-        # stream at some shapes: then "one-launch" is timed too)
-        base = replace(default, own_launch=False, own_stream=False)
-        configs = {"default": None,
-                   **({"one-launch": base} if base != default else {}),
-                   "pointer": decode_config(case.head_dim, q.dtype, rows, group_rows, False, own_kv_bytes),
-                   "interleaved": replace(base, interleave=True),
-                   # one prefix program per SM: the other program slot streams own keys from the first wave on
-                   "prefix-1/sm": replace(base, prefix_programs_per_sm=1)}
-        # Own programs over several (sequence, KV head) pairs in one pipelined loop: no drained stream between
-        # two short own programs (DecodeConfig.own_programs_per_sm), alone and with one prefix program per SM.
-        for per_sm in (2, 4, 8):
-            configs[f"own-{per_sm}/sm"] = replace(base, own_programs_per_sm=per_sm)
-        configs["prefix-1/sm+own-4/sm"] = replace(base, prefix_programs_per_sm=1, own_programs_per_sm=4)
-        # The own programs in a launch of their own, with their own tiling's footprint (DecodeConfig.own_launch)
-        configs["own-launch"] = replace(base, own_launch=True)
-        # ... on a side stream, concurrent with the prefix launch (DecodeConfig.own_stream)
-        configs["own-stream"] = replace(base, own_launch=True, own_stream=True)
-        # ... with one prefix program per SM (B=256 G=4 P=4096 on the H200: prefix-1/sm alone 0.106 against 0.117 ms,
-        # own-stream alone no gain): whether the own launch fills the slot it leaves
-        configs["prefix-1/sm+own-stream"] = replace(base, prefix_programs_per_sm=1, own_launch=True, own_stream=True)
-        # Taller prefix tiles where the prefix part spans several row blocks (where the default takes TMA); off the
-        # GPU at every shape, so that the smoke check runs them
-        if rows > DECODE_ONE_BLOCK_ROWS or args.device != "cuda":
-            configs.update({name: replace(base, prefix=prefix)
-                            for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items()})
+        configs = launch_choices(case.head_dim, q.dtype, rows, group_rows, _has_tma(q.device), own_kv_bytes,
+                                 every_tile=args.device != "cuda")
         row = dict(label=case.label, times_ms={}, max_diff={})
         want = None
         for name, config in configs.items():
@@ -86,9 +93,10 @@ def main(argv=None):
             want = out if want is None else want
             row["max_diff"][name] = float((out - want).abs().max())
             row["times_ms"][name], _ = timer(run)
-            if name in ("one-launch" if "one-launch" in configs else "default", "own-stream"):
-                # also eagerly (host time included): the side stream's eager cost, which made decode_config take
-                # it inside graph captures only (0.585 ms eagerly at B=128 G=1 P=16384 against 0.204 replayed)
+            if name in ("default", "own-stream"):
+                # also eagerly (host time included; the default's first eager call has run): the side stream's eager
+                # cost, which made decode_config take it inside graph captures only (0.585 ms eagerly at B=128 G=1
+                # P=16384 against 0.204 replayed)
                 row["times_ms"][f"{name}-eager"] = bench_ms(run, args.device)
         # The own part alone (an empty prefix): next to the default's time it says how much of the prefix part
         # runs alongside the own part rather than after it (the GQA serving shapes sat at ~55-58% of their floor

@@ -342,6 +342,25 @@ def test_decode_tile_sweep_script_runs(tmp_path):
     assert all(d < 1e-4 for d in row["max_diff"].values()) and "WRONG" not in result.stdout, result.stdout
 
 
+def test_decode_tile_sweep_tries_its_knobs_where_the_default_takes_the_side_stream():
+    """bench/tune_decode.py's launch choices at B=128 G=1 P=16384 L=256 (bf16, head dim 128: decode_config's
+    graphs_only side stream): every knob is tried on the one-launch config (a knob added to the graphs_only
+    config raised there, which the smoke shapes, one launch by default, never reach)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "tune_decode.py"
+    spec = importlib.util.spec_from_file_location("tune_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own_kv_bytes = 2 * 128 * 32 * 256 * 128 * 2
+    choices = module.launch_choices(128, torch.bfloat16, 128, 1, True, own_kv_bytes)
+    default = module.decode_config(128, torch.bfloat16, 128, 1, True, own_kv_bytes)
+    assert default.graphs_only and choices["one-launch"] == default.one_launch()
+    assert choices["interleaved"].interleave and not choices["interleaved"].own_launch
+    assert choices["own-stream"].own_stream and not choices["own-stream"].graphs_only
+
+
 def test_sanitize_sweep_selects_each_loop(monkeypatch):
     """bench/sanitize_cuda.py (the smoke runs and compute-sanitizer): a loop name sets the variables the extension
     reads (decode-X: the decode's prefix loop, the forward on mma.sync; else the forward's loop), and a decode-*

@@ -47,8 +47,10 @@ def _single_part_launches_compile_one_part(report_lines):
     """DecodeConfig.own_launch's launches each compile their own part's code only: every own launch needs less
     shared memory than any prefix launch of its head dim (had the prefix code been compiled into it, it would hold
     the prefix tiles too)."""
+    launched = {re.search(r"-d(\d+)-", line).group(1) for line in report_lines if "-launch-" in line}
+    assert "128" in launched, launched
     for arch in ("sm_80", "sm_90"):
-        for block_d in ("32", "64", "128"):
+        for block_d in launched:
             def shared(kind):
                 return [int(re.search(r"shared=(\d+)", line).group(1)) for line in report_lines
                         if f" {arch} " in line and f"-d{block_d}-" in line and f"-{kind}-launch-" in line]

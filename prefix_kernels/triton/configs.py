@@ -6,7 +6,7 @@ exactly what is compiled for sm_80 and sm_90 on the CPU machines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Optional
 
@@ -293,6 +293,11 @@ class DecodeConfig:
     # two stream waits should add ~0.1 ms of host time. So decode_config asks for the side stream this way.
     graphs_only: bool = False
 
+    def one_launch(self) -> "DecodeConfig":
+        """This config with both kinds of program in one launch (what a graphs_only config runs eagerly); the plan's
+        splits do not depend on it."""
+        return replace(self, own_launch=False, own_stream=False, graphs_only=False)
+
     def __post_init__(self):
         if self.own_launch and self.interleave:
             raise ValueError("DecodeConfig: own_launch puts the own programs in a launch of their own, so there is "
@@ -357,7 +362,7 @@ def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardCo
 # slower). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps:
 # 0.100 against 0.097; the GQA shapes, whose TMA prefix tile has 4 warps: 0.118 / 0.181 against 0.117 / 0.181). Only
 # for own K/V of at least this many bytes a step, so that the stream's fork and join (~3 us of device time, and host
-# time in eager calls) stay a few percent of what they save; only the measured geometry (16-bit, head dims to 128).
+# time in eager calls) stay a few percent of what they save; only the measured geometry (16-bit, head dims 65-128).
 OWN_STREAM_MIN_OWN_BYTES = 64 << 20
 
 
@@ -369,7 +374,7 @@ def decode_config(head_dim: int, dtype: torch.dtype, packed_rows: int, group_row
     block_d = block_d_for(head_dim)
     prefix = _decode_prefix_config(block_d, dtype, packed_rows, tma_capable)
     own = _decode_own_config(block_d, dtype, group_rows)
-    own_stream = (dtype in (torch.float16, torch.bfloat16) and block_d <= 128 and packed_rows <= DECODE_ONE_BLOCK_ROWS
+    own_stream = (dtype in (torch.float16, torch.bfloat16) and block_d == 128 and packed_rows <= DECODE_ONE_BLOCK_ROWS
                   and prefix.num_warps > own.num_warps and own_kv_bytes >= OWN_STREAM_MIN_OWN_BYTES)
     return DecodeConfig(prefix, own, own_launch=own_stream, own_stream=own_stream, graphs_only=own_stream)
 

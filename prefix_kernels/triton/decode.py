@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, DecodeConfig, block_d_for,
+from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
 from .forward import _attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision
@@ -499,10 +498,20 @@ def _side_stream(device: torch.device):
     return streams[index]
 
 
-@functools.lru_cache(maxsize=64)
-def _one_launch(config: DecodeConfig) -> DecodeConfig:
-    """`config` with both parts in one launch (what a graphs_only config runs eagerly); its plan is the same."""
-    return replace(config, own_launch=False, own_stream=False, graphs_only=False)
+_EAGER_CALLS_SEEN: set = set()  # graphs_only calls that ran their two launches eagerly once (_first_eager_call)
+
+
+def _first_eager_call(plan, *arguments) -> bool:
+    """Whether no eager call of a graphs_only plan with these arguments' shapes, strides, dtype, device and
+    features has run yet (then this one is it, and is remembered): Triton compiles a kernel per such variant."""
+    key = (plan, *((a.device, a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+                   for a in arguments))
+    if key in _EAGER_CALLS_SEEN:
+        return False
+    if len(_EAGER_CALLS_SEEN) > 4096:  # (shapes that change every step: start over rather than grow)
+        _EAGER_CALLS_SEEN.clear()
+    _EAGER_CALLS_SEEN.add(key)
+    return True
 
 
 def _capturing(device: torch.device) -> bool:
@@ -546,8 +555,12 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn. The stream is made at the first
     # call, also an eager one that runs one launch (graphs_only), so that a later capture finds it.
     side = _side_stream(q.device) if config.own_stream and q.is_cuda else None
-    if config.graphs_only and not _capturing(q.device):  # eagerly: one launch (DecodeConfig.graphs_only)
-        config, side = _one_launch(config), None
+    if config.graphs_only and not _capturing(q.device) and not _first_eager_call(
+            plan, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, window, softcap, causal):
+        # Eagerly one launch (DecodeConfig.graphs_only), except at the first eager call with these arguments: it
+        # runs the two launches, so that their kernels are compiled and loaded before a capture needs them (a
+        # module load inside a capture is refused: warm-up, then capture, as a serving loop does)
+        config, side = config.one_launch(), None
         plan = (config, *plan[1:])
     if config.own_launch:  # each kind of program that has work, in a launch of its own
         parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)

@@ -30,8 +30,8 @@ def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
 
 
 def decode_cases():
-    # The single-part launches compiled so far, by (block_d, dtype, part, that part's tiling, features): a launch
-    # of one part compiles that part's code only, whatever the other part's tiling.
+    # The single-part launches compiled so far, by (block_d, dtype, part, that part's tiling, warps, stages,
+    # features): a launch of one part compiles that part's code only, whatever the other part's tiling.
     seen = set()
     for block_d, dtype, config in decode_launch_space():
         variants = [("all", ALL_FEATURES)]
@@ -42,12 +42,13 @@ def decode_cases():
         # runs there (eager calls run one launch: the same config without own_launch, also in the space)
         for part in ("prefix", "own") if config.own_launch else ("both",):
             for label, features in variants:
+                _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
                 if part != "both":
-                    key = (block_d, dtype, part, config.prefix if part == "prefix" else config.own, label)
+                    key = (block_d, dtype, part, config.prefix if part == "prefix" else config.own,
+                           kwargs["num_warps"], kwargs["num_stages"], label)
                     if key in seen:
                         continue
                     seen.add(key)
-                _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
                 p, o = config.prefix, config.own
                 name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
                         f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}"
@@ -87,11 +88,12 @@ def decode_cases():
         config = replace(config, own_launch=True)
         for part, tiling, labels in (("prefix", config.prefix, ("none",)), ("own", config.own, ("none", "all"))):
             for label in labels:
-                if (block_d, dtype, part, tiling, label) in seen:
-                    continue
-                seen.add((block_d, dtype, part, tiling, label))
                 features = {**NO_FEATURES, "causal": True} if label == "none" else ALL_FEATURES
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
+                key = (block_d, dtype, part, tiling, kwargs["num_warps"], kwargs["num_stages"], label)
+                if key in seen:
+                    continue
+                seen.add(key)
                 yield (f"dec-bfloat16-d128-{part}-launch-m{tiling.block_m}-n{tiling.block_n}-w{kwargs['num_warps']}"
                        f"-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}-{label}"), \
                     _decode_partials, args, kwargs
