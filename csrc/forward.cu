@@ -307,6 +307,21 @@ namespace {
 
 enum class ForwardLoop { mma, wgmma, wgmma_tma };
 
+// A dim of more than one element with stride 0 (a broadcast view, which ops.cpp's operand checks accept): the
+// driver may refuse such a TMA map, so the default takes the cp.async feed for it up front rather than through
+// launch_forward's fallback on every call.
+#ifndef PK_EMULATE
+bool has_broadcast_dim(const AttentionParams& p) {
+  const int q_sizes[3] = {p.batch, p.heads_q, p.seq_q}, k_sizes[3] = {p.batch, p.heads_kv, p.seq_k},
+            prefix_sizes[3] = {p.num_prefixes, p.heads_kv, p.prefix_len};
+  for (int d = 0; d < 3; ++d)
+    if ((q_sizes[d] > 1 && p.q_stride[d] == 0) || (k_sizes[d] > 1 && (p.k_stride[d] == 0 || p.v_stride[d] == 0)) ||
+        (prefix_sizes[d] > 1 && (p.pk_stride[d] == 0 || p.pv_stride[d] == 0)))
+      return true;
+  return false;
+}
+#endif
+
 // Unset, the loop is a wgmma one where the device runs it, mma.sync elsewhere (sm_80, a build without 9.0a code) and
 // in the emulator, whose tests name each loop. Of the two Hopper feeds, D = 128 takes TMA's: 1.15x cp.async's on the
 // H200 at both ANCHORS training shapes since its separate K and V pipelines (395 / 382 against 345 / 333 TFLOP/s,
@@ -321,7 +336,7 @@ ForwardLoop default_forward_loop(const AttentionParams& params, Stream stream) {
   return ForwardLoop::mma;
 #else
   if (!hopper_unavailable_reason(stream).empty()) return ForwardLoop::mma;
-  return params.head_dim == 128 ? ForwardLoop::wgmma_tma : ForwardLoop::wgmma;
+  return params.head_dim == 128 && !has_broadcast_dim(params) ? ForwardLoop::wgmma_tma : ForwardLoop::wgmma;
 #endif
 }
 

@@ -304,8 +304,9 @@ def test_default_forward_loop(kernels, monkeypatch):
 
 def test_default_forward_takes_cp_async_where_tma_cannot_copy_a_tensor(kernels, monkeypatch):
     """A key tensor broadcast over the KV heads (stride 0, which the operand checks accept) at head dim 128: the
-    default forward computes it (TMA's feed where the driver encodes such a map, else the cp.async feed, the same
-    function), and naming the TMA feed either computes it too or says which tensor TMA cannot copy."""
+    default forward computes it (on the cp.async feed, chosen up front for a broadcast dim; any other map the
+    driver refuses falls back there too), and naming the TMA feed either computes it (a driver that encodes such a
+    map) or says which tensor TMA cannot copy."""
     _hopper_or_skip(kernels, "wgmma-tma")
     case = Case(batch=2, heads_q=6, heads_kv=3, seq_q=40, seq_k=40, prefix_len=24, head_dim=128)
     tensors, options = _split_options(make_inputs(case, torch.bfloat16, kernels))
@@ -320,7 +321,7 @@ def test_default_forward_takes_cp_async_where_tma_cannot_copy_a_tensor(kernels, 
             monkeypatch.setenv("PK_CUDA_FORWARD", loop)
         try:
             out, lse = _call_op("forward", call)
-        except Exception as error:  # (the extension's std::invalid_argument)
+        except Exception as error:  # (a ValueError or RuntimeError from the extension)
             assert loop is not None and "k cannot be copied by TMA" in str(error), str(error)
             continue
         assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.bfloat16)

@@ -193,8 +193,9 @@ def test_own_stream_computes_the_same_eagerly_and_in_a_cuda_graph(case, monkeypa
 _WARM_UP_THEN_CAPTURE = """
 from dataclasses import replace
 import torch
+import triton
 from prefix_kernels.triton import decode
-B, Hq, Hkv, L, P, D = 3, 6, 2, 40, 70, 64
+B, Hq, Hkv, L, P, D = 3, 6, 2, 40, 70, 128
 q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
 k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16) for _ in range(2))
 prefix_k, prefix_v = (torch.randn(1, Hkv, P, D, device="cuda", dtype=torch.float16) for _ in range(2))
@@ -204,9 +205,14 @@ def run(config):
     return decode.prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=True, scale=D ** -0.5, config=config)
 want = run(base)
 run(config)  # the warm-up: its first eager call
+runtime = getattr(getattr(triton, "knobs", None), "runtime", None)  # (Triton >= 3.4: count the module loads)
+loads = []
+if runtime is not None and hasattr(runtime, "kernel_load_start_hook"):
+    runtime.kernel_load_start_hook = lambda module, function, name, *rest: loads.append(name)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
     got = run(config)
+assert not loads, f"kernels loaded inside the capture: {loads}"
 graph.replay()
 torch.cuda.synchronize()
 assert all(torch.equal(a, b) for a, b in zip(got, want)), "the replay differs from one launch"
@@ -276,40 +282,45 @@ def test_decode_config_takes_the_side_stream_where_one_launch_gives_own_programs
 
 
 def test_graphs_only_runs_both_launches_first_then_one_launch_eagerly_and_two_in_a_capture(monkeypatch):
-    """DecodeConfig.graphs_only (as decode_config sets it): the first eager call with given arguments runs the prefix
-    and own launches (so that their kernels are loaded before a capture needs them), later eager calls one launch of
-    both parts, a call being captured the two launches again (the capture is faked: the launches run here, so the
-    numbers are checked too, bit-equal to one launch); other arguments count as a first call again."""
-    monkeypatch.setattr(decode, "_EAGER_CALLS_SEEN", set())
-    tensors, options = _call(CASES[0], torch.float32)
-    call = _validated(tensors, options)
-    base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
-    config = replace(base, own_launch=True, graphs_only=True)
-    want_out, want_lse = _decode_with(call, base)
+    """DecodeConfig.graphs_only (as decode_config sets it): the first eager call of a launch signature (what Triton
+    compiles a kernel variant for) runs the prefix and own launches, so that their kernels are loaded before a
+    capture needs them; later eager calls one launch of both parts, also as the own keys grow by one a step; a call
+    being captured the two launches (the capture is faked: the launches run here, so the numbers are checked too,
+    bit-equal to one launch); an argument of another alignment is a new signature."""
+    monkeypatch.setattr(decode, "_LOADED_SIGNATURES", set())
+    case = Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=17, prefix_len=37, head_dim=64)
+    cache_shape = (2, case.batch, case.heads_kv, 24, case.head_dim)  # K and V of a static cache
+    buffer = torch.randn(torch.Size(cache_shape).numel() + 4, device=DEVICE)
     launches, capturing = [], [False]
     real_launch = decode.launch
     monkeypatch.setattr(decode, "launch", lambda kernel, grid, args, kwargs: (
         launches.append((kwargs.get("PREFIX_PART"), kwargs.get("OWN_PART"))), real_launch(kernel, grid, args, kwargs)))
     monkeypatch.setattr(decode, "_capturing", lambda device: capturing[0])
 
-    def partials_of_one_call(call, capture=False):
+    def partials_of_one_call(seq_k, capture=False, offset=0):
+        *tensors, options = make_inputs(replace(case, seq_k=seq_k), torch.float32, DEVICE)
+        storage = buffer[offset:offset + buffer.numel() - 4].view(cache_shape)
+        tensors[1], tensors[2] = storage[0, :, :, :seq_k], storage[1, :, :, :seq_k]  # views of the cache
+        call = _validated(tensors, options)
+        base = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)[0]
+        want_out, want_lse = _decode_with(call, base)
         launches.clear()
         capturing[0] = capture
-        out, lse = _decode_with(call, config)
+        out, lse = _decode_with(call, replace(base, own_launch=True, graphs_only=True))
+        capturing[0] = False
         assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
         return [parts for parts in launches if parts != (None, None)]  # (the merge has neither flag)
 
     two, one = [(True, False), (False, True)], [(True, True)]
-    assert partials_of_one_call(call) == two       # the first eager call: loads both kernels
-    assert partials_of_one_call(call) == one       # then one launch eagerly
-    assert partials_of_one_call(call, capture=True) == two
-    assert partials_of_one_call(call) == one
-    k = tensors[1]
-    tensors[1] = torch.cat([k, k], dim=2)[:, :, :k.shape[2]]  # k with other strides: a view of a longer cache
-    assert _validated(tensors, options).k.stride() != call.k.stride()
-    assert partials_of_one_call(_validated(tensors, options)) == two
+    assert partials_of_one_call(17) == two       # the first eager call: loads both kernels
+    assert partials_of_one_call(17) == one       # then one launch eagerly
+    assert partials_of_one_call(18) == one       # one more own key: the same signature
+    assert partials_of_one_call(19, capture=True) == two
+    assert partials_of_one_call(16) == two       # 16 keys: integers divisible by 16, a new signature
+    assert partials_of_one_call(20, offset=1) == two  # K/V 4 bytes off 16-byte alignment: a new signature
+    assert partials_of_one_call(21, offset=1) == one
     with pytest.raises(ValueError, match="graphs_only limits own_launch"):
-        replace(base, graphs_only=True)
+        replace(decode.decode_plan(*(torch.empty(1, 2, 1, 64),) * 2, torch.empty(1, 2, 8, 64))[0], graphs_only=True)
 
 
 def test_own_stream_needs_own_launch():

@@ -10,7 +10,7 @@ from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth
 from prefix_kernels import prefix_attention
 from prefix_kernels.backends import choose_backend
 from prefix_kernels.triton.configs import forward_config
-from prefix_kernels.triton.forward import forward_launch, prefix_attention_forward
+from prefix_kernels.triton.forward import _tma_compatible, forward_launch, prefix_attention_forward
 from prefix_kernels.validation import validate
 
 CASES = [
@@ -86,6 +86,28 @@ def test_out_of_place_output_is_contiguous_and_fresh(backend):
     out = prefix_attention(*tensors, backend=backend, **options)
     assert out.is_contiguous()
     assert out.data_ptr() != tensors[0].data_ptr()
+
+
+def test_broadcast_tensors_take_pointer_loads_not_tma_descriptors():
+    """A prefix broadcast over the KV heads (stride 0 over more than one element: the driver may refuse such a
+    TMA map) takes the pointer loads even where the config asks for TMA, and still computes the reference; a
+    stride 0 over a single element does not matter."""
+    case = Case(batch=2, heads_q=4, heads_kv=2, seq_q=5, seq_k=6, prefix_len=16, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    tensors[3] = tensors[3][:1].expand(case.heads_kv, -1, -1)  # prefix_k [Hkv, P, D]: one head's keys for both
+    assert tensors[3].stride(0) == 0
+    assert not _tma_compatible(tensors[3]) and _tma_compatible(tensors[3][:1])
+    call = validate(*tensors, scale=None, backend="triton", **{"prefix_index": None, "prefix_lens": None, **options})
+    config = replace(forward_config(case.head_dim, torch.float32, case.seq_q), tma=True)
+    out = torch.empty_like(call.q)
+    lse = torch.empty(call.q.shape[:3], device=DEVICE, dtype=torch.float32)
+    _, _, kwargs = forward_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v, out, lse, config=config,
+                                  **call.options())
+    assert not kwargs["USE_DESC"]
+    out = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
+                                   **call.options())[0]
+    want = prefix_attention(*tensors, backend="torch", **options)
+    assert max_error(out, want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

@@ -498,20 +498,29 @@ def _side_stream(device: torch.device):
     return streams[index]
 
 
-_EAGER_CALLS_SEEN: set = set()  # graphs_only calls that ran their two launches eagerly once (_first_eager_call)
+# The signatures (_launch_signature) of graphs_only launches that ran eagerly, by device: their kernels are loaded.
+_LOADED_SIGNATURES: set = set()
 
 
-def _first_eager_call(plan, *arguments) -> bool:
-    """Whether no eager call of a graphs_only plan with these arguments' shapes, strides, dtype, device and
-    features has run yet (then this one is it, and is remembered): Triton compiles a kernel per such variant."""
-    key = (plan, *((a.device, a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
-                   for a in arguments))
-    if key in _EAGER_CALLS_SEEN:
-        return False
-    if len(_EAGER_CALLS_SEEN) > 4096:  # (shapes that change every step: start over rather than grow)
-        _EAGER_CALLS_SEEN.clear()
-    _EAGER_CALLS_SEEN.add(key)
-    return True
+def _launch_signature(args, kwargs) -> tuple:
+    """What Triton compiles and loads a kernel variant for, read off a launch's arguments (where unsure, finer: a
+    finer signature only costs an extra eager run of the two launches): each tensor's dtype and 16-byte alignment,
+    each integer's classes (1, a multiple of 16, 32-bit), a descriptor's tensor and block, the constexprs and launch
+    options; floats and None by kind. Not the values: a cache that grows by a key each step keeps its signature."""
+    def of(a):
+        if isinstance(a, torch.Tensor):
+            return "tensor", a.dtype, a.data_ptr() % 16 == 0
+        if isinstance(a, bool) or a is None:
+            return a
+        if isinstance(a, int):
+            return "int", a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
+        if isinstance(a, float):
+            return "float"
+        if isinstance(a, TensorDescriptor):
+            return ("descriptor", a.base.dtype, tuple(a.block_shape), tuple(s % 16 == 0 for s in a.strides),
+                    getattr(a, "padding", None))
+        return type(a).__name__, a
+    return tuple(map(of, args)), tuple(sorted(kwargs.items()))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -549,40 +558,51 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
     if prefix_index is not None and prefix_k.shape[0] > 1 and p_splits:
         # Sequences sorted by prefix (on the device, fixed size): each row block then mostly holds one prefix.
         order = torch.argsort(prefix_index, stable=True)
+    def launches_of(plan):  # (part, grid, args, kwargs) of each partials launch of this plan
+        if plan[0].own_launch:  # each kind of program that has work, in a launch of its own
+            parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)
+        else:
+            parts = ("both",) if slots else ()
+        return [(part, *decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal, scale=scale,
+                                      key_padding_mask=key_padding_mask, prefix_index=prefix_index,
+                                      prefix_lens=prefix_lens, window=window, softcap=softcap, order=order,
+                                      plan=plan, part=part))
+                for part in parts]
+
     config = plan[0]
+    launches = launches_of(plan)
     # DecodeConfig.own_stream: the own launch on a side stream, forked after everything before this call and
     # joined before the merge, also when a launch raises (a capture must not end with the side stream still in
     # it); capturable in a CUDA graph. Off the GPU the launches simply run in turn. The stream is made at the first
-    # call, also an eager one that runs one launch (graphs_only), so that a later capture finds it.
+    # call, also an eager one of a graphs_only config, so that a later capture finds it.
     side = _side_stream(q.device) if config.own_stream and q.is_cuda else None
-    if config.graphs_only and not _capturing(q.device) and not _first_eager_call(
-            plan, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, window, softcap, causal):
-        # Eagerly one launch (DecodeConfig.graphs_only), except at the first eager call with these arguments: it
-        # runs the two launches, so that their kernels are compiled and loaded before a capture needs them (a
-        # module load inside a capture is refused: warm-up, then capture, as a serving loop does)
-        config, side = config.one_launch(), None
-        plan = (config, *plan[1:])
-    if config.own_launch:  # each kind of program that has work, in a launch of its own
-        parts = tuple(part for part, splits in (("prefix", p_splits), ("own", o_splits)) if splits)
-    else:
-        parts = ("both",) if slots else ()
-    side = side if len(parts) == 2 else None
+    loading = None
+    if config.graphs_only and not _capturing(q.device):
+        # Eagerly (DecodeConfig.graphs_only) one launch, on the caller's stream. But until the two launches' kernel
+        # variants ran here once (Triton compiles and loads one per signature, below), this call runs them: a
+        # module load inside a capture is refused, and a capture follows an eager warm-up in a serving loop.
+        side, signature = None, (q.device, tuple(_launch_signature(args, kwargs) for *_, args, kwargs in launches))
+        if signature in _LOADED_SIGNATURES:
+            launches = launches_of((config.one_launch(), *plan[1:]))
+        else:
+            loading = signature
+    side = side if len(launches) == 2 else None
     if side is not None:
         side_stream, fork, join = side
         fork.record(torch.cuda.current_stream(q.device))
         side_stream.wait_event(fork)
     try:
-        for part in parts:
-            grid, args, kwargs = decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal,
-                                               scale=scale, key_padding_mask=key_padding_mask,
-                                               prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-                                               softcap=softcap, order=order, plan=plan, part=part)
+        for part, grid, args, kwargs in launches:
             with torch.cuda.stream(side_stream) if side is not None and part == "own" else contextlib.nullcontext():
                 launch(_decode_partials, grid, args, kwargs)
     finally:
         if side is not None:
             join.record(side_stream)
             torch.cuda.current_stream(q.device).wait_event(join)
+    if loading is not None:  # (only once they ran: a launch that raised loaded nothing)
+        if len(_LOADED_SIGNATURES) > 4096:  # (bounded: start over rather than grow)
+            _LOADED_SIGNATURES.clear()
+        _LOADED_SIGNATURES.add(loading)
     grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
     launch(_merge_partials, grid, args, kwargs)
     return out, lse

@@ -291,10 +291,13 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _tma_compatible(t: torch.Tensor) -> bool:
-    """What a TMA tensor descriptor needs: a contiguous last dim, 16-byte aligned base and strides, no empty dim."""
+    """What a TMA tensor descriptor needs: a contiguous last dim, 16-byte aligned base and strides, no empty dim,
+    and no broadcast dim (stride 0 over more than one element, which the driver may refuse to encode: such a
+    tensor takes the pointer loads)."""
     size = t.element_size()
     return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+            and all(stride * size % 16 == 0 and (stride != 0 or extent == 1)
+                    for stride, extent in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 @on_first_tensor_device
