@@ -359,10 +359,10 @@ def _decode_own_config(block_d: int, dtype: torch.dtype, rows: int) -> ForwardCo
 # 4 warps. H200, CUDA-graph replays, one run (bench/results/nvidia-h200/tune_decode.json at dd6375c): B=128 G=1
 # P=16384 L=256 took 0.207 ms with the side stream, 0.237 with the own launch after the prefix one, 0.266 in one
 # launch (the copy floor is 0.190); inside CUDA-graph captures only (DecodeConfig.graphs_only: eagerly it was
-# slower). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps:
-# 0.100 against 0.097; the GQA shapes, whose TMA prefix tile has 4 warps: 0.118 / 0.181 against 0.117 / 0.181). Only
-# for own K/V of at least this many bytes a step, so that the stream's fork and join (~3 us of device time, and host
-# time in eager calls) stay a few percent of what they save; only the measured geometry (16-bit, head dims 65-128).
+# slower). Where the footprints match it does not pay (B=64 G=1 P=4096, 64 rows on 4 warps: 0.100 against 0.097; the
+# GQA shapes, whose TMA prefix tile has 4 warps: 0.118 / 0.181 against 0.117 / 0.181). Only for own K/V of at least
+# this many bytes a step, so that the stream's fork and join (~3 us of device time, and host time in eager calls)
+# stay a few percent of what they save; only the measured geometry (16-bit, head dims 65-128).
 OWN_STREAM_MIN_OWN_BYTES = 64 << 20
 
 
