@@ -29,31 +29,25 @@ def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
                          **options)
 
 
+def _variants(block_d, dtype):
+    """(label, features) compiled for a config: every feature on; for the main bf16 configs also none."""
+    variants = [("all", ALL_FEATURES)]
+    if dtype == torch.bfloat16 and block_d in (64, 128):
+        variants.append(("none", {**NO_FEATURES, "causal": True}))
+    return variants
+
+
 def decode_cases():
-    # The single-part launches compiled so far, by (block_d, dtype, part, that part's tiling, warps, stages,
-    # features): a launch of one part compiles that part's code only, whatever the other part's tiling.
-    seen = set()
     for block_d, dtype, config in decode_launch_space():
-        variants = [("all", ALL_FEATURES)]
-        if dtype == torch.bfloat16 and block_d in (64, 128):
-            variants.append(("none", {**NO_FEATURES, "causal": True}))
+        if config.own_launch:  # its two launches: below (its eager one launch is the same config without them)
+            continue
         dtype_name = str(dtype).removeprefix("torch.")
-        # where decode_config takes the own launch (on a side stream, in graph captures), its two launches are what
-        # runs there (eager calls run one launch: the same config without own_launch, also in the space)
-        for part in ("prefix", "own") if config.own_launch else ("both",):
-            for label, features in variants:
-                _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
-                if part != "both":
-                    key = (block_d, dtype, part, config.prefix if part == "prefix" else config.own,
-                           kwargs["num_warps"], kwargs["num_stages"], label)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                p, o = config.prefix, config.own
-                name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
-                        f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}"
-                        f"{'' if part == 'both' else '-' + part + '-launch'}-{label}")
-                yield name, _decode_partials, args, kwargs
+        for label, features in _variants(block_d, dtype):
+            _, args, kwargs = _decode_case(block_d, dtype, config, features)
+            p, o = config.prefix, config.own
+            name = (f"dec-{dtype_name}-d{block_d}-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
+                    f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-{label}")
+            yield name, _decode_partials, args, kwargs
     # The interleaved program order (DecodeConfig.interleave; timed by bench/tune_decode.py, not chosen by
     # decode_config) on the bf16 serving configs of head dim 128 (of one launch: nothing to interleave otherwise).
     for block_d, dtype, config in decode_launch_space():
@@ -78,15 +72,21 @@ def decode_cases():
                 yield (f"dec-bfloat16-d128-pm{p.block_m}-pn{p.block_n}-om{o.block_m}-on{o.block_n}"
                        f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if p.tma else ''}-units-{label}"), \
                     _decode_partials, args, kwargs
-    # The two launches of DecodeConfig.own_launch (timed by bench/tune_decode.py; decode_config takes them for a
-    # one-block prefix part with a bigger footprint, above) with every bf16 head-dim-128 config: each launch compiles
-    # its own part's code only, so the own launch gets the own tiling's footprint. Each distinct prefix tiling in the
-    # serving case, each own tiling in the serving case and with every masked path.
+    # The two launches of DecodeConfig.own_launch: those of every config decode_config gives it (a one-block prefix
+    # part with a bigger footprint), with that config's feature variants; and, as bench/tune_decode.py times it,
+    # with every bf16 head-dim-128 config, each prefix tiling in the serving case, each own tiling in the serving
+    # case and with every masked path. Each launch compiles its own part's code only (so the own launch gets the own
+    # tiling's footprint): one case per (part, that part's tiling, warps, stages, features), whatever the other's.
+    seen = set()
     for block_d, dtype, config in decode_launch_space():
-        if dtype != torch.bfloat16 or block_d != 128:
+        chosen = config.own_launch
+        if not chosen and (dtype != torch.bfloat16 or block_d != 128):
             continue
         config = replace(config, own_launch=True)
-        for part, tiling, labels in (("prefix", config.prefix, ("none",)), ("own", config.own, ("none", "all"))):
+        dtype_name = str(dtype).removeprefix("torch.")
+        for part, tiling in (("prefix", config.prefix), ("own", config.own)):
+            labels = [label for label, _ in _variants(block_d, dtype)] if chosen else \
+                ["none"] if part == "prefix" else ["none", "all"]
             for label in labels:
                 features = {**NO_FEATURES, "causal": True} if label == "none" else ALL_FEATURES
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
@@ -94,9 +94,9 @@ def decode_cases():
                 if key in seen:
                     continue
                 seen.add(key)
-                yield (f"dec-bfloat16-d128-{part}-launch-m{tiling.block_m}-n{tiling.block_n}-w{kwargs['num_warps']}"
-                       f"-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}-{label}"), \
-                    _decode_partials, args, kwargs
+                yield (f"dec-{dtype_name}-d{block_d}-{part}-launch-m{tiling.block_m}-n{tiling.block_n}"
+                       f"-w{kwargs['num_warps']}-s{kwargs['num_stages']}{'-tma' if kwargs['USE_DESC'] else ''}"
+                       f"-{label}"), _decode_partials, args, kwargs
     # The taller prefix tiles that bench/tune_decode.py times on sm_90 (bf16, head dim 128, the serving case).
     for name, prefix in HOPPER_DECODE_PREFIX_CANDIDATES.items():
         config = replace(decode_config(128, torch.bfloat16, 1024, 4, tma_capable=True), prefix=prefix)
