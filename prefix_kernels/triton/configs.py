@@ -281,7 +281,7 @@ class DecodeConfig:
     # merge), so that the two parts overlap with each one's own footprint: the compute-bound prefix programs and the
     # memory-bound own stream share the SMs. Where it may pay: B=256 G=4 P=4096 (1.72x of the floor on the H200:
     # ~0.04 ms of prefix compute and ~0.07 ms of own stream, one after the other today) towards ~max of the two;
-    # and B=128 G=1 P=16384, where both parts stream memory. Costs an event pair of host time per eager call
+    # and B=128 G=1 P=16384, where both parts stream memory. Costs two event records and waits per eager call
     # (free under CUDA graphs, where a stream fork and join are captured). H200 (dd6375c): 0.207 against 0.266 ms
     # at B=128 G=1 P=16384 (1.09x its floor), no faster at the other three shapes, whose prefix tiles have the own
     # programs' 4 warps already (nor at the GQA ones, where it was to overlap compute and memory). decode_config sets it
