@@ -258,12 +258,13 @@ if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
   done <<RUNS
 forward cuda wgmma|wgmma|PK_CUDA_FORWARD=wgmma|forward_kernel|1|$forward --backend cuda
 forward cuda wgmma-tma|wgmma-tma|PK_CUDA_FORWARD=wgmma-tma|forward_kernel|1|$forward --backend cuda
+forward cuda wgmma-tma-persistent|wgmma-tma-persistent|PK_CUDA_FORWARD=wgmma-tma-persistent|forward_kernel|1|$forward --backend cuda
 forward triton|-|PK_CUDA_FORWARD=|_prefix_attention_fwd|1|$forward --backend triton
 decode cuda wgmma|decode-wgmma|PK_CUDA_DECODE=wgmma|decode|3|--op decode --backend cuda -B 256 -P 16384 -L 128 --heads 32/8
 RUNS
   # Where each forward loop's warps stall, per SASS instruction (the source page; CPU sessions have no ncu): the
   # CSVs in ncu_source.tar.gz, a summary of each in ncu.txt (bench/ncu_source_summary.py)
-  [ -n "$ncu" ] && for loop in wgmma wgmma-tma; do
+  [ -n "$ncu" ] && for loop in wgmma wgmma-tma wgmma-tma-persistent; do
     case " $PK_BROKEN_CUDA_LOOPS " in *" $loop "*) continue ;; esac
     { echo "==== source page: forward cuda $loop, B=8 S=2048 P=128"
       PK_CUDA_FORWARD=$loop timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none -k "regex:forward_kernel" \

@@ -4,9 +4,9 @@ masks and several prefixes, at sizes that make the tools finish in seconds. benc
     compute-sanitizer --tool racecheck  --error-exitcode 1 python3 bench/sanitize_cuda.py
 (150 x 300 with a 200-key prefix: every stage of the forward's rings is refilled),
 and also checks each result against the reference, so a clean run is also a correct one. On an sm_90 card the sweep
-runs four times: with the mma.sync loops, with the forward's wgmma loop fed by cp.async and by TMA (PK_CUDA_FORWARD,
-csrc/forward.cu), and with the decode's wgmma prefix programs (PK_CUDA_DECODE, csrc/decode.cu): the loops "mma",
-"wgmma", "wgmma-tma" and "decode-wgmma".
+runs five times: with the mma.sync loops, with the forward's wgmma loop fed by cp.async and by TMA, one work per
+block and on the persistent grid (PK_CUDA_FORWARD, csrc/forward.cu), and with the decode's wgmma prefix programs
+(PK_CUDA_DECODE, csrc/decode.cu): the loops "mma", "wgmma", "wgmma-tma", "wgmma-tma-persistent" and "decode-wgmma".
 
 gpu_check.sh also runs it once per Hopper loop, alone and under a short timeout (--loops LOOP), before the tests: a
 loop built with new settings may hang (an mbarrier never completing) or trap, which would stall or break every later
@@ -31,7 +31,7 @@ WRONG_RESULTS = 3  # the exit status when every call ran but some result was wro
 def card_loops():
     """The loops this card runs: the Hopper ones on sm_90 only."""
     if torch.cuda.get_device_capability() == (9, 0):
-        return ("mma", "wgmma", "wgmma-tma", "decode-wgmma")
+        return ("mma", "wgmma", "wgmma-tma", "wgmma-tma-persistent", "decode-wgmma")
     return ("mma",)
 
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         error = (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
         ok = error < (2e-2 if dtype == torch.bfloat16 else 4e-3)
         failures += not ok
-        print(f"{'ok ' if ok else 'BAD'} {loop:12} {str(dtype)[6:]:8} D={head_dim:3} B={batch:2} S={seq_q:3} "
+        print(f"{'ok ' if ok else 'BAD'} {loop:20} {str(dtype)[6:]:8} D={head_dim:3} B={batch:2} S={seq_q:3} "
               f"L={seq_k:3} P={prefix_len:3} N={prefixes} max error {error:.2e}")
     torch.cuda.synchronize()
     return WRONG_RESULTS if failures else 0

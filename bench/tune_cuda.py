@@ -6,7 +6,8 @@ through NVCC_APPEND_FLAGS, see csrc/forward.cu and csrc/decode.cu) and runs this
 JSON line per shape to --json. The label names the build. Each forward variant is checked against the float32
 reference on the same inputs before it is timed, each decode against Triton's output. On an sm_90 card the forward is
 also timed with its wgmma loops (PK_CUDA_FORWARD=wgmma, "cuda-wgmma", fed by cp.async, and wgmma-tma,
-"cuda-wgmma-tma", fed by a TMA producer warpgroup), and the decode with its wgmma prefix programs
+"cuda-wgmma-tma", fed by a TMA producer warpgroup, and wgmma-tma-persistent, "cuda-wgmma-tma-persistent", that loop
+on a grid of one block per SM), and the decode with its wgmma prefix programs
 (PK_CUDA_DECODE=wgmma, "cuda-wgmma"), last and in rows of their own. The decode is also timed with its own programs
 in 64-row blocks ("cuda-own-rows", PK_CUDA_DECODE_OWN=rows: the layout before the keys were split across the
 warps). Used to pick csrc's defaults; not a pass/fail test.
@@ -46,7 +47,8 @@ def main(argv=None):
         broken = broken_loops()
         for loop in sorted(broken):
             print(f"{args.label:24} left out: {loop} (it failed its smoke run)")
-        loops = [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma") if loop not in broken]
+        loops = [(f"cuda-{loop}", "cuda", loop) for loop in ("wgmma", "wgmma-tma", "wgmma-tma-persistent")
+                 if loop not in broken]
         if loops:
             time_forward(args, loops)
         if "decode-wgmma" not in broken:

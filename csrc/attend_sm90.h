@@ -15,7 +15,9 @@
 //               pipelines, as in FA3: per stage a "full" mbarrier each tells the consumers that K or V landed, and
 //               an "empty" one each that every consumer warp is done with it (one arrival per warp). K is handed
 //               back as soon as its scores are computed, V once its P.V is, so the producer refills K a step early.
-//               No block barrier in the loop.
+//               Q has its own full and empty barriers too: a persistent block (forward.cu) works through several
+//               query blocks, and the producer copies the next one's Q once the consumers' last S = QK^T of the
+//               current one completed, while they finish its P.V and store its output. No block barrier in the loop.
 // run_overlapped (the default) overlaps one tile's softmax with the previous tile's P.V, as FlashAttention-3 does
 // within a warpgroup; with kPingPong the two warpgroups also take turns issuing their wgmmas (FA3's ping-pong, two
 // named barriers), so that one's softmax runs while the other's matrix products occupy the tensor cores.
@@ -85,8 +87,9 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   using KeyLayout = TileLayout128B<kBlockN, D>;
   static constexpr int kStageElements = 2 * kBlockN * D;  // one K and one V tile
   static constexpr size_t kTileBytes = (kBlockM + 2 * kBlockN * kStages) * D * 2;
-  // TMA's mbarriers after the tiles: full keys, full values, empty keys, empty values (kStages each), then Q's
-  static constexpr int kBarriers = kTma ? 4 * kStages + 1 : 0;
+  // TMA's mbarriers after the tiles: full keys, full values, empty keys, empty values (kStages each), then Q's full
+  // and empty ones
+  static constexpr int kBarriers = kTma ? 4 * kStages + 2 : 0;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;  // the arrivals an empty barrier's phase takes
   static constexpr size_t kSharedBytes = kTileBytes + 8 * kBarriers;
 
@@ -104,6 +107,9 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   }
 
   PK_DEVICE int warp_group() const { return warp / 4; }
+  // The K and V tiles of stage s of the ring
+  PK_DEVICE const T* keys_in(int s) const { return k_tile + s * kStageElements; }
+  PK_DEVICE const T* values_in(int s) const { return k_tile + s * kStageElements + kBlockN * D; }
 
   // The cp.async feed copies Q with the consumers' threads; the TMA feed's producer copies it (produce).
   template <class QRow>
@@ -156,7 +162,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   static PK_DEVICE uint64_t* barrier(uint64_t* bars, bool full, bool values, int s) {
     return bars + ((full ? 0 : 2) + (values ? 1 : 0)) * kStages + s;
   }
-  static PK_DEVICE uint64_t* q_barrier(uint64_t* bars) { return bars + 4 * kStages; }
+  static PK_DEVICE uint64_t* q_barrier(uint64_t* bars, bool full = true) { return bars + 4 * kStages + (full ? 0 : 1); }
   static PK_DEVICE bool is_producer() { return static_cast<int>(thread_index()) < kProducerThreads; }
 
   // Every thread of the block calls it: one initializes the barriers, the block barrier publishes them.
@@ -169,47 +175,75 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
           mbarrier_init(barrier(bars, true, values, s), 1);                // the producer's arrive_expect_tx + bytes
           mbarrier_init(barrier(bars, false, values, s), kConsumerWarps);  // every consumer warp is done with it
         }
-      mbarrier_init(q_barrier(bars), 1);
+      mbarrier_init(q_barrier(bars, true), 1);
+      mbarrier_init(q_barrier(bars, false), kConsumerWarps);
       fence_barrier_init();
     }
     sync_threads();
   }
 
-  // The producer warpgroup: gives its registers away, then one thread copies Q (copy_q(dst, bar)) and every tile's
-  // K (copy_keys(t, dst, bar)), and a thread of another warp every tile's V (copy_values(t, dst, bar)), each into
-  // stage t % kStages of its pipeline once the consumers released that stage's previous tile (the first kStages
-  // tiles find the fresh barriers' parity-1 phase completed). Two threads, so that a K stage, released once its
-  // scores are computed, is refilled then, not after the V copy before it in one thread's order waited for its P.V.
-  template <class CopyQ, class CopyKeys, class CopyValues>
-  static PK_DEVICE void produce(char* shared, int num_tiles, CopyQ copy_q, CopyKeys copy_keys,
-                                CopyValues copy_values) {
+  // Where a block's consumers stand in the TMA pipelines when a work (one query block) starts: the works and the
+  // (K, V) tiles that went through them before it. A persistent block's works share the pipelines, so a stage's
+  // phase runs on across works; a block with one work starts at zero.
+  struct PipelinePosition {
+    int works = 0, tiles = 0;
+  };
+
+  // The producer warpgroup: gives its registers away, then three threads, each the first lane of its own warp,
+  // copy Q, every tile's K and every tile's V of the block's works in turn. for_each_work(visit) calls
+  // visit(num_tiles, copy_q, copy_keys, copy_values) per work: copy_q(dst, bar) copies its Q, copy_keys(t, dst, bar)
+  // and copy_values(t, dst, bar) its tile t's K and V. A copy goes into its pipeline's next stage (Q: its one
+  // buffer) once the consumers released that stage's previous content (the first use of each finds the fresh
+  // barrier's parity-1 phase completed). One thread per pipeline, so that none waits behind another's stage: K,
+  // released once its scores are computed, is refilled then, not after a V copy that waited for its P.V; the next
+  // work's K and V are copied while its Q still waits for the current work's last scores.
+  template <class ForEachWork>
+  static PK_DEVICE void produce(char* shared, ForEachWork for_each_work) {
     lower_registers_to<kProducerRegisters>();
-    const bool values = thread_index() == 32;
-    if (thread_index() != 0 && !values) return;
+    enum Pipeline { kKeyPipeline, kValuePipeline, kQueryPipeline };
+    const int pipeline = static_cast<int>(thread_index()) / 32;
+    if (thread_index() % 32 != 0 || pipeline > kQueryPipeline) return;
     T* q = reinterpret_cast<T*>(shared);
     T* stages = q + kBlockM * D;
     uint64_t* bars = barriers(shared);
-    if (!values) {
-      mbarrier_arrive_expect_tx(q_barrier(bars), kBlockM * D * 2);
-      copy_q(q, q_barrier(bars));
+    // Each thread walks the works with only its own pipeline's state live: the producer runs on 24 registers.
+    if (pipeline == kQueryPipeline) {
+      int works = 0;
+      for_each_work([&](int, auto copy_q, auto, auto) {
+        mbarrier_wait(q_barrier(bars, false), (works & 1) ^ 1);
+        mbarrier_arrive_expect_tx(q_barrier(bars, true), kBlockM * D * 2);
+        copy_q(q, q_barrier(bars, true));
+        ++works;
+      });
+      return;
     }
-    for (int t = 0; t < num_tiles; ++t) {
-      const int s = t % kStages;
-      mbarrier_wait(barrier(bars, false, values, s), ((t / kStages) & 1) ^ 1);
-      uint64_t* full = barrier(bars, true, values, s);
-      mbarrier_arrive_expect_tx(full, kBlockN * D * 2);
-      T* dst = stages + s * kStageElements + (values ? kBlockN * D : 0);
-      if (values)
-        copy_values(t, dst, full);
-      else
-        copy_keys(t, dst, full);
-    }
+    int used = 0;  // tiles through this pipeline so far
+    auto copy_tiles = [&](bool values, int num_tiles, auto copy) {
+      PK_NO_UNROLL  // (unrolled, the loop's copies of its state outgrew the 24 registers: spills)
+      for (int t = 0; t < num_tiles; ++t, ++used) {
+        const int s = used % kStages;
+        mbarrier_wait(barrier(bars, false, values, s), ((used / kStages) & 1) ^ 1);
+        uint64_t* full = barrier(bars, true, values, s);
+        mbarrier_arrive_expect_tx(full, kBlockN * D * 2);
+        copy(t, stages + s * kStageElements + (values ? kBlockN * D : 0), full);
+      }
+    };
+    if (pipeline == kKeyPipeline)
+      for_each_work([&](int num_tiles, auto, auto copy_keys, auto) { copy_tiles(false, num_tiles, copy_keys); });
+    else
+      for_each_work([&](int num_tiles, auto, auto, auto copy_values) { copy_tiles(true, num_tiles, copy_values); });
+  }
+
+  // The consumer warpgroups take the registers the producer gave away (once per block, before their first work).
+  static PK_DEVICE void begin_consuming() {
+    if constexpr (kTma) raise_registers_to<kConsumerRegisters>();
   }
 
   // How the consumers' loops get tile t into shared memory and hand it back: acquire_keys(t) / acquire_values(t)
   // return once its K / V is there and visible to wgmma (every thread calls them); refill(t), called once per step
   // after acquire_keys(t), starts the copy of a later tile where the consumers copy; release_keys(t) /
-  // release_values(t), by every thread of a warp, once the warp's wgmmas that read it completed.
+  // release_values(t), by every thread of a warp, once the warp's wgmmas that read it completed; release_q() once
+  // every S = QK^T wgmma of the work completed (the prologue waited for Q).
   template <int kAhead, class Load>
   struct CpAsyncFeed {  // TileRing: each step's block barrier publishes a tile and frees the one kAhead + 1 back
     int num_tiles;
@@ -220,26 +254,34 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
     PK_DEVICE void refill(int t) { TileRing<kAhead, true>::load_ahead(t, num_tiles, load); }
     PK_DEVICE void release_keys(int) {}
     PK_DEVICE void release_values(int) {}
+    PK_DEVICE void release_q() {}
+    PK_DEVICE int stage(int t) const { return t % kStages; }
     PK_DEVICE void finish() { cp_async_wait<0>(); }
   };
   struct TmaFeed {
     uint64_t* bars;
     bool first_lane;
-    PK_DEVICE void prologue() { mbarrier_wait(q_barrier(bars), 0); }  // Q (every block copies it)
+    PipelinePosition position;  // tile t of this work is the pipelines' tile position.tiles + t
+    PK_DEVICE int stage(int t) const { return (position.tiles + t) % kStages; }
+    PK_DEVICE void prologue() { mbarrier_wait(q_barrier(bars, true), position.works & 1); }  // every work has a Q
     PK_DEVICE void acquire(int t, bool values) {
-      mbarrier_wait(barrier(bars, true, values, t % kStages), (t / kStages) & 1);
+      mbarrier_wait(barrier(bars, true, values, stage(t)), ((position.tiles + t) / kStages) & 1);
     }
     PK_DEVICE void acquire_keys(int t) { acquire(t, false); }
     PK_DEVICE void acquire_values(int t) { acquire(t, true); }
     PK_DEVICE void refill(int) {}  // the producer warpgroup copies
     // One arrival per warp, once all its lanes are past their wgmma_wait (CUTLASS's pipelines arrive once per
     // warpgroup; per warp needs no more than the warp's own wait)
-    PK_DEVICE void release(int t, bool values) {
+    PK_DEVICE void arrive(uint64_t* empty) {
       sync_warp();
-      mbarrier_arrive_if(barrier(bars, false, values, t % kStages), first_lane);
+      mbarrier_arrive_if(empty, first_lane);
+    }
+    PK_DEVICE void release(int t, bool values) {
+      arrive(barrier(bars, false, values, stage(t)));
     }
     PK_DEVICE void release_keys(int t) { release(t, false); }
     PK_DEVICE void release_values(int t) { release(t, true); }
+    PK_DEVICE void release_q() { arrive(q_barrier(bars, false)); }
     PK_DEVICE void finish() {}
   };
 
@@ -284,12 +326,13 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
   PK_DEVICE float (&output())[D / 2] { return *reinterpret_cast<float(*)[D / 2]>(&acc[0][0][0]); }
 
   // Swaps in the wgmma loop (kOverlap: FA3's intra-warpgroup overlap, else one tile after another) and the feed.
+  // `position`: where this work starts in the TMA pipelines (the cp.async feed starts afresh each work).
   template <class Tiles, class Visible>
-  PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use) {
+  PK_DEVICE void run(int num_tiles, Tiles tile, float scale_log2, Visible visible, int rows_in_use,
+                     PipelinePosition position = {}) {
     auto load = [&](int t) { load_tile_async(t % kStages, tile(t)); };
     if constexpr (kTma) {
-      raise_registers_to<kConsumerRegisters>();
-      TmaFeed feed{barriers(reinterpret_cast<char*>(q_tile)), this->lane == 0};
+      TmaFeed feed{barriers(reinterpret_cast<char*>(q_tile)), this->lane == 0, position};
       if constexpr (kOverlap)
         run_overlapped(num_tiles, feed, tile, scale_log2, visible, rows_in_use);
       else
@@ -316,7 +359,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       feed.acquire_keys(t);
       feed.refill(t);
       if (busy) {
-        const T* keys = k_tile + (t % kStages) * kStageElements;
+        const T* keys = keys_in(feed.stage(t));
         float s[1][kNTiles][4];
         float(&scores)[kKeys / 2] = *reinterpret_cast<float(*)[kKeys / 2]>(&s[0][0][0]);
         fence_operand(scores);
@@ -333,7 +376,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(output());
         fence_operand(p);
         wgmma_fence();
-        issue_pv(p, keys + kBlockN * D);
+        issue_pv(p, values_in(feed.stage(t)));
         wgmma_wait<0>();
         fence_operand(output());
         fence_operand(p);
@@ -343,6 +386,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
       }
       feed.release_values(t);
     }
+    feed.release_q();
     feed.finish();
   }
 
@@ -367,7 +411,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(scores);
         wgmma_fence();
         take_turn();
-        issue_scores(scores, k_tile);
+        issue_scores(scores, keys_in(feed.stage(0)));
         pass_turn(false);
         feed.refill(0);
         wgmma_wait<0>();
@@ -394,8 +438,8 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(p);
         wgmma_fence();
         take_turn();
-        issue_scores(scores, k_tile + (t % kStages) * kStageElements);
-        issue_pv(p, k_tile + ((t - 1) % kStages) * kStageElements + kBlockN * D);
+        issue_scores(scores, keys_in(feed.stage(t)));
+        issue_pv(p, values_in(feed.stage(t - 1)));
         pass_turn(false);
         feed.refill(t);  // the copies start while the tensor cores run
         wgmma_wait<1>();  // the scores landed (groups complete in order); the P.V may still run
@@ -417,6 +461,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         feed.release_values(t - 1);
       }
     }
+    feed.release_q();  // every S = QK^T wgmma was waited for (the last in the last step)
     if (num_tiles > 0) {  // the last tile's P.V
       feed.acquire_values(num_tiles - 1);
       if (busy) {
@@ -424,7 +469,7 @@ struct HopperAttention : OnlineSoftmax<T, 1, kKeys / 8, D / 8> {
         fence_operand(p);
         wgmma_fence();
         take_turn();
-        issue_pv(p, k_tile + ((num_tiles - 1) % kStages) * kStageElements + kBlockN * D);
+        issue_pv(p, values_in(feed.stage(num_tiles - 1)));
         pass_turn(true);
         wgmma_wait<0>();
         fence_operand(output());

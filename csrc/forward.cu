@@ -3,6 +3,7 @@
 // by prefix_index) and then to its own keys, in one online softmax. Own tiles past the block's last causal key are
 // never loaded; only tiles that cross a boundary (prefix end, causal diagonal, sequence end) or have a
 // key_padding_mask are masked.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -78,96 +79,78 @@ struct ForwardMaps<true> {
   TensorMap q, k, v, prefix_k, prefix_v;
 };
 
-// One kernel for every loop: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma, fed
-// by cp.async or by a TMA producer warpgroup).
-template <typename T, int D, class Attention, int kMinBlocks>
-PK_KERNEL(Attention::kBlockThreads, kMinBlocks)
-forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
-  constexpr int kBlockM = Attention::kBlockM;
-  constexpr int kBlockN = Attention::kBlockN;
-  // Last query blocks first: under causal masking they have the most keys, so the long blocks start early and
-  // the short ones fill the tail.
-  const int m_blocks = (p.seq_q + kBlockM - 1) / kBlockM;
-  const int m0 = (m_blocks - 1 - static_cast<int>(block_index_x())) * kBlockM;
-  const int bh = static_cast<int>(block_index_y());
-  const int b = bh / p.heads_q, hq = bh % p.heads_q, h = hq / p.group;
-  const int offset = p.seq_k - p.seq_q;  // query i sits at sequence position offset + i
+// One block's work: kBlockM consecutive queries of one (b, hq), attending to the prefix its sequence uses, then to
+// its own keys up to the last one a row of it sees: prefix_tiles + own_tiles key tiles of kBlockN.
+template <typename T, int kBlockM, int kBlockN>
+struct ForwardWork {
+  int m0, bh, hq, h, b, n, prefix_len, own_end, prefix_tiles, own_tiles, first_row_pos;
+  const T* q;
+  const T *pk, *pv, *k, *v;
+  const uint8_t* key_ok;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
-  const int n = p.prefix_index ? static_cast<int>(load_index(p.prefix_index, p.prefix_index_int32, b)) : 0;
-  const int prefix_len = p.prefix_lens ? static_cast<int>(load_index(p.prefix_lens, p.prefix_lens_int32, n))
-                                       : p.prefix_len;
-  const T* pk = static_cast<const T*>(p.prefix_k) + n * p.pk_stride[0] + h * p.pk_stride[1];
-  const T* pv = static_cast<const T*>(p.prefix_v) + n * p.pv_stride[0] + h * p.pv_stride[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
-  const uint8_t* key_ok = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride[0] : nullptr;
-
-  const int last_row = (m0 + kBlockM < p.seq_q ? m0 + kBlockM : p.seq_q) - 1;
-  int own_end = p.seq_k;
-  if (p.causal) {  // no row of this block sees an own key past its last row's position
-    own_end = offset + last_row + 1;
-    own_end = own_end < 0 ? 0 : (own_end > p.seq_k ? p.seq_k : own_end);
+  // Query block m_blocks - 1 - m_block_from_last: the last query blocks first, which under causal masking have the
+  // most keys, so that the long works start early and the short ones fill the tail.
+  PK_DEVICE ForwardWork(const AttentionParams& p, int m_block_from_last, int bh_) : bh(bh_) {
+    const int m_blocks = (p.seq_q + kBlockM - 1) / kBlockM;
+    m0 = (m_blocks - 1 - m_block_from_last) * kBlockM;
+    b = bh / p.heads_q, hq = bh % p.heads_q, h = hq / p.group;
+    q = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
+    n = p.prefix_index ? static_cast<int>(load_index(p.prefix_index, p.prefix_index_int32, b)) : 0;
+    prefix_len = p.prefix_lens ? static_cast<int>(load_index(p.prefix_lens, p.prefix_lens_int32, n)) : p.prefix_len;
+    pk = static_cast<const T*>(p.prefix_k) + n * p.pk_stride[0] + h * p.pk_stride[1];
+    pv = static_cast<const T*>(p.prefix_v) + n * p.pv_stride[0] + h * p.pv_stride[1];
+    k = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+    v = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+    key_ok = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride[0] : nullptr;
+    const int offset = p.seq_k - p.seq_q;  // query i sits at sequence position offset + i
+    const int last_row = (m0 + kBlockM < p.seq_q ? m0 + kBlockM : p.seq_q) - 1;
+    own_end = p.seq_k;
+    if (p.causal) {  // no row of this block sees an own key past its last row's position
+      own_end = offset + last_row + 1;
+      own_end = own_end < 0 ? 0 : (own_end > p.seq_k ? p.seq_k : own_end);
+    }
+    prefix_tiles = (prefix_len + kBlockN - 1) / kBlockN;
+    own_tiles = (own_end + kBlockN - 1) / kBlockN;
+    first_row_pos = offset + m0;
   }
-  const int prefix_tiles = (prefix_len + kBlockN - 1) / kBlockN;
-  const int own_tiles = (own_end + kBlockN - 1) / kBlockN;
-  const int first_row_pos = offset + m0;
 
-  auto tile = [&](int t) {
+  PK_DEVICE int num_tiles() const { return prefix_tiles + own_tiles; }
+
+  // Only tiles that cross a boundary (prefix end, causal diagonal, sequence end) or have a key_padding_mask are
+  // masked.
+  PK_DEVICE KeyTile<T> tile(const AttentionParams& p, int t) const {
     if (t < prefix_tiles) {
       const int key0 = t * kBlockN;
-      return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, prefix_len, false,
-                        key0 + kBlockN > prefix_len};
+      return KeyTile<T>{pk, pv, p.pk_stride[2], p.pv_stride[2], key0, prefix_len, false, key0 + kBlockN > prefix_len};
     }
     const int key0 = (t - prefix_tiles) * kBlockN;
     const bool crosses_diagonal = p.causal && key0 + kBlockN - 1 > first_row_pos;
     return KeyTile<T>{k, v, p.k_stride[2], p.v_stride[2], key0, own_end, true,
                       key0 + kBlockN > own_end || crosses_diagonal || key_ok != nullptr};
-  };
-
-  if constexpr (Attention::kTmaFeed) {  // the producer warpgroup copies the same tiles by TMA, then leaves
-    Attention::init_barriers(shared_memory());
-    if (Attention::is_producer()) {
-      if (thread_index() == 0) {  // the maps this block copies through (the host left unused ones unencoded)
-        prefetch_tensor_map(maps.q);
-        if (prefix_tiles > 0) prefetch_tensor_map(maps.prefix_k), prefetch_tensor_map(maps.prefix_v);
-        if (own_tiles > 0) prefetch_tensor_map(maps.k), prefetch_tensor_map(maps.v);
-      }
-      Attention::produce(
-          shared_memory(), prefix_tiles + own_tiles,
-          [&](T* dst, uint64_t* bar) { tma_load_tile<T, D, kBlockM>(dst, maps.q, bar, m0, hq, b); },
-          [&](int t, T* keys, uint64_t* bar) {
-            if (t < prefix_tiles)
-              tma_load_tile<T, D, kBlockN>(keys, maps.prefix_k, bar, t * kBlockN, h, n);
-            else
-              tma_load_tile<T, D, kBlockN>(keys, maps.k, bar, (t - prefix_tiles) * kBlockN, h, b);
-          },
-          [&](int t, T* values, uint64_t* bar) {
-            if (t < prefix_tiles)
-              tma_load_tile<T, D, kBlockN>(values, maps.prefix_v, bar, t * kBlockN, h, n);
-            else
-              tma_load_tile<T, D, kBlockN>(values, maps.v, bar, (t - prefix_tiles) * kBlockN, h, b);
-          });
-      return;
-    }
   }
+};
 
+// The consumers' side of one work: the attention loop over its tiles, then its output and LSE rows.
+template <typename T, int D, class Attention, class Work, class... Position>
+PK_DEVICE void attend_work(const AttentionParams& p, const Work& work, Position... position) {
   Attention attention(shared_memory());
   int row_pos[Attention::kRows];
   PK_UNROLL
-  for (int i = 0; i < Attention::kRows; ++i) row_pos[i] = first_row_pos + attention.row_of(i);
+  for (int i = 0; i < Attention::kRows; ++i) row_pos[i] = work.first_row_pos + attention.row_of(i);
   auto visible = [&](const KeyTile<T>& t, int i, int key) {
     if (key >= t.end) return false;
     if (!t.own) return true;  // prefix keys: always visible up to the prefix's length
-    return (!p.causal || key <= row_pos[i]) && (!key_ok || key_ok[key * p.mask_stride[1]] != 0);
+    return (!p.causal || key <= row_pos[i]) && (!work.key_ok || work.key_ok[key * p.mask_stride[1]] != 0);
   };
-
-  attention.load_q_async([&](int r) { return m0 + r < p.seq_q ? q + (m0 + r) * p.q_stride[2] : nullptr; }, q);
-  attention.run(prefix_tiles + own_tiles, tile, p.scale_log2, visible, p.seq_q - m0);
+  const int m0 = work.m0;
+  attention.load_q_async([&](int r) { return m0 + r < p.seq_q ? work.q + (m0 + r) * p.q_stride[2] : nullptr; },
+                         work.q);
+  attention.run(work.num_tiles(), [&](int t) { return work.tile(p, t); }, p.scale_log2, visible, p.seq_q - m0,
+                position...);
 
   float inv[Attention::kRows], lse[Attention::kRows];
   attention.finish(inv, lse);
-  const int64_t row0 = static_cast<int64_t>(bh) * p.seq_q + m0;
+  const int64_t row0 = static_cast<int64_t>(work.bh) * p.seq_q + m0;
   T* out = static_cast<T*>(p.out);
   attention.for_each_output(inv, [&](int i, int col, float x0, float x1) {
     const int r = attention.row_of(i);
@@ -180,6 +163,75 @@ forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Atten
       const int r = attention.row_of(i);
       if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[i];
     }
+  }
+}
+
+// One kernel for every loop: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma, fed
+// by cp.async or by a TMA producer warpgroup). A block does one work: the grid is (query blocks, B * Hq). With
+// kPersistent (the TMA feed only: FlashAttention-3's persistent kernel) the grid is one block per SM and block i
+// does works i, i + grid, ... of the same order (the last query blocks first, over all (b, hq)): its barriers
+// are set up once, and the producer copies the next work's Q and first tiles while the consumers finish the
+// current one's P.V and store its output, where a block of its own would start with the tensor cores idle.
+template <typename T, int D, class Attention, int kMinBlocks, bool kPersistent>
+PK_KERNEL(Attention::kBlockThreads, kMinBlocks)
+forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
+  static_assert(!kPersistent || Attention::kTmaFeed, "the persistent grid overlaps works through the TMA producer");
+  using Work = ForwardWork<T, Attention::kBlockM, Attention::kBlockN>;
+  auto for_each_work = [&](auto visit) {
+    if constexpr (kPersistent) {
+      const int heads = p.batch * p.heads_q;
+      const int works = (p.seq_q + Attention::kBlockM - 1) / Attention::kBlockM * heads;
+      for (int w = static_cast<int>(block_index_x()); w < works; w += static_cast<int>(grid_dim_x()))
+        visit(Work(p, w / heads, w % heads));
+    } else {
+      visit(Work(p, static_cast<int>(block_index_x()), static_cast<int>(block_index_y())));
+    }
+  };
+
+  if constexpr (Attention::kTmaFeed) {  // the producer warpgroup copies every work's Q and tiles by TMA, then leaves
+    Attention::init_barriers(shared_memory());
+    if (Attention::is_producer()) {
+      if (thread_index() == 0) {  // the maps the block copies through (the host left unused ones unencoded)
+        prefetch_tensor_map(maps.q);
+        if (p.prefix_len > 0) prefetch_tensor_map(maps.prefix_k), prefetch_tensor_map(maps.prefix_v);
+        if (p.seq_k > 0) prefetch_tensor_map(maps.k), prefetch_tensor_map(maps.v);
+      }
+      Attention::produce(shared_memory(), [&](auto copy_work) {
+        for_each_work([&](const Work& work) {
+          copy_work(
+              work.num_tiles(),
+              [&](T* dst, uint64_t* bar) { tma_load_tile<T, D, Attention::kBlockM>(dst, maps.q, bar, work.m0,
+                                                                                    work.hq, work.b); },
+              [&](int t, T* keys, uint64_t* bar) {
+                if (t < work.prefix_tiles)
+                  tma_load_tile<T, D, Attention::kBlockN>(keys, maps.prefix_k, bar, t * Attention::kBlockN, work.h,
+                                                         work.n);
+                else
+                  tma_load_tile<T, D, Attention::kBlockN>(keys, maps.k, bar,
+                                                         (t - work.prefix_tiles) * Attention::kBlockN, work.h, work.b);
+              },
+              [&](int t, T* values, uint64_t* bar) {
+                if (t < work.prefix_tiles)
+                  tma_load_tile<T, D, Attention::kBlockN>(values, maps.prefix_v, bar, t * Attention::kBlockN,
+                                                         work.h, work.n);
+                else
+                  tma_load_tile<T, D, Attention::kBlockN>(values, maps.v, bar,
+                                                         (t - work.prefix_tiles) * Attention::kBlockN, work.h,
+                                                         work.b);
+              });
+        });
+      });
+      return;
+    }
+    Attention::begin_consuming();
+    typename Attention::PipelinePosition position;
+    for_each_work([&](const Work& work) {
+      attend_work<T, D, Attention>(p, work, position);
+      position.works += 1;
+      position.tiles += work.num_tiles();
+    });
+  } else {
+    for_each_work([&](const Work& work) { attend_work<T, D, Attention>(p, work); });
   }
 }
 
@@ -205,7 +257,7 @@ void encode_forward_map(TensorMap& map, const char* name, const void* base, cons
   const uint32_t box[4] = {64, box_rows, 1, 1};
   const std::string why = encode_tensor_map_4d(map, base, dims, strides, box, bf16);
   if (!why.empty())
-    throw TmaMapError(std::string("PK_CUDA_FORWARD=wgmma-tma: ") + name + " cannot be copied by TMA: " + why +
+    throw TmaMapError(std::string("the TMA-fed forward: ") + name + " cannot be copied by TMA: " + why +
                       " (PK_CUDA_FORWARD=wgmma takes the cp.async feed)");
 }
 
@@ -227,20 +279,24 @@ ForwardMaps<true> forward_maps(const AttentionParams& p) {
 }
 
 // The kernel's shared-memory opt-in is a process-wide setting per device: made once per device, as the decode's.
-template <typename T, int D, class Attention, int kMinBlocks>
+// The persistent grid: kMinBlocks blocks per SM (one for the TMA feed's 224 KB), fewer where there are fewer works.
+template <typename T, int D, class Attention, int kMinBlocks, bool kPersistent = false>
 void launch_forward_with(const AttentionParams& params, Stream stream) {
   constexpr size_t kShared = Attention::kSharedBytes;
   ForwardMaps<Attention::kTmaFeed> maps{};
   if constexpr (Attention::kTmaFeed) maps = forward_maps<D, Attention>(params);
   static std::atomic<int> opted_in[kCachedDevices];
   once_per_device(opted_in, current_device(), [] {
-    allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
+    allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks, kPersistent>, kShared);
     return 1;
   });
-  const Dim3 grid{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
-                  static_cast<unsigned>(params.batch * params.heads_q), 1};
-  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params,
-            maps);
+  const int m_blocks = ceil_div(params.seq_q, Attention::kBlockM), heads = params.batch * params.heads_q;
+  const int64_t works = static_cast<int64_t>(m_blocks) * heads;
+  const Dim3 grid = kPersistent ? Dim3{static_cast<unsigned>(std::min<int64_t>(works, int64_t{kMinBlocks} * params.sms)),
+                                       1, 1}
+                                : Dim3{static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads), 1};
+  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks, kPersistent>), grid, Attention::kBlockThreads, kShared,
+            stream, params, maps);
 }
 
 }  // namespace
@@ -305,7 +361,7 @@ std::string hopper_unavailable_reason(Stream stream) {
 
 namespace {
 
-enum class ForwardLoop { mma, wgmma, wgmma_tma };
+enum class ForwardLoop { mma, wgmma, wgmma_tma, wgmma_tma_persistent };
 
 // A dim of more than one element with stride 0 (a broadcast view, which ops.cpp's operand checks accept): the
 // driver may refuse such a TMA map, so the default takes the cp.async feed for it up front rather than through
@@ -340,18 +396,26 @@ ForwardLoop default_forward_loop(const AttentionParams& params, Stream stream) {
 #endif
 }
 
-// $PK_CUDA_FORWARD (read at each call) names the loop: "mma", "wgmma" (the Hopper loop fed by cp.async) or
-// "wgmma-tma" (fed by a TMA producer warpgroup); both Hopper loops need an sm_90 device and a kernel built for 9.0a
-// (an error otherwise, never a silent fallback).
+// $PK_CUDA_FORWARD (read at each call) names the loop: "mma", "wgmma" (the Hopper loop fed by cp.async),
+// "wgmma-tma" (fed by a TMA producer warpgroup) or "wgmma-tma-persistent" (that loop on a grid of one block per SM,
+// each working through several query blocks; untimed, so not a default yet); the Hopper loops need an sm_90 device
+// and a kernel built for 9.0a (an error otherwise, never a silent fallback).
 ForwardLoop forward_loop(const char* choice, const AttentionParams& params, Stream stream) {
   if (!choice || !*choice) return default_forward_loop(params, stream);
   if (std::strcmp(choice, "mma") == 0) return ForwardLoop::mma;
-  const bool tma = std::strcmp(choice, "wgmma-tma") == 0;
-  if (!tma && std::strcmp(choice, "wgmma") != 0)
-    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice + " is not one of mma, wgmma, wgmma-tma");
+  ForwardLoop loop;
+  if (std::strcmp(choice, "wgmma") == 0)
+    loop = ForwardLoop::wgmma;
+  else if (std::strcmp(choice, "wgmma-tma") == 0)
+    loop = ForwardLoop::wgmma_tma;
+  else if (std::strcmp(choice, "wgmma-tma-persistent") == 0)
+    loop = ForwardLoop::wgmma_tma_persistent;
+  else
+    throw std::invalid_argument(std::string("PK_CUDA_FORWARD=") + choice +
+                                " is not one of mma, wgmma, wgmma-tma, wgmma-tma-persistent");
   const std::string why = hopper_unavailable_reason(stream);
   if (!why.empty()) throw std::runtime_error(std::string("PK_CUDA_FORWARD=") + choice + ": " + why);
-  return tma ? ForwardLoop::wgmma_tma : ForwardLoop::wgmma;
+  return loop;
 }
 
 }  // namespace
@@ -360,9 +424,14 @@ void launch_forward(const AttentionParams& params, Stream stream) {
   const char* choice = std::getenv("PK_CUDA_FORWARD");
   ForwardLoop loop = forward_loop(choice, params, stream);
   PK_DISPATCH(params, {
+    using TmaAttention = HopperForwardAttention<Element, kHeadDim, true>;
+    if (loop == ForwardLoop::wgmma_tma_persistent) {  // (named only: a refused map is the error)
+      launch_forward_with<Element, kHeadDim, TmaAttention, 1, true>(params, stream);
+      return;
+    }
     if (loop == ForwardLoop::wgmma_tma) {
       try {
-        launch_forward_with<Element, kHeadDim, HopperForwardAttention<Element, kHeadDim, true>, 1>(params, stream);
+        launch_forward_with<Element, kHeadDim, TmaAttention, 1>(params, stream);
         return;
       } catch (const TmaMapError&) {
         if (choice && *choice) throw;  // named: the error; the default takes the cp.async feed (the same function)

@@ -27,7 +27,9 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kEmulatedSms = 2;  // the decode plan off a GPU: small, so that tests see several splits ($PK_EMU_SMS)
+// The decode plan and the persistent forward's grid off a GPU: small, so that tests see several splits, and
+// several works per block ($PK_EMU_SMS)
+constexpr int kEmulatedSms = 2;
 
 void check_operand(const char* name, const Tensor& t, const Tensor& q) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got ", t.dim(), "-D");
@@ -170,9 +172,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
 #endif
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  const pk::AttentionParams params = make_params(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                                                 prefix_lens, causal, scale, out, lse);
+  pk::AttentionParams params = make_params(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens,
+                                           causal, scale, out, lse);
   if (out.numel() == 0) return {out, lse};
+  params.sms = sm_count();
   pk::launch_forward(params, current_stream(q));
   check_launch();
   return {out, lse};
@@ -191,7 +194,8 @@ std::tuple<Tensor, Tensor> decode(const Tensor& q, const Tensor& k, const Tensor
   d.attention = make_params(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale,
                             out, lse);
   if (out.numel() == 0) return {out, lse};
-  const pk::DecodePlan plan = pk::plan_decode(d.attention, sm_count(), pk::decode_prefix_loop(current_stream(q)),
+  d.attention.sms = sm_count();
+  const pk::DecodePlan plan = pk::plan_decode(d.attention, d.attention.sms, pk::decode_prefix_loop(current_stream(q)),
                                               pk::decode_own_layout());
   d.rows = static_cast<int>(q.size(0) * q.size(1) * q.size(2));
   d.prefix_row_blocks = plan.prefix_row_blocks;

@@ -43,6 +43,7 @@ inline int once_per_device(std::atomic<int> (&cache)[kCachedDevices], int device
 
 #define PK_KERNEL(...) void  // a host function that pk_emu::launch runs once per emulated thread
 #define PK_UNROLL
+#define PK_NO_UNROLL
 #define PK_DEVICE inline
 #define PK_RESTRICT __restrict__
 
@@ -51,6 +52,7 @@ inline unsigned thread_index() { return pk_emu::thread_index(); }
 inline unsigned block_index_x() { return pk_emu::block_index().x; }
 inline unsigned block_index_y() { return pk_emu::block_index().y; }
 inline unsigned block_index_z() { return pk_emu::block_index().z; }
+inline unsigned grid_dim_x() { return pk_emu::grid_dim().x; }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
 inline void sync_warp() { pk_emu::sync_warp(); }
@@ -87,6 +89,8 @@ using Stream = void*;
 #define PK_KERNEL(...) __global__ void __launch_bounds__(__VA_ARGS__)
 // Fixed-trip loops over register arrays must unroll fully, or the arrays spill to local memory.
 #define PK_UNROLL _Pragma("unroll")
+// A loop kept rolled where its unrolled copies would not fit the registers (the TMA producer's 24).
+#define PK_NO_UNROLL _Pragma("unroll 1")
 #define PK_DEVICE __device__ __forceinline__
 #define PK_RESTRICT __restrict__
 
@@ -96,6 +100,7 @@ PK_DEVICE unsigned thread_index() { return threadIdx.x; }
 PK_DEVICE unsigned block_index_x() { return blockIdx.x; }
 PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
 PK_DEVICE unsigned block_index_z() { return blockIdx.z; }
+PK_DEVICE unsigned grid_dim_x() { return gridDim.x; }
 PK_DEVICE char* shared_memory() {  // 1024-byte aligned: wgmma's 128-byte-swizzle atoms must be
   extern __shared__ __align__(1024) char pk_dynamic_shared[];
   return pk_dynamic_shared;

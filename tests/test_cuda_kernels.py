@@ -146,15 +146,18 @@ HOPPER_CASES = FORWARD_CASES + [
 ]
 
 
-# The Hopper loops' feeds: cp.async by the math warps, or TMA by a producer warpgroup (its mbarriers after the tiles)
-HOPPER_FEEDS = [pytest.param(("wgmma", False), id="cp.async"), pytest.param(("wgmma-tma", True), id="tma")]
+# The Hopper loops' feeds: cp.async by the math warps, or TMA by a producer warpgroup (its mbarriers after the tiles),
+# one work per block or on the persistent grid (one block per SM: in the emulation 2 blocks, each through several
+# works, so that the pipelines' stages and phases run on across works)
+HOPPER_FEEDS = [pytest.param(("wgmma", False), id="cp.async"), pytest.param(("wgmma-tma", True), id="tma"),
+                pytest.param(("wgmma-tma-persistent", True), id="tma-persistent")]
 
 
 def _hopper_shared_bytes(head_dim, stages, tma, rows=128, keys=128):
     """Q (`rows` rows), a ring of `stages` (K, V) pairs of `keys` keys, and with TMA a full and an empty mbarrier per
-    stage for K and for V, and Q's: what the emulator reports as the launch's shared memory when the Hopper loop
+    stage for K and for V, and for Q: what the emulator reports as the launch's shared memory when the Hopper loop
     ran."""
-    return (rows + 2 * stages * keys) * head_dim * 2 + (8 * (4 * stages + 1) if tma else 0)
+    return (rows + 2 * stages * keys) * head_dim * 2 + (8 * (4 * stages + 2) if tma else 0)
 
 
 @pytest.mark.parametrize("feed", HOPPER_FEEDS)
@@ -173,8 +176,35 @@ def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatc
     if kernels.type == "cpu":
         ops.shared_memory_stats(True)
     _check_op("forward", case, dtype, kernels)
-    if kernels.type == "cpu":  # it was the Hopper loop (with this feed) that ran
-        assert ops.shared_memory_stats(True)[2] == _hopper_shared_bytes(case.head_dim, 3, tma)
+    if kernels.type == "cpu":  # it was the Hopper loop (with this feed, on its grid) that ran
+        stats = ops.shared_memory_stats(True)
+        assert stats[2] == _hopper_shared_bytes(case.head_dim, 3, tma)
+        assert stats[3] == _forward_blocks(case, loop, EMULATED_SMS)
+
+
+EMULATED_SMS = 2  # (csrc/ops.cpp: what the launchers are told off a GPU, unless $PK_EMU_SMS says otherwise)
+
+
+def _forward_blocks(case, loop, sms, rows=128):
+    """The blocks a forward launch takes: one per work (`rows` queries of one (b, hq)), or on the persistent grid
+    one per SM, fewer where there are fewer works."""
+    works = -(-case.seq_q // rows) * case.batch * case.heads_q
+    return min(works, sms) if loop.endswith("-persistent") else works
+
+
+@pytest.mark.parametrize("sms", [1, 3, 64])
+def test_persistent_forward_on_other_grids(kernels, sms, monkeypatch):
+    """The persistent TMA forward with every work on one block (4 works of 6-8 tiles: the pipelines' phases wrap
+    many times), on 3 blocks of 2, 1 and 1 works, and on more SMs than works (a block each), in the emulation."""
+    if kernels.type != "cpu":
+        pytest.skip("the grid follows the card's SMs: the emulation's other grids are the point")
+    case = HOPPER_CASES[-2]
+    monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma-tma-persistent")
+    monkeypatch.setenv("PK_EMU_SMS", str(sms))
+    ops = cuda.kernels()
+    ops.shared_memory_stats(True)
+    _check_op("forward", case, torch.float16, kernels)
+    assert ops.shared_memory_stats(True)[3] == _forward_blocks(case, "wgmma-tma-persistent", sms) == min(4, sms)
 
 
 # The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
@@ -332,9 +362,10 @@ def test_forward_loop_choice_is_checked(kernels, monkeypatch):
     says why."""
     call = _validated(*_split_options(make_inputs(FORWARD_CASES[0], torch.float16, kernels)))
     monkeypatch.setenv("PK_CUDA_FORWARD", "fastest")
-    with pytest.raises(Exception, match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma, wgmma-tma"):
+    with pytest.raises(Exception,
+                       match="PK_CUDA_FORWARD=fastest is not one of mma, wgmma, wgmma-tma, wgmma-tma-persistent"):
         _call_op("forward", call)
-    for loop in ("wgmma", "wgmma-tma"):
+    for loop in ("wgmma", "wgmma-tma", "wgmma-tma-persistent"):
         if kernels.type == "cuda" and loop in _broken_loops():
             continue
         monkeypatch.setenv("PK_CUDA_FORWARD", loop)

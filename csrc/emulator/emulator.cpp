@@ -773,7 +773,8 @@ float shfl_xor(float value, int lane_mask) {
 }
 
 namespace {
-std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0}, g_largest_launch_bytes{0};
+std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0}, g_largest_launch_bytes{0},
+    g_blocks_launched{0};
 
 // The wavefronts beyond one that 8 row addresses of one ldmatrix phase cost (distinct rows in one bank group).
 unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8]) {
@@ -790,13 +791,15 @@ unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8])
 }  // namespace
 
 SharedMemoryStats shared_memory_stats() {
-  return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load(), g_largest_launch_bytes.load()};
+  return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load(), g_largest_launch_bytes.load(),
+          g_blocks_launched.load()};
 }
 
 void reset_shared_memory_stats() {
   g_ldmatrix_phases = 0;
   g_ldmatrix_extra_wavefronts = 0;
   g_largest_launch_bytes = 0;
+  g_blocks_launched = 0;
 }
 
 void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {
@@ -1621,6 +1624,7 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
   for (uint64_t seen = g_largest_launch_bytes.load(); shared_bytes > seen;) {
     if (g_largest_launch_bytes.compare_exchange_weak(seen, shared_bytes)) break;
   }
+  g_blocks_launched += uint64_t{grid.x} * grid.y * grid.z;
   const Schedule schedule = read_schedule();
 
   t_stacks.reserve(threads_per_block);
