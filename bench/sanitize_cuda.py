@@ -39,13 +39,22 @@ def broken_loops():
     return set(os.environ.get("PK_BROKEN_CUDA_LOOPS", "").split())
 
 
+PERSISTENT_SMS = "2"  # the persistent forward's grid in the sweep: 2 blocks, each through many works
+
+
 def select_loop(loop):
     """Sets the variables the extension reads at each call: "decode-X" is the decode's prefix loop X (the forward on
-    mma.sync), any other name the forward's loop (the decode on mma.sync)."""
+    mma.sync), any other name the forward's loop (the decode on mma.sync). The persistent forward plans for 2 SMs
+    ($PK_CUDA_SMS), so that the sweep's few works share blocks as a real shape's do: the handover of the
+    pipelines from one work to the next is what the sanitizer must see."""
     decode = loop.removeprefix("decode-") if loop.startswith("decode-") else "mma"
     os.environ["PK_CUDA_DECODE"] = decode
     os.environ["PK_CUDA_DECODE_OWN"] = "auto"  # (an inherited layout would leave one of the two uncovered)
     os.environ["PK_CUDA_FORWARD"] = "mma" if loop.startswith("decode-") else loop
+    if loop.endswith("-persistent"):
+        os.environ["PK_CUDA_SMS"] = PERSISTENT_SMS
+    else:
+        os.environ.pop("PK_CUDA_SMS", None)
 
 
 def sweep(loops):

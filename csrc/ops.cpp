@@ -148,12 +148,16 @@ pk::Stream current_stream(const Tensor& q) {
 #endif
 }
 
+// The SMs the launchers plan for (the decode's splits, the persistent forward's grid): the device's, or in the tests
+// and the sanitizer sweep another count, so that small shapes take the paths big ones do on a real card (several
+// works per persistent block).
 int sm_count() {
 #ifdef PK_EMULATE
   const char* sms = std::getenv("PK_EMU_SMS");  // a test's other card
   return sms && std::atoi(sms) > 0 ? std::atoi(sms) : kEmulatedSms;
 #else
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const char* sms = std::getenv("PK_CUDA_SMS");
+  return sms && std::atoi(sms) > 0 ? std::atoi(sms) : at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 #endif
 }
 

@@ -42,7 +42,7 @@ def _fresh_seed(request):
 
 # The CUDA kernels read their loop choices from the environment at each call, and bench scripts the tests import set
 # them directly: whatever a test leaves behind would silently change the loop of every later test in its process.
-_LOOP_VARIABLES = ("PK_CUDA_FORWARD", "PK_CUDA_DECODE", "PK_CUDA_DECODE_OWN", "PK_BROKEN_CUDA_LOOPS")
+_LOOP_VARIABLES = ("PK_CUDA_FORWARD", "PK_CUDA_DECODE", "PK_CUDA_DECODE_OWN", "PK_BROKEN_CUDA_LOOPS", "PK_CUDA_SMS")
 
 
 @pytest.fixture(autouse=True)

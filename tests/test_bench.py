@@ -374,7 +374,7 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE"):  # (what sweep() sets, conftest.py undoes after the test)
+    for name in ("PK_CUDA_FORWARD", "PK_CUDA_DECODE", "PK_CUDA_SMS"):  # (what sweep() sets; conftest.py undoes it)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PK_CUDA_DECODE_OWN", "rows")  # inherited: the sweep must put the default layout back
     seen = {}
@@ -388,6 +388,9 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     assert any(batch * 3 * seq_q > 64 for batch, seq_q in seen["decode-wgmma"])  # G = 3 in the sweep
     # both layouts of the decode's own programs: the keys split across the warps (G * S <= 16), 64-row blocks
     assert {3 * seq_q <= 16 for _, seq_q in seen["decode-wgmma"]} == {True, False}
+    # the persistent forward on 2 SMs (several works per block), every other loop on the card's
+    for loop, *_ in module.sweep(["wgmma-tma-persistent", "wgmma"]):
+        assert os.environ.get("PK_CUDA_SMS") == ("2" if loop == "wgmma-tma-persistent" else None)
     monkeypatch.setenv("PK_BROKEN_CUDA_LOOPS", "wgmma decode-wgmma")
     assert module.broken_loops() == {"wgmma", "decode-wgmma"}
 
