@@ -258,7 +258,7 @@ if [ $profile_cuda = 1 ] && [ "$ext" = loads ]; then
   done <<RUNS
 forward cuda wgmma|wgmma|PK_CUDA_FORWARD=wgmma|forward_kernel|1|$forward --backend cuda
 forward cuda wgmma-tma|wgmma-tma|PK_CUDA_FORWARD=wgmma-tma|forward_kernel|1|$forward --backend cuda
-forward cuda wgmma-tma-persistent|wgmma-tma-persistent|PK_CUDA_FORWARD=wgmma-tma-persistent|forward_kernel|1|$forward --backend cuda
+forward cuda wgmma-tma-persistent|wgmma-tma-persistent|PK_CUDA_FORWARD=wgmma-tma-persistent|forward_persistent_kernel|1|$forward --backend cuda
 forward triton|-|PK_CUDA_FORWARD=|_prefix_attention_fwd|1|$forward --backend triton
 decode cuda wgmma|decode-wgmma|PK_CUDA_DECODE=wgmma|decode|3|--op decode --backend cuda -B 256 -P 16384 -L 128 --heads 32/8
 RUNS
@@ -267,7 +267,7 @@ RUNS
   [ -n "$ncu" ] && for loop in wgmma wgmma-tma wgmma-tma-persistent; do
     case " $PK_BROKEN_CUDA_LOOPS " in *" $loop "*) continue ;; esac
     { echo "==== source page: forward cuda $loop, B=8 S=2048 P=128"
-      PK_CUDA_FORWARD=$loop timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none -k "regex:forward_kernel" \
+      PK_CUDA_FORWARD=$loop timeout "${PROFILE_TIMEOUT:-120}" "$ncu" --clock-control none -k "regex:forward_(persistent_)?kernel" \
         -c 1 --section SourceCounters -f -o "/tmp/ncu_source/$loop" python3 bench/profile_case.py $forward \
         --backend cuda > "/tmp/ncu_source/$loop.log" 2>&1 || tail -n 5 "/tmp/ncu_source/$loop.log"
       "$ncu" -i "/tmp/ncu_source/$loop.ncu-rep" --page source --print-source sass --csv \

@@ -1,6 +1,6 @@
 """Run one prefix_attention call a few times, for a profiler to attach to (GPU only; no timing, no checks).
 
-    ncu --clock-control none -k regex:"prefix|forward_kernel|decode" -c 4 --set detailed \\
+    ncu --clock-control none -k regex:"prefix|forward_(persistent_)?kernel|decode" -c 4 --set detailed \\
         python3 bench/profile_case.py --op decode --backend triton -B 128 -P 16384 -L 256 --heads 32/32
 
 The shapes default to the first ANCHORS decode shape; --op forward / fwd+bwd take -S (queries = own keys).

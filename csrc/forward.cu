@@ -168,21 +168,37 @@ PK_DEVICE void attend_work(const AttentionParams& p, const Work& work, Position.
 
 // One kernel for every loop: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma, fed
 // by cp.async or by a TMA producer warpgroup). A block does one work: the grid is (query blocks, B * Hq). With
-// kPersistent (the TMA feed only: FlashAttention-3's persistent kernel) the grid is one block per SM and block i
-// does works i, i + grid, ... of the same order (the last query blocks first, over all (b, hq)): its barriers
-// are set up once, and the producer copies the next work's Q and first tiles while the consumers finish the
-// current one's P.V and store its output, where a block of its own would start with the tensor cores idle.
-template <typename T, int D, class Attention, int kMinBlocks, bool kPersistent>
-PK_KERNEL(Attention::kBlockThreads, kMinBlocks)
-forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
+// kPersistent (the TMA feed only: FlashAttention-3's persistent kernel) the grid is one block per SM working
+// through several works: its barriers are set up once, and the producer copies the next work's Q and first tiles
+// while the consumers finish the current one's P.V and store its output, where a block of its own would start
+// with the tensor cores idle. No block scheduler balances a persistent grid, so the works go out statically in
+// units of equal length: query blocks j and m_blocks - 1 - j of one (b, hq) (under causal masking the second has
+// as many own keys fewer as the first has more; the middle block of an odd count is a unit alone), block i taking
+// units i, i + grid, ... And the units of one (b, hq) are consecutive, so that the blocks running at once share
+// the K/V of a few heads in L2 (ordered heads first, each block would stream K/V of its own from DRAM: at B=8
+// S=2048, ~3 TB/s).
+template <class Work, class Visit>
+PK_DEVICE void for_each_persistent_work(const AttentionParams& p, int block_m, Visit visit) {
+  const int m_blocks = (p.seq_q + block_m - 1) / block_m, pairs = (m_blocks + 1) / 2;
+  const int units = pairs * p.batch * p.heads_q;
+  for (int u = static_cast<int>(block_index_x()); u < units; u += static_cast<int>(grid_dim_x())) {
+    const int bh = u / pairs, j = u % pairs, works = m_blocks - 1 - j != j ? 2 : 1;
+    PK_NO_UNROLL  // one call site: the TMA producer's copy of `visit` must fit its 24 registers once
+    for (int k = 0; k < works; ++k) visit(Work(p, k == 0 ? j : m_blocks - 1 - j, bh));  // the longer one first
+  }
+}
+// The persistent grid's units (above)
+inline int64_t persistent_units(const AttentionParams& p, int block_m) {
+  return (ceil_div(p.seq_q, block_m) + 1) / 2 * static_cast<int64_t>(p.batch) * p.heads_q;
+}
+
+template <typename T, int D, class Attention, bool kPersistent>
+PK_DEVICE void forward_blocks(const AttentionParams& p, const ForwardMaps<Attention::kTmaFeed>& maps) {
   static_assert(!kPersistent || Attention::kTmaFeed, "the persistent grid overlaps works through the TMA producer");
   using Work = ForwardWork<T, Attention::kBlockM, Attention::kBlockN>;
   auto for_each_work = [&](auto visit) {
     if constexpr (kPersistent) {
-      const int heads = p.batch * p.heads_q;
-      const int works = (p.seq_q + Attention::kBlockM - 1) / Attention::kBlockM * heads;
-      for (int w = static_cast<int>(block_index_x()); w < works; w += static_cast<int>(grid_dim_x()))
-        visit(Work(p, w / heads, w % heads));
+      for_each_persistent_work<Work>(p, Attention::kBlockM, visit);
     } else {
       visit(Work(p, static_cast<int>(block_index_x()), static_cast<int>(block_index_y())));
     }
@@ -235,6 +251,19 @@ forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Atten
   }
 }
 
+template <typename T, int D, class Attention, int kMinBlocks>
+PK_KERNEL(Attention::kBlockThreads, kMinBlocks)
+forward_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
+  forward_blocks<T, D, Attention, false>(p, maps);
+}
+
+// A kernel of its own name, so that profiles and the ptxas budgets (tests/test_cuda_ptxas.py) tell it apart
+template <typename T, int D, class Attention>
+PK_KERNEL(Attention::kBlockThreads, 1)
+forward_persistent_kernel(const AttentionParams p, const PK_GRID_CONSTANT ForwardMaps<Attention::kTmaFeed> maps) {
+  forward_blocks<T, D, Attention, true>(p, maps);
+}
+
 // The TMA feed's maps: each [outer, heads, rows, D] tensor (any strides, D contiguous) as 4-d boxes of 64 columns x
 // `box_rows` rows; rows past the tensor read as zeros (Q past seq_q, keys past L or P). Keys in [prefix_lens[n], P)
 // are copied and masked, as the reference masks them. ops.cpp already refused what TMA cannot read (an address or a
@@ -279,24 +308,34 @@ ForwardMaps<true> forward_maps(const AttentionParams& p) {
 }
 
 // The kernel's shared-memory opt-in is a process-wide setting per device: made once per device, as the decode's.
-// The persistent grid: kMinBlocks blocks per SM (one for the TMA feed's 224 KB), fewer where there are fewer works.
+// The persistent grid: kMinBlocks blocks per SM (one for the TMA feed's 224 KB), fewer where there are fewer units.
 template <typename T, int D, class Attention, int kMinBlocks, bool kPersistent = false>
 void launch_forward_with(const AttentionParams& params, Stream stream) {
+  static_assert(!kPersistent || kMinBlocks == 1, "the persistent kernel's launch bounds are for one block per SM");
   constexpr size_t kShared = Attention::kSharedBytes;
   ForwardMaps<Attention::kTmaFeed> maps{};
   if constexpr (Attention::kTmaFeed) maps = forward_maps<D, Attention>(params);
   static std::atomic<int> opted_in[kCachedDevices];
   once_per_device(opted_in, current_device(), [] {
-    allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks, kPersistent>, kShared);
+    if constexpr (kPersistent)
+      allow_shared_bytes(forward_persistent_kernel<T, D, Attention>, kShared);
+    else
+      allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
     return 1;
   });
-  const int m_blocks = ceil_div(params.seq_q, Attention::kBlockM), heads = params.batch * params.heads_q;
-  const int64_t works = static_cast<int64_t>(m_blocks) * heads;
-  const Dim3 grid = kPersistent ? Dim3{static_cast<unsigned>(std::min<int64_t>(works, int64_t{kMinBlocks} * params.sms)),
-                                       1, 1}
-                                : Dim3{static_cast<unsigned>(m_blocks), static_cast<unsigned>(heads), 1};
-  PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks, kPersistent>), grid, Attention::kBlockThreads, kShared,
-            stream, params, maps);
+  const int sms = std::max(params.sms, 1);  // (0: a caller that left it unset)
+  const Dim3 grid =
+      kPersistent ? Dim3{static_cast<unsigned>(std::min<int64_t>(persistent_units(params, Attention::kBlockM),
+                                                                 int64_t{kMinBlocks} * sms)),
+                         1, 1}
+                  : Dim3{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
+                         static_cast<unsigned>(params.batch * params.heads_q), 1};
+  if constexpr (kPersistent)
+    PK_LAUNCH((forward_persistent_kernel<T, D, Attention>), grid, Attention::kBlockThreads, kShared, stream, params,
+              maps);
+  else
+    PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params,
+              maps);
 }
 
 }  // namespace

@@ -182,34 +182,40 @@ def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatc
         assert stats[3] == _forward_blocks(case, loop, EMULATED_SMS)
 
 
-EMULATED_SMS = 2  # (csrc/ops.cpp: what the launchers are told off a GPU, unless $PK_EMU_SMS says otherwise)
+EMULATED_SMS = 2  # (csrc/ops.cpp: what the launchers are told off a GPU; conftest.py unsets $PK_EMU_SMS)
 
 
 def _forward_blocks(case, loop, sms, rows=128):
     """The blocks a forward launch takes: one per work (`rows` queries of one (b, hq)), or on the persistent grid
-    one per SM, fewer where there are fewer works."""
-    works = -(-case.seq_q // rows) * case.batch * case.heads_q
-    return min(works, sms) if loop.endswith("-persistent") else works
+    one per SM, fewer where there are fewer units (query blocks j and m_blocks - 1 - j of one (b, hq))."""
+    m_blocks = -(-case.seq_q // rows)
+    if loop.endswith("-persistent"):
+        return min((m_blocks + 1) // 2 * case.batch * case.heads_q, sms)
+    return m_blocks * case.batch * case.heads_q
 
 
-@pytest.mark.parametrize("sms", [1, 3, 64])
+# 3 query blocks (a unit of two, the middle one alone) of 3 heads, 4-5 tiles each: 6 units, 9 works
+PERSISTENT_CASE = Case(batch=1, heads_q=3, heads_kv=1, seq_q=300, seq_k=300, prefix_len=130, head_dim=128,
+                       padding="random")
+
+
+@pytest.mark.parametrize("sms", [1, 4, 64])
 def test_persistent_forward_on_other_grids(kernels, sms, monkeypatch):
-    """The persistent TMA forward with every work on one block (4 works of 6-8 tiles: the pipelines' phases wrap
-    many times), on 3 blocks of 2, 1 and 1 works, and on more SMs than works (a block each): in the emulation
-    ($PK_EMU_SMS) and on an H100/H200 ($PK_CUDA_SMS), where the small test shapes would otherwise give every work a
-    block of its own."""
+    """The persistent TMA forward with every work on one block (9 works: the pipelines' phases wrap many times),
+    on 4 blocks of 2 units or 1, and on more SMs than units (a unit each): in the emulation ($PK_EMU_SMS) and on an
+    H100/H200 ($PK_CUDA_SMS), where the small test shapes would otherwise give every unit a block of its own."""
     _hopper_or_skip(kernels, "wgmma-tma-persistent")
-    case = HOPPER_CASES[-2]
+    case = PERSISTENT_CASE
     monkeypatch.setenv("PK_CUDA_FORWARD", "wgmma-tma-persistent")
     monkeypatch.setenv("PK_EMU_SMS" if kernels.type == "cpu" else "PK_CUDA_SMS", str(sms))
-    assert _forward_blocks(case, "wgmma-tma-persistent", sms) == min(4, sms)
+    assert _forward_blocks(case, "wgmma-tma-persistent", sms) == min(6, sms)
     if kernels.type != "cpu":
         _check_op("forward", case, torch.bfloat16, kernels)
         return
     ops = cuda.kernels()
     ops.shared_memory_stats(True)
     _check_op("forward", case, torch.float16, kernels)
-    assert ops.shared_memory_stats(True)[3] == min(4, sms)
+    assert ops.shared_memory_stats(True)[3] == min(6, sms)
 
 
 # The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
@@ -501,7 +507,7 @@ def test_decode_ring_depth_keeps_two_blocks_per_sm(case, card, per_block_kib, pe
     try:
         ops.shared_memory_stats(True)
         _check_op("decode", case, torch.float16, torch.device("cpu"))
-        *_, largest = ops.shared_memory_stats(True)
+        largest = ops.shared_memory_stats(True)[2]
     finally:
         cuda.use_kernels(*previous)
     stages = stages_d64 if case.head_dim == 64 else stages_d128
@@ -738,7 +744,7 @@ def test_ldmatrix_reads_are_free_of_bank_conflicts(kernels):
             call = _validated(tensors, options)
             getattr(ops, op_name)(call.q, call.k, call.v, call.prefix_k, call.prefix_v, None, None, None, True,
                                   call.scale)
-    phases, extra, _ = ops.shared_memory_stats(True)
+    phases, extra, *_ = ops.shared_memory_stats(True)
     assert phases > 0 and extra == 0, f"{extra} extra wavefronts over {phases} ldmatrix phases"
 
 

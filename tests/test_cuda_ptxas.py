@@ -19,6 +19,10 @@ ARCHS = ("80", "90a")
 SPILL_BUDGET = {
     ("forward_kernel", 64): 0,
     ("forward_kernel", 128): 32,          # 254-255 registers, no spill today (36 B before idle warps skipped math)
+    # sm_90a only (a trap stub on sm_80): the TMA producer's work loop at its 24 registers (setmaxnreg) spills its
+    # counters, 12 B at D = 64 and 24 at 128: a few local loads and stores per work, none in the consumers' loop
+    ("forward_persistent_kernel", 64): 16,
+    ("forward_persistent_kernel", 128): 32,
     ("decode_partials_kernel", 64): 0,    # 4 B on sm_80 before the softmax's FFMA scaling
     ("decode_partials_kernel", 128): 32,  # 252-254 registers, no spill today
     ("decode_prefix_wgmma_kernel", 64): 0,   # sm_90a: 182 registers (a trap stub on sm_80)
@@ -28,6 +32,7 @@ SPILL_BUDGET = {
 }
 
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\w+)'")
+HEAD_DIM = re.compile(r"kernelI(?:6__half|13__nv_bfloat16)Li(\d+)E")
 SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -69,7 +74,9 @@ def test_kernels_compile_within_spill_budgets(source, arch, defines, tmp_path):
     for name, entry_arch, stack, spills in kernels_in(report):
         assert entry_arch == arch
         kind = next(k for k, _ in SPILL_BUDGET if k in name)
-        head_dim = 128 if "Li128E" in name else 64
+        # the head dim is the kernel's second template argument (a later one, such as a 128-key tile, may also read
+        # Li128E)
+        head_dim = int(HEAD_DIM.search(name).group(1))
         budget = SPILL_BUDGET[(kind, head_dim)]
         assert spills <= budget and stack <= budget + 8, \
             f"{name} sm_{arch}: {spills} B spilled, {stack} B stack (budget {budget} B)"
