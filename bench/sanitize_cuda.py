@@ -70,6 +70,8 @@ def _shapes(loop):
     16 rows per sequence (G * S, G = 3 here: S = 3 and 1) take the own programs whose warps split the keys, S = 9 the
     64-row ones."""
     shapes = [(3, 70, 75, 45, 1), (3, 150, 300, 200, 1), (3, 3, 140, 19, 2), (3, 9, 140, 19, 1), (3, 1, 0, 130, 1)]
+    if loop.endswith("-persistent"):  # 3 query blocks: a unit of two different ones, and the middle one alone
+        shapes.append((1, 300, 300, 130, 1))
     if loop.startswith("decode-"):
         shapes = [shape for shape in shapes if shape[1] <= 16] + [(30, 1, 20, 700, 1)]
     for dtype in (torch.float16, torch.bfloat16):

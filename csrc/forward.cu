@@ -164,6 +164,7 @@ PK_DEVICE void attend_work(const AttentionParams& p, const Work& work, Position.
       if (m0 + r < p.seq_q) p.lse[row0 + r] = lse[i];
     }
   }
+  if (attention.warp == 0 && attention.lane == 0) note_work();
 }
 
 // One kernel for every loop: `Attention` is BlockAttention (mma.sync, any sm_80+) or HopperAttention (wgmma, fed

@@ -151,13 +151,22 @@ pk::Stream current_stream(const Tensor& q) {
 // The SMs the launchers plan for (the decode's splits, the persistent forward's grid): the device's, or in the tests
 // and the sanitizer sweep another count, so that small shapes take the paths big ones do on a real card (several
 // works per persistent block).
+// A count in 1-4096 from $name, else 0 (unset, or not such a count: ignored).
+int sms_from_environment(const char* name) {
+  const char* text = std::getenv(name);
+  if (!text || !*text) return 0;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  return *end == '\0' && value >= 1 && value <= 4096 ? static_cast<int>(value) : 0;
+}
+
 int sm_count() {
 #ifdef PK_EMULATE
-  const char* sms = std::getenv("PK_EMU_SMS");  // a test's other card
-  return sms && std::atoi(sms) > 0 ? std::atoi(sms) : kEmulatedSms;
+  const int sms = sms_from_environment("PK_EMU_SMS");  // a test's other card
+  return sms ? sms : kEmulatedSms;
 #else
-  const char* sms = std::getenv("PK_CUDA_SMS");
-  return sms && std::atoi(sms) > 0 ? std::atoi(sms) : at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sms_from_environment("PK_CUDA_SMS");
+  return sms ? sms : at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 #endif
 }
 

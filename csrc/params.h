@@ -34,7 +34,7 @@ struct AttentionParams {
   bool is_bf16;                     // element type of q, k, v, prefix_k, prefix_v, out: bf16, else fp16
   float scale_log2;                 // softmax scale * log2(e): the kernels work in base 2
   bool causal;                      // bottom-right aligned: query i sees own keys j <= L - S + i
-  int sms;                          // the device's SMs (the persistent forward's grid)
+  int sms;                          // the SMs to plan for: the device's, or $PK_CUDA_SMS / $PK_EMU_SMS (ops.cpp)
 };
 
 // The decode strategy's plan and fp32 workspace: slot s of row r = (b * Hq + hq) * S + s_q holds one partial

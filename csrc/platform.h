@@ -53,6 +53,8 @@ inline unsigned block_index_x() { return pk_emu::block_index().x; }
 inline unsigned block_index_y() { return pk_emu::block_index().y; }
 inline unsigned block_index_z() { return pk_emu::block_index().z; }
 inline unsigned grid_dim_x() { return pk_emu::grid_dim().x; }
+// A work (one block's worth of a launch) done, counted for the tests (a GPU build counts nothing)
+inline void note_work() { pk_emu::note_work(); }
 inline char* shared_memory() { return pk_emu::shared_memory(); }
 inline void sync_threads() { pk_emu::sync_threads(); }
 inline void sync_warp() { pk_emu::sync_warp(); }
@@ -101,6 +103,7 @@ PK_DEVICE unsigned block_index_x() { return blockIdx.x; }
 PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
 PK_DEVICE unsigned block_index_z() { return blockIdx.z; }
 PK_DEVICE unsigned grid_dim_x() { return gridDim.x; }
+PK_DEVICE void note_work() {}  // (the emulation counts works for the tests)
 PK_DEVICE char* shared_memory() {  // 1024-byte aligned: wgmma's 128-byte-swizzle atoms must be
   extern __shared__ __align__(1024) char pk_dynamic_shared[];
   return pk_dynamic_shared;

@@ -388,9 +388,14 @@ def test_sanitize_sweep_selects_each_loop(monkeypatch):
     assert any(batch * 3 * seq_q > 64 for batch, seq_q in seen["decode-wgmma"])  # G = 3 in the sweep
     # both layouts of the decode's own programs: the keys split across the warps (G * S <= 16), 64-row blocks
     assert {3 * seq_q <= 16 for _, seq_q in seen["decode-wgmma"]} == {True, False}
-    # the persistent forward on 2 SMs (several works per block), every other loop on the card's
-    for loop, *_ in module.sweep(["wgmma-tma-persistent", "wgmma"]):
+    # the persistent forward on 2 SMs (several works per block), with a shape of 3 query blocks (a unit of two
+    # different ones, one alone); every other loop on the card's SMs
+    persistent_seq_q = set()
+    for loop, *_, batch, seq_q, seq_k, prefix_len, prefixes in module.sweep(["wgmma-tma-persistent", "wgmma"]):
         assert os.environ.get("PK_CUDA_SMS") == ("2" if loop == "wgmma-tma-persistent" else None)
+        if loop == "wgmma-tma-persistent":
+            persistent_seq_q.add(seq_q)
+    assert any(256 < seq_q <= 384 for seq_q in persistent_seq_q)
     monkeypatch.setenv("PK_BROKEN_CUDA_LOOPS", "wgmma decode-wgmma")
     assert module.broken_loops() == {"wgmma", "decode-wgmma"}
 

@@ -180,21 +180,27 @@ def test_hopper_forward_matches_reference(kernels, case, dtype, feed, monkeypatc
         stats = ops.shared_memory_stats(True)
         assert stats[2] == _hopper_shared_bytes(case.head_dim, 3, tma)
         assert stats[3] == _forward_blocks(case, loop, EMULATED_SMS)
+        assert stats[4] == _forward_works(case), "a work skipped or repeated"
 
 
 EMULATED_SMS = 2  # (csrc/ops.cpp: what the launchers are told off a GPU; conftest.py unsets $PK_EMU_SMS)
 
 
+def _forward_works(case, rows=128):
+    """A forward launch's works: `rows` queries of one (b, hq) each."""
+    return -(-case.seq_q // rows) * case.batch * case.heads_q
+
+
 def _forward_blocks(case, loop, sms, rows=128):
-    """The blocks a forward launch takes: one per work (`rows` queries of one (b, hq)), or on the persistent grid
-    one per SM, fewer where there are fewer units (query blocks j and m_blocks - 1 - j of one (b, hq))."""
+    """The blocks a forward launch takes: one per work, or on the persistent grid one per SM, fewer where there are
+    fewer units (query blocks j and m_blocks - 1 - j of one (b, hq))."""
     m_blocks = -(-case.seq_q // rows)
     if loop.endswith("-persistent"):
         return min((m_blocks + 1) // 2 * case.batch * case.heads_q, sms)
-    return m_blocks * case.batch * case.heads_q
+    return _forward_works(case, rows)
 
 
-# 3 query blocks (a unit of two, the middle one alone) of 3 heads, 4-5 tiles each: 6 units, 9 works
+# 3 query blocks (a unit of two, the middle one alone) of 3 heads, 3-5 tiles each: 6 units, 9 works
 PERSISTENT_CASE = Case(batch=1, heads_q=3, heads_kv=1, seq_q=300, seq_k=300, prefix_len=130, head_dim=128,
                        padding="random")
 
@@ -210,12 +216,16 @@ def test_persistent_forward_on_other_grids(kernels, sms, monkeypatch):
     monkeypatch.setenv("PK_EMU_SMS" if kernels.type == "cpu" else "PK_CUDA_SMS", str(sms))
     assert _forward_blocks(case, "wgmma-tma-persistent", sms) == min(6, sms)
     if kernels.type != "cpu":
-        _check_op("forward", case, torch.bfloat16, kernels)
+        grids = _gpu_kernel_grids(lambda: _check_op("forward", case, torch.bfloat16, kernels),
+                                  "forward_persistent_kernel")
+        assert grids is None or grids == [[min(6, sms), 1, 1]], grids  # ($PK_CUDA_SMS took effect)
         return
     ops = cuda.kernels()
     ops.shared_memory_stats(True)
     _check_op("forward", case, torch.float16, kernels)
-    assert ops.shared_memory_stats(True)[3] == min(6, sms)
+    stats = ops.shared_memory_stats(True)
+    assert stats[3] == min(6, sms)
+    assert stats[4] == _forward_works(case) == 9, "a work skipped or repeated"
 
 
 # The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
@@ -274,6 +284,25 @@ def _gpu_kernel_names(run):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         run()
     return [event.name for event in profile.events()]
+
+
+def _gpu_kernel_grids(run, name):
+    """The grids of the GPU kernels named like `name` that `run()` launched, from the profiler's trace; None where
+    the trace holds no kernel (a profiler that sees none)."""
+    import json
+    import tempfile
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "trace.json")
+        profile.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace).get("traceEvents", [])
+    kernels = [event for event in events if event.get("cat") == "kernel"]
+    if not kernels:
+        return None
+    return [event.get("args", {}).get("grid") for event in kernels if name in event.get("name", "")]
 
 
 # On 8 emulated SMs (PK_EMU_SMS; 2 above): two row blocks, both warpgroups of the first busy, each in 3 splits

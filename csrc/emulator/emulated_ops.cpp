@@ -9,13 +9,14 @@
 
 namespace {
 
-// [ldmatrix phases, extra wavefronts from bank conflicts, the largest launch's shared bytes, blocks launched] since
-// the last reset (csrc/emulator/emulator.h).
+// [ldmatrix phases, extra wavefronts from bank conflicts, the largest launch's shared bytes, blocks launched, works
+// noted] since the last reset (csrc/emulator/emulator.h).
 std::vector<int64_t> shared_memory_stats(bool reset) {
   const pk_emu::SharedMemoryStats stats = pk_emu::shared_memory_stats();
   if (reset) pk_emu::reset_shared_memory_stats();
   return {static_cast<int64_t>(stats.ldmatrix_phases), static_cast<int64_t>(stats.ldmatrix_extra_wavefronts),
-          static_cast<int64_t>(stats.largest_launch_bytes), static_cast<int64_t>(stats.blocks_launched)};
+          static_cast<int64_t>(stats.largest_launch_bytes), static_cast<int64_t>(stats.blocks_launched),
+          static_cast<int64_t>(stats.works_noted)};
 }
 
 // The decode's plan (pk::plan_decode, with the mma prefix loop and the own layout $PK_CUDA_DECODE_OWN asks for) for

@@ -774,7 +774,7 @@ float shfl_xor(float value, int lane_mask) {
 
 namespace {
 std::atomic<uint64_t> g_ldmatrix_phases{0}, g_ldmatrix_extra_wavefronts{0}, g_largest_launch_bytes{0},
-    g_blocks_launched{0};
+    g_blocks_launched{0}, g_works_noted{0};
 
 // The wavefronts beyond one that 8 row addresses of one ldmatrix phase cost (distinct rows in one bank group).
 unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8]) {
@@ -792,14 +792,17 @@ unsigned extra_wavefronts(const Block& b, const unsigned char* const (&rows)[8])
 
 SharedMemoryStats shared_memory_stats() {
   return {g_ldmatrix_phases.load(), g_ldmatrix_extra_wavefronts.load(), g_largest_launch_bytes.load(),
-          g_blocks_launched.load()};
+          g_blocks_launched.load(), g_works_noted.load()};
 }
+
+void note_work() { ++g_works_noted; }
 
 void reset_shared_memory_stats() {
   g_ldmatrix_phases = 0;
   g_ldmatrix_extra_wavefronts = 0;
   g_largest_launch_bytes = 0;
   g_blocks_launched = 0;
+  g_works_noted = 0;
 }
 
 void ldmatrix_x4(uint32_t r[4], const void* row_address, bool transpose) {

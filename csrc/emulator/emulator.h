@@ -179,15 +179,18 @@ void set_max_registers(unsigned count, bool increase);
 // Shared-memory bank conflicts of ldmatrix, counted since the last reset: each of an ldmatrix's four 8-row phases
 // is one 128-byte wavefront when its 8 rows (16 bytes each) fall in 8 different 16-byte bank groups; every further
 // row in an already used group costs one more wavefront (a performance bug the results cannot show). Also the most
-// dynamic shared memory a launch asked for since the reset (which tile setting a launcher chose), and the blocks
-// launched (which grid: the persistent forward's is one block per emulated SM).
+// dynamic shared memory a launch asked for since the reset (which tile setting a launcher chose), the blocks
+// launched (which grid: the persistent forward's is one block per emulated SM) and the works the kernels noted
+// (note_work: that a persistent block's schedule ran each work once, neither skipping nor repeating one).
 struct SharedMemoryStats {
   uint64_t ldmatrix_phases = 0;
   uint64_t ldmatrix_extra_wavefronts = 0;
   uint64_t largest_launch_bytes = 0;
   uint64_t blocks_launched = 0;
+  uint64_t works_noted = 0;
 };
 SharedMemoryStats shared_memory_stats();
+void note_work();
 void reset_shared_memory_stats();
 
 }  // namespace pk_emu
