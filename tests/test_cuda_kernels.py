@@ -299,7 +299,7 @@ def _gpu_kernel_grids(run, name):
         profile.export_chrome_trace(path)
         with open(path) as trace:
             events = json.load(trace).get("traceEvents", [])
-    kernels = [event for event in events if event.get("cat") == "kernel"]
+    kernels = [event for event in events if str(event.get("cat", "")).lower() == "kernel"]
     if not kernels:
         return None
     return [event.get("args", {}).get("grid") for event in kernels if name in event.get("name", "")]
