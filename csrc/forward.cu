@@ -309,34 +309,30 @@ ForwardMaps<true> forward_maps(const AttentionParams& p) {
 }
 
 // The kernel's shared-memory opt-in is a process-wide setting per device: made once per device, as the decode's.
-// The persistent grid: kMinBlocks blocks per SM (one for the TMA feed's 224 KB), fewer where there are fewer units.
+// The persistent grid: one block per SM (the TMA feed's 224 KB), fewer where there are fewer units.
 template <typename T, int D, class Attention, int kMinBlocks, bool kPersistent = false>
 void launch_forward_with(const AttentionParams& params, Stream stream) {
   static_assert(!kPersistent || kMinBlocks == 1, "the persistent kernel's launch bounds are for one block per SM");
   constexpr size_t kShared = Attention::kSharedBytes;
   ForwardMaps<Attention::kTmaFeed> maps{};
   if constexpr (Attention::kTmaFeed) maps = forward_maps<D, Attention>(params);
-  static std::atomic<int> opted_in[kCachedDevices];
-  once_per_device(opted_in, current_device(), [] {
+  const auto kernel = [] {  // (the persistent kernel exists for the TMA feed only: chosen at compile time)
     if constexpr (kPersistent)
-      allow_shared_bytes(forward_persistent_kernel<T, D, Attention>, kShared);
+      return &forward_persistent_kernel<T, D, Attention>;
     else
-      allow_shared_bytes(forward_kernel<T, D, Attention, kMinBlocks>, kShared);
+      return &forward_kernel<T, D, Attention, kMinBlocks>;
+  }();
+  static std::atomic<int> opted_in[kCachedDevices];
+  once_per_device(opted_in, current_device(), [kernel] {
+    allow_shared_bytes(kernel, kShared);
     return 1;
   });
   const int sms = std::max(params.sms, 1);  // (0: a caller that left it unset)
-  const Dim3 grid =
-      kPersistent ? Dim3{static_cast<unsigned>(std::min<int64_t>(persistent_units(params, Attention::kBlockM),
-                                                                 int64_t{kMinBlocks} * sms)),
-                         1, 1}
-                  : Dim3{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
-                         static_cast<unsigned>(params.batch * params.heads_q), 1};
-  if constexpr (kPersistent)
-    PK_LAUNCH((forward_persistent_kernel<T, D, Attention>), grid, Attention::kBlockThreads, kShared, stream, params,
-              maps);
-  else
-    PK_LAUNCH((forward_kernel<T, D, Attention, kMinBlocks>), grid, Attention::kBlockThreads, kShared, stream, params,
-              maps);
+  const Dim3 grid = kPersistent ? Dim3{static_cast<unsigned>(std::min<int64_t>(
+                                           persistent_units(params, Attention::kBlockM), sms)), 1, 1}
+                                : Dim3{static_cast<unsigned>(ceil_div(params.seq_q, Attention::kBlockM)),
+                                       static_cast<unsigned>(params.batch * params.heads_q), 1};
+  PK_LAUNCH(kernel, grid, Attention::kBlockThreads, kShared, stream, params, maps);
 }
 
 }  // namespace
