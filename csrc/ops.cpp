@@ -2,6 +2,7 @@
 // Checks everything the kernels assume (raising before any launch), fills AttentionParams, launches on the
 // current stream. Built twice: by setup.py for CUDA tensors, and under PK_EMULATE (tests) for CPU tensors as
 // prefix_kernels_emulated::*, running the same kernels through csrc/emulator/.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 
@@ -170,6 +171,17 @@ int sm_count() {
 #endif
 }
 
+// CUDA caps grid.y at 65535 and the forward's grid puts B * Hq there (forward.cu: launch_forward_with): larger
+// batches are launched per chunk of whole sequences. The emulation takes a test's lower limit, which its launches
+// enforce too ($PK_EMU_MAX_GRID_Y).
+int64_t max_grid_y() {
+#ifdef PK_EMULATE
+  return pk_emu::max_grid_yz();
+#else
+  return 65535;
+#endif
+}
+
 void check_launch() {
 #ifndef PK_EMULATE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -188,9 +200,23 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   pk::AttentionParams params = make_params(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens,
                                            causal, scale, out, lse);
   if (out.numel() == 0) return {out, lse};
-  params.sms = sm_count();
-  pk::launch_forward(params, current_stream(q));
-  check_launch();
+  const auto launch = [&q](pk::AttentionParams& chunk) {
+    chunk.sms = sm_count();
+    pk::launch_forward(chunk, current_stream(q));
+    check_launch();
+  };
+  const int64_t batch = q.size(0), per_chunk = std::max<int64_t>(1, max_grid_y() / q.size(1));
+  if (batch <= per_chunk) {
+    launch(params);
+    return {out, lse};
+  }
+  for (int64_t start = 0; start < batch; start += per_chunk) {
+    const auto rows = [&](const Tensor& t) { return t.slice(0, start, std::min(batch, start + per_chunk)); };
+    const auto rows_of = [&](const c10::optional<Tensor>& t) { return t ? c10::optional<Tensor>(rows(*t)) : t; };
+    pk::AttentionParams chunk = make_params(rows(q), rows(k), rows(v), prefix_k, prefix_v, rows_of(key_padding_mask),
+                                            rows_of(prefix_index), prefix_lens, causal, scale, rows(out), rows(lse));
+    launch(chunk);
+  }
   return {out, lse};
 }
 

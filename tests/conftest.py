@@ -43,14 +43,15 @@ def _fresh_seed(request):
 # The CUDA kernels read their loop choices from the environment at each call, and bench scripts the tests import set
 # them directly: whatever a test leaves behind would silently change the loop of every later test in its process.
 _LOOP_VARIABLES = ("PK_CUDA_FORWARD", "PK_CUDA_DECODE", "PK_CUDA_DECODE_OWN", "PK_BROKEN_CUDA_LOOPS")
-# The SMs the launchers plan for: each test that wants other counts sets them, the others get the defaults
-_SM_VARIABLES = ("PK_CUDA_SMS", "PK_EMU_SMS")
+# The card the launchers plan for (its SMs; the emulated grid limit): each test that wants another sets them, the
+# others get the defaults
+_CARD_VARIABLES = ("PK_CUDA_SMS", "PK_EMU_SMS", "PK_EMU_MAX_GRID_Y")
 
 
 @pytest.fixture(autouse=True)
 def _loop_choices_restored():
-    saved = {name: os.environ.get(name) for name in _LOOP_VARIABLES + _SM_VARIABLES}
-    for name in _SM_VARIABLES:
+    saved = {name: os.environ.get(name) for name in _LOOP_VARIABLES + _CARD_VARIABLES}
+    for name in _CARD_VARIABLES:
         os.environ.pop(name, None)
     yield
     for name, value in saved.items():

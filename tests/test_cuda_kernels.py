@@ -228,6 +228,30 @@ def test_persistent_forward_on_other_grids(kernels, sms, monkeypatch):
     assert stats[4] == _forward_works(case) == 9, "a work skipped or repeated"
 
 
+@pytest.mark.parametrize("loop", ["mma", "wgmma-tma"])
+def test_forward_past_the_grid_limit_launches_in_chunks_of_sequences(kernels, loop, monkeypatch):
+    """A grid's y axis takes at most 65535 blocks and the forward puts B * Hq there: larger batches launch per
+    chunk of whole sequences (csrc/ops.cpp), their masks and prefix indices cut with them. In the emulation the
+    limit is lowered to 7 ($PK_EMU_MAX_GRID_Y, which its launches enforce too): 4 sequences of 6 heads in 4
+    launches. On a GPU the real limit: 16384 sequences of 4 heads in 2."""
+    if loop != "mma":
+        _hopper_or_skip(kernels, loop)
+    monkeypatch.setenv("PK_CUDA_FORWARD", loop)
+    if kernels.type == "cpu":
+        monkeypatch.setenv("PK_EMU_MAX_GRID_Y", "7")
+        case = Case(batch=4, heads_q=6, heads_kv=2, seq_q=19, seq_k=29, prefix_len=21, head_dim=64, num_prefixes=2,
+                    prefix_lens=(21, 5), padding="random")
+    else:
+        case = Case(batch=16384, heads_q=4, heads_kv=2, seq_q=3, seq_k=5, prefix_len=9, head_dim=64,
+                    num_prefixes=2, prefix_lens=(9, 4), padding="random")
+    ops = cuda.kernels()
+    if kernels.type == "cpu":
+        ops.shared_memory_stats(True)
+    _check_op("forward", case, torch.float16, kernels)
+    if kernels.type == "cpu":
+        assert ops.shared_memory_stats(True)[3] == _forward_works(case) == 24  # 4 launches of 6 blocks
+
+
 # The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
 # (rows, keys) of the cp.async feed's blocks, cases): no overlap with 2 stages; the two warpgroups taking turns
 # (ping-pong) on the shipped loop; one warpgroup of 64 rows with 64-key tiles (the TMA feed keeps 128 x 128).

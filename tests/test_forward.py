@@ -135,3 +135,15 @@ def test_forward_through_tma_descriptors_matches_reference(case, dtype):
     assert_close_to_truth("out", out, truth_out, reference_error, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse))
     assert max_error(lse, truth_lse) <= 1e-3, "lse"
+
+
+def test_a_grid_past_cudas_limit_is_refused_before_the_launch(monkeypatch):
+    """More heads than a grid's axis 1 takes (even one sequence per launch) is a clear error naming the kernel,
+    not CUDA's bare "invalid argument" at launch (the limit lowered to 5 here, against 6 query heads)."""
+    from prefix_kernels.triton import device
+
+    monkeypatch.setattr(device, "MAX_GRID_YZ", 5)
+    case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=3, seq_k=4, prefix_len=5, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE, requires_grad=True)  # (the forward, not decode)
+    with pytest.raises(ValueError, match=r"_prefix_attention_fwd: grid \(1, 6\) has more than 5 programs"):
+        prefix_attention(*tensors, backend="triton", **options)

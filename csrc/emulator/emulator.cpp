@@ -1574,6 +1574,17 @@ size_t kib_from_env(const char* name, size_t fallback_kib) {
 
 size_t max_shared_bytes_optin() { return kib_from_env("PK_EMU_MAX_SHARED_KIB", 227); }
 
+unsigned max_grid_yz() {
+  const char* env = std::getenv("PK_EMU_MAX_GRID_Y");
+  if (!env) return 65535;
+  char* end = nullptr;
+  const unsigned long blocks = std::strtoul(env, &end, 10);
+  if (end == env || *end != '\0' || blocks == 0 || blocks > 65535) {
+    throw std::runtime_error(std::string("pk_emu: $PK_EMU_MAX_GRID_Y=") + env + " is not a count in 1-65535");
+  }
+  return static_cast<unsigned>(blocks);
+}
+
 size_t shared_bytes_per_sm() { return kib_from_env("PK_EMU_SHARED_PER_SM_KIB", 228); }
 
 namespace {
@@ -1605,9 +1616,10 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
     throw std::runtime_error("pk_emu::launch: threads_per_block must be a multiple of 32 in [32, 1024], got " +
                                 std::to_string(threads_per_block));
   }
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535) {
-    throw std::runtime_error("pk_emu::launch: invalid grid " + dim3_str(grid) +
-                                " (each dimension >= 1; y, z <= 65535; x < 2^31)");
+  const unsigned max_yz = max_grid_yz();
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > max_yz || grid.z > max_yz) {
+    throw std::runtime_error("pk_emu::launch: invalid grid " + dim3_str(grid) + " (each dimension >= 1; y, z <= " +
+                             std::to_string(max_yz) + "; x < 2^31)");
   }
   const size_t max_shared = max_shared_bytes_optin();
   if (shared_bytes > max_shared) {

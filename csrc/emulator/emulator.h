@@ -43,6 +43,9 @@ void launch(Dim3 grid, unsigned threads_per_block, size_t shared_bytes, const st
 // The per-block opt-in limit of the emulated device: $PK_EMU_MAX_SHARED_KIB (read at each call) or 227 KiB, sm_90's
 // (sm_80: 163 KiB; sm_86/89 consumer cards: 99 KiB), so that tests can emulate a smaller card.
 size_t max_shared_bytes_optin();
+// The most blocks a launch may have along grid y and z: $PK_EMU_MAX_GRID_Y (read at each call) or 65535, a GPU's, so
+// that tests can make small batches take the launchers' paths for grids past it.
+unsigned max_grid_yz();
 // The emulated SM's shared memory, which resident blocks share: $PK_EMU_SHARED_PER_SM_KIB or 228 KiB (sm_90's; sm_80:
 // 164, sm_86/89: 100). Only reported (launchers size their blocks by it); blocks here run one at a time.
 size_t shared_bytes_per_sm();

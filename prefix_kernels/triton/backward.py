@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
-from .device import launch, on_first_tensor_device
+from .device import batch_chunks, launch, on_first_tensor_device
 from .forward import _load_rows, _own_visible, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
@@ -570,23 +570,28 @@ def prefix_attention_backward(
 
     lse = lse.contiguous()
     delta = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
-    grid, args, kwargs = preprocess_launch(out, grad_out, lse, grad_lse, delta)
-    launch(_bwd_preprocess, grid, args, kwargs)
+    for chunk in batch_chunks(heads_q, out, grad_out, lse, grad_lse, delta):
+        launch(_bwd_preprocess, *preprocess_launch(*chunk))
 
     # dq accumulated by the key-major kernels (BackwardConfig.fuse_dq): only when both run anyway.
     fuse_dq = (dq is not None and dk is not None and dpk is not None
                and (config or backward_config(q.shape[-1], q.dtype, seq_q)).fuse_dq)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fuse_dq else None
+    heads_kv = k.shape[1]
     if dq is not None and not fuse_dq:
-        grid, args, kwargs = dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, causal=causal,
-                                       scale=scale, key_padding_mask=key_padding_mask, prefix_index=prefix_index,
-                                       prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
-        launch(_prefix_attention_bwd_dq, grid, args, kwargs)
+        for q_, k_, v_, grad_out_, lse_, delta_, dq_, mask, index in batch_chunks(
+                heads_q, q, k, v, grad_out, lse, delta, dq, key_padding_mask, prefix_index):
+            grid, args, kwargs = dq_launch(q_, k_, v_, prefix_k, prefix_v, grad_out_, lse_, delta_, dq_,
+                                           causal=causal, scale=scale, key_padding_mask=mask, prefix_index=index,
+                                           prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
+            launch(_prefix_attention_bwd_dq, grid, args, kwargs)
     if dk is not None and dk.numel():
-        grid, args, kwargs = dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, causal=causal, scale=scale,
-                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap,
-                                         config=config, dq_acc=dq_acc)
-        launch(_prefix_attention_bwd_dkdv, grid, args, kwargs)
+        for q_, k_, v_, grad_out_, lse_, delta_, dk_, dv_, mask, dq_acc_ in batch_chunks(
+                heads_kv, q, k, v, grad_out, lse, delta, dk, dv, key_padding_mask, dq_acc):
+            grid, args, kwargs = dkdv_launch(q_, k_, v_, grad_out_, lse_, delta_, dk_, dv_, causal=causal,
+                                             scale=scale, key_padding_mask=mask, window=window, softcap=softcap,
+                                             config=config, dq_acc=dq_acc_)
+            launch(_prefix_attention_bwd_dkdv, grid, args, kwargs)
     if dpk is not None and dpk.numel():
         chunks = prefix_chunks or dprefix_chunks(q, prefix_k, config)
         if chunks > 1:

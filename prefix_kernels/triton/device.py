@@ -28,10 +28,30 @@ def launch_device(t):
 # that must not fuse (the rotary embedding: its rounding must match HF's) says enable_fp_fusion=False itself.
 FP_FUSION = True
 
+# CUDA's limit on a grid's axes 1 and 2 (axis 0 goes to 2^31 - 1). The kernels with B * H programs on axis 1 are
+# launched per chunk of the batch past it (batch_chunks); launch() refuses any grid beyond it, naming the kernel,
+# where CUDA would fail the launch with a bare "invalid argument". Tests lower it to split small batches.
+MAX_GRID_YZ = 65535
+
 
 def launch(kernel, grid, args, kwargs):
     """kernel[grid](*args, **kwargs) with enable_fp_fusion set (FP_FUSION unless kwargs says otherwise)."""
+    if any(size > MAX_GRID_YZ for size in grid[1:]):
+        raise ValueError(f"{kernel.__name__}: grid {tuple(grid)} has more than {MAX_GRID_YZ} programs on axis 1 or 2, "
+                         "more than CUDA launches")
     kernel[grid](*args, **with_fixed_options(kwargs))
+
+
+def batch_chunks(heads: int, *tensors):
+    """Batch-major tensors (None passes through) cut into chunks of whole sequences, each small enough that a
+    launch with (its sequences) * heads programs on grid axis 1 stays within MAX_GRID_YZ. One chunk, the tensors
+    themselves, unless B * heads passes the limit (B = 4096 at 16 heads)."""
+    batch = tensors[0].shape[0]
+    per_chunk = max(1, MAX_GRID_YZ // heads)  # (heads past the limit: launch() names the kernel it refuses)
+    if batch <= per_chunk:
+        return [tensors]
+    return [tuple(None if t is None else t[start:start + per_chunk] for t in tensors)
+            for start in range(0, batch, per_chunk)]
 
 
 def with_fixed_options(kwargs: dict) -> dict:

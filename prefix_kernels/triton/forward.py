@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import block_d_for, cdiv, forward_config
-from .device import launch, on_first_tensor_device
+from .device import batch_chunks, launch, on_first_tensor_device
 
 
 
@@ -312,8 +312,11 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    grid, args, kwargs = forward_launch(q, k, v, prefix_k, prefix_v, out, lse, **options)
-    launch(_prefix_attention_fwd, grid, args, kwargs)
+    for q_, k_, v_, out_, lse_, mask, index in batch_chunks(heads_q, q, k, v, out, lse, options["key_padding_mask"],
+                                                           options["prefix_index"]):
+        grid, args, kwargs = forward_launch(q_, k_, v_, prefix_k, prefix_v, out_, lse_,
+                                            **{**options, "key_padding_mask": mask, "prefix_index": index})
+        launch(_prefix_attention_fwd, grid, args, kwargs)
     return out, lse
 
 
