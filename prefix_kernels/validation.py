@@ -16,13 +16,18 @@ _LOG2E = 1.4426950408889634
 _FLOAT32 = torch.finfo(torch.float32)
 
 
-def _is_kernel_scale(scale: int | float) -> bool:
-    """The kernels take scale * log2(e) as a float32 and flush denormals: 0 or inf there would turn masked scores
-    (-inf * 0) into NaN. False for NaN, negatives, and ints beyond a float."""
+def _is_normal_float32(value: int | float) -> bool:
+    """Positive and a normal float32. False for NaN, negatives, and ints beyond a float."""
     try:
-        return _FLOAT32.tiny <= float(scale) * _LOG2E <= _FLOAT32.max
+        return _FLOAT32.tiny <= float(value) <= _FLOAT32.max
     except OverflowError:
         return False
+
+
+def _is_kernel_scale(scale: int | float) -> bool:
+    """The kernels take scale * log2(e) as a float32 and flush denormals: 0 or inf there would turn masked scores
+    (-inf * 0) into NaN."""
+    return _is_normal_float32(float(scale) * _LOG2E) if _is_normal_float32(scale) else False
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,12 +149,16 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
     if prefix_index is None and num_prefixes > 1:
         raise ValueError(f"prefix_index is required when prefix_k holds N = {num_prefixes} prefixes: "
                          "it says which prefix each sequence uses")
+    # The kernels read both index tensors as dense arrays: a strided or expanded one (stride 0) is copied here
+    # (B or N integers), or its values would be read from the wrong places.
     if prefix_index is not None:
         _check_index_tensor("prefix_index", prefix_index, batch, "[B]", q.device, num_prefixes - 1,
                             f"N = {num_prefixes} prefixes")
+        prefix_index = prefix_index.contiguous()
     if prefix_lens is not None:
         _check_index_tensor("prefix_lens", prefix_lens, num_prefixes, "[N]", q.device, prefix_len,
                             f"prefix length P = {prefix_len}")
+        prefix_lens = prefix_lens.contiguous()
     if key_padding_mask is not None:
         _require_tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
@@ -160,12 +169,15 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _is_kernel_scale(scale):
         raise ValueError(f"scale must be a positive number whose scale * log2(e) is a normal float32 "
-                         f"(about 8e-39 to 2e38), or None, got {scale!r}")
+                         f"(about 1.2e-38 to 2e38), or None, got {scale!r}")
+    # The kernels take softcap * log2(e) and scale / softcap as float32s: inf (or past ~2e38) made every score NaN.
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not _is_kernel_scale(softcap) or not _is_normal_float32(scale / softcap)):
+        raise ValueError(f"softcap must be a positive number or None, with softcap * log2(e) and scale / softcap "
+                         f"normal float32s (scale = {scale:g}), got {softcap!r}")
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
                                prefix_index, prefix_lens, window, None if softcap is None else float(softcap))

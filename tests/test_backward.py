@@ -441,3 +441,35 @@ def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, monk
     if not fuse_dq:
         expected["_prefix_attention_bwd_dq"] = [6] * 4
     assert per_launch == expected
+
+
+# prefix_index [::2] of [0, 1, 1, 0, 0, 1, 1, 0] = [0, 1, 0, 1]; prefix_lens [::2] of [3, 7, 16, 5] = [3, 16]; then
+# every sequence on prefix 1 ([1] expanded, stride 0) with the same length for both prefixes
+EVERY_OTHER = slice(None, None, 2)
+STRIDED_INDEX_TENSORS = {"sliced": ([0, 1, 1, 0, 0, 1, 1, 0], EVERY_OTHER, [3, 7, 16, 5], EVERY_OTHER),
+                         "expanded": ([1], None, [5], None)}
+
+
+@pytest.mark.parametrize("path", ["decode", "forward-backward"])
+@pytest.mark.parametrize("layout", list(STRIDED_INDEX_TENSORS))
+def test_strided_and_expanded_index_tensors_are_read_by_value(layout, path):
+    """prefix_index and prefix_lens with any strides: the kernels read them as dense arrays, so a strided slice
+    picked the wrong prefixes and lengths and an expanded one read past its one element (found by fuzzing; they are
+    copied in validate() now)."""
+    case = Case(batch=4, heads_q=2, heads_kv=1, seq_q=3 if path == "decode" else 20, seq_k=10, prefix_len=16,
+                head_dim=32, num_prefixes=2)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    index, index_rows, lens, lens_rows = STRIDED_INDEX_TENSORS[layout]
+    index, lens = torch.tensor(index, device=DEVICE), torch.tensor(lens, device=DEVICE)
+    options["prefix_index"] = index[index_rows] if index_rows else index.expand(case.batch)
+    options["prefix_lens"] = lens[lens_rows] if lens_rows else lens.expand(case.num_prefixes)
+    assert not options["prefix_index"].is_contiguous() and not options["prefix_lens"].is_contiguous()
+    if path == "decode":
+        with torch.no_grad():
+            out = prefix_attention(*tensors, backend="triton", **options)
+        assert max_error(out, prefix_attention(*tensors, backend="torch", **options)) < 1e-5
+        return
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
+                        torch.float32)

@@ -252,6 +252,21 @@ def test_forward_past_the_grid_limit_launches_in_chunks_of_sequences(kernels, lo
         assert ops.shared_memory_stats(True)[3] == _forward_works(case) == 24  # 4 launches of 6 blocks
 
 
+@pytest.mark.parametrize("seq_q", [3, 20], ids=["decode", "forward"])
+def test_expanded_prefix_index_is_served_by_cuda_and_auto(kernels, seq_q):
+    """An expanded prefix_index (stride 0: every sequence on prefix 1): the op refused it from inside, "must be
+    contiguous", under backend="cuda" and under "auto" on the small decode calls auto sends to CUDA (found by
+    fuzzing); validate() copies the index tensors now."""
+    case = Case(batch=4, heads_q=6, heads_kv=2, seq_q=seq_q, seq_k=20, prefix_len=37, head_dim=64, num_prefixes=2,
+                prefix_lens=(37, 5))
+    *tensors, options = make_inputs(case, torch.float16, kernels)
+    options["prefix_index"] = torch.tensor([1], device=kernels).expand(case.batch)
+    (truth_out, _), reference_error = truth_and_reference_error(tensors, options, torch.float16)
+    for backend in ("cuda", "auto"):
+        out = prefix_attention(*tensors, backend=backend, **options)
+        assert_close_to_truth(f"out ({backend})", out, truth_out, reference_error, torch.float16)
+
+
 # The other Hopper builds, which bench/gpu_check.sh --tune-cuda times against the shipped one: (defines, ring depth,
 # (rows, keys) of the cp.async feed's blocks, cases): no overlap with 2 stages; the two warpgroups taking turns
 # (ping-pong) on the shipped loop; one warpgroup of 64 rows with 64-key tiles (the TMA feed keeps 128 x 128).

@@ -50,6 +50,10 @@ BAD_INPUTS = {
     "mask-shape": (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, None, "key_padding_mask"),
     "window-zero": (dict(window=0), ValueError, None, "window"),
     "softcap-negative": (dict(softcap=-1.0), ValueError, None, "softcap"),
+    "softcap-inf": (dict(softcap=float("inf")), ValueError, None, "softcap"),  # every score was NaN
+    "softcap-float32-overflow": (dict(softcap=1e39), ValueError, None, "softcap"),
+    "softcap-bool": (dict(softcap=True), ValueError, None, "softcap"),
+    "softcap-float32-underflow": (dict(softcap=1e38), ValueError, None, "softcap"),  # scale / softcap: a denormal
     "causal-not-bool": (dict(causal=1), TypeError, None, "causal"),
     "scale-nan": (dict(scale=float("nan")), ValueError, None, "scale"),
     "scale-negative": (dict(scale=-0.1), ValueError, None, "scale"),
