@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
-from helpers import (ERROR_FLOOR, TRITON_39, Case, attention_loss, compile_check_spills, loss_weights, make_inputs,
-                     max_error, reference_grads, truth_and_reference_grad_errors)
+from helpers import (ERROR_FLOOR, TRITON_39, Case, assert_attention_matches_truth, attention_loss, compile_check_spills,
+                     loss_weights, make_inputs, max_error, reference_grads, truth_and_reference_error,
+                     truth_and_reference_grad_errors)
 from prefix_kernels import prefix_attention
 from prefix_kernels.reference import prefix_attention_reference
 from prefix_kernels.triton import backward as triton_backward
@@ -469,6 +470,22 @@ def test_strided_and_expanded_index_tensors_are_read_by_value(layout, path):
             out = prefix_attention(*tensors, backend="triton", **options)
         assert max_error(out, prefix_attention(*tensors, backend="torch", **options)) < 1e-5
         return
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
+                        torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [50.0, 1000.0])
+def test_fp32_softcap_keeps_the_reference_accuracy(softcap):
+    """fp32 with Gemma 2's attention softcap and a far larger one: the output and all five gradients within the
+    usual tolerance. The 16-bit paths' tanh, 1 - 2 / (exp(2s) + 1), put an error of ~1 ulp of 1.0 times the cap into
+    every score: 5-7x the tolerance at a cap of 1000 (found by fuzzing)."""
+    case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=20, seq_k=30, prefix_len=16, head_dim=64, softcap=softcap)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, torch.float32)
+    out, lse = prefix_attention(*tensors, return_lse=True, backend="triton", **options)
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, torch.float32)
     out_weight, lse_weight = loss_weights(tensors)
     truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
     _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,

@@ -1,8 +1,11 @@
 """Every kernel backend's forward against the float64 reference, over odd shapes and every contract option."""
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
 from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth, make_inputs, max_error,
@@ -10,7 +13,8 @@ from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth
 from prefix_kernels import prefix_attention
 from prefix_kernels.backends import choose_backend
 from prefix_kernels.triton.configs import forward_config
-from prefix_kernels.triton.forward import _tma_compatible, forward_launch, prefix_attention_forward
+from prefix_kernels.triton.forward import (_tanh_to_a_few_ulp, _tma_compatible, forward_launch,
+                                           prefix_attention_forward)
 from prefix_kernels.validation import validate
 
 CASES = [
@@ -147,3 +151,23 @@ def test_a_grid_past_cudas_limit_is_refused_before_the_launch(monkeypatch):
     *tensors, options = make_inputs(case, torch.float32, DEVICE, requires_grad=True)  # (the forward, not decode)
     with pytest.raises(ValueError, match=r"_prefix_attention_fwd: grid \(1, 6\) has more than 5 programs"):
         prefix_attention(*tensors, backend="triton", **options)
+
+
+@triton.jit
+def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, _tanh_to_a_few_ulp(tl.load(X + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_softcap_tanh_is_within_a_few_ulp():
+    """The fp32 path's tanh (softcap) against the float64 one over |x| from 1e-6 to 20, on both sides of the switch
+    from the series to the exponential at 0.4: within 8 ulp (2.5 in the interpreter, whose exp2 is exact; a GPU's is
+    an approximation to ~2^-22). 1 - 2 / (exp(2x) + 1), the 16-bit paths' formula, is off by ~1 ulp of 1.0 whatever
+    x: 8e5 ulp at x = 1e-6."""
+    magnitudes = torch.cat([torch.logspace(-6, math.log10(20), 4000), torch.linspace(0.39, 0.41, 1001)])
+    x = torch.cat([magnitudes, -magnitudes]).to(DEVICE, torch.float32)
+    y = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    want = torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(want.abs())))  # of tanh x in fp32
+    assert float(((y.double() - want).abs() / ulp).max()) <= 8

@@ -84,7 +84,7 @@ def _dq_tile(
     v = _load_rows(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
                    APPLY_MASK, HEAD_DIM != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+    s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP, DOT_PRECISION)
     if APPLY_MASK:
         p = tl.math.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])
     else:
@@ -224,7 +224,7 @@ def _dkdv_tile(
     lse2 = _lse_log2(tl.load(lse_base + rows, mask=row_ok, other=float("-inf")))
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    s_t = _softcap_log2(qk_t, sm_scale, softcap, HAS_SOFTCAP)
+    s_t = _softcap_log2(qk_t, sm_scale, softcap, HAS_SOFTCAP, DOT_PRECISION)
     if CAUSAL_MASK or WINDOW_MASK:
         q_pos = q_shift + rows
         if CAUSAL_MASK:

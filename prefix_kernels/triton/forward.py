@@ -39,12 +39,31 @@ def _query_block(HEAVY_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k -> scores in log2 units: scale, optional tanh soft-capping (Gemma 2), times log2(e)."""
+def _tanh_to_a_few_ulp(x):
+    """tanh(x) within a few ulp (fp32: 2.5 where exp2 is exact), without libdevice (runs in the interpreter). 1 - 2 / (exp(2x) + 1) is off by
+    ~1 ulp of 1.0 whatever x: a large relative error near 0, which softcap multiplies into every score (an fp32
+    softcap of 300 gave twice the reference's error). So |x| < 0.4 takes the odd Taylor series to x^13 (the next term
+    < 1e-8 of tanh x), the rest sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 0.45]."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
+                                                                    + x2 * 0.0035921280365724811))))))
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * 1.4426950408889634))
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(tl.abs(x) < 0.4, series, tl.where(x < 0, -magnitude, magnitude))
+
+
+@triton.jit
+def _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Raw q.k -> scores in log2 units: scale, optional tanh soft-capping (Gemma 2), times log2(e). fp32 inputs
+    (DOT_PRECISION "ieee": the accurate path) get a tanh within a few ulp; 16-bit ones, whose scores are rounded far
+    more coarsely anyway, the cheaper 1 - 2 / (exp(2s) + 1)."""
     if HAS_SOFTCAP:
         s = qk * (sm_scale / softcap)
-        # tanh(s) = 1 - 2 / (exp(2s) + 1): exact limits at +-inf, no libdevice (runs in the interpreter).
-        s = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)
+        if DOT_PRECISION == "ieee":
+            s = _tanh_to_a_few_ulp(s)
+        else:  # exact limits at +-inf
+            s = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634)) + 1.0)
         return s * (softcap * 1.4426950408889634)
     return qk * (sm_scale * 1.4426950408889634)
 
@@ -100,7 +119,7 @@ def _attend_tile(
                        APPLY_MASK, HEAD_DIM != BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if APPLY_MASK or HAS_SOFTCAP:
-        s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP)
+        s = _softcap_log2(qk, sm_scale, softcap, HAS_SOFTCAP, DOT_PRECISION)
         if APPLY_MASK:
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
