@@ -27,7 +27,7 @@ def _is_normal_float32(value: int | float) -> bool:
 def _is_kernel_scale(scale: int | float) -> bool:
     """The kernels take scale * log2(e) as a float32 and flush denormals: 0 or inf there would turn masked scores
     (-inf * 0) into NaN."""
-    return _is_normal_float32(float(scale) * _LOG2E) if _is_normal_float32(scale) else False
+    return _is_normal_float32(scale) and _is_normal_float32(float(scale) * _LOG2E)
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

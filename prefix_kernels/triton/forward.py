@@ -40,10 +40,10 @@ def _query_block(HEAVY_FIRST: tl.constexpr):
 
 @triton.jit
 def _tanh_to_a_few_ulp(x):
-    """tanh(x) within a few ulp (fp32: 2.5 where exp2 is exact), without libdevice (runs in the interpreter). 1 - 2 / (exp(2x) + 1) is off by
-    ~1 ulp of 1.0 whatever x: a large relative error near 0, which softcap multiplies into every score (an fp32
-    softcap of 300 gave twice the reference's error). So |x| < 0.4 takes the odd Taylor series to x^13 (the next term
-    < 1e-8 of tanh x), the rest sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 0.45]."""
+    """tanh(x) within a few ulp (fp32; 2.5 where exp2 is exact), without libdevice (runs in the interpreter).
+    1 - 2 / (exp(2x) + 1) is off by ~1 ulp of 1.0 whatever x: a large relative error near 0, which softcap multiplies
+    into every score (an fp32 softcap of 300 gave twice the reference's error). So |x| < 0.4 takes the odd Taylor
+    series to x^13 (the next term < 1e-8 of tanh x), the rest sign(x) (1 - e) / (1 + e), e = exp(-2|x|) in (0, 0.45]."""
     x2 = x * x
     series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * (-0.008863235529902197
