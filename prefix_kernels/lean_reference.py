@@ -81,25 +81,31 @@ def _chunk_rows(logits) -> int:
 
 
 def cross_entropy_forward(logits, targets, keep):
-    """(loss [rows] float32, 0 where not keep; lse [rows] float32). targets: valid indices on every row."""
+    """(loss [rows] float32, 0 where not keep; stats [rows, 2]: each row's max m (0 if all -inf) and
+    log sum exp(logits - m), kept apart for the backward's precision, see lean_ops._cross_entropy_fwd).
+    targets: valid indices on every row."""
     rows = _chunk_rows(logits)
-    lse = torch.empty(logits.shape[0], dtype=_wide(logits[:0]).dtype, device=logits.device)
-    picked = torch.empty_like(lse)
+    stats = torch.empty((logits.shape[0], 2), dtype=_wide(logits[:0]).dtype, device=logits.device)
+    loss = torch.empty_like(stats[:, 0])
     for start in range(0, logits.shape[0], rows):
         chunk = _wide(logits[start:start + rows])
-        lse[start:start + rows] = torch.logsumexp(chunk, dim=-1)
-        picked[start:start + rows] = chunk.gather(1, targets[start:start + rows, None])[:, 0]
-    return torch.where(keep, lse - picked, 0.0), lse
+        row_max = chunk.amax(dim=-1, keepdim=True) if chunk.shape[1] else chunk.new_zeros(chunk.shape[0], 1)
+        row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+        log_sum = torch.exp(chunk - row_max).sum(-1, keepdim=True).log()
+        stats[start:start + rows] = torch.cat([row_max, log_sum], dim=1)
+        picked = chunk.gather(1, targets[start:start + rows, None])
+        loss[start:start + rows] = ((row_max - picked) + log_sum)[:, 0]
+    return torch.where(keep, loss, 0.0), stats
 
 
-def cross_entropy_backward(grad, logits, targets, keep, lse):
+def cross_entropy_backward(grad, logits, targets, keep, stats):
     """d logits (logits' dtype) = (softmax - onehot(target)) * grad, 0 on rows not kept."""
     rows = _chunk_rows(logits)
     grad = torch.where(keep, _wide(grad), 0.0)
     dlogits = torch.empty_like(logits)
     for start in range(0, logits.shape[0], rows):
         stop = start + rows
-        probs = torch.exp(_wide(logits[start:stop]) - lse[start:stop, None])
+        probs = torch.exp((_wide(logits[start:stop]) - stats[start:stop, :1]) - stats[start:stop, 1:])
         probs.scatter_add_(1, targets[start:stop, None], -torch.ones_like(probs[:, :1]))
         dlogits[start:stop] = probs * grad[start:stop, None]
     return dlogits

@@ -10,8 +10,8 @@ lean_training replaces, on the modules it recognizes (counted in its answer):
   SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU)  keep gate and up; the activation is recomputed in backward
                                                      (-1/3 of the MLPs' share: ~4.3 GB there)
   Llama-style RMSNorms (LLAMA_STYLE_NORMS)           keep the input in its own dtype and the per-row rstd (-half)
-  the causal-LM loss (model.loss_function)           keeps the logits in their dtype and a per-token log-sum-exp,
-                                                     not a float32 log-softmax (-half)
+  the causal-LM loss (model.loss_function)           keeps the logits in their dtype and per token their max and
+                                                     log-sum, not a float32 log-softmax (-half)
 
 together ~7.5 GB less on that config (tests/test_lean.py counts the saved bytes exactly on a tiny one), and
 
@@ -127,22 +127,22 @@ class _Rope(torch.autograd.Function):
 
 class _TokenCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of [N, V] logits against [N] labels (0 where ignored), saving the logits (as given)
-    and each row's log-sum-exp, never a float32 copy of all of them."""
+    and each row's max and log-sum (two float32), never a float32 copy of all of them."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, backend):
         keep = labels != ignore_index
         safe = torch.where(keep, labels, 0)
         ctx.ops = _lean_ops(backend, logits, "cross_entropy", logits.shape[-1])
-        loss, lse = ctx.ops.cross_entropy_forward(logits, safe, keep)
-        ctx.save_for_backward(logits, safe, keep, lse)
+        loss, stats = ctx.ops.cross_entropy_forward(logits, safe, keep)
+        ctx.save_for_backward(logits, safe, keep, stats)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        logits, safe, keep, lse = ctx.saved_tensors
-        return ctx.ops.cross_entropy_backward(grad, logits, safe, keep, lse), None, None, None
+        logits, safe, keep, stats = ctx.saved_tensors
+        return ctx.ops.cross_entropy_backward(grad, logits, safe, keep, stats), None, None, None
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,

@@ -59,8 +59,8 @@ def lean_cases():
         for vocab in VOCABS:
             logits = torch.empty(4, vocab, dtype=dtype)
             targets = torch.empty(4, dtype=torch.int64)
-            rows = torch.empty(4)
-            _, args, kwargs = lean_ops.cross_entropy_forward_launch(logits, targets, rows, rows)
+            rows, stats = torch.empty(4), torch.empty(4, 2)
+            _, args, kwargs = lean_ops.cross_entropy_forward_launch(logits, targets, rows, stats)
             yield f"lean-xent-fwd-{d}-v{vocab}", lean_ops._cross_entropy_fwd, args, kwargs
-            _, args, kwargs = lean_ops.cross_entropy_backward_launch(rows, logits, targets, rows, logits)
+            _, args, kwargs = lean_ops.cross_entropy_backward_launch(rows, logits, targets, stats, logits)
             yield f"lean-xent-bwd-{d}-v{vocab}", lean_ops._cross_entropy_bwd, args, kwargs
