@@ -97,6 +97,10 @@ def test_greedy_equals_stock_per_row(family):
     # a new batch on the used cache without reset() would attend to the old rows' tokens: refused
     with pytest.raises(ValueError, match="reset"):
         generate(model, ids[:2], mask[:2], past_key_values=cache)
+    # ... nor a call that brings no token at all (what generate() leaves of a batch no wider than the cache's own
+    # part where it cuts the cached length off the ids; a reshape error before)
+    with pytest.raises(ValueError, match="brings 0 new tokens; call cache.reset"):
+        model(input_ids=ids[:, :0], past_key_values=cache)
     # reset() keeps the prompt: the same cache serves another batch
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.prefix_length == PROMPT

@@ -83,6 +83,14 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     if prefix_index is not None:
         options["prefix_index"] = prefix_index
     window = kwargs.get("sliding_window")
+    prefix_len = prefix_k.shape[-2]
+    if window is not None and prefix_len and prefix_len + length > window:
+        # transformers puts the prefix at key positions 0..P-1, inside the window: it would hide the prefix's first
+        # keys from the last queries, which the kernels keep visible (their window slides over the own keys only).
+        raise ValueError(f"the prefix ({prefix_len} tokens) and the layer's own keys ({length}) exceed the model's "
+                         f"sliding window ({int(window)}): transformers would hide the prefix's first keys from the "
+                         "last queries, which the prefix_kernels attention keeps visible; a sliding-window model "
+                         "takes a prefix only within its window")
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,

@@ -142,12 +142,16 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
         if host_reads and hasattr(cache, "check_room"):
             cache.check_room(checked, seq, batch)
         mask = arguments.get("attention_mask")
-        if serves_prefix(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2 and checked and \
-                mask.shape[1] < checked + seq:
-            # A fresh batch on a cache that still holds an earlier batch's own tokens would attend to them.
+        stale = serves_prefix(cache) and checked and (seq == 0 or (
+            isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < checked + seq))
+        if stale:
+            # A fresh batch on a cache that still holds an earlier batch's own tokens would attend to them. Without
+            # a mask (generate() drops an all-ones one) it cannot be told from a continuation, as on transformers' own
+            # caches; a call left with no token (generate cutting the cached length off a narrower batch) can.
+            covered = f" and an attention mask over {mask.shape[-1]} keys" if isinstance(mask, torch.Tensor) else ""
             raise ValueError(f"this SharedPrefixCache already holds {checked} own tokens per row from an earlier "
-                             f"call, but the attention mask covers only {mask.shape[1]} keys; call "
-                             "cache.reset() before serving a new batch with it")
+                             f"call, but this call brings {seq} new tokens{covered}; call cache.reset() before "
+                             "serving a new batch with it")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prefix_len and isinstance(past, int) and \
                 mask.shape[1] == prefix_len + past + seq:
             mask = mask[:, prefix_len:]
