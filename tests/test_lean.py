@@ -104,6 +104,25 @@ def test_modules_with_an_instance_forward_are_left_alone():
     assert "forward" in hooked.__dict__  # still its own
 
 
+def test_a_lean_forward_wrapped_afterwards_is_not_restored_from_under_the_wrapper():
+    """A hook added after lean_training wraps the lean forward (accelerate keeps it as _old_forward): restoring then
+    dropped the hook, and removing the hook later put the lean forward back without its state, a KeyError at the
+    next forward (found by fuzzing). The restore refuses, naming the module, and works once the hook is gone."""
+    model, _ = tiny()
+    ids = torch.randint(0, VOCAB, (B, S), device=DEVICE)
+    lean_training(model, backend="torch")
+    norm = model.model.norm
+    lean_forward = norm.forward
+    norm.forward = lambda *args, **kwargs: lean_forward(*args, **kwargs)  # what add_hook_to_module does
+    with pytest.raises(ValueError, match=r"the forward of model\.norm was replaced after lean_training"):
+        lean_training(model, enable=False)
+    assert "_prefix_kernels_lean" in model.model.layers[0].mlp.__dict__  # nothing was restored
+    norm.forward = lean_forward  # accelerate's remove_hook_from_module
+    assert lean_training(model, enable=False)["norm"] == 2 * LAYERS + 1
+    assert "forward" not in norm.__dict__
+    model(input_ids=ids)
+
+
 def test_bf16_logits_equal_and_gradients_within_rounding():
     model, prefix = tiny(dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (B, S), device=DEVICE)

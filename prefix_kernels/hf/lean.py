@@ -291,13 +291,24 @@ def lean_training(model, enable: bool = True, backend: str = "auto") -> dict:
     target = base_model(model)  # a PeftModel: the modules and the loss are its base model's
     _rope_sweep()  # lean models dropped without a restore since the last call
     counts = {"mlp": 0, "norm": 0, "rope": 0, "loss": 0}
-    for module in target.modules():
+    recognized = []  # (name, module, kind, its modeling module for a rope)
+    for name, module in target.named_modules():
         modeling = _rope_module(module)
         kind = ("mlp" if _is_swiglu(module) else
                 "norm" if type(module).__name__ in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon") else
                 "rope" if modeling is not None else None)
-        if kind is None:
-            continue
+        if kind is not None:
+            recognized.append((name, module, kind, modeling))
+    # A lean forward wrapped since (an accelerate hook added after lean_training) cannot be taken out from under the
+    # wrapper: deleting the instance's forward dropped the hook, and removing the hook later put the lean forward
+    # back without its state (a KeyError at the next forward). Refused before anything changes.
+    wrapped = [name for name, module, kind, _ in recognized if not enable and _REPLACED in module.__dict__
+               and getattr(module.__dict__.get("forward"), "__func__", None) is not _LEAN_FORWARDS[kind]]
+    if wrapped:
+        raise ValueError(f"lean_training(enable=False): the forward of {', '.join(wrapped)} was replaced after "
+                         "lean_training (by a hook: accelerate's add_hook_to_module?); remove that hook first, then "
+                         "restore")
+    for _, module, kind, modeling in recognized:
         replaced = _REPLACED in module.__dict__
         if enable and replaced:
             module.__dict__[_REPLACED] = backend
