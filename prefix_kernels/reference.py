@@ -120,9 +120,15 @@ def merge_attention_states_reference(out_a, lse_a, out_b, lse_b):
     """
     lse_dtype = torch.float64 if torch.float64 in (lse_a.dtype, out_a.dtype) else torch.float32
     lse_a, lse_b = lse_a.to(lse_dtype), lse_b.to(lse_dtype)
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    weight_a = torch.exp(lse_a - safe)[..., None]
-    weight_b = torch.exp(lse_b - safe)[..., None]
-    out = weight_a * out_a.to(lse_dtype) + weight_b * out_b.to(lse_dtype)
+    # Weights relative to the larger LSE, divided by their sum (as the kernels merge): exact at any LSE magnitude
+    # (exp(lse_a - logaddexp) in float32 lost 1e-3 at LSEs of 1e4), and finite everywhere where neither part saw
+    # anything, so that the gradients there are 0, not NaN (logaddexp(-inf, -inf)'s backward is 0 * NaN). The
+    # shift cancels out of both results, so it carries no gradient.
+    top = torch.maximum(lse_a, lse_b)
+    seen = top > float("-inf")
+    shift = torch.where(seen, top, torch.zeros_like(top)).detach()
+    weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
+    total = torch.where(seen, weight_a + weight_b, torch.ones_like(top))  # >= 1 where seen
+    out = (weight_a[..., None] * out_a.to(lse_dtype) + weight_b[..., None] * out_b.to(lse_dtype)) / total[..., None]
+    lse = torch.where(seen, shift + torch.log(total), torch.full_like(top, float("-inf")))
     return out.to(out_a.dtype), lse

@@ -1,5 +1,6 @@
 """The decode strategy (S <= 16, no gradients) against the float64 reference and the prefill kernel, the Triton
 merge of attention states, and CUDA-graph safety. Small shapes: this runs under the interpreter on CPU."""
+import math
 import os
 import threading
 from dataclasses import replace
@@ -535,3 +536,52 @@ def test_decode_step_captures_in_a_cuda_graph_without_host_sync(backend, batch, 
     torch.cuda.synchronize()
     ref_out, ref_lse = prefix_attention(*tensors, return_lse=True, backend="torch", **options)
     assert max_error(out, ref_out) < 1e-2 and max_error(lse, ref_lse) < 1e-3
+
+
+def test_merge_reads_strided_lses():
+    """An LSE given as a strided view (the last query's, lse[..., -1], say): the Triton merge read it densely,
+    out off by ~2 (found by fuzzing)."""
+    shape = (2, 4, 3, 8)
+    out_a, out_b = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    lse_a = torch.randn(*shape[:-1], 2, device=DEVICE)[..., 0]
+    lse_b = torch.randn(shape[:-1], device=DEVICE)
+    assert lse_a.reshape(-1).stride() != (1,)
+    out, lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    ref_out, ref_lse = merge_attention_states_reference(out_a.double(), lse_a.double(), out_b.double(),
+                                                        lse_b.double())
+    assert max_error(out, ref_out) <= 1e-5 and max_error(lse, ref_lse) <= 1e-5
+
+
+def test_merge_gradients_are_zero_not_nan_where_neither_part_saw_anything():
+    """Under autograd (the reference formula): rows where both LSEs are -inf give zeros and -inf forward, and
+    gradients of 0 backward; logaddexp's backward there is 0 * NaN, which made every such gradient NaN (found by
+    fuzzing). Elsewhere the gradients are float64 autograd's of the plain formula."""
+    out_a, out_b = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    lse_a, lse_b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    lse_a[1, 2] = lse_b[1, 2] = float("-inf")
+    lse_a[2, 0] = float("-inf")
+    leaves = [t.clone().requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    out, lse = merge_attention_states(*leaves)
+    (out.sum() + torch.where(lse.isinf(), 0.0, lse).sum()).backward()
+    assert (out[1, 2] == 0).all() and lse[1, 2] == float("-inf")
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert leaves[1].grad[1, 2] == 0 and leaves[3].grad[1, 2] == 0 and (leaves[0].grad[1, 2] == 0).all()
+    plain = [t.clone().requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    total = torch.logaddexp(plain[1], plain[3])
+    want = (torch.exp(plain[1] - total)[..., None] * plain[0] + torch.exp(plain[3] - total)[..., None] * plain[2])
+    seen = ~total.isinf()
+    (want[seen].sum() + total[seen].sum()).backward()
+    for leaf, expected in zip(leaves, plain):
+        assert torch.allclose(leaf.grad[seen], expected.grad[seen], atol=1e-12)
+
+
+def test_merge_reference_is_exact_at_large_lses():
+    """Weights relative to the larger LSE and divided by their sum: two equal LSEs of 1e4 average the outputs
+    (float32). exp(lse_a - logaddexp) with the sum rounded to float32 gave 1.9996 for 2, 1.47 at 1e7."""
+    out_a, out_b = torch.ones(2, 4), torch.full((2, 4), 3.0)
+    for magnitude in (1e4, 1e7):
+        lse = torch.full((2,), magnitude)
+        out, merged = merge_attention_states_reference(out_a, lse, out_b, lse.clone())
+        assert torch.equal(out, torch.full((2, 4), 2.0)), magnitude
+        assert torch.allclose(merged, lse + math.log(2), rtol=1e-7)

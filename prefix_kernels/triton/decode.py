@@ -623,7 +623,7 @@ def merge_attention_states_triton(out_a, lse_a, out_b, lse_b):
     """Triton merge of two partial attentions [..., D] / [...] (shapes already checked)."""
     head_dim = out_a.shape[-1]
     a, b = out_a.reshape(-1, head_dim), out_b.reshape(-1, head_dim)
-    la, lb = lse_a.reshape(-1), lse_b.reshape(-1)
+    la, lb = lse_a.reshape(-1).contiguous(), lse_b.reshape(-1).contiguous()  # (read densely: lse[..., -1] is not)
     out = torch.empty(a.shape, device=out_a.device, dtype=out_a.dtype)
     lse = torch.empty(la.shape, device=out_a.device, dtype=torch.float32)
     if out.numel():
