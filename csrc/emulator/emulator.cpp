@@ -1560,30 +1560,27 @@ void abort_all(Block& b) {
 }  // namespace
 
 namespace {
-size_t kib_from_env(const char* name, size_t fallback_kib) {
+// $name as a count in 1..most (`unit` names it in the error), or `fallback` where it is unset.
+unsigned long count_from_env(const char* name, unsigned long fallback, unsigned long most, const char* unit) {
   const char* env = std::getenv(name);
-  if (!env) return fallback_kib * 1024;
+  if (!env) return fallback;
   char* end = nullptr;
-  const unsigned long kib = std::strtoul(env, &end, 10);
-  if (end == env || *end != '\0' || kib == 0) {
-    throw std::runtime_error(std::string("pk_emu: $") + name + "=" + env + " is not a positive number of KiB");
+  const unsigned long count = std::strtoul(env, &end, 10);
+  if (end == env || *end != '\0' || count == 0 || count > most) {
+    throw std::runtime_error(std::string("pk_emu: $") + name + "=" + env + " is not a count of " + unit + " in 1-" +
+                             std::to_string(most));
   }
-  return static_cast<size_t>(kib) * 1024;
+  return count;
+}
+
+size_t kib_from_env(const char* name, size_t fallback_kib) {
+  return count_from_env(name, fallback_kib, 1ul << 20, "KiB") * 1024;
 }
 }  // namespace
 
 size_t max_shared_bytes_optin() { return kib_from_env("PK_EMU_MAX_SHARED_KIB", 227); }
 
-unsigned max_grid_yz() {
-  const char* env = std::getenv("PK_EMU_MAX_GRID_Y");
-  if (!env) return 65535;
-  char* end = nullptr;
-  const unsigned long blocks = std::strtoul(env, &end, 10);
-  if (end == env || *end != '\0' || blocks == 0 || blocks > 65535) {
-    throw std::runtime_error(std::string("pk_emu: $PK_EMU_MAX_GRID_Y=") + env + " is not a count in 1-65535");
-  }
-  return static_cast<unsigned>(blocks);
-}
+unsigned max_grid_yz() { return static_cast<unsigned>(count_from_env("PK_EMU_MAX_GRID_Y", 65535, 65535, "blocks")); }
 
 size_t shared_bytes_per_sm() { return kib_from_env("PK_EMU_SHARED_PER_SM_KIB", 228); }
 

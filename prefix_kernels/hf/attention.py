@@ -64,6 +64,17 @@ def _padding_mask(attention_mask, batch, length):
     return attention_mask[:, -length:].to(torch.bool)
 
 
+def check_prefix_within_window(prefix_len, own_len, window):
+    """transformers puts a prefix at key positions 0..P-1, inside a sliding window: past P + L > window it hides the
+    prefix's first keys from the last queries, which the kernels keep visible (their window slides over the own keys
+    only). A ValueError there, for the patched attention and the prefix caches alike."""
+    if window is not None and prefix_len + own_len > window:
+        raise ValueError(f"the prefix ({prefix_len} tokens) and the layer's own keys ({own_len}) exceed the model's "
+                         f"sliding window ({int(window)}): transformers would hide the prefix's first keys from the "
+                         "last queries, which the prefix_kernels attention keeps visible; a sliding-window model "
+                         "takes a prefix only within its window")
+
+
 def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry: query [B, H, S, D], key/value [B, Hkv, L, D] -> (out [B, S, H, D], None)."""
     if dropout and module.training:
@@ -83,14 +94,8 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     if prefix_index is not None:
         options["prefix_index"] = prefix_index
     window = kwargs.get("sliding_window")
-    prefix_len = prefix_k.shape[-2]
-    if window is not None and prefix_len and prefix_len + length > window:
-        # transformers puts the prefix at key positions 0..P-1, inside the window: it would hide the prefix's first
-        # keys from the last queries, which the kernels keep visible (their window slides over the own keys only).
-        raise ValueError(f"the prefix ({prefix_len} tokens) and the layer's own keys ({length}) exceed the model's "
-                         f"sliding window ({int(window)}): transformers would hide the prefix's first keys from the "
-                         "last queries, which the prefix_kernels attention keeps visible; a sliding-window model "
-                         "takes a prefix only within its window")
+    if prefix_k.shape[-2]:
+        check_prefix_within_window(prefix_k.shape[-2], length, window)
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
+from .attention import check_prefix_within_window
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
@@ -122,10 +123,7 @@ class _SharedPrefix:
         return self.prefix_k[layer_idx], self.prefix_v[layer_idx]
 
     def _check_window(self, own_length):
-        if self.window is not None and self.prefix_length + own_length > self.window:
-            raise ValueError(f"the shared prefix ({self.prefix_length} tokens) and the sequences' own tokens "
-                             f"({own_length}) exceed the model's sliding window ({self.window}); "
-                             "SharedPrefixCache serves sliding-window models only within their window")
+        check_prefix_within_window(self.prefix_length, own_length, self.window)
 
     # ---- constructors ----
     @classmethod
