@@ -403,12 +403,14 @@ def test_fused_dq_falls_back_to_the_dq_kernel_when_the_prefix_gradient_is_not_ne
         assert max_error(got, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("query_chunks", [1, 2], ids=["whole-batch", "two-query-chunks"])
 @pytest.mark.parametrize("fuse_dq", [False, True], ids=["dq-kernel", "fused-dq"])
-def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, monkeypatch):
+def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, query_chunks, monkeypatch):
     """CUDA launches at most 65535 programs on grid axes 1 and 2, and the forward and backward put B * H there:
     larger batches (B = 4096 at 16 heads) launch per chunk of whole sequences. With the limit lowered to 7, the
     forward, preprocess and dq kernels (B * 6 query heads) take 4 chunks of one sequence, dk/dv (B * 2 KV heads)
-    two of 3 and 1; the d prefix kernel (N * Hkv programs) one. Masks and prefix indices are cut with the rest."""
+    two of 3 and 1; the d prefix kernel (4 prefixes * 2 KV heads) per chunk of prefixes, 3 and 1. Masks and prefix
+    indices are cut with the rest; the prefixes' lengths (one of them 0) and gradients with the prefixes."""
     from dataclasses import replace
 
     from prefix_kernels.triton import configs, device
@@ -417,6 +419,8 @@ def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, monk
     monkeypatch.setattr(device, "MAX_GRID_YZ", 7)  # launch() refuses any grid past it
     monkeypatch.setattr(triton_backward, "backward_config",
                         lambda *args: replace(configs.backward_config(*args), fuse_dq=fuse_dq))
+    # the d prefix kernel's partial sums per query chunk ([chunks, N, ...]; 1 chunk off the GPU) cut by prefix too
+    monkeypatch.setattr(triton_backward, "dprefix_chunks", lambda *args: query_chunks)
     grids = []
 
     def recorded(kernel, grid, args, kwargs):
@@ -424,21 +428,23 @@ def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, monk
         device.launch(kernel, grid, args, kwargs)
     monkeypatch.setattr(triton_forward, "launch", recorded)
     monkeypatch.setattr(triton_backward, "launch", recorded)
-    case = Case(batch=4, heads_q=6, heads_kv=2, seq_q=9, seq_k=13, prefix_len=11, head_dim=32, num_prefixes=2,
-                prefix_lens=(11, 4), padding="random")
+    case = Case(batch=4, heads_q=6, heads_kv=2, seq_q=9, seq_k=13, prefix_len=11, head_dim=32, num_prefixes=4,
+                prefix_lens=(11, 4, 0, 7), padding="random")
     *tensors, options = make_inputs(case, torch.float32, DEVICE)
-    options["prefix_index"] = torch.tensor([1, 0, 0, 1], device=DEVICE)  # not the chunks' own order
+    # not the chunks' own order; prefix 2 unused (its gradient: exactly 0), prefix 3 alone in its chunk
+    options["prefix_index"] = torch.tensor([3, 0, 0, 1], device=DEVICE)
     out_weight, lse_weight = loss_weights(tensors)
     truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
 
     grads = _kernel_grads(tensors, options, out_weight, lse_weight)
 
     _assert_grads_close(grads, truth, reference_errors, torch.float32)
+    assert (grads[3][2] == 0).all() and (grads[4][2] == 0).all(), "an unused prefix gets exactly zero"
     per_launch = {}
     for name, programs in grids:
         per_launch.setdefault(name, []).append(programs)
     expected = {"_prefix_attention_fwd": [6] * 4, "_bwd_preprocess": [6] * 4, "_prefix_attention_bwd_dkdv": [6, 2],
-                "_prefix_attention_bwd_dprefix": [4]}
+                "_prefix_attention_bwd_dprefix": [6, 2]}
     if not fuse_dq:
         expected["_prefix_attention_bwd_dq"] = [6] * 4
     assert per_launch == expected

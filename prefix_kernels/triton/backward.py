@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
-from .device import batch_chunks, launch, on_first_tensor_device
+from .device import batch_chunks, chunk_ranges, launch, on_first_tensor_device
 from .forward import _load_rows, _own_visible, _query_block, _softcap_log2, dot_precision
 
 LOG2E = 1.4426950408889634
@@ -599,10 +599,22 @@ def prefix_attention_backward(
             part_v = torch.empty((chunks, *prefix_v.shape), device=q.device, dtype=torch.float32)
         else:
             part_k, part_v = dpk, dpv
-        grid, args, kwargs = dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, part_k, part_v, chunks,
-                                            scale=scale, prefix_index=prefix_index, prefix_lens=prefix_lens,
-                                            softcap=softcap, config=config, dq_acc=dq_acc)
-        launch(_prefix_attention_bwd_dprefix, grid, args, kwargs)
+        num_prefixes = prefix_k.shape[0]
+        for first, stop in chunk_ranges(num_prefixes, prefix_k.shape[1]):
+            # Past the grid's limit (N * Hkv programs on axis 1), a launch per chunk of prefixes, which sees its
+            # prefixes numbered from 0: sequences of the others match none of them.
+            if (first, stop) == (0, num_prefixes):
+                pk_, pv_, gk_, gv_, index, lens = prefix_k, prefix_v, part_k, part_v, prefix_index, prefix_lens
+            else:
+                pk_, pv_ = prefix_k[first:stop], prefix_v[first:stop]
+                gk_, gv_ = (part_k[:, first:stop], part_v[:, first:stop]) if chunks > 1 else (
+                    part_k[first:stop], part_v[first:stop])
+                index = prefix_index - first
+                lens = None if prefix_lens is None else prefix_lens[first:stop]
+            grid, args, kwargs = dprefix_launch(q, pk_, pv_, grad_out, lse, delta, gk_, gv_, chunks, scale=scale,
+                                                prefix_index=index, prefix_lens=lens, softcap=softcap,
+                                                config=config, dq_acc=dq_acc)
+            launch(_prefix_attention_bwd_dprefix, grid, args, kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))
             dpv.copy_(part_v.sum(0))

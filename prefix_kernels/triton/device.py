@@ -29,8 +29,9 @@ def launch_device(t):
 FP_FUSION = True
 
 # CUDA's limit on a grid's axes 1 and 2 (axis 0 goes to 2^31 - 1). The kernels with B * H programs on axis 1 are
-# launched per chunk of the batch past it (batch_chunks); launch() refuses any grid beyond it, naming the kernel,
-# where CUDA would fail the launch with a bare "invalid argument". Tests lower it to split small batches.
+# launched per chunk of the batch past it (batch_chunks), the d prefix kernel (N * Hkv) per chunk of prefixes;
+# launch() refuses any grid beyond it, naming the kernel, where CUDA would fail the launch with a bare "invalid
+# argument". Tests lower it to split small batches.
 MAX_GRID_YZ = 65535
 
 
@@ -42,16 +43,21 @@ def launch(kernel, grid, args, kwargs):
     kernel[grid](*args, **with_fixed_options(kwargs))
 
 
+def chunk_ranges(count: int, heads: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering range(count), each small enough that (stop - start) * heads programs on grid
+    axis 1 stay within MAX_GRID_YZ (one item at least: heads past the limit are launch()'s to refuse)."""
+    per_chunk = max(1, MAX_GRID_YZ // heads)
+    return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+
+
 def batch_chunks(heads: int, *tensors):
     """Batch-major tensors (None passes through) cut into chunks of whole sequences, each small enough that a
     launch with (its sequences) * heads programs on grid axis 1 stays within MAX_GRID_YZ. One chunk, the tensors
     themselves, unless B * heads passes the limit (B = 4096 at 16 heads)."""
-    batch = tensors[0].shape[0]
-    per_chunk = max(1, MAX_GRID_YZ // heads)  # (heads past the limit: launch() names the kernel it refuses)
-    if batch <= per_chunk:
+    ranges = chunk_ranges(tensors[0].shape[0], heads)
+    if len(ranges) <= 1:
         return [tensors]
-    return [tuple(None if t is None else t[start:start + per_chunk] for t in tensors)
-            for start in range(0, batch, per_chunk)]
+    return [tuple(None if t is None else t[start:stop] for t in tensors) for start, stop in ranges]
 
 
 def with_fixed_options(kwargs: dict) -> dict:
