@@ -8,8 +8,12 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """(out, lse) of attention over the union of two disjoint key sets, from each part's (out, lse).
 
     out_* [..., S, D]; lse_* [..., S] float32, natural log, -inf where that part saw nothing (weight 0).
-    A row where both parts are -inf gives zeros and -inf, never NaN.
+    A row where both parts are -inf gives zeros and -inf, never NaN. out_a and out_b share one floating dtype (the
+    result's), lse_a and lse_b one floating dtype (float32 from the kernels; float64 for gradcheck), all one device.
     """
+    _check_types(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    if out_a.dim() < 1:
+        raise ValueError("out_a and out_b must be [..., S, D] tensors, got 0-d tensors")
     if out_a.shape != out_b.shape:
         raise ValueError(f"out_a and out_b must have one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}")
     if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
@@ -20,6 +24,26 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 
         return merge_attention_states_triton(out_a, lse_a, out_b, lse_b)
     return merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
+
+
+def _check_types(**tensors) -> None:
+    """TypeErrors naming the argument: no integer or mixed dtypes (the result would silently take out_a's), and no
+    device mix (the kernel would read one device's pointer on another)."""
+    import torch
+
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    out_a, lse_a, out_b, lse_b = tensors.values()
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"out_b must have out_a's dtype {out_a.dtype}, got {out_b.dtype}")
+    if lse_b.dtype != lse_a.dtype:
+        raise TypeError(f"lse_b must have lse_a's dtype {lse_a.dtype}, got {lse_b.dtype}")
+    for name, t in tensors.items():
+        if t.device != out_a.device:
+            raise ValueError(f"{name} is on {t.device}, out_a on {out_a.device}: all four must be on one device")
 
 
 def _triton_serves(*tensors) -> bool:

@@ -103,3 +103,24 @@ def test_merge_of_two_empty_parts_is_zero_not_nan():
 def test_merge_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="lse_a"):
         merge_attention_states(torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(out_b=torch.zeros(2, 3, 4, dtype=torch.float16)), "out_b must have out_a's dtype"),
+    (dict(out_a=torch.zeros(2, 3, 4, dtype=torch.int64), out_b=torch.zeros(2, 3, 4, dtype=torch.int64)),
+     "out_a must be a floating-point tensor"),
+    (dict(lse_b=torch.zeros(2, 3, dtype=torch.int32)), "lse_b must be a floating-point tensor"),
+    (dict(lse_b=torch.zeros(2, 3, dtype=torch.float64)), "lse_b must have lse_a's dtype"),
+    (dict(out_a=torch.zeros(()), lse_a=torch.zeros(()), out_b=torch.zeros(()), lse_b=torch.zeros(())), "0-d"),
+    (dict(lse_a=[0.0]), "lse_a must be a torch.Tensor"),
+    (dict(lse_b=torch.zeros(2, 3, device="meta")), "lse_b is on meta"),
+], ids=["mixed-out-dtypes", "integer-out", "integer-lse", "mixed-lse-dtypes", "0-d", "not-a-tensor", "two-devices"])
+def test_merge_rejects_bad_types_naming_the_argument(bad, message):
+    """Before this check, mixed or integer dtypes went to the reference, whose result silently took out_a's dtype,
+    and 0-d tensors raised an IndexError."""
+    args = dict(out_a=torch.zeros(2, 3, 4), lse_a=torch.zeros(2, 3),
+                out_b=torch.zeros(2, 3, 4), lse_b=torch.zeros(2, 3))
+    args.update(bad)
+    error = ValueError if message in ("0-d", "lse_b is on meta") else TypeError
+    with pytest.raises(error, match=message):
+        merge_attention_states(**args)
