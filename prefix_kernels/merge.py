@@ -48,7 +48,8 @@ def _check_types(**tensors) -> None:
 
 def _triton_serves(*tensors) -> bool:
     """The Triton merge runs on CUDA (or CPU under the interpreter), for fp16/bf16/fp32 outputs and fp32 LSEs, one
-    device, and no gradient (it has no backward: under autograd the reference composes instead)."""
+    device, no gradient (it has no backward: under autograd the reference composes instead), and outside
+    torch.compile's tracing."""
     import torch
 
     out_a, lse_a, out_b, lse_b = tensors
@@ -59,6 +60,8 @@ def _triton_serves(*tensors) -> bool:
     if any(t.device != out_a.device for t in tensors) or not 1 <= out_a.shape[-1] <= 256:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling():  # the reference's few ops trace (and fuse); the launcher reads data pointers
         return False
     try:
         from .triton import forward

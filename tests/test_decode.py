@@ -585,3 +585,17 @@ def test_merge_reference_is_exact_at_large_lses():
         out, merged = merge_attention_states_reference(out_a, lse, out_b, lse.clone())
         assert torch.equal(out, torch.full((2, 4), 2.0)), magnitude
         assert torch.allclose(merged, lse + math.log(2), rtol=1e-7)
+
+
+def test_merge_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) of a function that merges: the Triton merge's launcher reads data pointers,
+    which dynamo refuses to trace, so under tracing the reference's ops compose (and fuse) instead."""
+    shape = (2, 3, 5, 16)
+    out_a, out_b = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    lse_a, lse_b = torch.randn(shape[:-1], device=DEVICE), torch.randn(shape[:-1], device=DEVICE)
+    lse_b[0, 1] = float("-inf")
+    compiled = torch.compile(merge_attention_states, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(out_a, lse_a, out_b, lse_b)
+    ref_out, ref_lse = merge_attention_states_reference(out_a.double(), lse_a.double(), out_b.double(),
+                                                        lse_b.double())
+    assert max_error(out, ref_out) <= 1e-5 and max_error(lse, ref_lse) <= 1e-5
