@@ -5,8 +5,8 @@
 #
 # Usage: bash bench/gpu_check.sh [--tune-forward] [--tune-backward] [--tune-decode] [--tune-cuda] [--no-bench]
 #                                [--no-sanitize] [--profile-cuda]
-#   default          build, tests, compute-sanitizer on the CUDA kernels, then the anchors preset (forward, fwd+bwd,
-#                    decode, training step, generate; ours-cuda next to ours-triton)
+#   default          build, tests, the anchors preset (forward, fwd+bwd, decode, training step, generate; ours-cuda
+#                    next to ours-triton), then compute-sanitizer on the CUDA kernels
 #   --tune-forward   also sweep the forward's launch configs (bench/tune_forward.py; after the anchors preset,
 #                    its lines in log.txt)
 #   --tune-decode    also time the decode: default, pointer tiles, interleaved order (bench/tune_decode.py; after the
@@ -38,9 +38,24 @@
 # First builds the CUDA extension (csrc/) in place for the card's own arch (log and wall time: build.txt).
 # Environment: GPU_TESTS (pytest targets, default tests), BUILD_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT (per tool),
 #   BENCH_TIMEOUT, SMOKE_TIMEOUT (per Hopper loop, before the tests) (seconds),
-#   MAX_JOBS (parallel compile jobs, default 16).
+#   MAX_JOBS (parallel compile jobs, default 16), DEADLINE_S (the whole script's seconds: later steps' timeouts are
+#   cut to what is left, and a step with under 20 s left is skipped; set it to the device call's timeout_s - 30).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# DEADLINE_S: the seconds this script may take in all (the device call's timeout less a margin). Each later step's
+# timeout is cut to what is left (step_timeout), and a step with under 20 s left is skipped and says so, so that a
+# call ends with every finished step's results written instead of being killed mid-step.
+script_start=$(date +%s)
+step_timeout() {  # step_timeout <the step's own timeout>: that, or what is left before DEADLINE_S (0: skip)
+  local left=$(( ${DEADLINE_S:-1000000} - ($(date +%s) - script_start) - 10 ))
+  [ $left -lt 20 ] && { echo 0; return; }
+  echo $(( $1 < left ? $1 : left ))
+}
+timed() {  # timed <the step's own timeout> <command...>: `timeout` cut by step_timeout; skipped (exit 125) at 0
+  local seconds; seconds=$(step_timeout "$1"); shift
+  [ "$seconds" = 0 ] && { echo "skipped, DEADLINE_S reached: $*" >&2; return 125; }
+  timeout "$seconds" "$@"
+}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # (an inherited loop choice would run everywhere, a broken one too)
 unset TRITON_INTERPRET PK_CUDA_FORWARD PK_CUDA_DECODE PK_CUDA_DECODE_OWN
@@ -180,10 +195,22 @@ echo "== GPU tests"
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 # A hung kernel fails its own test (pytest-timeout, also on the image) instead of eating the whole call's time.
 per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${PER_TEST_TIMEOUT:-90}" || echo "")
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short --durations=15 -m "not compile" -p no:cacheprovider \
+timed "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rf --tb=short --durations=15 -m "not compile" -p no:cacheprovider \
   $parallel $per_test \
   ${GPU_TESTS:-tests --ignore=tests/test_cuda_emulator.py} > "$out/tests.txt" 2>&1  # (the emulator is CPU-only)
 test_status=$?
+
+# The anchors preset before the sanitizer: its time is known (~150 s on an H200), the sanitizer's first run over
+# the Hopper loops is not; its JSON is rewritten after every row, so a kill keeps the rows finished.
+bench_summary="skipped (--no-bench)"
+if [ $bench = 1 ]; then
+  echo "== benchmarks: anchors preset"
+  timed "${BENCH_TIMEOUT:-450}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
+    | tail -n 20 | tee -a "$out/log.txt"
+  bench_status=${PIPESTATUS[0]}  # 1: a WRONG row or interrupted; 124: the timeout; 125: skipped (DEADLINE_S)
+  bench_summary="exit $bench_status$([ $bench_status = 124 ] && echo " (timed out)")$([ $bench_status = 125 ] \
+    && echo " (skipped: DEADLINE_S reached)")"
+fi
 
 sanitize_summary=" skipped ($([ $sanitize = 1 ] && echo "extension not loaded" || echo "--no-sanitize"))"
 if [ $sanitize = 1 ] && [ "$ext" = loads ]; then
@@ -195,35 +222,35 @@ if [ $sanitize = 1 ] && [ "$ext" = loads ]; then
     sanitize_summary=""
     rm -f "$out/sanitize.txt"
     for tool in memcheck racecheck; do
-      timeout "${SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool $tool --error-exitcode 9 python3 bench/sanitize_cuda.py \
+      tool_timeout=$(step_timeout "${SANITIZE_TIMEOUT:-150}")
+      [ "$tool_timeout" = 0 ] && { sanitize_summary="$sanitize_summary $tool: skipped (DEADLINE_S reached)"; continue; }
+      echo "== compute-sanitizer --tool $tool (timeout ${tool_timeout} s)" >> "$out/sanitize.txt"
+      # straight into $out: a call killed mid-tool still brings back what the tool printed so far
+      timeout "$tool_timeout" "$sanitizer" --tool $tool --error-exitcode 9 python3 bench/sanitize_cuda.py \
         > "/tmp/sanitize_$tool.txt" 2>&1
-      sanitize_summary="$sanitize_summary $tool: exit $? ($(grep -m 1 -E "ERROR SUMMARY|RACECHECK SUMMARY" \
-        "/tmp/sanitize_$tool.txt" | sed 's/=* *//'))"
-      { echo "== compute-sanitizer --tool $tool"; cat "/tmp/sanitize_$tool.txt"; } >> "$out/sanitize.txt"
+      tool_status=$?
+      cat "/tmp/sanitize_$tool.txt" >> "$out/sanitize.txt"
+      sanitize_summary="$sanitize_summary $tool: exit $tool_status$([ $tool_status = 124 ] && echo " (timed out)") ($(grep \
+        -m 1 -E "ERROR SUMMARY|RACECHECK SUMMARY" "/tmp/sanitize_$tool.txt" | sed 's/=* *//'))"
     done
   fi
 fi
 
 if [ $tune_backward = 1 ]; then
   echo "== backward launch-config sweep, then fwd+bwd with the best against the baselines"
-  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_backward.py --out "$out" \
+  timed "${TUNE_TIMEOUT:-240}" python3 bench/tune_backward.py --out "$out" \
     ${TUNE_PROVIDERS:+--providers $TUNE_PROVIDERS} 2>&1 | sed 's/^/tune_backward: /' | tee -a "$out/log.txt"
-fi
-if [ $bench = 1 ]; then
-  echo "== benchmarks: anchors preset"
-  timeout "${BENCH_TIMEOUT:-450}" python3 -m prefix_kernels.bench --preset anchors --out "$out" --quiet 2>&1 \
-    | tail -n 20 | tee -a "$out/log.txt"
 fi
 
 # The sweeps come after the anchors preset: a sweep cut short by the time limit costs only itself.
 if [ $tune_decode = 1 ]; then
   echo "== decode variants (default, pointer tiles, interleaved order) at the ANCHORS decode shapes, CUDA-graph replays"
-  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_decode.py --json "$out/tune_decode.json" 2>&1 \
+  timed "${TUNE_TIMEOUT:-240}" python3 bench/tune_decode.py --json "$out/tune_decode.json" 2>&1 \
     | sed 's/^/tune_decode: /' | tee -a "$out/log.txt"
 fi
 if [ $tune_forward = 1 ]; then
   echo "== forward launch-config sweep at the ANCHORS training shapes"
-  timeout "${TUNE_TIMEOUT:-240}" python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 \
+  timed "${TUNE_TIMEOUT:-240}" python3 bench/tune_forward.py --json "$out/tune_forward.json" 2>&1 \
     | sed 's/^/tune_forward: /' | tee -a "$out/log.txt"
 fi
 if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
@@ -233,7 +260,7 @@ if [ $tune_cuda = 1 ] && [ "$ext" = loads ]; then
   for variant in $variants; do
     parse_variant "$variant"
     # each build's own Hopper loops (ping-pong, other depths) get their own smoke run first
-    PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timeout "${TUNE_TIMEOUT:-240}" \
+    PK_BROKEN_CUDA_LOOPS=$(smoke_loops "$copy") PYTHONPATH="$copy" timed "${TUNE_TIMEOUT:-240}" \
       python3 "$copy/bench/tune_cuda.py" --label "$label" --json "$out/tune_cuda.json" 2>&1 | tail -n 20 \
       | tee -a "$out/log.txt"
   done
@@ -285,6 +312,8 @@ echo "Hopper loops that hung or crashed in their smoke run (left out of the rest
 grep -E "^smoke " "$out/log.txt" 2>/dev/null
 echo "compute-sanitizer:$sanitize_summary"
 echo "tests: $(tail -n 1 "$out/tests.txt") (exit $test_status)"
+echo "anchors preset: $bench_summary"
+[ -f "$out/anchors.md" ] && grep -E "Interrupted|WRONG|incomplete" "$out/anchors.md" | head -n 5
 [ -f "$out/log.txt" ] && grep -E "^tune_(forward|decode): (B=|  \{)" "$out/log.txt" | head -n 30
 [ -f "$out/log.txt" ] && grep -E "^tune_backward: best" "$out/log.txt"
 [ -f "$out/log.txt" ] && grep -E "^r[0-9]+-k[0-9]+-b" "$out/log.txt"

@@ -7,7 +7,7 @@ import torch
 
 from prefix_kernels.bench import main as bench_main
 from prefix_kernels.bench.cases import OpCase, get_preset
-from prefix_kernels.bench.main import parse_args, run
+from prefix_kernels.bench.main import INCOMPLETE, parse_args, run
 from prefix_kernels.bench.providers import Prepared, Provider
 from prefix_kernels.bench.report import markdown
 from prefix_kernels.bench.roofline import floor_ms, op_bytes, op_flops
@@ -59,6 +59,47 @@ def test_a_run_stopped_by_sigterm_writes_the_rows_it_finished(tmp_path):
     finished = [(r["op"], r["provider"], r["status"]) for r in data["rows"]]
     assert finished == [("forward", "naive", "ok")]  # the naive row before the stop, none after it
     assert "Interrupted" in (tmp_path / "smoke.md").read_text()
+
+
+def _reads_the_checkpoint(case, inputs):
+    """Reads the results JSON while this row is set up: what a SIGKILL (no handler runs) would leave now."""
+    import pathlib
+
+    _reads_the_checkpoint.seen = json.loads((pathlib.Path(_reads_the_checkpoint.out) / "smoke.json").read_text())
+    return _drops_the_prefix(case, inputs)
+
+
+def test_results_json_is_written_after_every_row(tmp_path):
+    """A device call past its limit is killed outright (SIGKILL, rc 137), which no handler sees: the JSON on disk
+    holds every finished row, marked incomplete, and the end of the run replaces it with the whole result."""
+    _reads_the_checkpoint.out = tmp_path
+    args = parse_args(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--quiet",
+                       "--warmup-ms", "1", "--rep-ms", "1", "--ops", "forward", "--providers", "naive"])
+    spy = Provider("spy", "reads the checkpoint (test only)", "ours", ("forward",), _reads_the_checkpoint)
+    result = run(args, extra_providers=[spy])
+    seen = _reads_the_checkpoint.seen
+    assert seen["interrupted"] == INCOMPLETE
+    final = json.loads((tmp_path / "smoke.json").read_text())
+    assert final["interrupted"] is None and len(final["rows"]) == len(result["rows"])
+    key = lambda row: (row["label"], row["provider"], row["status"])  # noqa: E731
+    # the spy's last row (the run's last) saw every row before it, none after
+    assert [key(r) for r in seen["rows"]] == [key(r) for r in final["rows"][:-1]]
+    assert seen["rows"][0]["provider"] == "naive" and seen["environment"] == final["environment"]
+
+
+def test_gpu_check_cuts_each_step_to_the_time_left():
+    """DEADLINE_S: each step's timeout is its own or what is left, and a step with under 20 s left is skipped
+    (exit 125) rather than started (GNU timeout 0 would mean no limit at all)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
+    functions = (f'eval "$(sed -n "/^script_start=/p;/^step_timeout() {{/,/^}}/p;/^timed() {{/,/^}}/p" {script})"; ')
+    program = functions + ('DEADLINE_S=100 step_timeout 450; DEADLINE_S=100 step_timeout 30; '
+                           'DEADLINE_S=25 step_timeout 450; step_timeout 300; '
+                           'DEADLINE_S=25 timed 5 echo ran; echo "skipped $?"; DEADLINE_S=100 timed 5 echo ran')
+    lines = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["90", "30", "0", "300", "skipped 125", "ran"]
 
 
 def test_sigterm_inside_a_model_case_keeps_its_finished_rows(tmp_path, monkeypatch):

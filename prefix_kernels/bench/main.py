@@ -76,6 +76,22 @@ def _on_sigterm(action):
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+class CheckpointedRows(list):
+    """The run's rows, written out (`checkpoint(rows)`) each time one is appended: a run killed outright (SIGKILL at a
+    device call's time limit, which no handler sees) keeps the rows it finished. SIGTERM is handled in run()."""
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        self._checkpoint = checkpoint
+
+    def append(self, row) -> None:
+        super().append(row)
+        self._checkpoint(self)
+
+
+INCOMPLETE = "incomplete: written after each row, and the run did not reach its end (killed, or still running)"
+
+
 def run(args, extra_providers=()) -> dict:
     """Run what `args` selects; returns the result dict (also written to disk). Tests call this directly."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,7 +120,13 @@ def run(args, extra_providers=()) -> dict:
     total = harness.count_op_rows(preset.ops, providers) + models.count_model_rows(preset.models, device)
     ceilings = measure_ceilings(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     progress = harness.Progress(total, enabled=not args.no_progress)
-    rows: list[dict] = []  # filled row by row: a run stopped by a time limit still writes what it finished
+    json_path, md_path = out_dir / f"{preset_name}.json", out_dir / f"{preset_name}.md"
+
+    def checkpoint(rows_so_far):  # the JSON, rewritten after each row; the end of run() replaces it with the whole
+        report.write_json(json_path, dict(preset=preset_name, description=preset.description, environment=env,
+                                          ceilings=ceilings, tolerance=harness.TOLERANCE, rows=list(rows_so_far),
+                                          wall_s=time.perf_counter() - started, interrupted=INCOMPLETE))
+    rows = CheckpointedRows(checkpoint)  # filled row by row: a run stopped by a time limit keeps what it finished
     interrupted = None
     with _on_sigterm(signal.SIG_IGN):  # writing the results is never interrupted
         with _on_sigterm(_raise_interrupted):
@@ -128,7 +150,7 @@ def run(args, extra_providers=()) -> dict:
             print(f"interrupted: {interrupted}; writing the rows finished so far", file=sys.stderr)
         report.ratios(rows)
         result = dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
-                      tolerance=harness.TOLERANCE, rows=rows, wall_s=time.perf_counter() - started,
+                      tolerance=harness.TOLERANCE, rows=list(rows), wall_s=time.perf_counter() - started,
                       interrupted=interrupted)
         plot_files, plot_note = report.plots(result, out_dir, preset_name)
         result.update(plots=plot_files, plots_note=plot_note)
@@ -137,7 +159,6 @@ def run(args, extra_providers=()) -> dict:
             md += f"\nPlots: {plot_note}\n"
         elif plot_files:
             md += "\nPlots: " + ", ".join(f"![{f}]({f})" for f in plot_files) + "\n"
-        json_path, md_path = out_dir / f"{preset_name}.json", out_dir / f"{preset_name}.md"
         report.write_json(json_path, result)
         md_path.write_text(md)
         result["files"] = dict(json=str(json_path), markdown=str(md_path),
