@@ -157,11 +157,37 @@ def test_baselines_agree_with_the_reference(smoke):
             assert row["status"] == "ok", row
             assert row["correct"] is True, row
             assert row["time_ms"] > 0 and row["floor_ms"] > 0 and row["pct_of_floor"] > 0
+    lower_right = _rows(result, provider="naive-lower-right", kind="op")
+    assert {r["op"] for r in lower_right} == {"forward", "fwd+bwd"}  # (decode: nothing to mask, the naive call)
+    for row in lower_right:  # the bias's semantics are the contract's: prefix visible, own keys bottom-right causal
+        if row["case"]["causal"] and row["case"]["seq_q"] > 1:
+            assert row["status"] == "ok" and row["correct"] is True, row
+    assert any(r["status"] == "ok" and r["case"]["heads_q"] > r["case"]["heads_kv"] for r in lower_right)
+    assert set(_rows(result, provider="naive-lower-right", op="fwd+bwd")[0]["errors"]) == {
+        "out", "q", "k", "v", "prefix_k", "prefix_v"}
     naive_bwd = _rows(result, provider="naive", op="fwd+bwd")[0]
     assert set(naive_bwd["errors"]) == {"out", "q", "k", "v", "prefix_k", "prefix_v"}
     prebuilt_bwd = _rows(result, provider="prebuilt", op="fwd+bwd")[0]
     assert prebuilt_bwd["errors"]["prefix_k"]["rel"] < 1e-3  # gradients mapped back onto the one prefix
     assert _rows(result, provider="prebuilt", op="forward")[0]["speedup_vs"]["naive"] > 0
+
+
+def test_no_ratio_against_a_wrong_baseline_and_providers_described_per_kind(smoke):
+    """A baseline row flagged WRONG gives no speedup; a name that is both an op provider and a model row (ours-cuda)
+    keeps both descriptions (the model row's replaced the op row's in the Providers list)."""
+    from prefix_kernels.bench.report import ratios
+
+    rows = [dict(kind="op", op="forward", label="x", provider="naive", status="ok", time_ms=2.0, correct=False),
+            dict(kind="op", op="forward", label="x", provider="flex", status="ok", time_ms=3.0, correct=True),
+            dict(kind="op", op="forward", label="x", provider="ours-triton", status="ok", time_ms=1.0, correct=True)]
+    ratios(rows)
+    assert rows[2]["speedup_vs"] == {"flex": 3.0}
+    _, result = smoke
+    model_row = dict(kind="model", op="train_step", label="m", provider="ours-triton", role="ours",
+                     description="the model row's own text", status="n/a", reason="test")
+    md = markdown(dict(result, rows=result["rows"] + [model_row]))
+    assert "- `ours-triton`: prefix_attention(backend='triton')" in md
+    assert "- `ours-triton` (model rows): the model row's own text" in md
 
 
 def test_forward_rows_also_take_q_as_hf_hands_it(smoke):

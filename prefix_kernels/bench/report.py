@@ -134,10 +134,11 @@ def _error_cell(row: dict) -> str:
 
 
 def ratios(rows: list[dict]) -> None:
-    """Add `speedup_vs` {baseline: baseline time / this time} to every ok op row (same case, same run)."""
+    """Add `speedup_vs` {baseline: baseline time / this time} to every ok op row (same case, same run). A baseline
+    row flagged WRONG is no baseline: no ratio is taken against it."""
     by_case = {}
     for row in rows:
-        if row["kind"] == "op" and row["status"] == "ok":
+        if row["kind"] == "op" and row["status"] == "ok" and row.get("correct") is not False:
             by_case.setdefault((row["op"], row["label"]), {})[row["provider"]] = row["time_ms"]
     for row in rows:
         if row["kind"] == "op" and row["status"] == "ok":
@@ -225,8 +226,10 @@ def markdown(result: dict) -> str:
         lines.append("")
     if notes:
         lines += ["Notes:", ""] + [f"{i + 1}. {text}" for i, text in enumerate(notes)] + [""]
-    providers = {r["provider"]: r["description"] for r in result["rows"]}
-    lines += ["Providers:", ""] + [f"- `{name}`: {text}" for name, text in providers.items()] + [""]
+    # (one name can be an op provider and a model row, e.g. ours-cuda: each described under its own kind)
+    providers = {(r["kind"], r["provider"]): r["description"] for r in result["rows"]}
+    lines += ["Providers:", ""] + [f"- `{name}`{' (model rows)' if kind == 'model' else ''}: {text}"
+                                   for (kind, name), text in providers.items()] + [""]
     return "\n".join(lines)
 
 
