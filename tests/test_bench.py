@@ -253,10 +253,30 @@ def test_model_rows_of_ours_run_and_are_correct(smoke):
         for row in rows:  # train_step: ours and ours-checkpointed (the same loss with recomputation)
             assert row["status"] == "ok", row.get("reason")
             assert row["correct"] is True
+    for row in _rows(result, kind="model", op="train_step", role="ours"):  # fp32: PEFT's gradient to ~1e-6
+        assert 0 <= row["prefix_grad_rel_err"] <= row["grad_tolerance"] == 1e-3, row["provider"]
     for row in _rows(result, kind="model", op="generate", role="ours"):  # the dynamic and the static cache
         assert row["token_match"] == 1.0, row["provider"]
     for row in _rows(result, kind="model", op="generate"):  # where the time goes: prefill, then per step
         assert row["prefill_ms"] > 0 and row["step_ms"] > 0, row["provider"]
+
+
+def test_train_step_check_flags_a_patch_that_cuts_the_prefix_gradient(monkeypatch):
+    """A patched model whose prefix gets no gradient (the PEFT bridge's prefix table detached, as a patch that
+    lost the prefix's autograd would do) is flagged by the prefix-gradient check; the loss alone passes."""
+    from prefix_kernels.bench import models
+    from prefix_kernels.hf import peft as peft_bridge
+
+    table = peft_bridge.PeftPrefixSource._table
+    monkeypatch.setattr(peft_bridge.PeftPrefixSource, "_table", lambda self: table(self).detach())
+    monkeypatch.setattr(models, "_timed", lambda fn, case, device: dict(time_ms=1.0, times_ms=[1.0], peak_bytes=None))
+    case = next(c for c in get_preset("smoke").models if c.op == "train_step")
+    rows = models.train_step_rows(case, "cpu")
+    ours = [r for r in rows if r["role"] == "ours"]
+    assert ours and all(r["status"] == "ok" for r in ours), [r.get("reason") for r in ours]
+    for row in ours:
+        assert row["loss_rel_err"] <= row["tolerance"], row["provider"]  # the loss alone would pass
+        assert row["prefix_grad_rel_err"] == pytest.approx(1.0) and row["correct"] is False, row["provider"]
 
 
 def test_low_precision_generate_check_flags_wrong_logits_not_ties():

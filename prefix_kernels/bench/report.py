@@ -214,6 +214,8 @@ def markdown(result: dict) -> str:
                 check = f"tokens {row['token_match'] * 100:.0f}% equal"
             elif "loss_rel_err" in row:
                 check = f"loss rel err {row['loss_rel_err']:.1e}"
+                if "prefix_grad_rel_err" in row:
+                    check += f", prefix grad {row['prefix_grad_rel_err']:.1e}"
             if row.get("correct") is False:
                 check += " **WRONG**"
             base = baseline_time.get((row["op"], row["label"]))
