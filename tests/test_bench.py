@@ -399,6 +399,22 @@ def test_graph_timing_captures_a_clean_call_and_reports_a_host_sync():
     assert torch.randn(8, device="cuda").isfinite().all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_timing_checks_the_replayed_output_written_over_nan():
+    """check= sees the captured call's outputs after one replay into NaN: all written, or NaN where skipped."""
+    x = torch.randn(256, 256, device="cuda")
+    seen = []
+    graph_bench_ms(lambda: (x @ x, None), warmup_ms=1, rep_ms=2, check=lambda out: seen.append(out[0].clone()))
+    assert torch.allclose(seen[0], x @ x, rtol=1e-3, atol=1e-3)
+
+    def half_written():  # an output half of which no kernel writes (what a work-skipping loop does)
+        out = torch.empty(256, 256, device="cuda")
+        out[:128] = x[:128]
+        return out
+    graph_bench_ms(half_written, warmup_ms=1, rep_ms=2, check=lambda out: seen.append(out.clone()))
+    assert torch.equal(seen[1][:128], x[:128]) and seen[1][128:].isnan().all()
+
+
 def test_decode_tile_sweep_script_runs(tmp_path):
     """bench/tune_decode.py (a GPU sweep) checked end to end on the smoke shapes: every tile and the split timed."""
     import subprocess

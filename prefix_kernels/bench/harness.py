@@ -18,7 +18,7 @@ from ..reference import prefix_attention_reference
 from .cases import OpCase
 from .providers import GRAD_NAMES, PROVIDERS, Inputs, Provider, Unavailable, make_inputs
 from .roofline import floor_ms, op_flops
-from .timing import GRAPH_TIMING_BELOW_MS, PeakMemory, bench_ms, graph_bench_ms
+from .timing import GRAPH_TIMING_BELOW_MS, PeakMemory, bench_ms, graph_bench_ms, poison_cached_blocks
 
 # Error of a provider against the float32 reference, relative to the reference's largest magnitude.
 # Loose enough for a correct low-precision kernel, tight enough to catch a wrong one (a dropped prefix,
@@ -145,7 +145,9 @@ def guarded_call(case: OpCase, provider: Provider, inputs: Inputs, dout, referen
             with torch.no_grad():
                 return prepared.forward(), None
 
-    # Correctness guard (also the first, compiling call).
+    # Correctness guard (also the first, compiling call), its outputs' blocks poisoned first (timing.py).
+    poison_cached_blocks([t.shape for t in inputs.tensors] if train else [inputs.q.shape], inputs.q.dtype,
+                         inputs.q.device)
     try:
         out, grads = call()
     except NotImplementedError as exc:  # e.g. FlexAttention's backward on CPU
@@ -168,7 +170,11 @@ def _run_one(case: OpCase, provider: Provider, inputs: Inputs, dout, reference, 
     if case.op == "decode" and torch.device(device).type == "cuda" and time_ms < GRAPH_TIMING_BELOW_MS:
         # Decode steps are ~0.1 ms: eagerly timed they also measure the host. Every provider is replayed from
         # a CUDA graph where it can be captured (time_ms, held against the floor); the eager time is kept.
-        graph_ms, why_not = graph_bench_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        def check_replay(captured):  # the replayed output against the reference too: it is what gets timed
+            errors = compare({"out": captured[0]}, reference)
+            if check["correct"] is not None and any(e["rel"] > check["tolerance"] for e in errors.values()):
+                check.update(correct=False, graph_errors=errors)
+        graph_ms, why_not = graph_bench_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms, check=check_replay)
         timing = dict(timing="cuda-graph", eager_ms=time_ms) if graph_ms is not None else \
             dict(timing="eager", graph_failure=why_not)
         time_ms = graph_ms if graph_ms is not None else time_ms
