@@ -23,6 +23,7 @@ import triton
 import prefix_kernels.bench.main as bench_main
 from prefix_kernels.bench.cases import get_preset
 from prefix_kernels.bench.providers import Prepared, Provider, _all_leaves, _identity_grads
+from prefix_kernels.bench.report import environment
 from prefix_kernels.triton.backward import prefix_attention_backward
 from prefix_kernels.triton.configs import FUSED_DQ_CANDIDATES, BackwardConfig, ForwardConfig, backward_config
 from prefix_kernels.triton.forward import prefix_attention_forward
@@ -151,7 +152,8 @@ def main(argv=None):
         providers.append(tuned_provider(fused, "ours-tuned-fused"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_backward.json").write_text(json.dumps(dict(
-        card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, sweep=report,
+        card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        environment=environment("cuda"), sweep=report,
         best={p: best[p] if isinstance(best[p], str) else list(best[p]) for p in best}), indent=1))
     bench_args = bench_main.parse_args(["--preset", "anchors", "--ops", "fwd+bwd", "--providers", args.providers,
                                         "--out", str(args.out / "tuned"), "--no-progress", "--quiet"])

@@ -23,6 +23,7 @@ import torch
 import triton
 
 import prefix_kernels
+from prefix_kernels.bench.report import git_commit
 from prefix_kernels.bench.timing import poison_cached_blocks
 from prefix_kernels.reference import prefix_attention_reference
 from sanitize_cuda import broken_loops  # (beside this script) the Hopper loops that failed their smoke run
@@ -68,7 +69,7 @@ def time_forward(args, variants):
         q = torch.randn(B, S, H, D, device=device, dtype=dtype).transpose(1, 2)  # HF's layout, read in place
         k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in "kv")
         prefix_k, prefix_v = (torch.randn(H, P, D, device=device, dtype=dtype) for _ in "kv")
-        row = dict(label=args.label, card=torch.cuda.get_device_name(), shape=shape)
+        row = dict(label=args.label, card=torch.cuda.get_device_name(), commit=git_commit()["commit"], shape=shape)
         with torch.no_grad():
             # Truth on one batch row (the full reference at these sizes is slow and large).
             one = [t[:1] for t in (q, k, v)]
@@ -110,7 +111,8 @@ def time_decode(args, variants):
 
     for case in (c for c in get_preset("anchors").ops if c.op == "decode"):
         inputs = make_inputs(case, "cuda")
-        row = dict(label=args.label, card=torch.cuda.get_device_name(), shape=case.label)
+        row = dict(label=args.label, card=torch.cuda.get_device_name(), commit=git_commit()["commit"],
+                   shape=case.label)
 
         def call(backend):
             return prefix_kernels.prefix_attention(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v,

@@ -22,6 +22,7 @@ import triton
 
 from prefix_kernels.bench.cases import get_preset
 from prefix_kernels.bench.providers import PROVIDERS, make_inputs
+from prefix_kernels.bench.report import environment
 from prefix_kernels.bench.timing import bench_ms, graph_bench_ms
 from prefix_kernels.triton.configs import DECODE_ONE_BLOCK_ROWS, HOPPER_DECODE_PREFIX_CANDIDATES, decode_config
 from prefix_kernels.triton.decode import prefix_attention_decode
@@ -116,8 +117,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-            json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__, results=results), f,
-                      indent=1)
+            json.dump(dict(card=card, torch=torch.__version__, triton=triton.__version__,
+                           environment=environment(args.device), results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from prefix_kernels.bench.report import environment
 from prefix_kernels.reference import visibility_mask
 from prefix_kernels.triton.configs import ForwardConfig, forward_config
 from prefix_kernels.triton.forward import prefix_attention_forward
@@ -80,7 +81,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           results=results), f, indent=1)
+                           environment=environment("cuda"), results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -430,7 +430,9 @@ def test_decode_tile_sweep_script_runs(tmp_path):
     result = subprocess.run([sys.executable, str(root / "bench" / "tune_decode.py"), "--preset", "smoke", "--device",
                              device, "--json", str(out)], env=env, timeout=600, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["results"]
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert data["environment"]["commit"]  # which code ran (the tuning files carried only card and versions)
     from prefix_kernels.triton.configs import HOPPER_DECODE_PREFIX_CANDIDATES
 
     taller = set(HOPPER_DECODE_PREFIX_CANDIDATES) if device == "cpu" else set()  # on a GPU: past 128 rows only
