@@ -108,6 +108,19 @@ for _forward in ("prefix_kernels::prefix_attention_fwd", "prefix_kernels::prefix
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "prefix_attention has no double backward: gradients taken with create_graph=True are right, but "
+        "differentiating them again (a gradient penalty, a Hessian-vector product through the attention) is not "
+        "supported")
+
+
+# create_graph=True: the first gradients are right and carry this as their grad_fn, so that going through them
+# again says what is missing (PyTorch's own message only said no autograd formula was registered for the op).
+torch.library.register_autograd("prefix_kernels::prefix_attention_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def differentiable(forward_op, call):
     """(out, lse) of a validated call (validation.PrefixAttentionCall) through one of the forward ops above."""
     return forward_op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask,

@@ -72,6 +72,22 @@ def test_only_lse_in_the_loss():
         assert max_error(a.grad, want) < 1e-5, name
 
 
+def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():
+    """create_graph=True: first-order gradients as without it; differentiating them again raises a message that
+    says double backward is not supported (PyTorch's own named the backward op's missing autograd formula)."""
+    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=9, seq_k=11, prefix_len=7, head_dim=32)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = prefix_attention(*leaves, backend="triton", **options)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    plain = [t.detach().requires_grad_() for t in tensors]
+    want = torch.autograd.grad(prefix_attention(*plain, backend="triton", **options).square().sum(), plain)
+    for name, got, expected in zip(NAMES, grads, want):
+        assert torch.equal(got.detach(), expected), name
+    with pytest.raises(NotImplementedError, match="no double backward"):
+        grads[0].sum().backward()
+
+
 def test_reference_gradcheck_float64():
     case = Case(batch=2, heads_q=2, heads_kv=1, seq_q=3, seq_k=4, prefix_len=3, head_dim=16, num_prefixes=2,
                 prefix_lens=(3, 2), padding="right", softcap=2.0, window=3)
