@@ -104,6 +104,22 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
     return (*tensors, options)
 
 
+# A batch stride that fits int32 while b * stride passes 2^31 from b = 2: index math done in int32 wraps there.
+STRIDE_PAST_INT32 = (1 << 30) + 64
+
+
+def batch_strided_past_int32(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view whose batch stride is STRIDE_PAST_INT32 elements (t: [B >= 3, ...], contiguous). Only
+    on a CPU: the storage is reserved, not touched, past the few pages the values land in (an untouched CPU
+    allocation costs no memory; a GPU one would)."""
+    assert t.device.type == "cpu" and t.shape[0] >= 3
+    inner = t[0].numel()
+    storage = torch.empty(STRIDE_PAST_INT32 * (t.shape[0] - 1) + inner, dtype=t.dtype)
+    view = storage.as_strided(t.shape, (STRIDE_PAST_INT32, *t[0].stride()))
+    view.copy_(t)
+    return view
+
+
 def max_error(a, b) -> float:
     """Max abs difference, with infinities compared by equality (lse = -inf on empty rows)."""
     a, b = a.double(), b.double()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
-from helpers import (ERROR_FLOOR, TRITON_39, Case, assert_attention_matches_truth, attention_loss, compile_check_spills,
-                     loss_weights, make_inputs, max_error, reference_grads, truth_and_reference_error,
-                     truth_and_reference_grad_errors)
+from helpers import (ERROR_FLOOR, TRITON_39, Case, assert_attention_matches_truth, attention_loss,
+                     batch_strided_past_int32, compile_check_spills, loss_weights, make_inputs, max_error,
+                     reference_grads, truth_and_reference_error, truth_and_reference_grad_errors)
 from prefix_kernels import prefix_attention
 from prefix_kernels.reference import prefix_attention_reference
 from prefix_kernels.triton import backward as triton_backward
@@ -86,6 +86,30 @@ def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():
         assert torch.equal(got.detach(), expected), name
     with pytest.raises(NotImplementedError, match="no double backward"):
         grads[0].sum().backward()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's int32 wraps as the GPU's; a GPU would need 6 GB each")
+def test_offsets_past_int32_are_computed_in_64_bits():
+    """q, k, v and the output gradient with batch strides of 2^30 + 64 elements, so that sequence 2 starts past
+    2^31: every kernel of the forward, the backward and the decode (whose integer math the interpreter wraps at
+    32 bits as the GPU does) gives bit for bit what it gives on contiguous copies."""
+    case = Case(batch=3, heads_q=3, heads_kv=1, seq_q=17, seq_k=19, prefix_len=6, head_dim=32, padding="left")
+    *tensors, options = make_inputs(case, torch.float16, DEVICE)
+    grad_out = torch.randn(tensors[0].shape, dtype=torch.float16)
+
+    def run(q, k, v, grad):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, *tensors[3:])]
+        out, lse = prefix_attention(*leaves, return_lse=True, backend="triton", **options)
+        out.backward(grad)
+        with torch.no_grad():  # S = 1: the decode's kernels
+            decoded = prefix_attention(q[:, :, -1:], k, v, *tensors[3:], return_lse=True, backend="triton",
+                                       **options)
+        return (out, lse, *decoded, *(leaf.grad for leaf in leaves))
+
+    strided = [batch_strided_past_int32(t) for t in (*tensors[:3], grad_out)]
+    for name, want, got in zip(("out", "lse", "decode out", "decode lse", *NAMES), run(*tensors[:3], grad_out),
+                               run(*strided)):
+        assert torch.equal(got, want), name
 
 
 def test_reference_gradcheck_float64():

@@ -13,7 +13,7 @@ import torch
 from conftest import HAS_CUDA
 from cuda_emulation import emulated_kernels, emulated_namespace, unavailable_reason
 from helpers import (ERROR_FLOOR, Case, assert_attention_matches_truth, assert_close_to_truth, attention_loss,
-                     loss_weights, make_inputs, max_error, truth_and_reference_error,
+                     batch_strided_past_int32, loss_weights, make_inputs, max_error, truth_and_reference_error,
                      truth_and_reference_grad_errors)
 from prefix_kernels import cuda, prefix_attention
 from prefix_kernels.validation import validate
@@ -122,6 +122,26 @@ def test_forward_matches_reference(kernels, case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
 def test_decode_matches_reference(kernels, case, dtype):
     _check_op("decode", case, dtype, kernels)
+
+
+@pytest.mark.parametrize("loop", ["mma", "wgmma", "wgmma-tma", "wgmma-tma-persistent"])
+def test_offsets_past_int32_are_computed_in_64_bits(kernels, loop, monkeypatch):
+    """q, k and v with batch strides of 2^30 + 64 elements (sequence 2 starts past 2^31): the forward (each loop)
+    and the decode give bit for bit what they give on contiguous copies. Emulated only: the host build's index math
+    is the kernels' own, and a GPU would need the 6 GB for real."""
+    if kernels.type != "cpu":
+        pytest.skip("emulated only (a GPU would allocate the 6 GB)")
+    monkeypatch.setenv("PK_CUDA_FORWARD", loop)
+    monkeypatch.setenv("PK_CUDA_DECODE", "mma" if loop == "mma" else "wgmma")
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=20, seq_k=70, prefix_len=9, head_dim=64, padding="left")
+    *tensors, options = make_inputs(case, torch.float16, kernels)
+    strided = [batch_strided_past_int32(t) for t in tensors[:3]] + tensors[3:]
+    for op_name, s in (("forward", slice(None)), ("decode", slice(-1, None))):
+        want, got = (_call_op(op_name, _validated([t[:, :, s] if i == 0 else t for i, t in enumerate(inputs)],
+                                                  options))
+                     for inputs in (tensors, strided))
+        for name, a, b in zip(("out", "lse"), want, got):
+            assert torch.equal(a, b), f"{op_name} {name}"
 
 
 def _hopper_or_skip(device, loop):
