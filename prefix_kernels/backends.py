@@ -16,7 +16,7 @@ def triton_device_reason(device: torch.device) -> str | None:
     try:
         from .triton import forward
     except ImportError as exc:
-        return f"Triton is not importable ({exc}); install triton or use backend='torch'"
+        return triton_import_failure(exc)
     if device.type == "cuda":
         if torch.compiler.is_compiling():
             # A device query is a graph break under torch.compile(fullgraph=True); an old GPU then fails in
@@ -32,6 +32,15 @@ def triton_device_reason(device: torch.device) -> str | None:
         return ("Triton runs on CUDA tensors, or on CPU tensors only under the Triton interpreter: set "
                 "TRITON_INTERPRET=1 before prefix_kernels is imported")
     return f"Triton does not run on {device.type} tensors"
+
+
+def triton_import_failure(exc: ImportError) -> str:
+    """What to install when the Triton kernels cannot be imported: triton itself, or a module it imports (numpy,
+    which the interpreter needs and triton does not declare)."""
+    missing = (getattr(exc, "name", None) or "").split(".")[0]
+    if missing and missing not in ("triton", "prefix_kernels"):
+        return f"Triton cannot be imported: it needs {missing} ({exc}); install {missing} or use backend='torch'"
+    return f"Triton is not importable ({exc}); install triton or use backend='torch'"
 
 
 def choose_backend(requested: str, call) -> str:

@@ -100,11 +100,13 @@ def _alignment_reason(name: str, t: Tensor) -> str | None:
 
 def unavailable_reason(call) -> str | None:
     """Why the CUDA backend cannot serve this call, or None if it can."""
+    q = call.q
+    device_type = _Kernels.device_type if _Kernels.namespace is not None else "cuda"
+    if q.device.type != device_type:  # first: building the extension would not help CPU tensors
+        where = " (on the CPU: backend='torch', or 'triton' under TRITON_INTERPRET=1)" if q.device.type == "cpu" else ""
+        return f"the CUDA kernels run on CUDA tensors, q is on {q.device}{where}"
     if _Kernels.namespace is None:
         return UNAVAILABLE_REASON
-    q = call.q
-    if q.device.type != _Kernels.device_type:
-        return f"the CUDA kernels run on CUDA tensors, q is on {q.device}"
     if q.dtype not in DTYPES:
         return f"the CUDA kernels take float16 or bfloat16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:

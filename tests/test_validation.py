@@ -88,18 +88,28 @@ def test_device_mismatch_names_the_argument():
 
 
 def test_explicit_cuda_backend_explains_why_it_is_missing():
-    """Not built: the error says so; built (CI compiles it) but handed CPU tensors, or fp32 ones: it says that."""
+    """CPU tensors: the error says the kernels take CUDA tensors and what serves CPU ones, built or not (building
+    would not help them); CUDA tensors: that it is not built, or (CI compiles it) that they are fp32."""
     from prefix_kernels import cuda
 
     tensors, options = _inputs()  # float32
-    if cuda._C is None:
+    if tensors["q"].device.type != "cuda":
+        why = "run on CUDA tensors, q is on cpu .*backend='torch'"
+    elif cuda._C is None:
         why = "prefix_kernels._C"
-    elif tensors["q"].device.type != "cuda":
-        why = "run on CUDA tensors"
     else:
         why = "float16 or bfloat16"
     with pytest.raises(ValueError, match=f"backend='cuda' cannot serve this call: .*{why}"):
         prefix_attention(**tensors, backend="cuda", **options)
+
+
+def test_a_missing_module_under_triton_is_named():
+    """triton declares no dependency, and its interpreter needs numpy: a base install without numpy said "install
+    triton" although triton was there."""
+    from prefix_kernels.backends import triton_import_failure
+
+    assert "needs numpy" in triton_import_failure(ModuleNotFoundError("No module named 'numpy'", name="numpy"))
+    assert "install triton" in triton_import_failure(ModuleNotFoundError("No module named 'triton'", name="triton"))
 
 
 def test_auto_uses_a_kernel_not_the_reference_where_triton_can_run(monkeypatch):
