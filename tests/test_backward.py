@@ -88,7 +88,7 @@ def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():
         grads[0].sum().backward()
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's int32 wraps as the GPU's; a GPU would need 6 GB each")
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter wraps int32 as a GPU does; a GPU would need 6 GB a tensor")
 def test_offsets_past_int32_are_computed_in_64_bits():
     """q, k, v and the output gradient with batch strides of 2^30 + 64 elements, so that sequence 2 starts past
     2^31: every kernel of the forward, the backward and the decode (whose integer math the interpreter wraps at
