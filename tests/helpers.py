@@ -186,8 +186,21 @@ def assert_attention_matches_truth(out, lse, q, truth_out, truth_lse, reference_
     assert not torch.isnan(out).any()
     assert_close_to_truth("out", out, truth_out, reference_error, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse = -inf exactly where a row sees nothing"
-    assert max_error(lse, truth_lse) <= 1e-3, "lse"
+    assert_lse_close(lse, truth_lse)
     assert (out[torch.isinf(lse)] == 0).all(), "rows that see nothing give exact zeros"
+
+
+# The LSE is float32 whatever the inputs (16-bit products are exact in float32): measured kernel errors are ~5e-7
+# on LSEs of ~5. This bound is 20x that, relative to the LSE's size; the flat 1e-3 it replaced let a constant bias of
+# 9e-4 pass, which skews merge_attention_states' weights by as much.
+LSE_TOLERANCE = 1e-5
+
+
+def assert_lse_close(lse, want, name="lse"):
+    finite = want[torch.isfinite(want)]
+    allowed = LSE_TOLERANCE * max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+    error = max_error(lse, want)
+    assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g}"
 
 
 # Triton 3.9 allocates registers differently: 37 of the 1088 compile-check configurations spill more than under

@@ -12,9 +12,9 @@ import torch
 
 from conftest import HAS_CUDA
 from cuda_emulation import emulated_kernels, emulated_namespace, unavailable_reason
-from helpers import (ERROR_FLOOR, Case, assert_attention_matches_truth, assert_close_to_truth, attention_loss,
-                     batch_strided_past_int32, loss_weights, make_inputs, max_error, truth_and_reference_error,
-                     truth_and_reference_grad_errors)
+from helpers import (ERROR_FLOOR, Case, assert_attention_matches_truth, assert_close_to_truth, assert_lse_close,
+                     attention_loss, batch_strided_past_int32, loss_weights, make_inputs, max_error,
+                     truth_and_reference_error, truth_and_reference_grad_errors)
 from prefix_kernels import cuda, prefix_attention
 from prefix_kernels.validation import validate
 
@@ -108,7 +108,7 @@ def _check_op(op_name, case, dtype, device, index_dtype=torch.int64):
     with torch.no_grad():
         triton_out, triton_lse = prefix_attention(*tensors, return_lse=True, backend="triton", **options)
     assert max_error(out, triton_out) <= 2 * reference_error + ERROR_FLOOR[dtype], "CUDA vs Triton: out"
-    assert max_error(lse, triton_lse) <= 1e-3, "CUDA vs Triton: lse"
+    assert_lse_close(lse, triton_lse, "CUDA vs Triton: lse")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
-from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth, make_inputs, max_error,
-                     truth_and_reference_error)
+from helpers import (Case, assert_attention_matches_truth, assert_close_to_truth, assert_lse_close, make_inputs,
+                     max_error, truth_and_reference_error)
 from prefix_kernels import prefix_attention
 from prefix_kernels.backends import choose_backend
 from prefix_kernels.triton.configs import forward_config
@@ -138,7 +138,7 @@ def test_forward_through_tma_descriptors_matches_reference(case, dtype):
 
     assert_close_to_truth("out", out, truth_out, reference_error, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse))
-    assert max_error(lse, truth_lse) <= 1e-3, "lse"
+    assert_lse_close(lse, truth_lse)
 
 
 def test_a_grid_past_cudas_limit_is_refused_before_the_launch(monkeypatch):
