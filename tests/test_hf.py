@@ -32,7 +32,9 @@ CONFIGS = {
                                           num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=128,
                                           max_position_embeddings=64, pad_token_id=1),
 }
-TOL = 1e-4
+# Relative to the largest magnitude of what is compared: the prefix gradients are ~1e-3, so an absolute 1e-4 let a
+# 10% error in d prefix_k pass (measured: kernel vs naive within 6e-7 of the largest value, fp32).
+TOL = 1e-5
 
 
 def tiny_model(family):
@@ -66,8 +68,10 @@ def grads(loss, prefix):
 
 
 def assert_close(name, got, want, tol=TOL):
+    """max |got - want| within tol times max |want|."""
     error = (got - want).abs().max().item()
-    assert error <= tol, f"{name}: max error {error:.3g} > {tol:g}"
+    allowed = tol * max(want.abs().max().item(), 1e-30)
+    assert error <= allowed, f"{name}: max error {error:.3g} > {allowed:.3g} ({tol:g} of max |want|)"
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -165,7 +169,7 @@ def test_save_load_export(tmp_path, projection):
     prefix_kernels.unpatch(model)
     prefix_kernels.patch(model, frozen)
     with torch.no_grad():
-        assert_close("logits", model(input_ids=ids, attention_mask=mask).logits, want, tol=1e-5)
+        assert_close("logits", model(input_ids=ids, attention_mask=mask).logits, want)
 
 
 @pytest.mark.parametrize("family", ["bloom", "gpt_neo"])
@@ -200,7 +204,7 @@ def test_peft_bridge_equals_peft(family, projection):
 
     assert prefix_kernels.patch(peft_model) is peft_model
     patched = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert_close("loss", patched.loss, stock.loss, tol=1e-5)
+    assert_close("loss", patched.loss, stock.loss)
     real = mask.bool()
     assert_close("logits", patched.logits[real], stock.logits[real])
     for got, want in zip(torch.autograd.grad(patched.loss, params), stock_grads):
