@@ -64,6 +64,21 @@ def stock_rows(model, prompt, suffixes, new=NEW):
     return out
 
 
+def step_logits(model, ids, mask, **options):
+    """(tokens, [B, NEW, V] logits of every generated step): token equality is a coarse oracle (a wrong cache can
+    pick the same argmax, or draw the same sample from a flat distribution); the logits are the fine one."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+                             **{"do_sample": False, **options})
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def assert_logits_close(got, want, rtol=1e-5):
+    error, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= rtol * scale, f"logits differ by {error:.3g} (max |logit| {scale:.3g})"
+
+
 def rows_of(out, suffixes, width):
     """Each row's own tokens (real suffix + generated) from a left-padded generate() output."""
     return [out[i, width - len(s):] for i, s in enumerate(suffixes)]
@@ -90,6 +105,12 @@ def test_greedy_equals_stock_per_row(family):
     assert out.shape == (len(SUFFIXES), ids.shape[1] + NEW)  # the prompt is not repeated in the output
     for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
         assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+    for i, suffix in enumerate(suffixes):  # each row's step logits against the stock model on prompt + suffix alone
+        alone = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+        _, got = step_logits(model, suffix[None], torch.ones(1, len(suffix), dtype=torch.long), past_key_values=alone)
+        full = torch.cat([prompt, suffix])[None]
+        _, expected = step_logits(model, full, torch.ones_like(full))
+        assert_logits_close(got, expected)
     # the cache's own part holds only the batch's own tokens (suffixes + generated, the last one not fed back)
     assert cache.get_seq_length() == ids.shape[1] + NEW - 1
     assert cache.layers[0].keys.shape[:3] == (len(SUFFIXES), 2, ids.shape[1] + NEW - 1)
@@ -115,15 +136,17 @@ def test_sampling_equals_stock_on_the_padded_batch():
     prompt, suffixes = random_inputs()
     full_ids, full_mask = left_padded([torch.cat([prompt, s]) for s in suffixes])
     torch.manual_seed(1234)
-    stock = generate(model, full_ids, full_mask, do_sample=True, top_k=0, temperature=1.0)
+    stock, stock_logits = step_logits(model, full_ids, full_mask, do_sample=True, top_k=0, temperature=1.0)
 
     cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
     ids, mask = left_padded(suffixes)
     torch.manual_seed(1234)
-    out = generate(model, ids, mask, past_key_values=cache, do_sample=True, top_k=0, temperature=1.0)
+    out, logits = step_logits(model, ids, mask, past_key_values=cache, do_sample=True, top_k=0, temperature=1.0)
     assert out.shape == (len(SUFFIXES), ids.shape[1] + NEW)
     assert ((out >= 0) & (out < VOCAB)).all()
     assert torch.equal(out[:, ids.shape[1]:], stock[:, full_ids.shape[1]:])
+    # a tiny random model's distributions are nearly flat (the same draws came out of a wrong cache 2 runs in 3)
+    assert_logits_close(logits, stock_logits)
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=3, num_return_sequences=2),
