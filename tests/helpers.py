@@ -10,8 +10,9 @@ import torch
 
 from prefix_kernels.reference import prefix_attention_reference
 
-# Error floors per dtype: below these, "2x the reference's own error" is rounding noise on both sides.
-ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Error floors per dtype: below these, "2x the reference's own error" is rounding noise on both sides. fp32's is a
+# few float32 ulps of the O(1) outputs (kernel errors measured 2e-7..6e-7 there; 1e-5 let a 20x regression pass).
+ERROR_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 @dataclass(frozen=True)
