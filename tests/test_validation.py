@@ -6,8 +6,9 @@ import torch
 
 from conftest import DEVICE, HAS_CUDA
 from helpers import Case, make_inputs
-from prefix_kernels import prefix_attention
+import prefix_kernels.triton.decode as triton_decode
 import prefix_kernels.triton.forward as triton_forward
+from prefix_kernels import cuda, prefix_attention
 
 CASE = Case(batch=2, heads_q=6, heads_kv=2, seq_q=3, seq_k=5, prefix_len=4, head_dim=32)
 
@@ -73,10 +74,16 @@ def test_bad_input_raises_naming_the_argument(name, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel was launched for bad input")
 
-    monkeypatch.setattr(triton_forward, "prefix_attention_forward", no_launch)
+    # every Triton launch (forward, decode, merge: this case's S = 3 takes the decode) and the CUDA ops
+    for module in (triton_forward, triton_decode):
+        monkeypatch.setattr(module, "launch", no_launch)
+    monkeypatch.setattr(cuda, "kernels", no_launch)
     with pytest.raises((error, alt_error) if alt_error else error) as info:
         prefix_attention(**tensors, **options)
     assert fragment in str(info.value), f"message does not name {fragment!r}: {info.value}"
+    good_tensors, good_options = _inputs()  # the guard is live: the same call with good input launches
+    with pytest.raises(AssertionError, match="a kernel was launched"):
+        prefix_attention(**good_tensors, **good_options)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
