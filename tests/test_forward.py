@@ -68,9 +68,10 @@ def test_forward_matches_reference(case, dtype, backend):
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
-def test_prefix_is_never_expanded(backend):
-    """The kernel reads ONE prefix copy: a prefix given as an expanded view of [1, ...] works unchanged and a
-    prefix shared by the whole batch gives each sequence the same attention to it."""
+def test_every_sequence_sees_the_one_prefix_the_same(backend):
+    """A prefix shared by the whole batch gives every sequence the same attention to it: the same queries (an
+    expanded view of one row) with every own key masked agree across sequences and with the reference. (That the
+    prefix is never copied per sequence: test_prefix_is_read_once_never_copied_per_sequence.)"""
     case = Case(batch=3, heads_q=2, heads_kv=1, seq_q=5, seq_k=5, prefix_len=19, head_dim=32)
     q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float32, DEVICE)
     _skip_if_unavailable(backend, [q, k, v, prefix_k, prefix_v], options)
@@ -81,6 +82,37 @@ def test_prefix_is_never_expanded(backend):
     assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])
     ref = prefix_attention(q, k, v, prefix_k, prefix_v, backend="torch", **options)
     assert max_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("seq_q", [1, 20], ids=["decode", "forward"])
+def test_prefix_is_read_once_never_copied_per_sequence(seq_q):
+    """The forward and the decode allocate nothing of the size of B copies of a prefix: no expanded, indexed or
+    concatenated prefix anywhere (the backward's own test is in test_backward.py). Two prefixes picked per sequence
+    (prefix_index), since prefix_k[prefix_index] is the copy an implementation would be tempted to make. The
+    output itself ([B, Hq, S, D], a third of the bound here) is the largest thing allowed."""
+    batch = 32
+    case = Case(batch=batch, heads_q=2, heads_kv=1, seq_q=seq_q, seq_k=seq_q + 3, prefix_len=128, head_dim=32,
+                num_prefixes=2, prefix_lens=(128, 50))
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    options["prefix_index"] = torch.arange(batch, device=DEVICE) % 2
+    bound = batch * case.heads_kv * case.prefix_len * case.head_dim * 4 / 2  # half of one [B, Hkv, P, D] copy
+    with torch.no_grad():
+        prefix_attention(*tensors, backend="triton", **options)  # compiled (and its caches filled) first
+        if DEVICE.type == "cuda":  # the caching allocator's peak: every allocation of the call, together
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            prefix_attention(*tensors, backend="triton", **options)
+            torch.cuda.synchronize()
+            assert 0 < torch.cuda.max_memory_allocated() - before < bound
+            return
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            prefix_attention(*tensors, backend="triton", **options)
+    allocations = [(e.name, e.cpu_memory_usage) for e in prof.events()
+                   if e.name.startswith("aten::") and e.cpu_memory_usage > 0]
+    assert allocations, "the profiler saw no allocation (not even the output): the check would be blind"
+    for name, nbytes in allocations:
+        assert nbytes < bound, (name, nbytes, bound)
 
 
 def test_out_of_place_output_is_contiguous_and_fresh(backend):
