@@ -30,6 +30,7 @@ class Case:
     padding: str | None = None             # None | "left" | "right" | "random" | "empty-row"
     window: int | None = None
     softcap: float | None = None
+    scale: float | None = None             # None: 1/sqrt(D)
     q_layout: str = "bshd"                 # "bshd": HF's transposed view; "bhsd": contiguous
     kv_slice: bool = False                 # k/v as a slice of a longer cache (non-contiguous)
     extra: dict = field(default_factory=dict)
@@ -50,6 +51,8 @@ class Case:
             parts.append(f"win{self.window}")
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale:g}")
         if self.q_layout != "bshd":
             parts.append(f"q-{self.q_layout}")
         if self.kv_slice:
@@ -99,6 +102,8 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
         options["prefix_index"] = torch.arange(B, device=device) % N
     if case.prefix_lens is not None:
         options["prefix_lens"] = torch.tensor(case.prefix_lens, device=device)
+    if case.scale is not None:  # (only then: some tests pass their own scale beside the options)
+        options["scale"] = case.scale
     tensors = [q, k, v, prefix_k, prefix_v]
     if requires_grad:
         tensors = [t.detach().requires_grad_() for t in tensors]

@@ -88,7 +88,7 @@ def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():
         grads[0].sum().backward()
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter wraps int32 as a GPU does; a GPU would need 6 GB a tensor")
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter wraps int32 as a GPU does; a GPU would allocate 6 GB")
 def test_offsets_past_int32_are_computed_in_64_bits():
     """q, k, v and the output gradient with batch strides of 2^30 + 64 elements, so that sequence 2 starts past
     2^31: every kernel of the forward, the backward and the decode (whose integer math the interpreter wraps at
@@ -351,7 +351,7 @@ def test_heavy_first_block_order_gives_identical_forward_and_dq():
 
     case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=40, seq_k=50, prefix_len=13, head_dim=32, padding="left")
     *tensors, options = make_inputs(case, torch.float32, DEVICE)
-    call = validate(*tensors, scale=None, backend="triton", **{"prefix_index": None, "prefix_lens": None, **options})
+    call = validate(*tensors, backend="triton", **{"scale": None, "prefix_index": None, "prefix_lens": None, **options})
     base = replace(forward_config(32, torch.float32, case.seq_q), block_m=16)  # 3 query blocks, the last partial
     reversed_ = replace(base, heavy_first=True)
     _, _, kwargs = forward_launch(call.q, call.k, call.v, call.prefix_k, call.prefix_v, torch.empty_like(call.q),

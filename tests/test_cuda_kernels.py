@@ -53,7 +53,8 @@ def kernels(request, monkeypatch):
 
 
 FORWARD_CASES = [
-    Case(batch=2, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=45, head_dim=64),   # GQA 3, 1 warp idle
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=45, head_dim=64,
+         scale=0.3),                                                               # GQA 3, 1 warp idle, a scale
     Case(batch=1, heads_q=3, heads_kv=1, seq_q=33, seq_k=33, prefix_len=64, head_dim=128, causal=False,
          padding="left", q_layout="bhsd"),                                                  # a whole prefix tile
     Case(batch=3, heads_q=6, heads_kv=2, seq_q=19, seq_k=29, prefix_len=21, head_dim=64, num_prefixes=2,
@@ -66,7 +67,8 @@ FORWARD_CASES = [
 ]
 
 DECODE_CASES = [
-    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=300, head_dim=64),   # prefix in splits
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=300, head_dim=64,
+         scale=0.3),                                                               # prefix in splits, a scale
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=25, prefix_len=37, head_dim=128, num_prefixes=2,
          prefix_lens=(37, 5), padding="left"),                                              # two prefixes
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
@@ -86,7 +88,7 @@ DECODE_CASES = [
 
 
 def _validated(tensors, options):
-    return validate(*tensors, scale=None, backend="cuda", causal=options["causal"],
+    return validate(*tensors, scale=options.get("scale"), backend="cuda", causal=options["causal"],
                     key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
                     prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
 

@@ -27,6 +27,7 @@ CASES = [
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
          prefix_lens=(0, 8), padding="empty-row"),                                              # rows see nothing
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=33, prefix_len=11, head_dim=64, window=5, softcap=2.0),
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=37, head_dim=64, scale=0.3),  # not 1/sqrt(D)
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
          padding="random", q_layout="bhsd", kv_slice=True),                                     # L < S, strided
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=151, prefix_len=201, head_dim=64),     # several splits
@@ -42,7 +43,7 @@ def _call(case, dtype):
 
 
 def _validated(tensors, options):
-    return validate(*tensors, scale=None, backend="triton", causal=options["causal"],
+    return validate(*tensors, scale=options.get("scale"), backend="triton", causal=options["causal"],
                     key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
                     prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
 

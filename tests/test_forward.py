@@ -32,6 +32,8 @@ CASES = [
          prefix_lens=(0, 8), padding="empty-row"),                                             # rows that see nothing
     Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, window=5),
     Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, softcap=2.0),
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=23, prefix_len=11, head_dim=64, scale=0.3,
+         padding="left"),                                                                      # not 1/sqrt(D)
     Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=33, prefix_len=13, head_dim=96, causal=False),
     Case(batch=2, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, window=100,
          padding="right"),                                                                     # several tiles
@@ -48,7 +50,7 @@ def backend(request):
 
 def _skip_if_unavailable(backend, tensors, options):
     try:
-        choose_backend(backend, validate(*tensors, scale=None, prefix_index=options.get("prefix_index"),
+        choose_backend(backend, validate(*tensors, scale=options.get("scale"), prefix_index=options.get("prefix_index"),
                                          prefix_lens=options.get("prefix_lens"), backend=backend,
                                          **{k: options[k] for k in ("causal", "key_padding_mask", "window",
                                                                      "softcap")}))
@@ -133,7 +135,7 @@ def test_broadcast_tensors_take_pointer_loads_not_tma_descriptors():
     tensors[3] = tensors[3][:1].expand(case.heads_kv, -1, -1)  # prefix_k [Hkv, P, D]: one head's keys for both
     assert tensors[3].stride(0) == 0
     assert not _tma_compatible(tensors[3]) and _tma_compatible(tensors[3][:1])
-    call = validate(*tensors, scale=None, backend="triton", **{"prefix_index": None, "prefix_lens": None, **options})
+    call = validate(*tensors, backend="triton", **{"scale": None, "prefix_index": None, "prefix_lens": None, **options})
     config = replace(forward_config(case.head_dim, torch.float32, case.seq_q), tma=True)
     out = torch.empty_like(call.q)
     lse = torch.empty(call.q.shape[:3], device=DEVICE, dtype=torch.float32)
@@ -156,8 +158,7 @@ def test_forward_through_tma_descriptors_matches_reference(case, dtype):
         pytest.skip("TMA needs sm_90+")
     *tensors, options = make_inputs(case, dtype, DEVICE)
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
-    call = validate(*tensors, scale=None, backend="triton",
-                    **{"prefix_index": None, "prefix_lens": None, **options})
+    call = validate(*tensors, backend="triton", **{"scale": None, "prefix_index": None, "prefix_lens": None, **options})
     config = replace(forward_config(case.head_dim, dtype, case.seq_q), tma=True)
     out = torch.empty_like(call.q)
     lse = torch.empty(call.q.shape[:3], device=DEVICE, dtype=torch.float32)
