@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import main as entry
     else:
-        from .bench import main as entry
+        from .bench.main import main as entry
     return entry(rest) or 0
 
 

@@ -237,11 +237,29 @@ def test_roofline_matches_the_anchors_floors():
 
 
 def test_cli_entry_runs_a_filtered_smoke(tmp_path):
-    rc = bench_main(["--preset", "smoke", "--device", "cpu", "--ops", "decode", "--providers", "naive,split",
-                     "--out", str(tmp_path), "--no-progress", "--quiet", "--warmup-ms", "1", "--rep-ms", "1"])
+    """Through the `prefix-kernels` console script's own entry (prefix_kernels.cli), as the README runs it."""
+    from prefix_kernels import cli
+
+    rc = cli.main(["bench", "--preset", "smoke", "--device", "cpu", "--ops", "decode", "--providers", "naive,split",
+                   "--out", str(tmp_path), "--no-progress", "--quiet", "--warmup-ms", "1", "--rep-ms", "1"])
     assert rc == 0
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert {(r["op"], r["provider"]) for r in data["rows"]} == {("decode", "naive"), ("decode", "split")}
+
+
+def test_cli_names_its_subcommands_and_refuses_others(capsys):
+    import prefix_kernels.bench
+    import prefix_kernels.bench.main  # noqa: F401  (this import used to rebind the package's main to the module)
+    from prefix_kernels import cli
+
+    assert callable(prefix_kernels.bench.main)
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0 and "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train"])
+    assert info.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
 
 
 def test_model_rows_of_ours_run_and_are_correct(smoke):

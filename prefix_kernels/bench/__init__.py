@@ -7,10 +7,8 @@ roofline.py: FLOPs, bytes, measured ceilings; models.py: training step and gener
 """
 from __future__ import annotations
 
-
-def main(argv=None) -> int:
-    from .main import main as _main
-    return _main(argv)
-
+# Bound here, not through a lazy wrapper: importing the submodule prefix_kernels.bench.main rebinds the package's
+# `main` to that module, so a wrapper named main was replaced by the module once anything imported it.
+from .main import main
 
 __all__ = ["main"]
