@@ -70,6 +70,17 @@ def test_forward_matches_reference(case, dtype, backend):
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=lambda c: c.id)  # decode-shaped; prefill, left padding
+def test_auto_backend_matches_reference(case, dtype):
+    """What most callers use: "auto" picks a kernel (Triton, or the CUDA decode for small calls where it is built),
+    and that kernel's result is held to the truth like an explicit backend's."""
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    out, lse = prefix_attention(*tensors, return_lse=True, backend="auto", **options)
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+
+
 def test_every_sequence_sees_the_one_prefix_the_same(backend):
     """A prefix shared by the whole batch gives every sequence the same attention to it: the same queries (an
     expanded view of one row) with every own key masked agree across sequences and with the reference. (That the
