@@ -1,6 +1,8 @@
 """prefix_attention: the public op (../shared/API.md). Validates, picks a backend, runs it."""
 from __future__ import annotations
 
+import torch
+
 from .backends import choose_backend
 from .cuda import cuda_decode_attention, cuda_prefix_attention
 from .reference import prefix_attention_reference
@@ -18,6 +20,24 @@ def prefix_attention(
     prefix_lens. Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse.
     See ../shared/API.md for every argument.
     """
+    device_type = getattr(getattr(q, "device", None), "type", None)
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        # As SDPA under autocast: the floating inputs in the autocast dtype, then the op as for those dtypes (the
+        # reference's own matmuls must not be recast inside). In a mixed-precision model q and k come out of the
+        # rotary embedding in float32 (its cos/sin are float32) while v stays in the autocast dtype: the dtype
+        # check would refuse them otherwise (HF Trainer's bf16=True runs the model so).
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v, prefix_k, prefix_v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                       for t in (q, k, v, prefix_k, prefix_v))
+        with torch.autocast(device_type, enabled=False):
+            return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
+                                     prefix_lens, window, softcap, return_lse, backend)
+    return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
+                             prefix_lens, window, softcap, return_lse, backend)
+
+
+def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index, prefix_lens,
+                      window, softcap, return_lse, backend):
     call = validate(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                     prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
                     backend=backend)

@@ -81,6 +81,23 @@ def test_auto_backend_matches_reference(case, dtype):
     assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
 
 
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.bfloat16), ("triton", torch.float16)]
+                         + ([("triton", torch.bfloat16)] if HAS_CUDA else []), ids=str)
+def test_autocast_casts_the_inputs_as_sdpa_would(backend, dtype):
+    """Under torch.autocast a mixed-precision model hands over q and k in float32 (after a float32 rotary) and v
+    in the autocast dtype: the call runs on all of them in the autocast dtype (as SDPA does), bit for bit the call
+    on inputs cast beforehand, instead of refusing the mixed dtypes (which broke HF Trainer's bf16=True)."""
+    case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=21, prefix_len=9, head_dim=32, padding="left")
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    tensors[2] = tensors[2].to(dtype)  # v as the projection gave it; q, k, the prefix in float32
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        out, lse = prefix_attention(*tensors, return_lse=True, backend=backend, **options)
+    want, want_lse = prefix_attention(*(t.to(dtype) for t in tensors), return_lse=True, backend=backend, **options)
+    assert out.dtype == dtype and torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(TypeError, match="v has dtype"):  # outside autocast the mix is still an error
+        prefix_attention(*tensors, backend=backend, **options)
+
+
 def test_every_sequence_sees_the_one_prefix_the_same(backend):
     """A prefix shared by the whole batch gives every sequence the same attention to it: the same queries (an
     expanded view of one row) with every own key masked agree across sequences and with the reference. (That the
