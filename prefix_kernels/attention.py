@@ -17,7 +17,8 @@ def prefix_attention(
 
     q [B, Hq, S, D] (any strides); k, v [B, Hkv, L, D]; prefix_k, prefix_v [Hkv, P, D] or [N, Hkv, P, D]
     with prefix_index [B]. Query i sits at sequence position L - S + i; prefix keys are always visible up to
-    prefix_lens. Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse.
+    prefix_lens. Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse. Under
+    torch.autocast the floating inputs are first cast to the autocast dtype (as SDPA takes them), so out is in that.
     See ../shared/API.md for every argument.
     """
     device_type = getattr(getattr(q, "device", None), "type", None)
