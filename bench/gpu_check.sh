@@ -79,13 +79,15 @@ for arg in "$@"; do
 done
 rm -f "$out/log.txt"  # the run's human-readable log (benchmark tail, sweep lines), appended to below
 python3 - <<PY | tee "$out/build.txt"  # the versions: the first line of build.txt (one file fewer to bring back)
-import torch, triton
+import torch, triton, setuptools
 try:
     import transformers; tv = transformers.__version__
 except ImportError:
     tv = "absent"
+# (setuptools: setup.py builds with the image's own; pyproject's license table needs a string from 77 on)
 print(f"card={torch.cuda.get_device_name()} sms={torch.cuda.get_device_properties(0).multi_processor_count} "
-      f"torch={torch.__version__} triton={triton.__version__} transformers={tv} commit=$PREFIX_KERNELS_COMMIT")
+      f"torch={torch.__version__} triton={triton.__version__} transformers={tv} setuptools={setuptools.__version__} "
+      f"commit=$PREFIX_KERNELS_COMMIT")
 PY
 
 echo "== CUDA extension: building prefix_kernels._C in place for this card (log: $out/build.txt)"
