@@ -1,6 +1,8 @@
 """prefix_attention: the public op (../shared/API.md). Validates, picks a backend, runs it."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .backends import choose_backend
@@ -21,6 +23,7 @@ def prefix_attention(
     torch.autocast the floating inputs are first cast to the autocast dtype (as SDPA takes them), so out is in that.
     See ../shared/API.md for every argument.
     """
+    inside = contextlib.nullcontext()
     device_type = getattr(getattr(q, "device", None), "type", None)
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         # As SDPA under autocast: the floating inputs in the autocast dtype, then the op as for those dtypes (the
@@ -30,11 +33,10 @@ def prefix_attention(
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v, prefix_k, prefix_v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                                        for t in (q, k, v, prefix_k, prefix_v))
-        with torch.autocast(device_type, enabled=False):
-            return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
-                                     prefix_lens, window, softcap, return_lse, backend)
-    return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
-                             prefix_lens, window, softcap, return_lse, backend)
+        inside = torch.autocast(device_type, enabled=False)
+    with inside:
+        return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
+                                 prefix_lens, window, softcap, return_lse, backend)
 
 
 def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index, prefix_lens,

@@ -122,10 +122,13 @@ def run(args, extra_providers=()) -> dict:
     progress = harness.Progress(total, enabled=not args.no_progress)
     json_path, md_path = out_dir / f"{preset_name}.json", out_dir / f"{preset_name}.md"
 
+    def result_of(rows_so_far, interrupted):
+        return dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
+                    tolerance=harness.TOLERANCE, rows=list(rows_so_far), wall_s=time.perf_counter() - started,
+                    interrupted=interrupted)
+
     def checkpoint(rows_so_far):  # the JSON, rewritten after each row; the end of run() replaces it with the whole
-        report.write_json(json_path, dict(preset=preset_name, description=preset.description, environment=env,
-                                          ceilings=ceilings, tolerance=harness.TOLERANCE, rows=list(rows_so_far),
-                                          wall_s=time.perf_counter() - started, interrupted=INCOMPLETE))
+        report.write_json(json_path, result_of(rows_so_far, INCOMPLETE))
     rows = CheckpointedRows(checkpoint)  # filled row by row: a run stopped by a time limit keeps what it finished
     interrupted = None
     with _on_sigterm(signal.SIG_IGN):  # writing the results is never interrupted
@@ -149,9 +152,7 @@ def run(args, extra_providers=()) -> dict:
         if interrupted:
             print(f"interrupted: {interrupted}; writing the rows finished so far", file=sys.stderr)
         report.ratios(rows)
-        result = dict(preset=preset_name, description=preset.description, environment=env, ceilings=ceilings,
-                      tolerance=harness.TOLERANCE, rows=list(rows), wall_s=time.perf_counter() - started,
-                      interrupted=interrupted)
+        result = result_of(rows, interrupted)
         plot_files, plot_note = report.plots(result, out_dir, preset_name)
         result.update(plots=plot_files, plots_note=plot_note)
         md = report.markdown(result)
