@@ -13,13 +13,15 @@ from .validation import validate
 
 def prefix_attention(
     q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
-    prefix_lens=None, window=None, softcap=None, return_lse=False, backend="auto",
+    prefix_lens=None, window=None, softcap=None, return_lse=False, backend="auto", window_includes_prefix=False,
 ):
     """Attention of q over [one shared prefix KV ; each sequence's own KV], without building the concat.
 
     q [B, Hq, S, D] (any strides); k, v [B, Hkv, L, D]; prefix_k, prefix_v [Hkv, P, D] or [N, Hkv, P, D]
     with prefix_index [B]. Query i sits at sequence position L - S + i; prefix keys are always visible up to
-    prefix_lens. Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse. Under
+    prefix_lens (with a window and window_includes_prefix=True, prefix key p of a prefix of valid length P_n sits at
+    position p - P_n and leaves the window like a sequence key: transformers' layout of a PEFT prefix in a
+    sliding-window model). Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse. Under
     torch.autocast the floating inputs are first cast to the autocast dtype (as SDPA takes them), so out is in that.
     See ../shared/API.md for every argument.
     """
@@ -36,14 +38,14 @@ def prefix_attention(
         inside = torch.autocast(device_type, enabled=False)
     with inside:
         return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
-                                 prefix_lens, window, softcap, return_lse, backend)
+                                 prefix_lens, window, softcap, return_lse, backend, window_includes_prefix)
 
 
 def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-                      window, softcap, return_lse, backend):
+                      window, softcap, return_lse, backend, window_includes_prefix):
     call = validate(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                     prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
-                    backend=backend)
+                    backend=backend, window_includes_prefix=window_includes_prefix)
     chosen = choose_backend(backend, call)
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,

@@ -2,8 +2,8 @@
 
 This is the oracle every kernel is tested against, the "naive concat" baseline in benchmarks, and the CPU path.
 It follows ../shared/API.md exactly; `mask_for` is the one place where visibility is written down, so the
-semantics (bottom-right causal, window over sequence keys only, prefix always visible up to its length)
-live here and nowhere else in Python.
+semantics (bottom-right causal, window over sequence keys, prefix visible up to its length, and with
+window_includes_prefix the window sliding over the prefix too) live here and nowhere else in Python.
 """
 from __future__ import annotations
 
@@ -24,10 +24,13 @@ def visibility_mask(
     prefix_index: torch.Tensor | None,
     prefix_lens: torch.Tensor | None,
     window: int | None,
+    window_includes_prefix: bool = False,
 ) -> torch.Tensor:
     """[B, 1, S, P + L] bool: True where query i of sequence b may attend to key column c.
 
-    Columns 0..P-1 are prefix keys, P..P+L-1 the sequence's own keys.
+    Columns 0..P-1 are prefix keys, P..P+L-1 the sequence's own keys. With window_includes_prefix, prefix key p of a
+    prefix of valid length P_b sits at position p - P_b, just before the sequence's key 0 (where transformers puts
+    a PEFT prefix: its cache positions 0..P-1 come before the tokens'), inside the window's reach.
     """
     # Prefix part: key p is visible iff p < the length of the prefix this sequence uses.
     p_pos = torch.arange(prefix_len, device=device)
@@ -40,6 +43,9 @@ def visibility_mask(
 
     # Own part: query i sits at position L - S + i (bottom-right alignment).
     q_pos = torch.arange(seq_q, device=device) + (seq_k - seq_q)
+    if window is not None and window_includes_prefix:
+        key_pos = p_pos[None, :] - valid_len[:, None]  # [B, P]
+        prefix_visible = prefix_visible & ((q_pos[None, :, None] - key_pos[:, None, :]) < window)
     k_pos = torch.arange(seq_k, device=device)
     own_visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
     if causal:
@@ -68,6 +74,7 @@ def prefix_attention_reference(
     softcap: float | None = None,
     return_lse: bool = False,
     upcast: bool = True,
+    window_includes_prefix: bool = False,
 ):
     """Naive materialized-concat attention with the contract's semantics (see module docstring).
 
@@ -99,6 +106,7 @@ def prefix_attention_reference(
     visible = visibility_mask(
         batch, seq_q, seq_k, prefix_len, device=q.device, causal=causal, key_padding_mask=key_padding_mask,
         prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
+        window_includes_prefix=window_includes_prefix,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing

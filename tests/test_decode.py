@@ -30,6 +30,10 @@ CASES = [
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=37, head_dim=64, scale=0.3),  # not 1/sqrt(D)
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=3, prefix_len=37, head_dim=64, causal=False,
          padding="random", q_layout="bhsd", kv_slice=True),                                     # L < S, strided
+    # The window reaching into the prefix (key p at p - P_n): rows of 4 positions see 4 different prefix ranges;
+    # two prefixes of different lengths, padding, several splits of the prefix.
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=13, prefix_len=201, head_dim=64, num_prefixes=2,
+         prefix_lens=(201, 150), padding="left", window=150, window_includes_prefix=True),
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=151, prefix_len=201, head_dim=64),     # several splits
 ]
 
@@ -45,7 +49,8 @@ def _call(case, dtype):
 def _validated(tensors, options):
     return validate(*tensors, scale=options.get("scale"), backend="triton", causal=options["causal"],
                     key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
-                    prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"])
+                    prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"],
+                    window_includes_prefix=options.get("window_includes_prefix", False))
 
 
 def _decode_with(call, config, sms=None):

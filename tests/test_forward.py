@@ -38,6 +38,15 @@ CASES = [
     Case(batch=2, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, window=100,
          padding="right"),                                                                     # several tiles
     Case(batch=1, heads_q=2, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=32, causal=False),
+    # The window reaching into the prefix (window_includes_prefix: key p of a prefix of length P_n at p - P_n): two
+    # prefixes of different lengths and left padding; a prefix reached by the first query blocks only, across
+    # several tiles; a window that leaves no prefix key to any row.
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=29, prefix_len=37, head_dim=64, num_prefixes=2,
+         prefix_lens=(37, 9), padding="left", window=33, window_includes_prefix=True),
+    Case(batch=2, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, window=170,
+         window_includes_prefix=True, softcap=2.0),
+    Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, window=5,
+         window_includes_prefix=True),
 ]
 
 BACKENDS = ["triton", "cuda"]

@@ -76,7 +76,10 @@ def assert_close(name, got, want, tol=TOL):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_patched_equals_naive(family):
-    model = tiny_model(family)
+    assert_patched_equals_naive(tiny_model(family))
+
+
+def assert_patched_equals_naive(model):
     prefix = prefix_kernels.PrefixTuning(model, num_virtual_tokens=P)
     ids, mask = batch_inputs()
     stock_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -119,21 +122,39 @@ def test_mixed_precision_training_under_autocast(family):
         assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() <= 5e-2
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_a_prefix_past_the_sliding_window_is_refused(family):
-    """transformers puts the prefix at key positions 0..P-1, inside a sliding window: once P + L passes it, the
-    last queries no longer see the prefix's first keys, where the kernels keep every prefix key visible. The
-    patched model then raises rather than differ from the naive path and PEFT (found by fuzzing: logits off by
-    0.6 at a window of 3); within the window (test_patched_equals_naive, P + SEQ exactly) it equals them."""
+def tiny_model_with_window(family, window):
     config = CONFIGS[family]()
-    config.sliding_window = P + SEQ - 1
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    prefix_kernels.patch(model, prefix_kernels.PrefixTuning(model, num_virtual_tokens=P))
+    config.sliding_window = window
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+# (4: from own position 4 on, no query sees the prefix; the padded queries before it still see a prefix key each,
+# where the naive path's eager softmax over a row with no visible key would average every key instead of giving 0)
+@pytest.mark.parametrize("window", [P + SEQ - 6, 4], ids=["window-in-prefix", "window-past-prefix"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(family, window):
+    """transformers puts the prefix at cache positions 0..P-1, inside a sliding window: once P + L passes it, the
+    last queries no longer see the prefix's first keys (the patched model raised there before; fuzzing had found
+    its logits 0.6 off at a window of 3 when it kept them all visible). The patched attention passes
+    window_includes_prefix: logits, loss and prefix gradients equal the naive path's, with a window that leaves
+    the queries part of the prefix and one that leaves most queries none of it."""
+    assert_patched_equals_naive(tiny_model_with_window(family, window))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_peft_generate_slides_the_window_over_the_prefix(family):
+    """Greedy generation with a window of 12 after P = 5, SEQ = 9 (one row left-padded by 3): the prompt's queries
+    see part of the prefix, the first decode steps (the decode kernel) fewer of its keys, then none, and then the
+    sliding-window cache drops own keys (the patched attention drops the prefix for such a call). Token-identical
+    to stock PEFT's full forwards, the prefix in transformers' own cache and masks."""
+    model = tiny_model_with_window(family, P + SEQ - 2)
+    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    randomize_prefix(peft_model)
     ids, mask = batch_inputs()
-    with pytest.raises(ValueError, match=r"the prefix \(5 tokens\) and the layer's own keys \(9\) exceed the "
-                                         r"model's sliding window \(13\)"):
-        model(input_ids=ids, attention_mask=mask)
-    assert model(input_ids=ids[:, 1:], attention_mask=mask[:, 1:]).logits.isfinite().all()  # P + 8: within
+    want = greedy_by_full_forwards(peft_model, ids, mask, steps=7)
+    prefix_kernels.patch(peft_model)
+    got = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)
+    assert torch.equal(got, want)
 
 
 def test_every_family_in_the_table_is_tested():

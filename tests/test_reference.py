@@ -10,8 +10,9 @@ from prefix_kernels.reference import prefix_attention_reference
 
 
 def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, prefix_index=None,
-               prefix_lens=None, window=None, softcap=None, scale=None):
-    """Each query row's visible key list spelled out from API.md, in float64 Python loops."""
+               prefix_lens=None, window=None, softcap=None, scale=None, window_includes_prefix=False):
+    """Each query row's visible key list spelled out from API.md, in float64 Python loops. With
+    window_includes_prefix, prefix key p sits at position p - (its prefix's length), just before own key 0."""
     q, k, v = q.double(), k.double(), v.double()
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -30,6 +31,8 @@ def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, pr
                 position = L - S + i
                 keys, values = [], []
                 for p in range(valid_prefix):
+                    if window is not None and window_includes_prefix and position - (p - valid_prefix) >= window:
+                        continue
                     keys.append(prefix_k[n, g, p]); values.append(prefix_v[n, g, p])
                 for j in range(L):
                     if causal and j > position:
@@ -58,6 +61,10 @@ REFERENCE_CASES = [
     Case(batch=2, heads_q=2, heads_kv=1, seq_q=5, seq_k=8, prefix_len=3, head_dim=16, window=3, softcap=1.5),
     Case(batch=2, heads_q=2, heads_kv=1, seq_q=5, seq_k=8, prefix_len=3, head_dim=16, causal=False, window=2),
     Case(batch=1, heads_q=2, heads_kv=1, seq_q=6, seq_k=4, prefix_len=2, head_dim=16),  # S > L: early rows
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=7, prefix_len=5, head_dim=16, num_prefixes=2,
+         prefix_lens=(5, 2), padding="left", window=8, window_includes_prefix=True),  # the window in the prefix
+    Case(batch=1, heads_q=2, heads_kv=1, seq_q=6, seq_k=4, prefix_len=3, head_dim=16, causal=False, window=2,
+         window_includes_prefix=True),
 ]
 
 

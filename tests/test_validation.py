@@ -50,6 +50,8 @@ BAD_INPUTS = {
     "mask-dtype": (dict(key_padding_mask=torch.ones(2, 5)), TypeError, None, "key_padding_mask"),
     "mask-shape": (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, None, "key_padding_mask"),
     "window-zero": (dict(window=0), ValueError, None, "window"),
+    "window-includes-prefix-not-bool": (dict(window=4, window_includes_prefix="yes"), TypeError, None,
+                                        "window_includes_prefix"),
     "softcap-negative": (dict(softcap=-1.0), ValueError, None, "softcap"),
     "softcap-inf": (dict(softcap=float("inf")), ValueError, None, "softcap"),  # every score was NaN
     "softcap-float32-overflow": (dict(softcap=1e39), ValueError, None, "softcap"),

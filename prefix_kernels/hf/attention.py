@@ -65,14 +65,31 @@ def _padding_mask(attention_mask, batch, length):
 
 
 def check_prefix_within_window(prefix_len, own_len, window):
-    """transformers puts a prefix at key positions 0..P-1, inside a sliding window: past P + L > window it hides the
-    prefix's first keys from the last queries, which the kernels keep visible (their window slides over the own keys
-    only). A ValueError there, for the patched attention and the prefix caches alike."""
+    """A serving cache's prompt sits before its rows' left padding, where the stock model would put the padding
+    before the prompt: once P + L passes a sliding window, the two would hide different prompt keys. A ValueError
+    there (the prefix caches; a learned prefix through patch() follows transformers' layout instead, see
+    _window_includes_prefix)."""
     if window is not None and prefix_len + own_len > window:
         raise ValueError(f"the prefix ({prefix_len} tokens) and the layer's own keys ({own_len}) exceed the model's "
-                         f"sliding window ({int(window)}): transformers would hide the prefix's first keys from the "
-                         "last queries, which the prefix_kernels attention keeps visible; a sliding-window model "
-                         "takes a prefix only within its window")
+                         f"sliding window ({int(window)}): a serving cache takes a prompt only within the window")
+
+
+def _window_includes_prefix(source, prefix_len, own_len, window) -> bool:
+    """Whether a sliding-window layer's window reaches into the prefix (the kernels' window_includes_prefix).
+
+    transformers (the naive path, PEFT) puts a learned prefix at cache positions 0..P-1, before the tokens' and
+    inside the window's reach, so a patched model's prefix slides out of the window as the kernels' option places
+    it. A sliding-window cache layer keeps the last window - 1 tokens only: once it dropped any, the call's first
+    query sits at index window - 1 of the keys it hands over, and the prefix is out of every query's reach there as
+    well. A serving cache keeps its own rule (check_prefix_within_window)."""
+    from transformers import Cache
+
+    if window is None or not prefix_len:
+        return False
+    if isinstance(source, Cache):  # a serving cache passed to the forward (patch.py's serves_prefix)
+        check_prefix_within_window(prefix_len, own_len, window)
+        return False
+    return True
 
 
 def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -94,8 +111,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     if prefix_index is not None:
         options["prefix_index"] = prefix_index
     window = kwargs.get("sliding_window")
-    if prefix_k.shape[-2]:
-        check_prefix_within_window(prefix_k.shape[-2], length, window)
+    includes_prefix = _window_includes_prefix(source, prefix_k.shape[-2], length, window)
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
@@ -104,6 +120,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
         key_padding_mask=_padding_mask(attention_mask, batch, length),
         window=int(window) if window is not None else None,
         softcap=float(softcap) if softcap is not None else None,
+        window_includes_prefix=includes_prefix,
         backend=getattr(module, BACKEND_ATTR, "auto"),
         **options,
     )

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
 from .device import batch_chunks, chunk_ranges, launch, on_first_tensor_device
-from .forward import _load_rows, _own_visible, _query_block, _softcap_log2, dot_precision
+from .forward import (_load_rows, _own_visible, _prefix_tiles, _prefix_visible, _query_block, _softcap_log2,
+                      dot_precision)
 
 LOG2E = 1.4426950408889634
 
@@ -113,7 +114,7 @@ def _prefix_attention_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr = False,
+    HEAVY_FIRST: tl.constexpr = False, PREFIX_WINDOW: tl.constexpr = False,
 ):
     pid_m = _query_block(HEAVY_FIRST)
     pid_bh = tl.program_id(1)
@@ -135,7 +136,9 @@ def _prefix_attention_bwd_dq(
     delta = tl.load(Delta + pid_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- the prefix this sequence uses: every key below its length is visible ----
+    first_pos = L - S + pid_m * BLOCK_M
+
+    # ---- the prefix this sequence uses: every key below its length is visible (in the window) ----
     if HAS_PREFIX_INDEX:
         prefix_id = tl.load(PrefixIndex + b).to(tl.int64)
     else:
@@ -146,13 +149,14 @@ def _prefix_attention_bwd_dq(
         prefix_len = P
     pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
     pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
-    prefix_full_end = (prefix_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, prefix_full_end, BLOCK_N):
+    prefix_lo, prefix_full_end = _prefix_tiles(first_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
+    for start_n in range(prefix_lo, prefix_full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
                       start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
     for start_n in range(prefix_full_end, prefix_len, BLOCK_N):
-        visible = tl.broadcast_to((start_n + offs_n)[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
+        visible = _prefix_visible(start_n + offs_n, prefix_len, first_pos + tl.arange(0, BLOCK_M), window,
+                                  BLOCK_M, BLOCK_N, PREFIX_WINDOW)
         dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
                       start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION)
@@ -160,7 +164,6 @@ def _prefix_attention_bwd_dq(
     # ---- own keys: the forward's walk (query i at position L - S + i) ----
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
-    first_pos = L - S + pid_m * BLOCK_M
     if CAUSAL:
         hi = tl.minimum(L, first_pos + BLOCK_M)
         full_end = (tl.maximum(tl.minimum(L, first_pos + 1), 0) // BLOCK_N) * BLOCK_N
@@ -355,15 +358,16 @@ def _prefix_attention_bwd_dprefix(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_gc, stride_gn, stride_gh, stride_gs, stride_gd,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    B, HQ, S, P, sm_scale, softcap, tiles_per_chunk,
+    B, HQ, S, P, sm_scale, softcap, tiles_per_chunk, q_shift, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, PREFIX_WINDOW: tl.constexpr = False,
 ):
     """d prefix_k/v for keys [start_n, start_n + BLOCK_N) of prefix n, KV head hkv: the sum over every query tile
     (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
-    (a chunk stride of 0 when there is a single chunk writing the gradient itself)."""
+    (a chunk stride of 0 when there is a single chunk writing the gradient itself). PREFIX_WINDOW: query i sits at
+    position q_shift + i and prefix key p at p - prefix_len, the window masks the scores."""
     pid_n = tl.program_id(0)
     pid_nh = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -389,6 +393,12 @@ def _prefix_attention_bwd_dprefix(
     else:
         prefix_len = P
     key_ok = cols < prefix_len
+    if PREFIX_WINDOW:
+        # Key p sits at position p - prefix_len. (Query tiles past every key's window are masked, not skipped: a
+        # branch in the flattened loop doubled the spills of the masked variant; the prefix is the small part.)
+        key_pos = cols - prefix_len
+    else:
+        key_pos = cols
 
     # The flattened query tiles (b, g, query block) of this chunk: [t_begin, t_end) out of B * GROUP * m_tiles.
     m_tiles = tl.cdiv(S, BLOCK_M)
@@ -414,8 +424,8 @@ def _prefix_attention_bwd_dprefix(
             dk, dv = _dkdv_tile(dk, dv, k, v, Q + b64 * stride_qb + hq * stride_qh,
                                 DO + b64 * stride_dob + hq * stride_doh, Lse + bh * S, Delta + bh * S,
                                 stride_qs, stride_qd, stride_dos, stride_dod,
-                                start_m, S, cols, 0, 0, sm_scale, softcap, offs_m, offs_d,
-                                HEAD_DIM, BLOCK_D, False, False, HAS_SOFTCAP, DOT_PRECISION,
+                                start_m, S, key_pos, q_shift, window, sm_scale, softcap, offs_m, offs_d,
+                                HEAD_DIM, BLOCK_D, False, PREFIX_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
                                 dq_base, stride_dqs, stride_dqd, key_ok, FUSE_DQ)
 
     # Keys past prefix_lens[n] are visible to no query of this prefix: zero gradient (their p was never masked).
@@ -451,7 +461,7 @@ def preprocess_launch(out, grad_out, lse, grad_lse, delta):
 
 
 def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, scale, key_padding_mask,
-              prefix_index, prefix_lens, window, softcap, config=None):
+              prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, config=None):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dq
@@ -468,7 +478,8 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), HEAVY_FIRST=config.heavy_first, num_warps=config.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), HEAVY_FIRST=config.heavy_first,
+        PREFIX_WINDOW=window is not None and window_includes_prefix, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return grid, args, kwargs
@@ -509,9 +520,10 @@ def dprefix_chunks(q, prefix_k, config=None) -> int:
 
 
 def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks, *, scale, prefix_index,
-                   prefix_lens, softcap, config=None, dq_acc=None):
+                   prefix_lens, softcap, seq_k=None, window=None, window_includes_prefix=False, config=None,
+                   dq_acc=None):
     """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1. dq_acc: as in
-    dkdv_launch."""
+    dkdv_launch. seq_k (L) and window matter only with window_includes_prefix."""
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
@@ -525,13 +537,15 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
         *_strides_or_zero(dq_acc, 4),
         batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), cdiv(query_tiles, chunks),
+        (seq_k if seq_k is not None else seq_q) - seq_q, int(window or 0),
     )
     kwargs = dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         HAS_SOFTCAP=softcap is not None, HAS_PREFIX_INDEX=prefix_index is not None,
         HAS_PREFIX_LENS=prefix_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), FUSE_DQ=dq_acc is not None, num_warps=config.num_warps,
+        DOT_PRECISION=dot_precision(q.dtype), FUSE_DQ=dq_acc is not None,
+        PREFIX_WINDOW=window is not None and window_includes_prefix, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return grid, args, kwargs
@@ -540,8 +554,8 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
 @on_first_tensor_device
 def prefix_attention_backward(
     q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, *, needs=(True,) * 5, causal, scale,
-    key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None, prefix_chunks=None,
-    config=None,
+    key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None,
+    window_includes_prefix=False, prefix_chunks=None, config=None,
 ):
     """Gradients of the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
@@ -583,7 +597,8 @@ def prefix_attention_backward(
                 heads_q, q, k, v, grad_out, lse, delta, dq, key_padding_mask, prefix_index):
             grid, args, kwargs = dq_launch(q_, k_, v_, prefix_k, prefix_v, grad_out_, lse_, delta_, dq_,
                                            causal=causal, scale=scale, key_padding_mask=mask, prefix_index=index,
-                                           prefix_lens=prefix_lens, window=window, softcap=softcap, config=config)
+                                           prefix_lens=prefix_lens, window=window, softcap=softcap,
+                                           window_includes_prefix=window_includes_prefix, config=config)
             launch(_prefix_attention_bwd_dq, grid, args, kwargs)
     if dk is not None and dk.numel():
         for q_, k_, v_, grad_out_, lse_, delta_, dk_, dv_, mask, dq_acc_ in batch_chunks(
@@ -613,7 +628,9 @@ def prefix_attention_backward(
                 lens = None if prefix_lens is None else prefix_lens[first:stop]
             grid, args, kwargs = dprefix_launch(q, pk_, pv_, grad_out, lse, delta, gk_, gv_, chunks, scale=scale,
                                                 prefix_index=index, prefix_lens=lens, softcap=softcap,
-                                                config=config, dq_acc=dq_acc)
+                                                seq_k=k.shape[2], window=window,
+                                                window_includes_prefix=window_includes_prefix, config=config,
+                                                dq_acc=dq_acc)
             launch(_prefix_attention_bwd_dprefix, grid, args, kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))

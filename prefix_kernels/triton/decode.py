@@ -58,11 +58,11 @@ def _prefix_part(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkn, stride_pkh, stride_pks, stride_pkd,
     stride_pvn, stride_pvh, stride_pvs, stride_pvd,
-    HQ, HKV, S, P, R, NH, ROWS, RB, CHUNK, sm_scale, softcap,
+    HQ, HKV, S, L, P, R, NH, ROWS, RB, CHUNK, sm_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr,
     HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, PREFIX_WINDOW: tl.constexpr,
 ):
     # Row blocks vary fastest: the blocks reading one (prefix, head, split) tile range run side by side (L2 reuse).
     rb = pid % RB
@@ -102,10 +102,16 @@ def _prefix_part(
         prefix_len = P
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, prefix_len)
+    if PREFIX_WINDOW:  # (window_includes_prefix) keys left of every row's window (the first row's) are skipped
+        start = tl.maximum(start, (tl.maximum(L - S + prefix_len - window + 1, 0) // BLOCK_N) * BLOCK_N)
     # A block holding no row of prefix n reads nothing (with sorted rows, most blocks of other prefixes).
     any_mine = tl.max(mine.to(tl.int32), 0) > 0
     end = tl.where(any_mine, tl.maximum(end, start), start)
-    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    if PREFIX_WINDOW:  # every tile masked, from each row's first key in the window (key p at p - prefix_len)
+        full_end = start
+        first_key = (L - S + s) + prefix_len - window + 1
+    else:
+        full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
     if USE_DESC:  # PK, PV are 4-D TMA tensor descriptors, addressed by (int32) coordinates [n, h, key, 0]
         pk_base = PK
         pv_base = PV
@@ -117,9 +123,12 @@ def _prefix_part(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, end, 0, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION, n, h, USE_DESC)
-    for start_n in range(full_end, end, BLOCK_N):  # the partial last tile of the split, if any
+    for start_n in range(full_end, end, BLOCK_N):  # the partial last tile of the split (window: all), if any
         # (TMA zero-fills keys past P; keys past `end` but inside P are read and masked here)
-        visible = tl.broadcast_to((start_n + offs_n)[None, :] < end, (BLOCK_M, BLOCK_N))
+        cols = start_n + offs_n
+        visible = tl.broadcast_to(cols[None, :] < end, (BLOCK_M, BLOCK_N))
+        if PREFIX_WINDOW:
+            visible = visible & (cols[None, :] >= first_key[:, None])
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, end, visible, sm_scale, softcap, offs_n, offs_d,
@@ -271,6 +280,7 @@ def _decode_partials(
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_ORDER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DESC: tl.constexpr = False, INTERLEAVE: tl.constexpr = False,
     OWN_UNITS: tl.constexpr = False, PREFIX_PART: tl.constexpr = True, OWN_PART: tl.constexpr = True,
+    PREFIX_WINDOW: tl.constexpr = False,
 ):
     # PREFIX_PART / OWN_PART: which kinds of program this launch holds (DecodeConfig.own_launch launches each kind
     # alone); with one kind, is_prefix is a constant and the other kind's code is not compiled in.
@@ -296,9 +306,9 @@ def _decode_partials(
             stride_qb, stride_qh, stride_qs, stride_qd,
             stride_pkn, stride_pkh, stride_pks, stride_pkd,
             stride_pvn, stride_pvh, stride_pvs, stride_pvd,
-            HQ, HKV, S, P, R, P_NH, P_ROWS, P_RB, P_CHUNK, sm_scale, softcap,
+            HQ, HKV, S, L, P, R, P_NH, P_ROWS, P_RB, P_CHUNK, sm_scale, softcap, window,
             GROUP, HEAD_DIM, BLOCK_D, P_BLOCK_M, P_BLOCK_N, HAS_SOFTCAP, HAS_PREFIX_INDEX, HAS_PREFIX_LENS,
-            HAS_ORDER, DOT_PRECISION, USE_DESC)
+            HAS_ORDER, DOT_PRECISION, USE_DESC, PREFIX_WINDOW)
     elif OWN_UNITS:  # O_UNITS (sequence, KV head) pairs per own program (DecodeConfig.own_programs_per_sm)
         _own_part_units(
             local, Q, K, V, KPM, WOut, WLse,
@@ -429,8 +439,8 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
 
 
 def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
-                  prefix_index, prefix_lens, window, softcap, order=None, config=None, sms=None, plan=None,
-                  part="both"):
+                  prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, order=None, config=None,
+                  sms=None, plan=None, part="both"):
     """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check. `plan`:
     decode_plan's answer for these tensors, when the caller already has it. `part`: "both" kinds of program in
     one launch, or the "prefix" or the "own" programs alone (DecodeConfig.own_launch)."""
@@ -468,6 +478,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         HAS_ORDER=order is not None, DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc,
         INTERLEAVE=config.interleave, OWN_UNITS=o_units > 1, PREFIX_PART=part != "own", OWN_PART=part != "prefix",
+        PREFIX_WINDOW=window is not None and window_includes_prefix and part != "own",
         # A launch of both parts: the prefix tiling is the bigger one, it sets warps and pipelining.
         num_warps=config.own.num_warps if part == "own" else max(config.prefix.num_warps, config.own.num_warps),
         num_stages=config.own.num_stages if part == "own" else config.prefix.num_stages,
@@ -540,7 +551,8 @@ def merge_partials_launch(work_out, work_lse, out, lse, slots):
 
 @on_first_tensor_device
 def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask=None,
-                            prefix_index=None, prefix_lens=None, window=None, softcap=None, config=None, sms=None):
+                            prefix_index=None, prefix_lens=None, window=None, softcap=None,
+                            window_includes_prefix=False, config=None, sms=None):
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D)."""
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -565,7 +577,8 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
             parts = ("both",) if slots else ()
         return [(part, *decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal, scale=scale,
                                       key_padding_mask=key_padding_mask, prefix_index=prefix_index,
-                                      prefix_lens=prefix_lens, window=window, softcap=softcap, order=order,
+                                      prefix_lens=prefix_lens, window=window, softcap=softcap,
+                                      window_includes_prefix=window_includes_prefix, order=order,
                                       plan=plan, part=part))
                 for part in parts]
 
@@ -639,16 +652,17 @@ def merge_attention_states_triton(out_a, lse_a, out_b, lse_b):
 def prefix_attention_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
-    causal: bool, scale: float, window: Optional[int], softcap: Optional[float],
+    causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
-                                   prefix_lens=prefix_lens, window=window, softcap=softcap)
+                                   prefix_lens=prefix_lens, window=window, softcap=softcap,
+                                   window_includes_prefix=window_includes_prefix)
 
 
 @prefix_attention_decode_op.register_fake
 def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window,
-                 softcap):
+                 softcap, window_includes_prefix):
     batch, heads_q, seq_q, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
@@ -663,8 +677,5 @@ def triton_decode_attention(call):
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or type(call.q) is not torch.Tensor:
         return torch.ops.prefix_kernels.prefix_attention_decode(
             call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
-            call.prefix_lens, call.causal, call.scale, call.window, call.softcap)
-    return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, causal=call.causal,
-                                   scale=call.scale, key_padding_mask=call.key_padding_mask,
-                                   prefix_index=call.prefix_index, prefix_lens=call.prefix_lens,
-                                   window=call.window, softcap=call.softcap)
+            call.prefix_lens, call.causal, call.scale, call.window, call.softcap, call.window_includes_prefix)
+    return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, **call.options())

@@ -1,8 +1,9 @@
 """The decode and merge kernels' launchable configurations as compile-check cases (see compile_check.py).
 
 Every (block_d, dtype, config) of configs.decode_launch_space() is compiled with every feature on (all masked
-paths, several prefixes with the sort order); the main bf16 configs also with none (one shared prefix, plain
-causal decode: the serving case). The arguments come from the launcher's own decode_launch, so the
+paths, several prefixes with the sort order), and again with the window reaching into the prefix as well
+("prefix-window": every prefix tile masked, an edge of serving a sliding-window model, allowed a few spills); the
+main bf16 configs also with none (one shared prefix, plain causal decode: the serving case). The arguments come from the launcher's own decode_launch, so the
 specialization is the one a real launch gets.
 """
 from __future__ import annotations
@@ -29,9 +30,13 @@ def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
                          **options)
 
 
+EVERY_MASK = {**ALL_FEATURES, "prefix_window": False}  # ("all": the prefix's full tiles unmasked)
+
+
 def _variants(block_d, dtype):
-    """(label, features) compiled for a config: every feature on; for the main bf16 configs also none."""
-    variants = [("all", ALL_FEATURES)]
+    """(label, features) compiled for a config: every feature on, without and with the window in the prefix;
+    for the main bf16 configs also none."""
+    variants = [("all", EVERY_MASK), ("prefix-window", ALL_FEATURES)]
     if dtype == torch.bfloat16 and block_d in (64, 128):
         variants.append(("none", {**NO_FEATURES, "causal": True}))
     return variants
@@ -65,7 +70,7 @@ def decode_cases():
     for block_d, dtype, config in decode_launch_space():
         if dtype == torch.bfloat16 and block_d == 128 and config.own.block_m == 16 and not config.own_launch:
             config = replace(config, own_programs_per_sm=1)
-            for label, features in (("none", {**NO_FEATURES, "causal": True}), ("all", ALL_FEATURES)):
+            for label, features in (("none", {**NO_FEATURES, "causal": True}), ("all", EVERY_MASK)):
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, sms=1)
                 assert kwargs["OWN_UNITS"], "the plan did not take the pairs-per-program loop"
                 p, o = config.prefix, config.own
@@ -85,10 +90,11 @@ def decode_cases():
         config = replace(config, own_launch=True)
         dtype_name = str(dtype).removeprefix("torch.")
         for part, tiling in (("prefix", config.prefix), ("own", config.own)):
-            labels = [label for label, _ in _variants(block_d, dtype)] if chosen else \
-                ["none"] if part == "prefix" else ["none", "all"]
+            labels = [label for label, _ in _variants(block_d, dtype)
+                      if not (part == "own" and label == "prefix-window")] if chosen else \
+                ["none"] if part == "prefix" else ["none", "all"]  # (an own launch has no prefix window)
             for label in labels:
-                features = {**NO_FEATURES, "causal": True} if label == "none" else ALL_FEATURES
+                features = dict(_variants(block_d, dtype) + [("none", {**NO_FEATURES, "causal": True})])[label]
                 _, args, kwargs = _decode_case(block_d, dtype, config, features, part=part)
                 key = (block_d, dtype, part, tiling, kwargs["num_warps"], kwargs["num_stages"], label)
                 if key in seen:

@@ -2,7 +2,8 @@
 
 Each program owns BLOCK_M queries of one (sequence, query head). It streams the valid tiles of the prefix its
 sequence uses (read in place from the ONE prefix copy; GQA by indexing the KV head), then the sequence's own
-tiles, skipping tiles that causality or the window rule out. Only tiles that can contain an invisible key are
+tiles, skipping tiles that causality or the window rule out (with PREFIX_WINDOW the window reaches into the
+prefix too, whose key p then sits at position p - prefix_len). Only tiles that can contain an invisible key are
 masked. It writes the output and the log-sum-exp (natural log) the backward needs.
 """
 from __future__ import annotations
@@ -93,6 +94,28 @@ def _own_visible(cols, end, q_pos, b, KPM, stride_mb, stride_ml, window, BLOCK_M
 
 
 @triton.jit
+def _prefix_visible(cols, prefix_len, q_pos, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PREFIX_WINDOW: tl.constexpr):
+    """Which prefix keys `cols` each row at position q_pos sees: those below the prefix's length and, with
+    PREFIX_WINDOW (window_includes_prefix), inside the window, key p sitting at position p - prefix_len."""
+    visible = tl.broadcast_to(cols[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
+    if PREFIX_WINDOW:
+        visible = visible & ((q_pos[:, None] - (cols[None, :] - prefix_len)) < window)
+    return visible
+
+
+@triton.jit
+def _prefix_tiles(first_pos, prefix_len, window, BLOCK_N: tl.constexpr, PREFIX_WINDOW: tl.constexpr):
+    """(lo, full_end) of a query block's prefix walk from position first_pos: tiles [lo, full_end) need no mask,
+    [full_end, prefix_len) do. With PREFIX_WINDOW the tiles left of every row's window are skipped and the rest
+    masked."""
+    if PREFIX_WINDOW:
+        lo = (tl.maximum(first_pos + prefix_len - window + 1, 0) // BLOCK_N) * BLOCK_N
+        return lo, lo
+    return 0, (prefix_len // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q,
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -160,7 +183,7 @@ def _prefix_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
+    USE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False, PREFIX_WINDOW: tl.constexpr = False,
 ):
     pid_m = _query_block(HEAVY_FIRST)
     pid_bh = tl.program_id(1)
@@ -180,7 +203,9 @@ def _prefix_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # ---- the shared prefix: every key up to this sequence's prefix length is visible ----
+    first_pos = L - S + pid_m * BLOCK_M  # query i sits at position L - S + i (bottom-right aligned)
+
+    # ---- the shared prefix: every key up to this sequence's prefix length is visible (in the window) ----
     if HAS_PREFIX_INDEX:
         prefix_id = tl.load(PrefixIndex + b).to(tl.int64)
     else:
@@ -203,27 +228,27 @@ def _prefix_attention_fwd(
         desc_b = 0
         desc_h = 0
         desc_prefix = 0
-    prefix_full_end = (prefix_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, prefix_full_end, BLOCK_N):
+    prefix_lo, prefix_full_end = _prefix_tiles(first_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
+    for start_n in range(prefix_lo, prefix_full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION, desc_prefix, desc_h, USE_DESC)
-    for start_n in range(prefix_full_end, prefix_len, BLOCK_N):  # the partial last tile, if any
-        visible = tl.broadcast_to((start_n + offs_n)[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
+    for start_n in range(prefix_full_end, prefix_len, BLOCK_N):  # the partial last tile (window: all), if any
+        visible = _prefix_visible(start_n + offs_n, prefix_len, first_pos + tl.arange(0, BLOCK_M), window,
+                                  BLOCK_M, BLOCK_N, PREFIX_WINDOW)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION, desc_prefix, desc_h, USE_DESC)
 
-    # ---- the sequence's own keys: query i sits at position L - S + i (bottom-right aligned) ----
+    # ---- the sequence's own keys ----
     if USE_DESC:
         k_base = K
         v_base = V
     else:
         k_base = K + b * stride_kb + hkv * stride_kh
         v_base = V + b * stride_vb + hkv * stride_vh
-    first_pos = L - S + pid_m * BLOCK_M
     if CAUSAL:
         hi = tl.minimum(L, first_pos + BLOCK_M)  # keys past the block's last query are skipped
         # Tiles that end at or before the block's first query position need no causal mask.
@@ -271,7 +296,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def forward_launch(
     q, k, v, prefix_k, prefix_v, out, lse, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-    window, softcap, config=None,
+    window, softcap, window_includes_prefix=False, config=None,
 ):
     """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check.
 
@@ -300,6 +325,7 @@ def forward_launch(
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc, HEAVY_FIRST=config.heavy_first,
+        PREFIX_WINDOW=window is not None and window_includes_prefix,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs
@@ -323,7 +349,8 @@ def _tma_compatible(t: torch.Tensor) -> bool:
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
-    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap (and config, see above).
+    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap, window_includes_prefix
+    (and config, see above).
     Returns (out [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32).
     """
     batch, heads_q, seq_q, _ = q.shape

@@ -11,8 +11,9 @@ from .forward import _prefix_attention_fwd, forward_launch
 # Every block config is compiled with every feature switched on (all masked code paths); the fp16/bf16 configs
 # of 64+ rows also without any (the unmasked fast path of training/prefill); each single feature for the main
 # bf16 config (the combinations share the same code paths).
-ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True)
-NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False)
+# prefix_window: the window reaching into the prefix too (window_includes_prefix; implies a window).
+ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True, prefix_window=True)
+NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False, prefix_window=False)
 
 
 def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
@@ -30,7 +31,8 @@ def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
         key_padding_mask=torch.ones(batch, seq_k, dtype=torch.bool) if features["kpm"] else None,
         prefix_index=torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None,
         prefix_lens=torch.full((n_prefix,), prefix_len, dtype=torch.int64) if features["multi_prefix"] else None,
-        window=64 if features["window"] else None, softcap=30.0 if features["softcap"] else None,
+        window=64 if features["window"] or features["prefix_window"] else None,
+        softcap=30.0 if features["softcap"] else None, window_includes_prefix=features["prefix_window"],
     )
     return q, k, prefix_k, lse, options
 
