@@ -32,6 +32,44 @@ CONFIGS = {
                                           num_attention_heads=4, ffn_dim=256, word_embed_proj_dim=128,
                                           max_position_embeddings=64, pad_token_id=1),
 }
+# The later Llama-layout families, by config class name. Gemma 3 and Cohere 2 interleave sliding and full layers,
+# with a window the prefix and the tokens pass (the window reaching into the prefix: window_includes_prefix).
+MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+           shared_expert_intermediate_size=64)
+INTERLEAVED = dict(sliding_window=P + SEQ - 6, layer_types=["sliding_attention", "full_attention"])
+LATER_FAMILIES = {
+    "gemma3_text": ("Gemma3TextConfig", INTERLEAVED),
+    "cohere2": ("Cohere2Config", INTERLEAVED),
+    "exaone4": ("Exaone4Config", {}),
+    "ministral": ("MinistralConfig", {}),
+    "olmo3": ("Olmo3Config", {}),
+    "smollm3": ("SmolLM3Config", dict(pad_token_id=0)),
+    "starcoder2": ("Starcoder2Config", {}),
+    "mixtral": ("MixtralConfig", MOE),
+    "qwen2_moe": ("Qwen2MoeConfig", MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", MOE),
+    "phimoe": ("PhimoeConfig", MOE),
+    "apertus": ("ApertusConfig", {}),
+    "arcee": ("ArceeConfig", {}),
+    "cohere": ("CohereConfig", {}),
+    "glm": ("GlmConfig", dict(pad_token_id=0)),
+    "granite": ("GraniteConfig", {}),
+    "helium": ("HeliumConfig", dict(hidden_size=128)),
+    "olmo": ("OlmoConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "seed_oss": ("SeedOssConfig", {}),
+    "stablelm": ("StableLmConfig", dict(hidden_size=128)),
+}
+
+
+def _later_family_config(class_name, overrides):
+    config_class = getattr(transformers, class_name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
+    return config_class(**{**LLAMA_LIKE, **overrides})
+
+
+CONFIGS.update({family: (lambda spec=spec: _later_family_config(*spec)) for family, spec in LATER_FAMILIES.items()})
 # Relative to the largest magnitude of what is compared: the prefix gradients are ~1e-3, so an absolute 1e-4 let a
 # 10% error in d prefix_k pass (measured: kernel vs naive within 6e-7 of the largest value, fp32).
 TOL = 1e-5
@@ -131,7 +169,7 @@ def tiny_model_with_window(family, window):
 # (4: from own position 4 on, no query sees the prefix; the padded queries before it still see a prefix key each,
 # where the naive path's eager softmax over a row with no visible key would average every key instead of giving 0)
 @pytest.mark.parametrize("window", [P + SEQ - 6, 4], ids=["window-in-prefix", "window-past-prefix"])
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(family, window):
     """transformers puts the prefix at cache positions 0..P-1, inside a sliding window: once P + L passes it, the
     last queries no longer see the prefix's first keys (the patched model raised there before; fuzzing had found
@@ -141,7 +179,7 @@ def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(fami
     assert_patched_equals_naive(tiny_model_with_window(family, window))
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_peft_generate_slides_the_window_over_the_prefix(family):
     """Greedy generation with a window of 12 after P = 5, SEQ = 9 (one row left-padded by 3): the prompt's queries
     see part of the prefix, the first decode steps (the decode kernel) fewer of its keys, then none, and then the

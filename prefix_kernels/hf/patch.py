@@ -30,16 +30,41 @@ class Family:
 
 
 _LLAMA_LIKE = Family(layers="layers", attention="self_attn")
+_SLIDING = Family(layers="layers", attention="self_attn", window="sliding_window")
 FAMILIES = {
     "llama": _LLAMA_LIKE,
-    "mistral": Family(layers="layers", attention="self_attn", window="sliding_window"),
-    "qwen2": Family(layers="layers", attention="self_attn", window="sliding_window"),
-    "qwen3": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "mistral": _SLIDING,
+    "qwen2": _SLIDING,
+    "qwen3": _SLIDING,
     "gemma": _LLAMA_LIKE,
     "gemma2": Family(layers="layers", attention="self_attn", window="sliding_window",
                      softcap="attn_logit_softcapping"),
     "phi": _LLAMA_LIKE,
-    "phi3": Family(layers="layers", attention="self_attn", window="sliding_window"),
+    "phi3": _SLIDING,
+    # Later Llama-layout families (each tested against the naive path in tests/test_hf.py): the model's own
+    # arguments (scaling, sliding_window per layer type, softcap) reach the attention, so the table needs nothing
+    # more. Where a config has no sliding_window, the family's window attribute reads None.
+    "gemma3_text": _SLIDING,
+    "cohere2": _SLIDING,
+    "exaone4": _SLIDING,
+    "ministral": _SLIDING,
+    "olmo3": _SLIDING,
+    "smollm3": _SLIDING,
+    "starcoder2": _SLIDING,
+    "mixtral": _SLIDING,
+    "qwen2_moe": _SLIDING,
+    "qwen3_moe": _SLIDING,
+    "phimoe": _SLIDING,
+    "apertus": _LLAMA_LIKE,
+    "arcee": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "glm": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "helium": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "seed_oss": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
     "gpt2": Family(layers="h", attention="attn", gqa=None, heads="n_head"),
     "gpt_neox": Family(layers="layers", attention="attention", gqa=None),
     "opt": Family(layers="decoder.layers", attention="self_attn", positions="cumsum", embeds="decoder", gqa=None),
