@@ -26,6 +26,7 @@ from ..attention import prefix_attention
 NAME = "prefix_kernels"
 SOURCE_ATTR = "_prefix_kernels_source"
 BACKEND_ATTR = "_prefix_kernels_backend"
+WINDOW_ATTR = "_prefix_kernels_window"  # a layer's window where the model keeps it in its mask only (patch.py)
 
 
 def padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -111,11 +112,20 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     if prefix_index is not None:
         options["prefix_index"] = prefix_index
     window = kwargs.get("sliding_window")
+    if window is None:
+        window = module.__dict__.get(WINDOW_ATTR)
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    if window is not None and not causal:
+        # transformers' bidirectional sliding layers (EmbeddingGemma) see |i - j| < window; the kernels' window is
+        # one-sided (i - j < window), so a non-causal call would see the far future keys.
+        raise ValueError(f"a bidirectional sliding-window layer (window {int(window)}, not causal: e.g. "
+                         "use_bidirectional_attention) is not supported by the prefix_kernels attention: its window "
+                         "is two-sided, the kernels' one-sided")
     includes_prefix = _window_includes_prefix(source, prefix_k.shape[-2], length, window)
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
-        causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        causal=causal,
         scale=scaling,
         key_padding_mask=_padding_mask(attention_mask, batch, length),
         window=int(window) if window is not None else None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import BACKEND_ATTR, SOURCE_ATTR
+from .attention import BACKEND_ATTR, SOURCE_ATTR, WINDOW_ATTR
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class Family:
     heads: str = "num_attention_heads"            # config attribute with the query head count
     window: str | None = None   # config attribute of the sliding window (passed by the model as `sliding_window`)
     softcap: str | None = None  # config attribute of the score softcap (passed by the model as `softcap`)
+    # Where a family whose attention does not pass `sliding_window` (its window lives in its mask only, which the
+    # patch replaces) keeps a layer's window: "module" (the attention module's sliding_window, set on sliding layers
+    # only) or "config" (config.sliding_window, every layer).
+    window_in_mask: str | None = None
 
 
 _LLAMA_LIKE = Family(layers="layers", attention="self_attn")
@@ -52,9 +56,9 @@ FAMILIES = {
     "smollm3": _SLIDING,
     "starcoder2": _SLIDING,
     "mixtral": _SLIDING,
-    "qwen2_moe": _SLIDING,
+    "qwen2_moe": Family(layers="layers", attention="self_attn", window="sliding_window", window_in_mask="module"),
     "qwen3_moe": _SLIDING,
-    "phimoe": _SLIDING,
+    "phimoe": Family(layers="layers", attention="self_attn", window="sliding_window", window_in_mask="config"),
     "apertus": _LLAMA_LIKE,
     "arcee": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,
@@ -235,6 +239,9 @@ def patch(model, prefix=None, *, backend="auto", _shift_given_positions=True):
         # Through __dict__: a prefix that is an nn.Module must not become a submodule of every attention layer.
         module.__dict__[SOURCE_ATTR] = prefix
         module.__dict__[BACKEND_ATTR] = backend
+        if family.window_in_mask:
+            holder = module if family.window_in_mask == "module" else model.config
+            module.__dict__[WINDOW_ATTR] = getattr(holder, "sliding_window", None)
     embeds = _get(model.base_model, family.embeds)
     signature = inspect.signature(embeds.forward)
     hook = embeds.register_forward_pre_hook(
@@ -254,7 +261,7 @@ def unpatch(model):
         raise ValueError("this model is not patched by prefix_kernels")
     state.hook.remove()
     for module in attention_modules(target):
-        module.__dict__.pop(SOURCE_ATTR, None)
-        module.__dict__.pop(BACKEND_ATTR, None)
+        for attr in (SOURCE_ATTR, BACKEND_ATTR, WINDOW_ATTR):
+            module.__dict__.pop(attr, None)
     target.set_attn_implementation(state.previous_implementation)
     return model

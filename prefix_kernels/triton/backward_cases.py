@@ -1,7 +1,7 @@
 """The backward kernels' launchable configurations as compile-check cases (see compile_check.py).
 
 Every (block_d, dtype, kernel, config) of configs.backward_launch_space() is compiled with all features switched on
-and with none; the single-feature variants (and the d prefix kernel's fp32-partials variant) for the main
+(without and with the window reaching into the prefix) and with none; the single-feature variants (and the d prefix kernel's fp32-partials variant) for the main
 fp16/bf16 configurations. The arguments come from the launcher's own *_launch functions, so the specialization
 is the one a real launch gets.
 """
@@ -15,7 +15,7 @@ from .backward import (_bwd_preprocess, _prefix_attention_bwd_dkdv, _prefix_atte
                        _prefix_attention_bwd_dq, dkdv_launch, dprefix_launch, dq_launch, preprocess_launch)
 from .configs import (BLOCK_D_CHOICES, FLOAT_DTYPES, FUSED_DQ_CANDIDATES, BackwardConfig, backward_config,
                       backward_launch_space)
-from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
+from .forward_cases import ALL_FEATURES, EVERY_MASK, NO_FEATURES, case_tensors
 
 # A query length that makes backward_config return a given dq / dkdv block_m (short-query variants).
 _SEQ_FOR = (1, 17, 33, 4096)
@@ -56,7 +56,8 @@ def backward_cases():
     for block_d, dtype, kernel, config in backward_launch_space():
         seq_q = _seq_q_for(block_d, dtype, kernel, config)
         main = block_d in (64, 128) and dtype != torch.float32 and seq_q == 4096
-        variants = [("all", ALL_FEATURES, False), ("none", NO_FEATURES, False)]
+        variants = [("all", EVERY_MASK, False), ("prefix-window", ALL_FEATURES, False),
+                    ("none", NO_FEATURES, False)]
         if main:
             variants += [(name, {**NO_FEATURES, name: True}, False) for name in ALL_FEATURES]
         if kernel == "dprefix":
@@ -87,8 +88,7 @@ def backward_cases():
             default = backward_config(block_d, dtype, 4096)
             candidates = FUSED_DQ_CANDIDATES if block_d == 128 else ()  # the sweep's shapes are head dim 128
             for config in dict.fromkeys([default.dkdv, *candidates]):
-                variants = [("none", NO_FEATURES)] + [("all", {**ALL_FEATURES, "prefix_window": False})] * (
-                    config == default.dkdv)
+                variants = [("none", NO_FEATURES)] + [("all", EVERY_MASK)] * (config == default.dkdv)
                 for kernel in ("dkdv", "dprefix"):
                     for label, features in variants:
                         tiles = BackwardConfig(dq=default.dq, dkdv=config, dprefix=config)

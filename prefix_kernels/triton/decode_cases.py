@@ -16,7 +16,7 @@ from .configs import BLOCK_D_CHOICES, FLOAT_DTYPES, HOPPER_DECODE_PREFIX_CANDIDA
     decode_launch_space
 from .decode import _decode_partials, _merge_partials, _merge_two, decode_launch, merge_partials_launch, \
     merge_two_launch
-from .forward_cases import ALL_FEATURES, NO_FEATURES, case_tensors
+from .forward_cases import ALL_FEATURES, EVERY_MASK, NO_FEATURES, case_tensors
 
 
 def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
@@ -28,9 +28,6 @@ def _decode_case(block_d, dtype, config, features, sms=132, part="both"):
     options["order"] = torch.zeros(batch, dtype=torch.int64) if features["multi_prefix"] else None
     return decode_launch(q, k, k, prefix_k, prefix_k, work_out, work_lse, config=config, sms=sms, part=part,
                          **options)
-
-
-EVERY_MASK = {**ALL_FEATURES, "prefix_window": False}  # ("all": the prefix's full tiles unmasked)
 
 
 def _variants(block_d, dtype):

@@ -8,12 +8,16 @@ import torch
 from .configs import forward_launch_space
 from .forward import _prefix_attention_fwd, forward_launch
 
-# Every block config is compiled with every feature switched on (all masked code paths); the fp16/bf16 configs
+# Every block config is compiled with every feature switched on (all masked code paths, without and with the window
+# reaching into the prefix); the fp16/bf16 configs
 # of 64+ rows also without any (the unmasked fast path of training/prefill); each single feature for the main
 # bf16 config (the combinations share the same code paths).
 # prefix_window: the window reaching into the prefix too (window_includes_prefix; implies a window).
 ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True, prefix_window=True)
 NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False, prefix_window=False)
+# Every feature with the window over the sequence keys only (the prefix's full tiles unmasked), compiled as "all";
+# ALL_FEATURES, the window reaching into the prefix too (every prefix tile masked), as "prefix-window".
+EVERY_MASK = {**ALL_FEATURES, "prefix_window": False}
 
 
 def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
@@ -46,7 +50,7 @@ def forward_cases():
     seq_for_block_m = {16: 1, 32: 17, 64: 33}
     for block_d, dtype, config in forward_launch_space():
         seq_q = seq_for_block_m.get(config.block_m, 4096)
-        variants = [("all", ALL_FEATURES)]
+        variants = [("all", EVERY_MASK), ("prefix-window", ALL_FEATURES)]
         if dtype != torch.float32 and config.block_m >= 64:
             variants.append(("none", NO_FEATURES))
         if block_d == 128 and dtype == torch.bfloat16 and config.block_m == 128:
