@@ -37,7 +37,8 @@ def prefix_attention_fwd_cuda(
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
 ) -> tuple[Tensor, Tensor]:
     """The CUDA forward (csrc/) under the same signature and autograd: its out/lse feed the Triton backward.
-    window and softcap are always None here (and window_includes_prefix False) (prefix_kernels.cuda.unavailable_reason routes them away)."""
+    window and softcap are always None here, window_includes_prefix False (prefix_kernels.cuda.unavailable_reason
+    routes windows and softcaps away)."""
     from .cuda import kernels
 
     return kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale)

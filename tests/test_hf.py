@@ -197,8 +197,9 @@ def test_a_bidirectional_sliding_window_is_refused():
 def test_peft_generate_slides_the_window_over_the_prefix(family):
     """Greedy generation with a window of 12 after P = 5, SEQ = 9 (one row left-padded by 3): the prompt's queries
     see part of the prefix, the first decode steps (the decode kernel) fewer of its keys, then none, and then the
-    sliding-window cache drops own keys (the patched attention drops the prefix for such a call). Token-identical
-    to stock PEFT's full forwards, the prefix in transformers' own cache and masks."""
+    sliding-window cache drops own keys (its first query then sits window - 1 into the keys it hands over: the prefix
+    stays out of reach). Token-identical to stock PEFT's full forwards, the prefix in transformers' own cache and
+    masks."""
     model = tiny_model_with_window(family, P + SEQ - 2)
     peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     randomize_prefix(peft_model)
