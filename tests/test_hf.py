@@ -76,9 +76,11 @@ CONFIGS.update({family: (lambda spec=spec: _later_family_config(*spec)) for fami
 TOL = 1e-5
 
 
-def tiny_model(family):
+def tiny_model(family, **config_overrides):
     config = CONFIGS[family]()
     config._attn_implementation = "eager"
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
@@ -161,12 +163,6 @@ def test_mixed_precision_training_under_autocast(family):
         assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() <= 5e-2
 
 
-def tiny_model_with_window(family, window):
-    config = CONFIGS[family]()
-    config.sliding_window = window
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-
-
 # (4: from own position 4 on, no query sees the prefix; the padded queries before it still see a prefix key each,
 # where the naive path's eager softmax over a row with no visible key would average every key instead of giving 0)
 @pytest.mark.parametrize("window", [P + SEQ - 6, 4], ids=["window-in-prefix", "window-past-prefix"])
@@ -177,16 +173,14 @@ def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(fami
     its logits 0.6 off at a window of 3 when it kept them all visible). The patched attention passes
     window_includes_prefix: logits, loss and prefix gradients equal the naive path's, with a window that leaves
     the queries part of the prefix and one that leaves most queries none of it."""
-    assert_patched_equals_naive(tiny_model_with_window(family, window))
+    assert_patched_equals_naive(tiny_model(family, sliding_window=window))
 
 
 def test_a_bidirectional_sliding_window_is_refused():
     """transformers' bidirectional sliding layers (Gemma 3 with use_bidirectional_attention: EmbeddingGemma) see
     keys within the window on both sides; the kernels' window is one-sided, so the far future keys would stay visible
     (a helper's review found logits 0.04 off). A clear error instead."""
-    config = CONFIGS["gemma3_text"]()
-    config.use_bidirectional_attention = True
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = tiny_model("gemma3_text", use_bidirectional_attention=True)
     prefix_kernels.patch(model, prefix_kernels.PrefixTuning(model, num_virtual_tokens=P))
     ids, mask = batch_inputs()
     with pytest.raises(ValueError, match="bidirectional sliding-window layer"):
@@ -200,7 +194,7 @@ def test_peft_generate_slides_the_window_over_the_prefix(family):
     sliding-window cache drops own keys (its first query then sits window - 1 into the keys it hands over: the prefix
     stays out of reach). Token-identical to stock PEFT's full forwards, the prefix in transformers' own cache and
     masks."""
-    model = tiny_model_with_window(family, P + SEQ - 2)
+    model = tiny_model(family, sliding_window=P + SEQ - 2)
     peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     randomize_prefix(peft_model)
     ids, mask = batch_inputs()

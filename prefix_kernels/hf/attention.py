@@ -65,32 +65,18 @@ def _padding_mask(attention_mask, batch, length):
     return attention_mask[:, -length:].to(torch.bool)
 
 
-def check_prefix_within_window(prefix_len, own_len, window):
-    """A serving cache's prompt sits before its rows' left padding, where the stock model would put the padding
-    before the prompt: once P + L passes a sliding window, the two would hide different prompt keys. A ValueError
-    there (the prefix caches; a learned prefix through patch() follows transformers' layout instead, see
-    _window_includes_prefix)."""
-    if window is not None and prefix_len + own_len > window:
-        raise ValueError(f"the prefix ({prefix_len} tokens) and the layer's own keys ({own_len}) exceed the model's "
-                         f"sliding window ({int(window)}): a serving cache takes a prompt only within the window")
-
-
-def _window_includes_prefix(source, prefix_len, own_len, window) -> bool:
+def _window_includes_prefix(source, prefix_len, window) -> bool:
     """Whether a sliding-window layer's window reaches into the prefix (the kernels' window_includes_prefix).
 
     transformers (the naive path, PEFT) puts a learned prefix at cache positions 0..P-1, before the tokens' and
     inside the window's reach, so a patched model's prefix slides out of the window as the kernels' option places
     it. A sliding-window cache layer keeps the last window - 1 tokens only: once it dropped any, the call's first
     query sits at index window - 1 of the keys it hands over, and the prefix is out of every query's reach there as
-    well. A serving cache keeps its own rule (check_prefix_within_window)."""
+    well. A serving cache (a Cache that is the source: patch.py's serves_prefix) keeps its prompt within the window
+    itself (hf/cache.py refuses more before any attention), so for it the option changes nothing."""
     from transformers import Cache
 
-    if window is None or not prefix_len:
-        return False
-    if isinstance(source, Cache):  # a serving cache passed to the forward (patch.py's serves_prefix)
-        check_prefix_within_window(prefix_len, own_len, window)
-        return False
-    return True
+    return window is not None and prefix_len > 0 and not isinstance(source, Cache)
 
 
 def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -121,7 +107,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
         raise ValueError(f"a bidirectional sliding-window layer (window {int(window)}, not causal: e.g. "
                          "use_bidirectional_attention) is not supported by the prefix_kernels attention: its window "
                          "is two-sided, the kernels' one-sided")
-    includes_prefix = _window_includes_prefix(source, prefix_k.shape[-2], length, window)
+    includes_prefix = _window_includes_prefix(source, prefix_k.shape[-2], window)
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,

@@ -29,7 +29,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
-from .attention import check_prefix_within_window
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
@@ -123,7 +122,13 @@ class _SharedPrefix:
         return self.prefix_k[layer_idx], self.prefix_v[layer_idx]
 
     def _check_window(self, own_length):
-        check_prefix_within_window(self.prefix_length, own_length, self.window)
+        """The prompt sits before the rows' left padding, where the stock model would put the padding before the
+        prompt: once P + L passes a sliding window, the two would hide different prompt keys. Refused there (a
+        learned prefix through patch() follows transformers' layout instead: hf/attention.py)."""
+        if self.window is not None and self.prefix_length + own_length > self.window:
+            raise ValueError(f"the prefix ({self.prefix_length} tokens) and the layer's own keys ({own_length}) "
+                             f"exceed the model's sliding window ({int(self.window)}): a serving cache takes a "
+                             "prompt only within the window")
 
     # ---- constructors ----
     @classmethod
