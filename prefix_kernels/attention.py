@@ -14,6 +14,7 @@ from .validation import validate
 def prefix_attention(
     q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
     prefix_lens=None, window=None, softcap=None, return_lse=False, backend="auto", window_includes_prefix=False,
+    left_padding=None,
 ):
     """Attention of q over [one shared prefix KV ; each sequence's own KV], without building the concat.
 
@@ -21,8 +22,10 @@ def prefix_attention(
     with prefix_index [B]. Query i sits at sequence position L - S + i; prefix keys are always visible up to
     prefix_lens (with a window and window_includes_prefix=True, prefix key p of a prefix of valid length P_n sits at
     position p - P_n and leaves the window like a sequence key: transformers' layout of a PEFT prefix in a
-    sliding-window model). Returns out [B, Hq, S, D] in q's dtype, and lse [B, Hq, S] float32 if return_lse. Under
-    torch.autocast the floating inputs are first cast to the autocast dtype (as SDPA takes them), so out is in that.
+    sliding-window model; left_padding [B] int moves row b's prefix past its first left_padding[b] own keys, the
+    left padding of a batch of prompt + tokens, which stands before the prompt). Returns out [B, Hq, S, D] in q's
+    dtype, and lse [B, Hq, S] float32 if return_lse. Under torch.autocast the floating inputs are first cast to the
+    autocast dtype (as SDPA takes them), so out is in that.
     See ../shared/API.md for every argument.
     """
     inside = contextlib.nullcontext()
@@ -38,14 +41,15 @@ def prefix_attention(
         inside = torch.autocast(device_type, enabled=False)
     with inside:
         return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
-                                 prefix_lens, window, softcap, return_lse, backend, window_includes_prefix)
+                                 prefix_lens, window, softcap, return_lse, backend, window_includes_prefix,
+                                 left_padding)
 
 
 def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-                      window, softcap, return_lse, backend, window_includes_prefix):
+                      window, softcap, return_lse, backend, window_includes_prefix, left_padding):
     call = validate(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                     prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
-                    backend=backend, window_includes_prefix=window_includes_prefix)
+                    backend=backend, window_includes_prefix=window_includes_prefix, left_padding=left_padding)
     chosen = choose_backend(backend, call)
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,

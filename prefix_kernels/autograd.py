@@ -21,13 +21,14 @@ def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
+    left_padding: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     from .triton.forward import prefix_attention_forward
 
     return prefix_attention_forward(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
                                     key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                     prefix_lens=prefix_lens, window=window, softcap=softcap,
-                                    window_includes_prefix=window_includes_prefix)
+                                    window_includes_prefix=window_includes_prefix, left_padding=left_padding)
 
 
 @torch.library.custom_op("prefix_kernels::prefix_attention_fwd_cuda", mutates_args=())
@@ -35,10 +36,11 @@ def prefix_attention_fwd_cuda(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
+    left_padding: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """The CUDA forward (csrc/) under the same signature and autograd: its out/lse feed the Triton backward.
-    window and softcap are always None here, window_includes_prefix False (prefix_kernels.cuda.unavailable_reason
-    routes windows and softcaps away)."""
+    window, softcap and left_padding are always None here, window_includes_prefix False
+    (prefix_kernels.cuda.unavailable_reason routes windows and softcaps away)."""
     from .cuda import kernels
 
     return kernels().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale)
@@ -54,7 +56,7 @@ def empty_out_and_lse(q):
 @prefix_attention_fwd.register_fake
 @prefix_attention_fwd_cuda.register_fake
 def _prefix_attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal,
-                               scale, window, softcap, window_includes_prefix):
+                               scale, window, softcap, window_includes_prefix, left_padding):
     return empty_out_and_lse(q)
 
 
@@ -64,7 +66,7 @@ def prefix_attention_bwd(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor],
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
-    needs: list[bool],
+    left_padding: Optional[Tensor], needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v); a gradient not in `needs` comes back as an empty tensor."""
     from .triton.backward import prefix_attention_backward
@@ -72,32 +74,35 @@ def prefix_attention_bwd(
     grads = prefix_attention_backward(q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, needs=tuple(needs),
                                       causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                       prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-                                      softcap=softcap, window_includes_prefix=window_includes_prefix)
+                                      softcap=softcap, window_includes_prefix=window_includes_prefix,
+                                      left_padding=left_padding)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @prefix_attention_bwd.register_fake
 def _prefix_attention_bwd_fake(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask,
                                prefix_index, prefix_lens, causal, scale, window, softcap, window_includes_prefix,
-                               needs):
+                               left_padding, needs):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else q.new_empty(0)
                  for need, t in zip(needs, (q, k, v, prefix_k, prefix_v)))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window, softcap,
-     window_includes_prefix) = inputs
+     window_includes_prefix, left_padding) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens,
+                          left_padding)
     ctx.options = dict(causal=causal, scale=scale, window=window, softcap=softcap,
                        window_includes_prefix=window_includes_prefix)
     ctx.set_materialize_grads(False)  # an unused lse (the usual case) must not cost a zero-filled gradient
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens, left_padding = \
+        ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
-    no_grads = (None,) * 13
+    no_grads = (None,) * 14
     if not any(needs) or (grad_out is None and grad_lse is None):
         return no_grads
     if grad_out is None:  # only the LSE was used
@@ -105,7 +110,7 @@ def _backward(ctx, grad_out, grad_lse):
     o = ctx.options
     grads = torch.ops.prefix_kernels.prefix_attention_bwd(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, prefix_lens,
-        o["causal"], o["scale"], o["window"], o["softcap"], o["window_includes_prefix"], needs)
+        o["causal"], o["scale"], o["window"], o["softcap"], o["window_includes_prefix"], left_padding, needs)
     return tuple(g if need else None for need, g in zip(needs, grads)) + no_grads[5:]
 
 
@@ -131,7 +136,7 @@ def differentiable(forward_op, call):
     """(out, lse) of a validated call (validation.PrefixAttentionCall) through one of the forward ops above."""
     return forward_op(call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask,
                       call.prefix_index, call.prefix_lens, call.causal, call.scale, call.window, call.softcap,
-                      call.window_includes_prefix)
+                      call.window_includes_prefix, call.left_padding)
 
 
 def triton_prefix_attention(call):

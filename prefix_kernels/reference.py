@@ -3,7 +3,8 @@
 This is the oracle every kernel is tested against, the "naive concat" baseline in benchmarks, and the CPU path.
 It follows ../shared/API.md exactly; `mask_for` is the one place where visibility is written down, so the
 semantics (bottom-right causal, window over sequence keys, prefix visible up to its length, and with
-window_includes_prefix the window sliding over the prefix too) live here and nowhere else in Python.
+window_includes_prefix the window sliding over the prefix too, measured past each row's left_padding) live here
+and nowhere else in Python.
 """
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ def visibility_mask(
     prefix_lens: torch.Tensor | None,
     window: int | None,
     window_includes_prefix: bool = False,
+    left_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, 1, S, P + L] bool: True where query i of sequence b may attend to key column c.
 
     Columns 0..P-1 are prefix keys, P..P+L-1 the sequence's own keys. With window_includes_prefix, prefix key p of a
     prefix of valid length P_b sits at position p - P_b, just before the sequence's key 0 (where transformers puts
-    a PEFT prefix: its cache positions 0..P-1 come before the tokens'), inside the window's reach.
+    a PEFT prefix: its cache positions 0..P-1 come before the tokens'), inside the window's reach. left_padding
+    ([B], only then) moves row b's prefix just before its own key left_padding[b]: key p sits at position
+    p - P_b + left_padding[b], as in a left-padded batch of prompt + tokens, where the padding comes first.
     """
     # Prefix part: key p is visible iff p < the length of the prefix this sequence uses.
     p_pos = torch.arange(prefix_len, device=device)
@@ -45,6 +49,8 @@ def visibility_mask(
     q_pos = torch.arange(seq_q, device=device) + (seq_k - seq_q)
     if window is not None and window_includes_prefix:
         key_pos = p_pos[None, :] - valid_len[:, None]  # [B, P]
+        if left_padding is not None:
+            key_pos = key_pos + left_padding.to(device=device, dtype=torch.long)[:, None]
         prefix_visible = prefix_visible & ((q_pos[None, :, None] - key_pos[:, None, :]) < window)
     k_pos = torch.arange(seq_k, device=device)
     own_visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
@@ -75,6 +81,7 @@ def prefix_attention_reference(
     return_lse: bool = False,
     upcast: bool = True,
     window_includes_prefix: bool = False,
+    left_padding: torch.Tensor | None = None,
 ):
     """Naive materialized-concat attention with the contract's semantics (see module docstring).
 
@@ -106,7 +113,7 @@ def prefix_attention_reference(
     visible = visibility_mask(
         batch, seq_q, seq_k, prefix_len, device=q.device, causal=causal, key_padding_mask=key_padding_mask,
         prefix_index=prefix_index, prefix_lens=prefix_lens, window=window,
-        window_includes_prefix=window_includes_prefix,
+        window_includes_prefix=window_includes_prefix, left_padding=left_padding,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing

@@ -52,12 +52,14 @@ class PrefixAttentionCall:
     window: int | None
     softcap: float | None
     window_includes_prefix: bool = False  # always False without a window
+    left_padding: torch.Tensor | None = None  # only with window_includes_prefix
 
     def options(self) -> dict:
         """The keyword arguments every backend takes besides the five tensors."""
         return dict(causal=self.causal, scale=self.scale, key_padding_mask=self.key_padding_mask,
                     prefix_index=self.prefix_index, prefix_lens=self.prefix_lens, window=self.window,
-                    softcap=self.softcap, window_includes_prefix=self.window_includes_prefix)
+                    softcap=self.softcap, window_includes_prefix=self.window_includes_prefix,
+                    left_padding=self.left_padding)
 
     @property
     def needs_grad(self) -> bool:
@@ -108,7 +110,7 @@ def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upp
 
 
 def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-             window, softcap, backend, window_includes_prefix=False) -> PrefixAttentionCall:
+             window, softcap, backend, window_includes_prefix=False, left_padding=None) -> PrefixAttentionCall:
     for name, value in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require_tensor(name, value)
     if backend not in BACKENDS:
@@ -172,6 +174,13 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if not isinstance(window_includes_prefix, bool):
         raise TypeError(f"window_includes_prefix must be a bool, got {type(window_includes_prefix).__name__}")
+    if left_padding is not None:
+        if not window_includes_prefix:
+            raise ValueError("left_padding says where the window measures the prefix from: it needs "
+                             "window_includes_prefix=True")
+        _check_index_tensor("left_padding", left_padding, batch, "[B]", q.device, seq_k,
+                            f"the sequences' own key length L = {seq_k}")
+        left_padding = left_padding.contiguous() if window is not None else None
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _is_kernel_scale(scale):
@@ -184,4 +193,4 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
                          f"normal float32s (scale = {scale:g}), got {softcap!r}")
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
                                prefix_index, prefix_lens, window, None if softcap is None else float(softcap),
-                               window_includes_prefix and window is not None)
+                               window_includes_prefix and window is not None, left_padding)

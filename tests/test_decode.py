@@ -34,6 +34,9 @@ CASES = [
     # two prefixes of different lengths, padding, several splits of the prefix.
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=13, prefix_len=201, head_dim=64, num_prefixes=2,
          prefix_lens=(201, 150), padding="left", window=150, window_includes_prefix=True),
+    # ... measured past each row's left padding (3, 10, 4, 11, 5 keys): rows of one block start at other keys.
+    Case(batch=5, heads_q=6, heads_kv=2, seq_q=4, seq_k=13, prefix_len=201, head_dim=64, num_prefixes=2,
+         prefix_lens=(201, 150), padding="left", window=150, window_includes_prefix=True, left_padding=True),
     Case(batch=5, heads_q=6, heads_kv=2, seq_q=1, seq_k=151, prefix_len=201, head_dim=64),     # several splits
 ]
 
@@ -50,7 +53,8 @@ def _validated(tensors, options):
     return validate(*tensors, scale=options.get("scale"), backend="triton", causal=options["causal"],
                     key_padding_mask=options["key_padding_mask"], prefix_index=options.get("prefix_index"),
                     prefix_lens=options.get("prefix_lens"), window=options["window"], softcap=options["softcap"],
-                    window_includes_prefix=options.get("window_includes_prefix", False))
+                    window_includes_prefix=options.get("window_includes_prefix", False),
+                    left_padding=options.get("left_padding"))
 
 
 def _decode_with(call, config, sms=None):
@@ -75,6 +79,24 @@ def test_decode_matches_reference_and_prefill(case, dtype):
                                                         **call.options())
     assert max_error(out, prefill_out) <= 2 * reference_error + 1e-5
     assert max_error(lse, prefill_lse) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_prefix_window_past_padding_reads_from_the_earliest_row_of_a_block(dtype):
+    """With left_padding the rows of one row block start at prefix keys tiles apart (padding 0, 70 and 140 keys:
+    first keys 250, 180, 110): the block reads from the earliest. (CASES pad rows a few keys apart, in one tile.)"""
+    batch, heads, seq_k, prefix_len, head_dim = 3, 2, 150, 300, 64
+    q = torch.randn(batch, heads, 1, head_dim, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(batch, heads, seq_k, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(heads, prefix_len, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    pads = torch.tensor([0, 70, 140], device=DEVICE)
+    options = dict(causal=True, key_padding_mask=torch.arange(seq_k, device=DEVICE) >= pads[:, None], window=200,
+                   softcap=None, window_includes_prefix=True, left_padding=pads)
+    tensors = [q, k, v, prefix_k, prefix_v]
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
+    call = _validated(tensors, options)
+    out, lse = _decode_with(call, None)
+    assert_attention_matches_truth(out, lse, q, truth_out, truth_lse, reference_error, dtype)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

@@ -47,6 +47,12 @@ CASES = [
          window_includes_prefix=True, softcap=2.0),
     Case(batch=2, heads_q=6, heads_kv=2, seq_q=17, seq_k=40, prefix_len=11, head_dim=64, window=5,
          window_includes_prefix=True),
+    # ... measured past each row's left padding (left_padding: the serving cache's prompt, which the stock layout
+    # puts after the padding): rows padded by 3, 10 and 17 keys, two prefix lengths; across several tiles.
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=29, prefix_len=37, head_dim=64, num_prefixes=2,
+         prefix_lens=(37, 9), padding="left", window=33, window_includes_prefix=True, left_padding=True),
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, padding="left",
+         window=150, window_includes_prefix=True, left_padding=True),
 ]
 
 BACKENDS = ["triton", "cuda"]

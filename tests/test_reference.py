@@ -10,9 +10,11 @@ from prefix_kernels.reference import prefix_attention_reference
 
 
 def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, prefix_index=None,
-               prefix_lens=None, window=None, softcap=None, scale=None, window_includes_prefix=False):
+               prefix_lens=None, window=None, softcap=None, scale=None, window_includes_prefix=False,
+               left_padding=None):
     """Each query row's visible key list spelled out from API.md, in float64 Python loops. With
-    window_includes_prefix, prefix key p sits at position p - (its prefix's length), just before own key 0."""
+    window_includes_prefix, prefix key p sits at position p - (its prefix's length), just before own key 0; with
+    left_padding too, the distances are those of the stock layout [padding, prefix, tokens]."""
     q, k, v = q.double(), k.double(), v.double()
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -31,7 +33,12 @@ def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, pr
                 position = L - S + i
                 keys, values = [], []
                 for p in range(valid_prefix):
-                    if window is not None and window_includes_prefix and position - (p - valid_prefix) >= window:
+                    if left_padding is not None:  # columns of [left_padding[b] pads, the prefix, the tokens]
+                        pad = int(left_padding[b])
+                        query_column, key_column = pad + valid_prefix + (position - pad), pad + p
+                    else:
+                        query_column, key_column = valid_prefix + position, p
+                    if window is not None and window_includes_prefix and query_column - key_column >= window:
                         continue
                     keys.append(prefix_k[n, g, p]); values.append(prefix_v[n, g, p])
                 for j in range(L):
@@ -65,6 +72,8 @@ REFERENCE_CASES = [
          prefix_lens=(5, 2), padding="left", window=8, window_includes_prefix=True),  # the window in the prefix
     Case(batch=1, heads_q=2, heads_kv=1, seq_q=6, seq_k=4, prefix_len=3, head_dim=16, causal=False, window=2,
          window_includes_prefix=True),
+    Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=8, prefix_len=5, head_dim=16, num_prefixes=2,
+         prefix_lens=(5, 2), padding="left", window=6, window_includes_prefix=True, left_padding=True),  # past pads
 ]
 
 

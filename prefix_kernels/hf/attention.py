@@ -65,18 +65,28 @@ def _padding_mask(attention_mask, batch, length):
     return attention_mask[:, -length:].to(torch.bool)
 
 
-def _window_includes_prefix(source, prefix_len, window) -> bool:
-    """Whether a sliding-window layer's window reaches into the prefix (the kernels' window_includes_prefix).
+def _prefix_window(source, prefix_len, length, window, key_padding_mask) -> dict:
+    """The kernels' options for a sliding-window layer whose window reaches into the prefix: {} when every prefix
+    key is within every query's reach (P + L <= window), else window_includes_prefix and, for a serving cache, each
+    row's left padding.
 
     transformers (the naive path, PEFT) puts a learned prefix at cache positions 0..P-1, before the tokens' and
-    inside the window's reach, so a patched model's prefix slides out of the window as the kernels' option places
-    it. A sliding-window cache layer keeps the last window - 1 tokens only: once it dropped any, the call's first
-    query sits at index window - 1 of the keys it hands over, and the prefix is out of every query's reach there as
-    well. A serving cache (a Cache that is the source: patch.py's serves_prefix) keeps its prompt within the window
-    itself (hf/cache.py refuses more before any attention), so for it the option changes nothing."""
+    their left padding, inside the window's reach: the kernels' option places it so. A sliding-window cache layer
+    keeps the last window - 1 tokens only: once it dropped any, the call's first query sits at index window - 1 of
+    the keys it hands over, and the prefix is out of every query's reach there as well.
+    A serving cache (a Cache that is the source: patch.py's serves_prefix) stands for the stock model run on
+    [left padding, prompt, suffix] per row, where the padding comes before the prompt: its left padding (the own
+    keys before each row's first real one) is passed so that the window measures from there, and a row's tokens do
+    not depend on how much the batch padded it. Its layers keep every own key (no sliding layers), so the leading
+    padding of the mask is the row's."""
     from transformers import Cache
 
-    return window is not None and prefix_len > 0 and not isinstance(source, Cache)
+    if window is None or prefix_len == 0 or prefix_len + length <= window:
+        return {}
+    options = {"window_includes_prefix": True}
+    if isinstance(source, Cache) and key_padding_mask is not None:
+        options["left_padding"] = (~key_padding_mask).long().cumprod(dim=-1).sum(dim=-1)
+    return options
 
 
 def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -107,16 +117,16 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
         raise ValueError(f"a bidirectional sliding-window layer (window {int(window)}, not causal: e.g. "
                          "use_bidirectional_attention) is not supported by the prefix_kernels attention: its window "
                          "is two-sided, the kernels' one-sided")
-    includes_prefix = _window_includes_prefix(source, prefix_k.shape[-2], window)
+    key_padding_mask = _padding_mask(attention_mask, batch, length)
+    options.update(_prefix_window(source, prefix_k.shape[-2], length, window, key_padding_mask))
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
         causal=causal,
         scale=scaling,
-        key_padding_mask=_padding_mask(attention_mask, batch, length),
+        key_padding_mask=key_padding_mask,
         window=int(window) if window is not None else None,
         softcap=float(softcap) if softcap is not None else None,
-        window_includes_prefix=includes_prefix,
         backend=getattr(module, BACKEND_ATTR, "auto"),
         **options,
     )

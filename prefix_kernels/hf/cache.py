@@ -11,7 +11,8 @@ Because the cache reports only the own tokens as its length, generate() derives 
 (from the 2-D padding mask, counted from 0) and mask sizes over the own tokens alone; the patch's positions hook
 shifts the positions by P (the prefix length), so row b's real tokens sit at P, P+1, ... as they would after the
 prompt in the stock model, whatever its left padding. The registered mask function passes the padding mask of the
-own keys to the kernel; the prefix is always visible.
+own keys to the kernel; the prefix is visible to every query, or, past a sliding window, to those within the window
+as measured in the stock layout [left padding, prompt, suffix] (hf/attention.py's _prefix_window).
 
 The model must be patched (prefix_kernels.patch) for the kernels to see the prefix: from_prompt/from_prefix patch an
 unpatched model with an empty prefix (the stock model, through the kernels; prefix_kernels.unpatch undoes it), and a
@@ -121,15 +122,6 @@ class _SharedPrefix:
     def layer_prefix(self, layer_idx):
         return self.prefix_k[layer_idx], self.prefix_v[layer_idx]
 
-    def _check_window(self, own_length):
-        """The prompt sits before the rows' left padding, where the stock model would put the padding before the
-        prompt: once P + L passes a sliding window, the two would hide different prompt keys. Refused there (a
-        learned prefix through patch() follows transformers' layout instead: hf/attention.py)."""
-        if self.window is not None and self.prefix_length + own_length > self.window:
-            raise ValueError(f"the prefix ({self.prefix_length} tokens) and the layer's own keys ({own_length}) "
-                             f"exceed the model's sliding window ({int(self.window)}): a serving cache takes a "
-                             "prompt only within the window")
-
     # ---- constructors ----
     @classmethod
     def from_prompt(cls, model, prompt_ids, *, backend="auto", **options):
@@ -180,8 +172,8 @@ class SharedPrefixCache(_SharedPrefix, DynamicCache):
     """A DynamicCache of each sequence's own tokens plus one shared prefix K/V per layer (a prefix source).
 
     prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE).
-    window: the model's sliding window, if its layers slide: the cache refuses to grow past it (the kernels apply
-    the window to the own keys only, the prefix is always visible).
+    window: the model's sliding window, if its layers slide (StaticSharedPrefixCache's limit; this cache serves
+    sequences past it, the window sliding over the prompt as in the stock model).
     After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
     StaticSharedPrefixCache is the same with preallocated own tokens, for compiled (CUDA-graph) decoding.
     """
@@ -190,12 +182,7 @@ class SharedPrefixCache(_SharedPrefix, DynamicCache):
         DynamicCache.__init__(self)
         self._init_prefix(prefix_k, prefix_v, window)
 
-    # ---- the cache: own tokens only ----
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self._check_window(keys.shape[-2])
-        return keys, values
-
+    # ---- the cache: own tokens only (DynamicCache.update) ----
     def reset(self):
         """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch.
 
@@ -245,7 +232,12 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int (own tokens per row), got {max_cache_len!r}")
         self._init_prefix(prefix_k, prefix_v, window)
-        self._check_window(max_cache_len)
+        if window is not None and self.prefix_length + max_cache_len > window:
+            # Its decode step attends to the whole buffer, the query placed at its end (_OwnStaticLayer): the
+            # kernels' window would measure from there, not from the query's own position.
+            raise ValueError(f"the prefix ({self.prefix_length} tokens) and max_cache_len ({max_cache_len}) exceed "
+                             f"the model's sliding window ({int(window)}): a StaticSharedPrefixCache serves "
+                             "sequences within the window (SharedPrefixCache serves them past it)")
         Cache.__init__(self, layers=[_OwnStaticLayer(max_cache_len=max_cache_len) for _ in self.prefix_k])
         if not torch.compiler.is_compiling():
             # Fixed addresses: the compiled step reads the prefix in place. Unmarked, CUDA-graph replays would copy

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
 from .device import batch_chunks, chunk_ranges, launch, on_first_tensor_device
-from .forward import (_load_rows, _own_visible, _prefix_tiles, _prefix_visible, _query_block, _softcap_log2,
-                      dot_precision)
+from .forward import (_load_rows, _own_visible, _prefix_query_pos, _prefix_tiles, _prefix_visible, _query_block,
+                      _softcap_log2, dot_precision, prefix_window_padding)
 
 LOG2E = 1.4426950408889634
 
@@ -100,7 +100,7 @@ def _dq_tile(
 
 @triton.jit
 def _prefix_attention_bwd_dq(
-    Q, K, V, PK, PV, DO, Lse, Delta, DQ, KPM, PrefixIndex, PrefixLens,
+    Q, K, V, PK, PV, DO, Lse, Delta, DQ, KPM, PrefixIndex, PrefixLens, LeftPad,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -149,13 +149,14 @@ def _prefix_attention_bwd_dq(
         prefix_len = P
     pk_base = PK + prefix_id * stride_pkn + hkv * stride_pkh
     pv_base = PV + prefix_id * stride_pvn + hkv * stride_pvh
-    prefix_lo, prefix_full_end = _prefix_tiles(first_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
+    prefix_pos = _prefix_query_pos(first_pos, LeftPad, b, PREFIX_WINDOW)
+    prefix_lo, prefix_full_end = _prefix_tiles(prefix_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
     for start_n in range(prefix_lo, prefix_full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
                       start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
                       HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION)
     for start_n in range(prefix_full_end, prefix_len, BLOCK_N):
-        visible = _prefix_visible(start_n + offs_n, prefix_len, first_pos + tl.arange(0, BLOCK_M), window,
+        visible = _prefix_visible(start_n + offs_n, prefix_len, prefix_pos + tl.arange(0, BLOCK_M), window,
                                   BLOCK_M, BLOCK_N, PREFIX_WINDOW)
         dq = _dq_tile(dq, q, do, lse2, delta, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
                       start_n, prefix_len, visible, sm_scale, softcap, offs_n, offs_d,
@@ -351,7 +352,7 @@ def _prefix_attention_bwd_dkdv(
 
 @triton.jit
 def _prefix_attention_bwd_dprefix(
-    Q, PK, PV, DO, Lse, Delta, DPK, DPV, PrefixIndex, PrefixLens, DQ,
+    Q, PK, PV, DO, Lse, Delta, DPK, DPV, PrefixIndex, PrefixLens, LeftPad, DQ,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkn, stride_pkh, stride_pks, stride_pkd,
     stride_pvn, stride_pvh, stride_pvs, stride_pvd,
@@ -367,7 +368,8 @@ def _prefix_attention_bwd_dprefix(
     """d prefix_k/v for keys [start_n, start_n + BLOCK_N) of prefix n, KV head hkv: the sum over every query tile
     (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
     (a chunk stride of 0 when there is a single chunk writing the gradient itself). PREFIX_WINDOW: query i sits at
-    position q_shift + i and prefix key p at p - prefix_len, the window masks the scores."""
+    position q_shift + i, less its row's left padding (LeftPad[b]), and prefix key p at p - prefix_len; the window
+    masks the scores."""
     pid_n = tl.program_id(0)
     pid_nh = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -413,6 +415,9 @@ def _prefix_attention_bwd_dprefix(
             # Sequences using another prefix are skipped by an empty range: no host sync, no branch on B.
             hi = tl.where(tl.load(PrefixIndex + b) == n, hi, lo)
         b64 = tl.cast(b, tl.int64)
+        row_shift = q_shift
+        if PREFIX_WINDOW:
+            row_shift = q_shift - tl.load(LeftPad + b64).to(tl.int32)
         for t in range(lo, hi):
             g = t // m_tiles
             start_m = (t - g * m_tiles) * BLOCK_M
@@ -424,7 +429,7 @@ def _prefix_attention_bwd_dprefix(
             dk, dv = _dkdv_tile(dk, dv, k, v, Q + b64 * stride_qb + hq * stride_qh,
                                 DO + b64 * stride_dob + hq * stride_doh, Lse + bh * S, Delta + bh * S,
                                 stride_qs, stride_qd, stride_dos, stride_dod,
-                                start_m, S, key_pos, q_shift, window, sm_scale, softcap, offs_m, offs_d,
+                                start_m, S, key_pos, row_shift, window, sm_scale, softcap, offs_m, offs_d,
                                 HEAD_DIM, BLOCK_D, False, PREFIX_WINDOW, HAS_SOFTCAP, DOT_PRECISION,
                                 dq_base, stride_dqs, stride_dqd, key_ok, FUSE_DQ)
 
@@ -461,7 +466,8 @@ def preprocess_launch(out, grad_out, lse, grad_lse, delta):
 
 
 def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, scale, key_padding_mask,
-              prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, config=None):
+              prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, left_padding=None,
+              config=None):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dq
@@ -469,6 +475,7 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
     grid = (cdiv(seq_q, config.block_m), batch * heads_q)
     args = (
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, kpm, prefix_index, prefix_lens,
+        prefix_window_padding(q, window, window_includes_prefix, left_padding),
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(),
         *dq.stride(), *_strides_or_zero(kpm, 2),
         heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
@@ -520,10 +527,10 @@ def dprefix_chunks(q, prefix_k, config=None) -> int:
 
 
 def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks, *, scale, prefix_index,
-                   prefix_lens, softcap, seq_k=None, window=None, window_includes_prefix=False, config=None,
-                   dq_acc=None):
+                   prefix_lens, softcap, seq_k=None, window=None, window_includes_prefix=False, left_padding=None,
+                   config=None, dq_acc=None):
     """dpk/dpv: [chunks, N, Hkv, P, D] (fp32 partials), or [N, Hkv, P, D] when chunks == 1. dq_acc: as in
-    dkdv_launch. seq_k (L) and window matter only with window_includes_prefix."""
+    dkdv_launch. seq_k (L), window and left_padding matter only with window_includes_prefix."""
     batch, heads_q, seq_q, head_dim = q.shape
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
@@ -533,7 +540,8 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
     assert dpk.stride() == dpv.stride()
     grid = (cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
     args = (
-        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens, dq_acc,
+        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, prefix_index, prefix_lens,
+        prefix_window_padding(q, window, window_includes_prefix, left_padding), dq_acc,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
         *_strides_or_zero(dq_acc, 4),
         batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), cdiv(query_tiles, chunks),
@@ -555,7 +563,7 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
 def prefix_attention_backward(
     q, k, v, prefix_k, prefix_v, out, lse, grad_out, grad_lse, *, needs=(True,) * 5, causal, scale,
     key_padding_mask=None, prefix_index=None, prefix_lens=None, window=None, softcap=None,
-    window_includes_prefix=False, prefix_chunks=None, config=None,
+    window_includes_prefix=False, left_padding=None, prefix_chunks=None, config=None,
 ):
     """Gradients of the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
@@ -593,12 +601,13 @@ def prefix_attention_backward(
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fuse_dq else None
     heads_kv = k.shape[1]
     if dq is not None and not fuse_dq:
-        for q_, k_, v_, grad_out_, lse_, delta_, dq_, mask, index in batch_chunks(
-                heads_q, q, k, v, grad_out, lse, delta, dq, key_padding_mask, prefix_index):
+        for q_, k_, v_, grad_out_, lse_, delta_, dq_, mask, index, padding in batch_chunks(
+                heads_q, q, k, v, grad_out, lse, delta, dq, key_padding_mask, prefix_index, left_padding):
             grid, args, kwargs = dq_launch(q_, k_, v_, prefix_k, prefix_v, grad_out_, lse_, delta_, dq_,
                                            causal=causal, scale=scale, key_padding_mask=mask, prefix_index=index,
                                            prefix_lens=prefix_lens, window=window, softcap=softcap,
-                                           window_includes_prefix=window_includes_prefix, config=config)
+                                           window_includes_prefix=window_includes_prefix, left_padding=padding,
+                                           config=config)
             launch(_prefix_attention_bwd_dq, grid, args, kwargs)
     if dk is not None and dk.numel():
         for q_, k_, v_, grad_out_, lse_, delta_, dk_, dv_, mask, dq_acc_ in batch_chunks(
@@ -629,8 +638,8 @@ def prefix_attention_backward(
             grid, args, kwargs = dprefix_launch(q, pk_, pv_, grad_out, lse, delta, gk_, gv_, chunks, scale=scale,
                                                 prefix_index=index, prefix_lens=lens, softcap=softcap,
                                                 seq_k=k.shape[2], window=window,
-                                                window_includes_prefix=window_includes_prefix, config=config,
-                                                dq_acc=dq_acc)
+                                                window_includes_prefix=window_includes_prefix,
+                                                left_padding=left_padding, config=config, dq_acc=dq_acc)
             launch(_prefix_attention_bwd_dprefix, grid, args, kwargs)
         if chunks > 1:  # a fixed-order sum: deterministic
             dpk.copy_(part_k.sum(0))

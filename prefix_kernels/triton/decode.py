@@ -37,7 +37,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
-from .forward import _attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision
+from .forward import (_attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision,
+                      prefix_window_padding)
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _store_partial(acc, m_i, l_i, WOut, WLse, slot, rows, store_ok, offs_d, d_ok
 
 @triton.jit
 def _prefix_part(
-    pid, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
+    pid, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order, LeftPad,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_pkn, stride_pkh, stride_pks, stride_pkd,
     stride_pvn, stride_pvh, stride_pvs, stride_pvd,
@@ -102,14 +103,17 @@ def _prefix_part(
         prefix_len = P
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, prefix_len)
-    if PREFIX_WINDOW:  # (window_includes_prefix) keys left of every row's window (the first row's) are skipped
-        start = tl.maximum(start, (tl.maximum(L - S + prefix_len - window + 1, 0) // BLOCK_N) * BLOCK_N)
+    if PREFIX_WINDOW:  # (window_includes_prefix) each row's first key in the window: key p sits at p - prefix_len,
+        # the row's query at L - S + s less its left padding. Keys left of every row of this block's are skipped.
+        pad = tl.load(LeftPad + b, mask=row_ok, other=0).to(tl.int32)
+        first_key = (L - S + s) - pad + prefix_len - window + 1
+        block_first = tl.min(tl.where(mine, first_key, prefix_len), 0)
+        start = tl.maximum(start, (tl.maximum(block_first, 0) // BLOCK_N) * BLOCK_N)
     # A block holding no row of prefix n reads nothing (with sorted rows, most blocks of other prefixes).
     any_mine = tl.max(mine.to(tl.int32), 0) > 0
     end = tl.where(any_mine, tl.maximum(end, start), start)
-    if PREFIX_WINDOW:  # every tile masked, from each row's first key in the window (key p at p - prefix_len)
+    if PREFIX_WINDOW:  # every tile masked, from each row's first key
         full_end = start
-        first_key = (L - S + s) + prefix_len - window + 1
     else:
         full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
     if USE_DESC:  # PK, PV are 4-D TMA tensor descriptors, addressed by (int32) coordinates [n, h, key, 0]
@@ -264,7 +268,7 @@ def _own_part_units(
 
 @triton.jit
 def _decode_partials(
-    Q, K, V, PK, PV, KPM, PrefixIndex, PrefixLens, Order, WOut, WLse,
+    Q, K, V, PK, PV, KPM, PrefixIndex, PrefixLens, Order, LeftPad, WOut, WLse,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -302,7 +306,7 @@ def _decode_partials(
         local = tl.where(is_prefix, pid, pid - PREFIX_PROGRAMS)
     if is_prefix:
         _prefix_part(
-            local, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order,
+            local, Q, PK, PV, WOut, WLse, PrefixIndex, PrefixLens, Order, LeftPad,
             stride_qb, stride_qh, stride_qs, stride_qd,
             stride_pkn, stride_pkh, stride_pks, stride_pkd,
             stride_pvn, stride_pvh, stride_pvs, stride_pvd,
@@ -439,8 +443,8 @@ def _plan_for_shapes(q_shape, heads_kv, seq_k, num_prefixes, prefix_len, dtype, 
 
 
 def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, scale, key_padding_mask,
-                  prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, order=None, config=None,
-                  sms=None, plan=None, part="both"):
+                  prefix_index, prefix_lens, window, softcap, window_includes_prefix=False, left_padding=None,
+                  order=None, config=None, sms=None, plan=None, part="both"):
     """(grid, args, kwargs) of _decode_partials: shared by the launcher and the compile check. `plan`:
     decode_plan's answer for these tensors, when the caller already has it. `part`: "both" kinds of program in
     one launch, or the "prefix" or the "own" programs alone (DecodeConfig.own_launch)."""
@@ -462,7 +466,8 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
                                                                                          block_d])
                                for t in prefix_sources)
     args = (
-        q, k, v, *prefix_sources, kpm, prefix_index, prefix_lens, order, work_out, work_lse,
+        q, k, v, *prefix_sources, kpm, prefix_index, prefix_lens, order,
+        prefix_window_padding(q, window, window_includes_prefix and part != "own", left_padding), work_out, work_lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, heads_kv, seq_q, seq_k, prefix_k.shape[2], batch * heads_q * seq_q, scale, float(softcap or 1.0),
@@ -552,7 +557,7 @@ def merge_partials_launch(work_out, work_lse, out, lse, slots):
 @on_first_tensor_device
 def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask=None,
                             prefix_index=None, prefix_lens=None, window=None, softcap=None,
-                            window_includes_prefix=False, config=None, sms=None):
+                            window_includes_prefix=False, left_padding=None, config=None, sms=None):
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D)."""
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -578,8 +583,8 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         return [(part, *decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, causal=causal, scale=scale,
                                       key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                       prefix_lens=prefix_lens, window=window, softcap=softcap,
-                                      window_includes_prefix=window_includes_prefix, order=order,
-                                      plan=plan, part=part))
+                                      window_includes_prefix=window_includes_prefix, left_padding=left_padding,
+                                      order=order, plan=plan, part=part))
                 for part in parts]
 
     config = plan[0]
@@ -653,16 +658,17 @@ def prefix_attention_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
+    left_padding: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                    prefix_lens=prefix_lens, window=window, softcap=softcap,
-                                   window_includes_prefix=window_includes_prefix)
+                                   window_includes_prefix=window_includes_prefix, left_padding=left_padding)
 
 
 @prefix_attention_decode_op.register_fake
 def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window,
-                 softcap, window_includes_prefix):
+                 softcap, window_includes_prefix, left_padding):
     batch, heads_q, seq_q, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
@@ -677,5 +683,6 @@ def triton_decode_attention(call):
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or type(call.q) is not torch.Tensor:
         return torch.ops.prefix_kernels.prefix_attention_decode(
             call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
-            call.prefix_lens, call.causal, call.scale, call.window, call.softcap, call.window_includes_prefix)
+            call.prefix_lens, call.causal, call.scale, call.window, call.softcap, call.window_includes_prefix,
+            call.left_padding)
     return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, **call.options())

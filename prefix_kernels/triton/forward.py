@@ -97,11 +97,21 @@ def _own_visible(cols, end, q_pos, b, KPM, stride_mb, stride_ml, window, BLOCK_M
 def _prefix_visible(cols, prefix_len, q_pos, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PREFIX_WINDOW: tl.constexpr):
     """Which prefix keys `cols` each row at position q_pos sees: those below the prefix's length and, with
-    PREFIX_WINDOW (window_includes_prefix), inside the window, key p sitting at position p - prefix_len."""
+    PREFIX_WINDOW (window_includes_prefix), inside the window, key p sitting at position p - prefix_len (q_pos
+    counted past the row's left padding: _prefix_query_pos)."""
     visible = tl.broadcast_to(cols[None, :] < prefix_len, (BLOCK_M, BLOCK_N))
     if PREFIX_WINDOW:
         visible = visible & ((q_pos[:, None] - (cols[None, :] - prefix_len)) < window)
     return visible
+
+
+@triton.jit
+def _prefix_query_pos(first_pos, LeftPad, b, PREFIX_WINDOW: tl.constexpr):
+    """The position of a query block's first row as the prefix's window sees it: with PREFIX_WINDOW, past the
+    row's left padding (left_padding[b] own keys that stand before the prefix, not after it)."""
+    if PREFIX_WINDOW:
+        return first_pos - tl.load(LeftPad + b).to(tl.int32)
+    return first_pos
 
 
 @triton.jit
@@ -170,7 +180,7 @@ def _attend_tile(
 
 @triton.jit
 def _prefix_attention_fwd(
-    Q, K, V, PK, PV, Out, Lse, KPM, PrefixIndex, PrefixLens,
+    Q, K, V, PK, PV, Out, Lse, KPM, PrefixIndex, PrefixLens, LeftPad,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -228,14 +238,15 @@ def _prefix_attention_fwd(
         desc_b = 0
         desc_h = 0
         desc_prefix = 0
-    prefix_lo, prefix_full_end = _prefix_tiles(first_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
+    prefix_pos = _prefix_query_pos(first_pos, LeftPad, b, PREFIX_WINDOW)
+    prefix_lo, prefix_full_end = _prefix_tiles(prefix_pos, prefix_len, window, BLOCK_N, PREFIX_WINDOW)
     for start_n in range(prefix_lo, prefix_full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
             start_n, prefix_len, 0, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, HAS_SOFTCAP, DOT_PRECISION, desc_prefix, desc_h, USE_DESC)
     for start_n in range(prefix_full_end, prefix_len, BLOCK_N):  # the partial last tile (window: all), if any
-        visible = _prefix_visible(start_n + offs_n, prefix_len, first_pos + tl.arange(0, BLOCK_M), window,
+        visible = _prefix_visible(start_n + offs_n, prefix_len, prefix_pos + tl.arange(0, BLOCK_M), window,
                                   BLOCK_M, BLOCK_N, PREFIX_WINDOW)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, pk_base, pv_base, stride_pks, stride_pkd, stride_pvs, stride_pvd,
@@ -296,7 +307,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def forward_launch(
     q, k, v, prefix_k, prefix_v, out, lse, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-    window, softcap, window_includes_prefix=False, config=None,
+    window, softcap, window_includes_prefix=False, left_padding=None, config=None,
 ):
     """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check.
 
@@ -315,6 +326,7 @@ def forward_launch(
                         for t in sources)
     args = (
         q, *sources, out, lse, kpm, prefix_index, prefix_lens,
+        prefix_window_padding(q, window, window_includes_prefix, left_padding),
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
@@ -329,6 +341,16 @@ def forward_launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs
+
+
+def prefix_window_padding(q, window, window_includes_prefix, left_padding):
+    """The LeftPad argument: with PREFIX_WINDOW the kernels read each row's left padding (zeros when the caller
+    gave none); otherwise None, never read."""
+    if window is None or not window_includes_prefix:
+        return None
+    if left_padding is None:
+        return torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    return left_padding
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -349,8 +371,8 @@ def _tma_compatible(t: torch.Tensor) -> bool:
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
-    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap, window_includes_prefix
-    (and config, see above).
+    options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap, window_includes_prefix,
+    left_padding (and config, see above).
     Returns (out [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32).
     """
     batch, heads_q, seq_q, _ = q.shape
@@ -358,10 +380,12 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    for q_, k_, v_, out_, lse_, mask, index in batch_chunks(heads_q, q, k, v, out, lse, options["key_padding_mask"],
-                                                           options["prefix_index"]):
+    for q_, k_, v_, out_, lse_, mask, index, padding in batch_chunks(
+            heads_q, q, k, v, out, lse, options["key_padding_mask"], options["prefix_index"],
+            options.get("left_padding")):
         grid, args, kwargs = forward_launch(q_, k_, v_, prefix_k, prefix_v, out_, lse_,
-                                            **{**options, "key_padding_mask": mask, "prefix_index": index})
+                                            **{**options, "key_padding_mask": mask, "prefix_index": index,
+                                               "left_padding": padding})
         launch(_prefix_attention_fwd, grid, args, kwargs)
     return out, lse
 
