@@ -407,7 +407,9 @@ def _prefix_attention_bwd_dprefix(
     seq_tiles = GROUP * m_tiles
     t_begin = chunk * tiles_per_chunk
     t_end = tl.minimum(t_begin + tiles_per_chunk, B * seq_tiles)
-    t_end = tl.where(start_n < prefix_len, t_end, t_begin)  # keys past this prefix's length: nothing to sum
+    # Keys past this prefix's length: nothing to sum, an empty range of sequences. (t_end = t_begin was not empty
+    # where t_begin is not a multiple of seq_tiles, and in the last of uneven chunks it reads index B.)
+    t_end = tl.where(start_n < prefix_len, t_end, 0)
     for b in range(t_begin // seq_tiles, tl.cdiv(t_end, seq_tiles)):
         lo = tl.maximum(t_begin - b * seq_tiles, 0)
         hi = tl.minimum(t_end - b * seq_tiles, seq_tiles)
