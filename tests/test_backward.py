@@ -443,15 +443,20 @@ def test_fused_dq_falls_back_to_the_dq_kernel_when_the_prefix_gradient_is_not_ne
         assert max_error(got, want) < 1e-5, name
 
 
+CHUNKED_MASKS = {"random-padding": dict(padding="random"),
+                 "left-padding-window": dict(padding="left", window=12, window_includes_prefix=True, left_padding=True)}
+
+
+@pytest.mark.parametrize("masks", list(CHUNKED_MASKS))
 @pytest.mark.parametrize("query_chunks", [1, 2], ids=["whole-batch", "two-query-chunks"])
 @pytest.mark.parametrize("fuse_dq", [False, True], ids=["dq-kernel", "fused-dq"])
-def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, query_chunks, monkeypatch):
+def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, query_chunks, masks, monkeypatch):
     """CUDA launches at most 65535 programs on grid axes 1 and 2, and the forward and backward put B * H there:
     larger batches (B = 4096 at 16 heads) launch per chunk of whole sequences. With the limit lowered to 7, the
     forward, preprocess and dq kernels (B * 6 query heads) take 4 chunks of one sequence, dk/dv (B * 2 KV heads)
     two of 3 and 1; the d prefix kernel (4 prefixes * 2 KV heads) per chunk of prefixes, 3 and 1. Masks, prefix
-    indices and the left padding (a window over the prefix, measured past 3, 10, 4 and 11 padding keys) are cut
-    with the rest; the prefixes' lengths (one of them 0) and gradients with the prefixes."""
+    indices and the left padding (with a window over the prefix, measured past 3, 10, 4 and 11 padding keys) are
+    cut with the rest; the prefixes' lengths (one of them 0) and gradients with the prefixes."""
     from dataclasses import replace
 
     from prefix_kernels.triton import configs, device
@@ -470,7 +475,7 @@ def test_batches_past_the_grid_limit_launch_in_chunks_of_sequences(fuse_dq, quer
     monkeypatch.setattr(triton_forward, "launch", recorded)
     monkeypatch.setattr(triton_backward, "launch", recorded)
     case = Case(batch=4, heads_q=6, heads_kv=2, seq_q=9, seq_k=13, prefix_len=11, head_dim=32, num_prefixes=4,
-                prefix_lens=(11, 4, 0, 7), padding="left", window=12, window_includes_prefix=True, left_padding=True)
+                prefix_lens=(11, 4, 0, 7), **CHUNKED_MASKS[masks])
     *tensors, options = make_inputs(case, torch.float32, DEVICE)
     # not the chunks' own order; prefix 2 unused (its gradient: exactly 0), prefix 3 alone in its chunk
     options["prefix_index"] = torch.tensor([3, 0, 0, 1], device=DEVICE)
