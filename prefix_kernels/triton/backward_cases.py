@@ -1,9 +1,9 @@
 """The backward kernels' launchable configurations as compile-check cases (see compile_check.py).
 
 Every (block_d, dtype, kernel, config) of configs.backward_launch_space() is compiled with all features switched on
-(without and with the window reaching into the prefix) and with none; the single-feature variants (and the d prefix kernel's fp32-partials variant) for the main
-fp16/bf16 configurations. The arguments come from the launcher's own *_launch functions, so the specialization
-is the one a real launch gets.
+(without and with the window reaching into the prefix) and with none; the single-feature variants (and the d prefix
+kernel's fp32-partials variant) for the main fp16/bf16 configurations. The arguments come from the launcher's own
+*_launch functions, so the specialization is the one a real launch gets.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Every (block_d, dtype, config) of configs.decode_launch_space() is compiled with every feature on (all masked
 paths, several prefixes with the sort order), and again with the window reaching into the prefix as well
 ("prefix-window": every prefix tile masked, an edge of serving a sliding-window model, allowed a few spills); the
-main bf16 configs also with none (one shared prefix, plain causal decode: the serving case). The arguments come from the launcher's own decode_launch, so the
-specialization is the one a real launch gets.
+main bf16 configs also with none (one shared prefix, plain causal decode: the serving case). The arguments come
+from the launcher's own decode_launch, so the specialization is the one a real launch gets.
 """
 from __future__ import annotations
 

@@ -9,9 +9,8 @@ from .configs import forward_launch_space
 from .forward import _prefix_attention_fwd, forward_launch
 
 # Every block config is compiled with every feature switched on (all masked code paths, without and with the window
-# reaching into the prefix); the fp16/bf16 configs
-# of 64+ rows also without any (the unmasked fast path of training/prefill); each single feature for the main
-# bf16 config (the combinations share the same code paths).
+# reaching into the prefix); the fp16/bf16 configs of 64+ rows also without any (the unmasked fast path of
+# training/prefill); each single feature for the main bf16 config (the combinations share the same code paths).
 # prefix_window: the window reaching into the prefix too (window_includes_prefix; implies a window).
 ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True, prefix_window=True)
 NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False, prefix_window=False)
