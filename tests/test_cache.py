@@ -226,6 +226,89 @@ def test_prompt_after_a_learned_prefix():
         assert torch.equal(got, expected)
 
 
+def several_prompts():
+    """Three prompts of different lengths (the longest first: the others are padded to it in the cache) and the
+    suffixes, and which prompt each row continues."""
+    prompts = [torch.randint(2, VOCAB, (n,)) for n in (PROMPT, 5, 8)]
+    _, suffixes = random_inputs()
+    return prompts, suffixes, [2, 1, 0]   # row 1, the longest suffix (unpadded), continues prompt 1 (5 tokens)
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("opt", None), ("mistral", 9), ("gemma2", 6)],
+                         ids=["llama", "opt-positions-from-the-mask", "mistral-window-9", "gemma2-window-6"])
+def test_several_prompts_in_one_batch_equal_stock_per_row(family, window):
+    """from_prompts: each row continues its own prompt (prefix_index), the prompts stored once each at their own
+    lengths (prefix_lens): a row's positions start after its prompt's length, and past a sliding window the window
+    slides over its own prompt. Each row's tokens and step logits against the stock model on that row alone."""
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model(family, **({} if window is None else dict(sliding_window=window)))
+    prompts, suffixes, index = several_prompts()
+    want = []
+    for n, suffix in zip(index, suffixes):
+        full = torch.cat([prompts[n], suffix])[None]
+        want.append((len(prompts[n]), step_logits(model, full, torch.ones_like(full))))
+    cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=index)
+    assert cache.prefix_length == PROMPT and cache.prefix_lens.tolist() == [PROMPT, 5, 8]
+    assert cache.prefix_k[0].shape[:3] == (3, model.config.num_key_value_heads if family != "opt"
+                                           else model.config.num_attention_heads, PROMPT)
+    ids, mask = left_padded(suffixes)
+    tokens, logits = step_logits(model, ids, mask, past_key_values=cache)
+    for i, (suffix, (length, (expected_tokens, expected_logits))) in enumerate(zip(suffixes, want)):
+        got = tokens[i, ids.shape[1] - len(suffix):]
+        assert torch.equal(got, expected_tokens[0, length:]), f"row {i}: {got.tolist()}"
+        assert_logits_close(logits[i], expected_logits[0])
+    # a plain forward, without position_ids: the patch derives them (from the mask for OPT, as OPT does; from
+    # the count of tokens for the others, which the stock model does not correct for left padding either)
+    fresh = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=index)
+    with torch.no_grad():
+        last = model(input_ids=ids, attention_mask=mask, past_key_values=fresh).logits[:, -1]
+    for i in range(len(suffixes)) if family == "opt" else [1]:
+        assert_logits_close(last[i], want[i][1][1][0, 0])
+
+    # reset(prefix_index=...) serves the next batch with another choice of prompts, here 2 rows
+    cache.reset(prefix_index=[2, 2])
+    tokens, logits = step_logits(model, ids[1:], mask[1:], past_key_values=cache)
+    full = torch.cat([prompts[2], suffixes[1]])[None]
+    expected_tokens, expected_logits = step_logits(model, full, torch.ones_like(full))
+    assert torch.equal(tokens[0, ids.shape[1] - len(suffixes[1]):], expected_tokens[0, 8:])
+    assert_logits_close(logits[0], expected_logits[0])
+
+
+def test_several_prompts_with_beams_equal_stock_on_the_padded_batch():
+    """Beam search repeats each row num_beams times: the cache's prefix_index of B rows serves the B * num_beams
+    rows as generate() lays them out (each row's beams together)."""
+    model = tiny_model("llama")
+    prompts, suffixes, index = several_prompts()
+    options = dict(num_beams=2, num_return_sequences=2)
+    full_ids, full_mask = left_padded([torch.cat([prompts[n], s]) for n, s in zip(index, suffixes)])
+    stock = generate(model, full_ids, full_mask, **options)
+    cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=torch.tensor(index))
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, past_key_values=cache, **options)
+    assert torch.equal(out[:, ids.shape[1]:], stock[:, full_ids.shape[1]:])
+    assert cache.prefix_index.tolist() == index  # the cache keeps the caller's index; the rows expand per forward
+
+
+def test_several_prompts_refusals():
+    model = tiny_model("llama")
+    prompts, suffixes, _ = several_prompts()
+    ids, mask = left_padded(suffixes)
+    with pytest.raises(TypeError, match="prompts must be a non-empty list"):
+        prefix_kernels.SharedPrefixCache.from_prompts(model, prompts[0])
+    with pytest.raises(ValueError, match=r"prefix_index must be a 1-D int index .* in \[0, 2\], got \[0, 3, 1\]"):
+        prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=[0, 3, 1])
+    cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts)
+    with pytest.raises(ValueError, match="holds 3 prefixes but no prefix_index"):
+        generate(model, ids, mask, past_key_values=cache)
+    cache.reset(prefix_index=[0, 1])
+    with pytest.raises(ValueError, match="prefix_index has 2 rows but the forward has 3"):
+        generate(model, ids, mask, past_key_values=cache)
+    one = prefix_kernels.SharedPrefixCache.from_prompt(model, prompts[0])
+    with pytest.raises(ValueError, match="this cache holds one"):
+        one.reset(prefix_index=[0, 0, 0])
+
+
 def test_unsupported_models_and_inputs():
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=2)
     bloom = transformers.AutoModelForCausalLM.from_config(config)

@@ -121,24 +121,37 @@ def test_other_families_equal_stock(family):
         assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
 
 
-def test_compiled_decode_step_is_one_graph_and_equals_stock(device):
+@pytest.mark.parametrize("prompts", [1, 3], ids=["one-prompt", "three-prompts"])
+def test_compiled_decode_step_is_one_graph_and_equals_stock(device, prompts):
     """The decode step through the Triton kernels (the custom op), compiled whole: tokens equal the stock model's,
-    one graph for every step and both batches (a recompilation per step would be a new graph)."""
+    one graph for every step and both batches (a recompilation per step would be a new graph). With several
+    prompts (from_prompts) the second batch continues other prompts: reset(prefix_index=...) writes the index in
+    place, where the compiled step reads it."""
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama").to(device)
     prompt, suffixes = random_inputs()
     prompt, suffixes = prompt.to(device), [s.to(device) for s in suffixes]
-    want = stock_rows(model, prompt, suffixes)
+    others = [torch.randint(2, VOCAB, (n,), device=device) for n in (5, 8)][:prompts - 1]
+    batches = [[0, 0, 0], [0, 0, 0]] if prompts == 1 else [[2, 1, 0], [1, 1, 2]]
+    choices = [prompt] + others
     ids, mask = (t.to(device) for t in left_padded(suffixes))
-    cache = static_cache(model, prompt, ids.shape[1], backend="triton")
+    width = ids.shape[1] + NEW
+    if prompts == 1:
+        cache = prefix_kernels.StaticSharedPrefixCache.from_prompt(model, prompt, max_cache_len=width,
+                                                                   backend="triton")
+    else:
+        cache = prefix_kernels.StaticSharedPrefixCache.from_prompts(model, choices, prefix_index=batches[0],
+                                                                    max_cache_len=width, backend="triton")
     torch._dynamo.reset()
     counters.clear()
-    for _ in range(2):
+    for n, index in enumerate(batches):
+        if n:
+            cache.reset(**({} if prompts == 1 else dict(prefix_index=index)))
         out = generate(model, ids, mask, past_key_values=cache, **compiled_decode(device))
-        for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+        for i, got in enumerate(rows_of(out, suffixes, ids.shape[1])):
+            expected = stock_rows(model, choices[index[i]], suffixes[i:i + 1])[0]
             assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
-        cache.reset()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 

@@ -8,6 +8,8 @@ attention module (attribute `_prefix_kernels_source`). A prefix source is any ob
         # [Hkv, P, D] (or [N, Hkv, P, D] with prefix_index) at KV-head width; None = no prefix on this layer
     begin_forward() -> None                            # optional: called once at the start of each model forward
     prefix_index: Tensor | None                        # optional: [B] which of N prefixes each row uses
+    prefix_lens: Tensor | None                         # optional: [N] each prefix's valid length (<= P); a row's
+                                                       # tokens then start at its prefix's length, not at P
 
 PrefixTuning, its export() and the PEFT bridge are prefix sources. So is the serving cache (hf/cache.py,
 SharedPrefixCache): a cache passed to a patched model's forward that is a prefix source replaces the patch's source
@@ -65,6 +67,38 @@ def _padding_mask(attention_mask, batch, length):
     return attention_mask[:, -length:].to(torch.bool)
 
 
+def rows_prefix_index(source, batch):
+    """The source's prefix_index for a forward of `batch` rows, or None. An index of B0 rows also serves k * B0 rows
+    as generate() expands a batch for beam search or num_return_sequences (each row repeated k times in place, the
+    beams of a row staying in its group when reordered)."""
+    index = getattr(source, "prefix_index", None)
+    if index is None:
+        lens = getattr(source, "prefix_lens", None)
+        if lens is not None and lens.shape[0] > 1:
+            raise ValueError(f"the prefix source holds {lens.shape[0]} prefixes but no prefix_index says which one "
+                             "each row continues (SharedPrefixCache.from_prompts(..., prefix_index=...) or "
+                             "cache.reset(prefix_index=...))")
+        return None
+    rows = index.shape[0]
+    if rows == batch:
+        return index
+    if rows == 0 or batch % rows:
+        raise ValueError(f"prefix_index has {rows} rows but the forward has {batch}: it must have one per row (or "
+                         "per row before generate() repeats each row for beams or num_return_sequences)")
+    return index.repeat_interleave(batch // rows)
+
+
+def row_prefix_lengths(source, batch):
+    """The positions the prefix occupies before each row's tokens: the int P, or a [B, 1] tensor of each row's
+    prefix length where the source's prefixes have lengths of their own (prefix_lens)."""
+    lens = getattr(source, "prefix_lens", None)
+    if lens is None:
+        return int(source.prefix_length)
+    index = rows_prefix_index(source, batch)
+    lens = lens[index] if index is not None else lens.expand(batch)
+    return lens[:, None]
+
+
 def _prefix_window(source, prefix_len, length, window, key_padding_mask) -> dict:
     """The kernels' options for a sliding-window layer whose window reaches into the prefix: {} when every prefix
     key is within every query's reach (P + L <= window), else window_includes_prefix and, for a serving cache, each
@@ -104,9 +138,12 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     else:
         prefix_k, prefix_v = (t.to(query.dtype) for t in prefix)
     options = {}
-    prefix_index = getattr(source, "prefix_index", None) if prefix is not None else None
-    if prefix_index is not None:
-        options["prefix_index"] = prefix_index
+    if prefix is not None:
+        prefix_index = rows_prefix_index(source, batch)
+        if prefix_index is not None:
+            options["prefix_index"] = prefix_index
+        if getattr(source, "prefix_lens", None) is not None:
+            options["prefix_lens"] = source.prefix_lens
     window = kwargs.get("sliding_window")
     if window is None:
         window = module.__dict__.get(WINDOW_ATTR)

@@ -20,6 +20,10 @@ cache passed to the patched model's forward takes the place of the patch's prefi
 is already patched with a learned prefix, from_prompt's prompt attends to that prefix and the cache serves both
 (learned prefix, then prompt), as the patched model would continue them.
 
+from_prompts(model, [prompt_a, prompt_b, ...], prefix_index=[B]) serves rows that continue different prompts in one
+batch: the prompts, padded to the longest, are the kernels' multiple prefixes (prefix_lens, prefix_index), and each
+row's positions start after its own prompt (hf/attention.py's row_prefix_lengths).
+
 StaticSharedPrefixCache is the same with the own tokens in preallocated buffers (transformers' StaticLayer), so
 that generate() compiles its decode step (CUDA graphs on a GPU); its layers and the mask function agree on what a
 step sees (see _OwnStaticLayer).
@@ -104,19 +108,67 @@ def _prompt_kv(model, prompt_ids):
     return keys, values
 
 
-class _SharedPrefix:
-    """What both caches share: one prefix K/V per layer (the prefix source interface) and the constructors."""
+def _stacked_prompts(per_prompt):
+    """[(keys, values)] per prompt, each a list of [Hkv, P_n, D] per layer -> (keys, values) per layer as
+    [N, Hkv, max P_n, D] (zeros past each prompt's length) and the lengths [N]."""
+    lengths = [keys[0].shape[1] for keys, _ in per_prompt]
+    width = max(lengths)
 
-    def _init_prefix(self, prefix_k, prefix_v, window):
+    def stack(tensors):
+        return torch.stack([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tensors])
+
+    layers = range(len(per_prompt[0][0]))
+    keys = [stack([keys[layer] for keys, _ in per_prompt]) for layer in layers]
+    values = [stack([values[layer] for _, values in per_prompt]) for layer in layers]
+    return keys, values, torch.tensor(lengths, device=keys[0].device)
+
+
+class _SharedPrefix:
+    """What both caches share: one prefix K/V per layer (the prefix source interface) and the constructors.
+
+    One prompt: [Hkv, P, D] per layer. Several (from_prompts): [N, Hkv, max P_n, D] per layer with prefix_lens [N],
+    and prefix_index [B] saying which one each row continues (the kernels' multiple prefixes)."""
+
+    def _init_prefix(self, prefix_k, prefix_v, window, prefix_lens, prefix_index):
         if len(prefix_k) != len(prefix_v):
             raise ValueError(f"{len(prefix_k)} prefix key tensors but {len(prefix_v)} value tensors")
-        well_formed = all(k.dim() == 3 and k.shape == v.shape for k, v in zip(prefix_k, prefix_v))
-        if not prefix_k or not well_formed or len({k.shape[1] for k in prefix_k}) != 1:
-            raise ValueError("every layer's prefix K and V must be [Hkv, P, D] with the same P: got " +
+        rank = 3 if prefix_lens is None else 4
+        well_formed = all(k.dim() == rank and k.shape == v.shape for k, v in zip(prefix_k, prefix_v))
+        if not prefix_k or not well_formed or len({k.shape[-2] for k in prefix_k}) != 1:
+            layout = "[Hkv, P, D]" if prefix_lens is None else "[N, Hkv, P, D] (with prefix_lens)"
+            raise ValueError(f"every layer's prefix K and V must be {layout} with the same P: got " +
                              ", ".join(f"{tuple(k.shape)}/{tuple(v.shape)}" for k, v in zip(prefix_k, prefix_v)))
         self.prefix_k, self.prefix_v = list(prefix_k), list(prefix_v)
-        self.prefix_length = int(prefix_k[0].shape[1])
+        self.prefix_length = int(prefix_k[0].shape[-2])
         self.window = window
+        self.prefix_lens = None
+        self.prefix_index = None
+        if prefix_lens is not None:
+            prefix_lens = torch.as_tensor(prefix_lens, device=prefix_k[0].device)
+            count = prefix_k[0].shape[0]
+            if prefix_lens.shape != (count,) or prefix_lens.dtype not in (torch.int32, torch.int64) or \
+                    bool((prefix_lens < 1).any() or (prefix_lens > self.prefix_length).any()):
+                raise ValueError(f"prefix_lens must be {count} int lengths in [1, {self.prefix_length}] (one per "
+                                 f"prompt), got {prefix_lens.tolist()}")
+            self.prefix_lens = prefix_lens
+            if prefix_index is not None:
+                self._set_prefix_index(prefix_index)
+        elif prefix_index is not None:
+            raise ValueError("prefix_index chooses among several prompts: this cache holds one")
+
+    def _checked_index(self, prefix_index):
+        if self.prefix_lens is None:
+            raise ValueError("prefix_index chooses among several prompts (from_prompts): this cache holds one")
+        index = torch.as_tensor(prefix_index, device=self.prefix_lens.device)
+        count = self.prefix_lens.shape[0]
+        if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64) or \
+                bool((index < 0).any() or (index >= count).any()):
+            raise ValueError(f"prefix_index must be a 1-D int index of the prompt each row continues, in "
+                             f"[0, {count - 1}], got {index.tolist() if index.dim() <= 1 else tuple(index.shape)}")
+        return index
+
+    def _set_prefix_index(self, prefix_index):
+        self.prefix_index = self._checked_index(prefix_index)
 
     # ---- the prefix source interface (hf/attention.py) ----
     def layer_prefix(self, layer_idx):
@@ -135,6 +187,22 @@ class _SharedPrefix:
         keys, values = _prompt_kv(model, prompt_ids)
         _ensure_patched(model, backend)
         return cls(keys, values, window=_sliding_window(model), **options)
+
+    @classmethod
+    def from_prompts(cls, model, prompts, *, prefix_index=None, backend="auto", **options):
+        """Several prompts in one cache, each run once at batch 1 and stored once: a batch mixes rows that continue
+        different prompts (multi-tenant system prompts), read by the kernels as multiple prefixes.
+
+        prompts: a list of token id sequences ([P_n] or [1, P_n]), of any lengths.
+        prefix_index: [B] ints, which prompt each row continues (or set it later: cache.reset(prefix_index=...)).
+        """
+        _check_model(model)
+        if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"prompts must be a non-empty list of token id sequences, got {type(prompts).__name__}")
+        keys, values, lengths = _stacked_prompts([_prompt_kv(model, prompt) for prompt in prompts])
+        _ensure_patched(model, backend)
+        return cls(keys, values, window=_sliding_window(model), prefix_lens=lengths, prefix_index=prefix_index,
+                   **options)
 
     @classmethod
     def from_prefix(cls, model, prefix, *, backend="auto", **options):
@@ -171,24 +239,28 @@ class _SharedPrefix:
 class SharedPrefixCache(_SharedPrefix, DynamicCache):
     """A DynamicCache of each sequence's own tokens plus one shared prefix K/V per layer (a prefix source).
 
-    prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE).
+    prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE), or, for
+    several prompts, one [N, Hkv, P, D] per layer with prefix_lens [N] (their lengths) and prefix_index [B].
     window: the model's sliding window, if its layers slide (StaticSharedPrefixCache's limit; this cache serves
     sequences past it, the window sliding over the prompt as in the stock model).
     After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
     StaticSharedPrefixCache is the same with preallocated own tokens, for compiled (CUDA-graph) decoding.
     """
 
-    def __init__(self, prefix_k, prefix_v, *, window=None):
+    def __init__(self, prefix_k, prefix_v, *, window=None, prefix_lens=None, prefix_index=None):
         DynamicCache.__init__(self)
-        self._init_prefix(prefix_k, prefix_v, window)
+        self._init_prefix(prefix_k, prefix_v, window, prefix_lens, prefix_index)
 
     # ---- the cache: own tokens only (DynamicCache.update) ----
-    def reset(self):
-        """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch.
+    def reset(self, *, prefix_index=None):
+        """Drop the sequences' own tokens (the prefix stays), so that the cache serves another batch; prefix_index
+        ([B] ints, several prompts only) says which prompt each row of that batch continues.
 
         Not DynamicCache.reset(): on transformers 5.17 that zeroes the layers' tensors but keeps their length, and
         the next generate() would continue after that many zero keys; 5.2x drops them, as this does on both.
         """
+        if prefix_index is not None:
+            self._set_prefix_index(prefix_index)
         for layer in self.layers:
             layer.keys = layer.values = None
             layer.is_initialized = False   # the next update() initializes the layer afresh
@@ -228,10 +300,10 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
     The buffers take their batch size from the first batch: reset() between batches of that size.
     """
 
-    def __init__(self, prefix_k, prefix_v, *, max_cache_len, window=None):
+    def __init__(self, prefix_k, prefix_v, *, max_cache_len, window=None, prefix_lens=None, prefix_index=None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int (own tokens per row), got {max_cache_len!r}")
-        self._init_prefix(prefix_k, prefix_v, window)
+        self._init_prefix(prefix_k, prefix_v, window, prefix_lens, prefix_index)
         if window is not None and self.prefix_length + max_cache_len > window:
             # Its decode step attends to the whole buffer, the query placed at its end (_OwnStaticLayer): the
             # kernels' window would measure from there, not from the query's own position.
@@ -242,11 +314,24 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
         if not torch.compiler.is_compiling():
             # Fixed addresses: the compiled step reads the prefix in place. Unmarked, CUDA-graph replays would copy
             # every layer's prefix into the graph's own inputs on every step.
-            for t in self.prefix_k + self.prefix_v:
+            lengths = [self.prefix_lens] if self.prefix_lens is not None else []  # (the index: _set_prefix_index)
+            for t in self.prefix_k + self.prefix_v + lengths:
                 torch._dynamo.mark_static_address(t)
 
-    def reset(self):
-        """Forget the own tokens (the prefix stays); the buffers keep their address for the compiled step."""
+    def _set_prefix_index(self, prefix_index):
+        index = self._checked_index(prefix_index)
+        if self.prefix_index is not None and self.prefix_index.shape == index.shape:
+            self.prefix_index.copy_(index)  # in place: the compiled step reads it at its address
+        else:
+            self.prefix_index = index.clone()
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.prefix_index)
+
+    def reset(self, *, prefix_index=None):
+        """Forget the own tokens (the prefix stays); the buffers keep their address for the compiled step.
+        prefix_index ([B] ints, several prompts only): which prompt each row of the next batch continues."""
+        if prefix_index is not None:
+            self._set_prefix_index(prefix_index)
         for layer in self.layers:
             if layer.is_initialized:
                 layer.cumulative_length.zero_()
@@ -267,6 +352,9 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
     def load_prompt(self, model, prompt_ids):
         """Serve another prompt of the same length: its K/V is written over the prefix in place (the compiled step
         and its CUDA graphs stay valid), and the own tokens are forgotten."""
+        if self.prefix_lens is not None:
+            raise ValueError("load_prompt replaces a one-prompt cache's prefix; this cache holds several prompts: "
+                             "build a new one with from_prompts")
         keys, values = _prompt_kv(model, prompt_ids)
         if keys[0].shape != self.prefix_k[0].shape:
             raise ValueError(f"load_prompt replaces the prefix in place: the new prompt's K/V per layer is "

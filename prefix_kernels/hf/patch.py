@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import BACKEND_ATTR, SOURCE_ATTR, WINDOW_ATTR
+from .attention import BACKEND_ATTR, SOURCE_ATTR, WINDOW_ATTR, row_prefix_lengths
 
 
 @dataclass(frozen=True)
@@ -185,18 +185,19 @@ def _positions_hook(family, source, signature, shift_given, modules=()):
                 mask.shape[1] == prefix_len + past + seq:
             mask = mask[:, prefix_len:]
             arguments["attention_mask"] = mask
+        shift = row_prefix_lengths(active, batch)  # P, or [B, 1] where the source's prefixes differ in length
         given = arguments.get("position_ids")
         if given is not None:
             if shift_given and prefix_len:
-                arguments["position_ids"] = given + prefix_len
+                arguments["position_ids"] = given + shift
         else:
             device = tokens.device
             if family.positions == "cumsum" and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                full = torch.cat([torch.ones(batch, prefix_len, device=device, dtype=torch.long),
-                                  mask.to(device=device, dtype=torch.long)], dim=1)
-                arguments["position_ids"] = (full.cumsum(1) * full - 1)[:, -seq:]
+                # as the naive path's cumsum over [P ones, mask]: pads at -1, real tokens from P
+                mask = mask.to(device=device, dtype=torch.long)
+                arguments["position_ids"] = ((mask.cumsum(1) + shift) * mask - 1)[:, -seq:]
             else:
-                arguments["position_ids"] = (torch.arange(seq, device=device) + past + prefix_len)[None]
+                arguments["position_ids"] = torch.arange(seq, device=device)[None] + past + shift
         return (), arguments
 
     return hook
