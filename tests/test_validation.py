@@ -98,6 +98,35 @@ def test_bad_input_raises_naming_the_argument(name, monkeypatch):
         prefix_attention(**good_tensors, **good_options)
 
 
+def test_an_index_found_in_range_is_not_read_again_until_written(monkeypatch):
+    """A model passes the same prefix_index to every layer: its values (a host sync to read) are checked once. An
+    in-place write (the version counter) or other bounds check it again; an inference tensor, which keeps no
+    version counter, is checked every time."""
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(t) or aminmax(t))
+    prefix_k, prefix_v = torch.randn(3, 2, 4, 32, device=DEVICE), torch.randn(3, 2, 4, 32, device=DEVICE)
+    index = torch.tensor([2, 0], device=DEVICE)
+    tensors, options = _inputs(prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=index, backend="torch")
+    for _ in range(3):
+        prefix_attention(**tensors, **options)
+    assert len(reads) == 1
+    index[1] = 3   # out of range now
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\].*got values in \[2, 3\]"):
+        prefix_attention(**tensors, **options)
+    index[1] = 1
+    prefix_attention(**tensors, **options)
+    fewer = dict(tensors, prefix_k=prefix_k[:2], prefix_v=prefix_v[:2])   # the same tensor, bounds [0, 1]
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 1\]"):
+        prefix_attention(**fewer, **options)
+    reads.clear()
+    with torch.inference_mode():
+        frozen = torch.tensor([2, 0], device=DEVICE)
+        for _ in range(2):
+            prefix_attention(**tensors, **dict(options, prefix_index=frozen))
+    assert len(reads) == 2
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
 def test_device_mismatch_names_the_argument():
     tensors, options = _inputs()

@@ -21,6 +21,8 @@ the prefix's visibility are the kernel's.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..attention import prefix_attention
@@ -99,7 +101,7 @@ def row_prefix_lengths(source, batch):
     return lens[:, None]
 
 
-def _prefix_window(source, prefix_len, length, window, key_padding_mask) -> dict:
+def _prefix_window(source, prefix_len, length, window, attention_mask, key_padding_mask) -> dict:
     """The kernels' options for a sliding-window layer whose window reaches into the prefix: {} when every prefix
     key is within every query's reach (P + L <= window), else window_includes_prefix and, for a serving cache, each
     row's left padding.
@@ -119,8 +121,30 @@ def _prefix_window(source, prefix_len, length, window, key_padding_mask) -> dict
         return {}
     options = {"window_includes_prefix": True}
     if isinstance(source, Cache) and key_padding_mask is not None:
-        options["left_padding"] = (~key_padding_mask).long().cumprod(dim=-1).sum(dim=-1)
+        options["left_padding"] = _left_padding(attention_mask, key_padding_mask)
     return options
+
+
+_LEFT_PADDING = {}   # "last": (weak reference to a forward's mask, its version counter, [B, L] shape, left padding)
+
+
+def _left_padding(attention_mask, key_padding_mask):
+    """Each row's keys before its first real one, computed once per forward: every layer of a forward gets the same
+    mask object from the mask function, and the same left_padding tensor lets the range check (validation.py) read
+    its values once, not once per layer (a host sync each). Not memoized while compiling, nor for inference
+    tensors (no version counter to tell an in-place write)."""
+    def count():
+        return (~key_padding_mask).long().cumprod(dim=-1).sum(dim=-1)
+
+    if torch.compiler.is_compiling() or attention_mask.is_inference():
+        return count()
+    entry = _LEFT_PADDING.get("last")
+    if entry is not None and entry[0]() is attention_mask and entry[1] == attention_mask._version and \
+            entry[2] == key_padding_mask.shape:
+        return entry[3]
+    padding = count()
+    _LEFT_PADDING["last"] = (weakref.ref(attention_mask), attention_mask._version, key_padding_mask.shape, padding)
+    return padding
 
 
 def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -155,7 +179,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
                          "use_bidirectional_attention) is not supported by the prefix_kernels attention: its window "
                          "is two-sided, the kernels' one-sided")
     key_padding_mask = _padding_mask(attention_mask, batch, length)
-    options.update(_prefix_window(source, prefix_k.shape[-2], length, window, key_padding_mask))
+    options.update(_prefix_window(source, prefix_k.shape[-2], length, window, attention_mask, key_padding_mask))
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
