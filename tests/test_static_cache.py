@@ -121,15 +121,17 @@ def test_other_families_equal_stock(family):
         assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
 
 
-@pytest.mark.parametrize("prompts", [1, 3], ids=["one-prompt", "three-prompts"])
-def test_compiled_decode_step_is_one_graph_and_equals_stock(device, prompts):
+@pytest.mark.parametrize("prompts,family", [(1, "llama"), (3, "llama"), (1, "mistral")],
+                         ids=["one-prompt", "three-prompts", "window-over-the-prompt"])
+def test_compiled_decode_step_is_one_graph_and_equals_stock(device, prompts, family):
     """The decode step through the Triton kernels (the custom op), compiled whole: tokens equal the stock model's,
     one graph for every step and both batches (a recompilation per step would be a new graph). With several
     prompts (from_prompts) the second batch continues other prompts: reset(prefix_index=...) writes the index in
-    place, where the compiled step reads it."""
+    place, where the compiled step reads it. Mistral's window (13) slides over the 11-token prompt."""
     from torch._dynamo.utils import counters
+    from test_hf import tiny_model as hf_tiny_model
 
-    model = tiny_model("llama").to(device)
+    model = (tiny_model(family) if family == "llama" else hf_tiny_model(family, sliding_window=PROMPT + 2)).to(device)
     prompt, suffixes = random_inputs()
     prompt, suffixes = prompt.to(device), [s.to(device) for s in suffixes]
     others = [torch.randint(2, VOCAB, (n,), device=device) for n in (5, 8)][:prompts - 1]
@@ -199,7 +201,37 @@ def test_refusals():
     with pytest.raises(ValueError, match="StaticCache .* is not supported"):
         generate(model, ids, mask, cache_implementation="static")
     config = transformers.MistralConfig(**{**model.config.to_dict(), "model_type": "mistral"},
-                                        sliding_window=PROMPT + 4)
+                                        sliding_window=ids.shape[1] + NEW - 1)
     mistral = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with pytest.raises(ValueError, match="sliding window"):
+    with pytest.raises(ValueError, match=r"max_cache_len \(13\) exceeds the model's sliding window \(12\)"):
         static_cache(mistral, prompt, ids.shape[1])
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_sliding_window_over_the_prompt_equals_stock_and_the_dynamic_cache(family):
+    """A window of 13 over an 11-token prompt and 13 own slots per row: its decode steps see the whole buffer, the
+    query at its end, so the attention moves the prompt right by the slots not written yet; the rows are
+    left-padded by 4, 0 and 6. Tokens per row against the stock model, logits against the dynamic cache's."""
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model(family, sliding_window=PROMPT + 2)
+    prompt, suffixes = random_inputs()
+    want = stock_rows(model, prompt, suffixes)
+    ids, mask = left_padded(suffixes)
+    want_ids, want_logits = scores(model, ids, mask, prefix_kernels.SharedPrefixCache.from_prompt(model, prompt))
+    cache = static_cache(model, prompt, ids.shape[1])
+    assert cache.prefix_length + ids.shape[1] + NEW > PROMPT + 2   # the window leaves the prompt's first keys
+    got_ids, got_logits = scores(model, ids, mask, cache)
+    for i, (got, expected) in enumerate(zip(rows_of(got_ids, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    # a prefill of right-padded rows: its keys end in padding, not in unwritten slots (only a decode step's are)
+    right = torch.stack([torch.cat([s, s.new_zeros(ids.shape[1] - len(s))]) for s in suffixes])
+    right_mask = torch.flip(mask, dims=[1])
+    with torch.no_grad():
+        dynamic = prefix_kernels.SharedPrefixCache.from_prompt(model, prompt)
+        want = model(input_ids=right, attention_mask=right_mask, past_key_values=dynamic).logits
+        got = model(input_ids=right, attention_mask=right_mask, past_key_values=static_cache(model, prompt,
+                                                                                              ids.shape[1])).logits
+    real = right_mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)

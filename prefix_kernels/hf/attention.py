@@ -101,7 +101,7 @@ def row_prefix_lengths(source, batch):
     return lens[:, None]
 
 
-def _prefix_window(source, prefix_len, length, window, attention_mask, key_padding_mask) -> dict:
+def _prefix_window(source, prefix_len, seq_q, length, window, attention_mask, key_padding_mask) -> dict:
     """The kernels' options for a sliding-window layer whose window reaches into the prefix: {} when every prefix
     key is within every query's reach (P + L <= window), else window_includes_prefix and, for a serving cache, each
     row's left padding.
@@ -121,20 +121,27 @@ def _prefix_window(source, prefix_len, length, window, attention_mask, key_paddi
         return {}
     options = {"window_includes_prefix": True}
     if isinstance(source, Cache) and key_padding_mask is not None:
-        options["left_padding"] = _left_padding(attention_mask, key_padding_mask)
+        # A static cache's decode step sees its whole buffer, the query placed at the buffer's end (hf/cache.py's
+        # _OwnStaticLayer): the kernels measure the prefix's window from there, so the prefix moves right by the
+        # slots not written yet (the mask's trailing False; the query's own slot is a real token). Its own keys
+        # are all within the window: the cache holds no more than the window (StaticSharedPrefixCache's check).
+        unwritten = seq_q == 1 and getattr(source, "decode_sees_whole_buffer", False)
+        options["left_padding"] = _left_padding(attention_mask, key_padding_mask, unwritten)
     return options
 
 
-_LEFT_PADDING = {}   # "last": (weak reference to a forward's mask, its version counter, [B, L] shape, left padding)
+_LEFT_PADDING = {}   # "last": (weak reference to a forward's mask, its version counter, [B, L], left padding)
 
 
-def _left_padding(attention_mask, key_padding_mask):
-    """Each row's keys before its first real one, computed once per forward: every layer of a forward gets the same
-    mask object from the mask function, and the same left_padding tensor lets the range check (validation.py) read
-    its values once, not once per layer (a host sync each). Not memoized while compiling, nor for inference
-    tensors (no version counter to tell an in-place write)."""
+def _left_padding(attention_mask, key_padding_mask, unwritten):
+    """Each row's keys before its first real one (plus, where `unwritten`, its keys after its last one), computed
+    once per forward: every layer of a forward gets the same mask object from the mask function, and the same
+    left_padding tensor lets the range check (validation.py) read its values once, not once per layer (a host sync
+    each). Not memoized while compiling, nor for inference tensors (no version counter to tell an in-place write)."""
     def count():
-        return (~key_padding_mask).long().cumprod(dim=-1).sum(dim=-1)
+        padding = (~key_padding_mask).long()
+        leading = padding.cumprod(dim=-1).sum(dim=-1)
+        return leading + padding.flip(-1).cumprod(dim=-1).sum(dim=-1) if unwritten else leading
 
     if torch.compiler.is_compiling() or attention_mask.is_inference():
         return count()
@@ -179,7 +186,8 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
                          "use_bidirectional_attention) is not supported by the prefix_kernels attention: its window "
                          "is two-sided, the kernels' one-sided")
     key_padding_mask = _padding_mask(attention_mask, batch, length)
-    options.update(_prefix_window(source, prefix_k.shape[-2], length, window, attention_mask, key_padding_mask))
+    options.update(_prefix_window(source, prefix_k.shape[-2], query.shape[2], length, window, attention_mask,
+                                  key_padding_mask))
     softcap = kwargs.get("softcap")
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,

@@ -241,7 +241,7 @@ class SharedPrefixCache(_SharedPrefix, DynamicCache):
 
     prefix_k, prefix_v: one [Hkv, P, D] tensor per layer (as the model's cache holds them, after RoPE), or, for
     several prompts, one [N, Hkv, P, D] per layer with prefix_lens [N] (their lengths) and prefix_index [B].
-    window: the model's sliding window, if its layers slide (StaticSharedPrefixCache's limit; this cache serves
+    window: the model's sliding window, if its layers slide (StaticSharedPrefixCache's max_cache_len limit; this serves
     sequences past it, the window sliding over the prompt as in the stock model).
     After a generate() the own part holds that batch's tokens: call reset() (the prefix stays) before reusing it.
     StaticSharedPrefixCache is the same with preallocated own tokens, for compiled (CUDA-graph) decoding.
@@ -300,16 +300,19 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
     The buffers take their batch size from the first batch: reset() between batches of that size.
     """
 
+    decode_sees_whole_buffer = True   # (hf/attention.py: where its decode step measures a sliding window from)
+
     def __init__(self, prefix_k, prefix_v, *, max_cache_len, window=None, prefix_lens=None, prefix_index=None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int (own tokens per row), got {max_cache_len!r}")
         self._init_prefix(prefix_k, prefix_v, window, prefix_lens, prefix_index)
-        if window is not None and self.prefix_length + max_cache_len > window:
+        if window is not None and max_cache_len > window:
             # Its decode step attends to the whole buffer, the query placed at its end (_OwnStaticLayer): the
-            # kernels' window would measure from there, not from the query's own position.
-            raise ValueError(f"the prefix ({self.prefix_length} tokens) and max_cache_len ({max_cache_len}) exceed "
-                             f"the model's sliding window ({int(window)}): a StaticSharedPrefixCache serves "
-                             "sequences within the window (SharedPrefixCache serves them past it)")
+            # kernels' window measures from there. The attention moves the prefix by the slots not written yet
+            # (hf/attention.py's _prefix_window), but the own keys cannot move: they must all be within reach.
+            raise ValueError(f"max_cache_len ({max_cache_len}) exceeds the model's sliding window ({int(window)}): "
+                             "a StaticSharedPrefixCache serves sequences whose own tokens fit the window (the prompt "
+                             "may pass it; SharedPrefixCache serves any length)")
         Cache.__init__(self, layers=[_OwnStaticLayer(max_cache_len=max_cache_len) for _ in self.prefix_k])
         if not torch.compiler.is_compiling():
             # Fixed addresses: the compiled step reads the prefix in place. Unmarked, CUDA-graph replays would copy
