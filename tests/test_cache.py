@@ -210,6 +210,30 @@ def test_from_learned_prefix_equals_the_patched_model():
     assert torch.equal(generate(model, ids, mask, past_key_values=cache), want)
 
 
+def test_several_learned_prefixes_equal_the_patched_model_per_row():
+    """from_prefixes: learned prefixes of 5 and 2 tokens (say, two tasks) served in one batch, each row equal to
+    the model patched with its own prefix alone."""
+    model = tiny_model("qwen2")
+    prefixes = [prefix_kernels.PrefixTuning(model, num_virtual_tokens=n) for n in (5, 2)]
+    for prefix in prefixes:
+        randomize(prefix)
+    _, suffixes = random_inputs()
+    index = [1, 0, 1]
+    want = []
+    for n, suffix in zip(index, suffixes):
+        prefix_kernels.patch(model, prefixes[n])
+        want.append(generate(model, suffix[None], torch.ones(1, len(suffix), dtype=torch.long))[0])
+        prefix_kernels.unpatch(model)
+    cache = prefix_kernels.SharedPrefixCache.from_prefixes(model, [p.export() for p in prefixes], prefix_index=index)
+    assert cache.prefix_lens.tolist() == [5, 2]
+    ids, mask = left_padded(suffixes)
+    out = generate(model, ids, mask, past_key_values=cache)
+    for i, (got, expected) in enumerate(zip(rows_of(out, suffixes, ids.shape[1]), want)):
+        assert torch.equal(got, expected), f"row {i}: {got.tolist()} != {expected.tolist()}"
+    with pytest.raises(TypeError, match="prefixes must be a non-empty list"):
+        prefix_kernels.SharedPrefixCache.from_prefixes(model, prefixes[0])
+
+
 def test_prompt_after_a_learned_prefix():
     """On a model patched with a learned prefix, the prompt attends to it and the cache serves both."""
     model = tiny_model("llama")

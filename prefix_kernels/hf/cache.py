@@ -22,7 +22,8 @@ is already patched with a learned prefix, from_prompt's prompt attends to that p
 
 from_prompts(model, [prompt_a, prompt_b, ...], prefix_index=[B]) serves rows that continue different prompts in one
 batch: the prompts, padded to the longest, are the kernels' multiple prefixes (prefix_lens, prefix_index), and each
-row's positions start after its own prompt (hf/attention.py's row_prefix_lengths).
+row's positions start after its own prompt (hf/attention.py's row_prefix_lengths). from_prefixes does the same for
+several learned prefixes.
 
 StaticSharedPrefixCache is the same with the own tokens in preallocated buffers (transformers' StaticLayer), so
 that generate() compiles its decode step (CUDA graphs on a GPU); its layers and the mask function agree on what a
@@ -211,29 +212,49 @@ class _SharedPrefix:
         The sequences continue the prefix alone (the model's own patched prefix, if any, is not added).
         """
         _check_model(model)
-        if not hasattr(prefix, "layer_prefix") or not hasattr(prefix, "prefix_length"):
-            raise TypeError(f"prefix must be a prefix source (with prefix_length and layer_prefix(layer_idx)), "
-                            f"got {type(prefix).__name__}")
-        if getattr(prefix, "prefix_index", None) is not None:
-            raise ValueError("a SharedPrefixCache serves one prefix; this source has several (prefix_index)")
-        layers, heads_kv, head_dim = kv_geometry(model)
-        parameter = next(model.parameters())
-        with torch.no_grad():
-            if hasattr(prefix, "begin_forward"):
-                prefix.begin_forward()
-            keys, values = [], []
-            for layer in range(layers):
-                pair = prefix.layer_prefix(layer)
-                if pair is None:
-                    raise ValueError(f"the prefix has no K/V on layer {layer}")
-                k, v = (t.detach().to(device=parameter.device, dtype=parameter.dtype).contiguous() for t in pair)
-                if k.shape != (heads_kv, int(prefix.prefix_length), head_dim):
-                    raise ValueError(f"layer {layer}: prefix K/V of shape {tuple(k.shape)}, expected "
-                                     f"{(heads_kv, int(prefix.prefix_length), head_dim)}")
-                keys.append(k)
-                values.append(v)
+        keys, values = _learned_kv(model, prefix)
         _ensure_patched(model, backend)
         return cls(keys, values, window=_sliding_window(model), **options)
+
+    @classmethod
+    def from_prefixes(cls, model, prefixes, *, prefix_index=None, backend="auto", **options):
+        """Several learned prefixes in one cache (say, one per task, of any lengths): a batch mixes rows that
+        continue different ones, as from_prompts does for prompts. prefix_index: [B] ints, which one each row
+        continues (or later: cache.reset(prefix_index=...))."""
+        _check_model(model)
+        if not isinstance(prefixes, (list, tuple)) or not prefixes:
+            raise TypeError(f"prefixes must be a non-empty list of prefix sources, got {type(prefixes).__name__}")
+        keys, values, lengths = _stacked_prompts([_learned_kv(model, prefix) for prefix in prefixes])
+        _ensure_patched(model, backend)
+        return cls(keys, values, window=_sliding_window(model), prefix_lens=lengths, prefix_index=prefix_index,
+                   **options)
+
+
+def _learned_kv(model, prefix):
+    """Each layer's K/V of a prefix source with one prefix, detached, in the model's dtype: [Hkv, P, D]."""
+    if not hasattr(prefix, "layer_prefix") or not hasattr(prefix, "prefix_length"):
+        raise TypeError(f"prefix must be a prefix source (with prefix_length and layer_prefix(layer_idx)), "
+                        f"got {type(prefix).__name__}")
+    if getattr(prefix, "prefix_index", None) is not None:
+        raise ValueError("a prefix source with several prefixes (prefix_index) cannot be served as one; pass them "
+                         "one by one to from_prefixes")
+    layers, heads_kv, head_dim = kv_geometry(model)
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        if hasattr(prefix, "begin_forward"):
+            prefix.begin_forward()
+        keys, values = [], []
+        for layer in range(layers):
+            pair = prefix.layer_prefix(layer)
+            if pair is None:
+                raise ValueError(f"the prefix has no K/V on layer {layer}")
+            k, v = (t.detach().to(device=parameter.device, dtype=parameter.dtype).contiguous() for t in pair)
+            if k.shape != (heads_kv, int(prefix.prefix_length), head_dim):
+                raise ValueError(f"layer {layer}: prefix K/V of shape {tuple(k.shape)}, expected "
+                                 f"{(heads_kv, int(prefix.prefix_length), head_dim)}")
+            keys.append(k)
+            values.append(v)
+    return keys, values
 
 
 class SharedPrefixCache(_SharedPrefix, DynamicCache):
