@@ -97,16 +97,45 @@ def _values_checkable(tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# The last index tensor found in range per argument: (weak reference, version counter, bounds). A model calls the
-# attention once per layer with the same prefix_index / prefix_lens (and the HF patch the same left_padding per
-# forward); reading their values syncs the host with the device, so each is checked once, not once per layer. An
-# in-place write bumps the version counter and brings a new check; inference tensors keep no counter: always checked.
-_CHECKED_IN_RANGE: dict[str, tuple] = {}
+# Index tensors the library itself made and knows to be in range: (name, id) -> (weak reference, version counter or
+# None for an inference tensor, (lower, upper)), each entry dropped with its tensor. A model calls the attention
+# once per layer with the same prefix_index / prefix_lens / left_padding of a serving cache, and reading their
+# values syncs the host with the device: trusted, they are read once (when the library made them), not once per
+# layer. A caller's own tensor is read on every call: a write through .data or numpy would not show in its version
+# counter.
+_TRUSTED: dict[tuple, tuple] = {}
 
 
-def _known_in_range(name, tensor, bounds) -> bool:
-    entry = _CHECKED_IN_RANGE.get(name)
-    return entry is not None and entry[0]() is tensor and entry[1] == tensor._version and entry[2] == bounds
+def _version(tensor):
+    return None if tensor.is_inference() else tensor._version
+
+
+def trust_index_values(name, tensor, lower, upper):
+    """For library code that made `tensor` (an index argument of prefix_attention) with values in [lower, upper]:
+    validate() skips reading them while the tensor is unchanged (an in-place write bumps its version counter;
+    inference tensors have none, so the library trusts only those no caller holds)."""
+    if torch.compiler.is_compiling():
+        return
+    key = (name, id(tensor))
+    reference = weakref.ref(tensor, lambda _, key=key: _TRUSTED.pop(key, None))
+    _TRUSTED[key] = (reference, _version(tensor), (lower, upper))
+
+
+def _trusted(name, tensor, lower, upper) -> bool:
+    entry = _TRUSTED.get((name, id(tensor)))
+    return entry is not None and entry[0]() is tensor and entry[1] == _version(tensor) and \
+        lower <= entry[2][0] and entry[2][1] <= upper
+
+
+def check_index_values(name, tensor, upper, upper_meaning, lower=0):
+    """A ValueError naming `name` unless its values lie in [lower, upper]: one host sync (none for a trusted
+    tensor, nor while compiling or capturing a CUDA graph, where values cannot be read)."""
+    if not tensor.numel() or not _values_checkable(tensor) or _trusted(name, tensor, lower, upper):
+        return
+    low, high = torch.stack(torch.aminmax(tensor)).tolist()  # one host sync for both
+    if low < lower or high > upper:
+        raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
+                         f"got values in [{low}, {high}]")
 
 
 def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upper_meaning, lower=0):
@@ -115,14 +144,7 @@ def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upp
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {tensor.dtype}")
     _require_shape(name, tensor, (length,), length_meaning)
     _require_device(name, tensor, device)
-    if not tensor.numel() or not _values_checkable(tensor) or _known_in_range(name, tensor, (lower, upper)):
-        return
-    low, high = torch.stack(torch.aminmax(tensor)).tolist()  # one host sync for both
-    if low < lower or high > upper:
-        raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
-                         f"got values in [{low}, {high}]")
-    if not tensor.is_inference():
-        _CHECKED_IN_RANGE[name] = (weakref.ref(tensor), tensor._version, (lower, upper))
+    check_index_values(name, tensor, upper, upper_meaning, lower)
 
 
 def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,

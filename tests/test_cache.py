@@ -320,17 +320,53 @@ def test_several_prompts_refusals():
     ids, mask = left_padded(suffixes)
     with pytest.raises(TypeError, match="prompts must be a non-empty list"):
         prefix_kernels.SharedPrefixCache.from_prompts(model, prompts[0])
-    with pytest.raises(ValueError, match=r"prefix_index must be a 1-D int index .* in \[0, 2\], got \[0, 3, 1\]"):
+    with pytest.raises(TypeError, match="a prompt must be token ids"):
+        prefix_kernels.SharedPrefixCache.from_prompts(model, [prompts[0], None])
+    with pytest.raises(TypeError, match="a prompt must be int token ids, got torch.float32"):
+        prefix_kernels.SharedPrefixCache.from_prompts(model, [prompts[0], prompts[1].float()])
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\] \(N = 3 prompts\), got values "
+                                         r"in \[0, 3\]"):
         prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=[0, 3, 1])
     cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts)
+    with pytest.raises(TypeError, match="prefix_index must hold int32 or int64 values, got torch.int16"):
+        cache.reset(prefix_index=torch.tensor([0, 1, 2], dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"prefix_index must be 1-D, \[B\]: .* got shape \(\)"):
+        cache.reset(prefix_index=1)
     with pytest.raises(ValueError, match="holds 3 prefixes but no prefix_index"):
         generate(model, ids, mask, past_key_values=cache)
     cache.reset(prefix_index=[0, 1])
     with pytest.raises(ValueError, match="prefix_index has 2 rows but the forward has 3"):
         generate(model, ids, mask, past_key_values=cache)
+    # the cache keeps its own copy of the caller's index; assigning one checks it too
+    mine = torch.tensor([0, 1, 2])
+    cache.prefix_index = mine
+    mine[0] = 7
+    assert cache.prefix_index.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\]"):
+        cache.prefix_index = [0, 1, 5]
+    # a write to the cache's index in place is seen (its version counter) before the positions index with it
+    cache.prefix_index[1] = 5
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\] \(N = 3 prefixes\), got "
+                                         r"values in \[0, 5\]"):
+        generate(model, ids, mask, past_key_values=cache)
     one = prefix_kernels.SharedPrefixCache.from_prompt(model, prompts[0])
     with pytest.raises(ValueError, match="this cache holds one"):
         one.reset(prefix_index=[0, 0, 0])
+
+
+def test_only_a_serving_cache_repeats_its_index_for_a_wider_batch():
+    """generate() repeats each row for beams: a serving cache's index follows. A prefix source given to patch()
+    (training, say) keeps the contract's one entry per row: an index of 2 rows for a batch of 4 is an error."""
+    from prefix_kernels.hf.prefix_tuning import FrozenPrefix
+
+    model = tiny_model("llama")
+    source = FrozenPrefix(torch.randn(2, 2, 2, 3, 32), torch.randn(2, 2, 2, 3, 32))   # [layers, N, Hkv, P, D]
+    source.layer_prefix = lambda layer: (source.prefix_k[layer], source.prefix_v[layer])
+    source.prefix_index = torch.tensor([0, 1])
+    prefix_kernels.patch(model, source)
+    with pytest.raises(ValueError, match=r"prefix_index must have shape \[B\] = \(4,\), got \(2,\)"):
+        model(input_ids=torch.randint(2, VOCAB, (4, 5)))
+    assert model(input_ids=torch.randint(2, VOCAB, (2, 5))).logits.shape == (2, 5, VOCAB)
 
 
 def test_unsupported_models_and_inputs():
@@ -368,6 +404,30 @@ def test_sliding_window_slides_over_the_prompt_as_in_the_stock_model(family, win
         got = tokens[i, ids.shape[1] - len(suffix):]
         assert torch.equal(got, expected_tokens[0, PROMPT:]), f"row {i}: {got.tolist()}"
         assert_logits_close(logits[i], expected_logits[0])
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["no-grad", "inference-mode"])
+def test_eager_serving_reads_no_index_on_the_host(monkeypatch, inference):
+    """The index arguments of a multi-prompt serving step past a window (prefix_index expanded for beams,
+    prefix_lens, left_padding) are the library's own, trusted by the range check: no host read of their values in
+    any layer of any step (each one a sync), under no_grad or inference_mode."""
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model("mistral", sliding_window=6)
+    prompts, suffixes, index = several_prompts()
+    with torch.inference_mode(inference):
+        cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=index)
+        ids, mask = left_padded(suffixes)
+        reads = []
+        aminmax = torch.aminmax
+        monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(tuple(t.shape)) or aminmax(t))
+        generate(model, ids, mask, past_key_values=cache, num_beams=2)
+        assert not reads, reads
+        # the cache's index is a normal tensor even when made in inference mode: a write to it in place is seen
+        cache.reset()
+        cache.prefix_index[0] = 9
+        with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\]"):
+            generate(model, ids, mask, past_key_values=cache)
 
 
 def test_left_padding_is_counted_once_per_forward(monkeypatch):

@@ -98,10 +98,13 @@ def test_bad_input_raises_naming_the_argument(name, monkeypatch):
         prefix_attention(**good_tensors, **good_options)
 
 
-def test_an_index_found_in_range_is_not_read_again_until_written(monkeypatch):
-    """A model passes the same prefix_index to every layer: its values (a host sync to read) are checked once. An
-    in-place write (the version counter) or other bounds check it again; an inference tensor, which keeps no
-    version counter, is checked every time."""
+def test_index_values_are_read_unless_the_library_made_them(monkeypatch):
+    """Reading an index's values syncs the host (per layer in a model). A caller's tensor is read on every call (a
+    write through .data or numpy would not show in its version counter); one the library made and trusts
+    (trust_index_values: a serving cache's index) is not, until an in-place write bumps its version counter, or a
+    call needs narrower bounds than it was trusted for."""
+    from prefix_kernels.validation import trust_index_values
+
     reads = []
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(t) or aminmax(t))
@@ -110,21 +113,29 @@ def test_an_index_found_in_range_is_not_read_again_until_written(monkeypatch):
     tensors, options = _inputs(prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=index, backend="torch")
     for _ in range(3):
         prefix_attention(**tensors, **options)
-    assert len(reads) == 1
-    index[1] = 3   # out of range now
+    assert len(reads) == 3
+    index.data[1] = 3   # no version bump: a caller's tensor is read anyway
     with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\].*got values in \[2, 3\]"):
         prefix_attention(**tensors, **options)
     index[1] = 1
-    prefix_attention(**tensors, **options)
+
+    reads.clear()
+    trust_index_values("prefix_index", index, 0, 2)
+    for _ in range(3):
+        prefix_attention(**tensors, **options)
+    assert not reads
+    index[1] = 3   # out of range now, and the version counter tells
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\].*got values in \[2, 3\]"):
+        prefix_attention(**tensors, **options)
+    index[1] = 1
+    trust_index_values("prefix_index", index, 0, 2)
     fewer = dict(tensors, prefix_k=prefix_k[:2], prefix_v=prefix_v[:2])   # the same tensor, bounds [0, 1]
     with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 1\]"):
         prefix_attention(**fewer, **options)
+    other = index.clone()   # another tensor, not trusted
     reads.clear()
-    with torch.inference_mode():
-        frozen = torch.tensor([2, 0], device=DEVICE)
-        for _ in range(2):
-            prefix_attention(**tensors, **dict(options, prefix_index=frozen))
-    assert len(reads) == 2
+    prefix_attention(**tensors, **dict(options, prefix_index=other))
+    assert len(reads) == 1
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")

@@ -26,6 +26,7 @@ import weakref
 import torch
 
 from ..attention import prefix_attention
+from ..validation import check_index_values, trust_index_values
 
 NAME = "prefix_kernels"
 SOURCE_ATTR = "_prefix_kernels_source"
@@ -70,24 +71,52 @@ def _padding_mask(attention_mask, batch, length):
 
 
 def rows_prefix_index(source, batch):
-    """The source's prefix_index for a forward of `batch` rows, or None. An index of B0 rows also serves k * B0 rows
-    as generate() expands a batch for beam search or num_return_sequences (each row repeated k times in place, the
-    beams of a row staying in its group when reordered)."""
+    """The source's prefix_index for a forward of `batch` rows, or None.
+
+    A serving cache's index of B0 rows also serves k * B0 rows as generate() expands a batch for beam search or
+    num_return_sequences (each row repeated k times in place, its beams staying in its group when reordered); the
+    expansion is made once per forward. Other sources need one entry per row (validation.py says so otherwise).
+    The values are checked here, before the positions index prefix_lens with them (no host read for the cache's own
+    index, which it checked when it was set)."""
+    from transformers import Cache
+
     index = getattr(source, "prefix_index", None)
+    lens = getattr(source, "prefix_lens", None)
     if index is None:
-        lens = getattr(source, "prefix_lens", None)
         if lens is not None and lens.shape[0] > 1:
             raise ValueError(f"the prefix source holds {lens.shape[0]} prefixes but no prefix_index says which one "
                              "each row continues (SharedPrefixCache.from_prompts(..., prefix_index=...) or "
                              "cache.reset(prefix_index=...))")
         return None
-    rows = index.shape[0]
-    if rows == batch:
+    if lens is not None and index.dim() == 1:
+        check_index_values("prefix_index", index, lens.shape[0] - 1, f"N = {lens.shape[0]} prefixes")
+    rows = index.shape[0] if index.dim() == 1 else None
+    if rows == batch or not isinstance(source, Cache):
         return index
-    if rows == 0 or batch % rows:
+    if not rows or batch % rows:
         raise ValueError(f"prefix_index has {rows} rows but the forward has {batch}: it must have one per row (or "
                          "per row before generate() repeats each row for beams or num_return_sequences)")
-    return index.repeat_interleave(batch // rows)
+    return _expanded(index, batch // rows, lens.shape[0] - 1)
+
+
+_EXPANDED = {}   # "last": (weak reference to a cache's index, its version counter, repeats, the expanded index)
+
+
+def _expanded(index, repeats, upper):
+    """index.repeat_interleave(repeats), trusted by the range check (its values are the index's, checked), and made
+    once per forward (a model's layers share the cache's index) where the version counter tells a write to the
+    index (not for an inference tensor: made per layer then)."""
+    if torch.compiler.is_compiling():
+        return index.repeat_interleave(repeats)
+    entry = _EXPANDED.get("last")
+    if entry is not None and entry[0]() is index and not index.is_inference() and entry[1] == index._version and \
+            entry[2] == repeats:
+        return entry[3]
+    expanded = index.repeat_interleave(repeats)
+    trust_index_values("prefix_index", expanded, 0, upper)
+    if not index.is_inference():
+        _EXPANDED["last"] = (weakref.ref(index), index._version, repeats, expanded)
+    return expanded
 
 
 def row_prefix_lengths(source, batch):
@@ -135,22 +164,25 @@ _LEFT_PADDING = {}   # "last": (weak reference to a forward's mask, its version 
 
 def _left_padding(attention_mask, key_padding_mask, unwritten):
     """Each row's keys before its first real one (plus, where `unwritten`, its keys after its last one), computed
-    once per forward: every layer of a forward gets the same mask object from the mask function, and the same
-    left_padding tensor lets the range check (validation.py) read its values once, not once per layer (a host sync
-    each). Not memoized while compiling, nor for inference tensors (no version counter to tell an in-place write)."""
+    once per forward (every layer of a forward gets the same mask object from the mask function) where the version
+    counter tells an in-place write (not for inference tensors: made per layer then), and trusted by the range check
+    (validation.py): a count of the keys needs no host read to tell it is in range."""
     def count():
         padding = (~key_padding_mask).long()
         leading = padding.cumprod(dim=-1).sum(dim=-1)
         return leading + padding.flip(-1).cumprod(dim=-1).sum(dim=-1) if unwritten else leading
 
-    if torch.compiler.is_compiling() or attention_mask.is_inference():
+    if torch.compiler.is_compiling():
         return count()
     entry = _LEFT_PADDING.get("last")
-    if entry is not None and entry[0]() is attention_mask and entry[1] == attention_mask._version and \
-            entry[2] == key_padding_mask.shape:
+    if entry is not None and entry[0]() is attention_mask and not attention_mask.is_inference() and \
+            entry[1] == attention_mask._version and entry[2] == key_padding_mask.shape:
         return entry[3]
     padding = count()
-    _LEFT_PADDING["last"] = (weakref.ref(attention_mask), attention_mask._version, key_padding_mask.shape, padding)
+    trust_index_values("left_padding", padding, 0, key_padding_mask.shape[1])   # a count of its keys
+    if not attention_mask.is_inference():
+        _LEFT_PADDING["last"] = (weakref.ref(attention_mask), attention_mask._version, key_padding_mask.shape,
+                                 padding)
     return padding
 
 

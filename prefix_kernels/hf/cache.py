@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
+from ..validation import check_index_values, trust_index_values
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
@@ -80,7 +81,13 @@ def _check_model(model):
 
 def _prompt_kv(model, prompt_ids):
     """Each layer's K/V of `prompt_ids` ([P] or [1, P]) after the model's patched prefix, if any: [Hkv, P', D]."""
-    ids = torch.as_tensor(prompt_ids, device=next(model.parameters()).device).long()
+    try:
+        ids = torch.as_tensor(prompt_ids, device=next(model.parameters()).device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"a prompt must be token ids (a list or an int tensor), got {prompt_ids!r}: {error}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"a prompt must be int token ids, got {ids.dtype}")
+    ids = ids.long()
     ids = ids[None] if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be one non-empty sequence, [P] or [1, P], got shape {tuple(ids.shape)}")
@@ -107,6 +114,24 @@ def _prompt_kv(model, prompt_ids):
             keys.append(k.contiguous())
             values.append(v.contiguous())
     return keys, values
+
+
+def _index_tensor(name, values, device):
+    """`values` (a tensor, or a list of ints) as an int tensor on `device`, or a TypeError naming `name`."""
+    try:
+        tensor = torch.as_tensor(values, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be ints (a list or an int tensor), got {values!r}: {error}") from None
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must hold int32 or int64 values, got {tensor.dtype}")
+    return tensor
+
+
+def _own_copy(index):
+    """The cache's own copy of an index tensor, not the caller's to write, and a normal tensor even when made in
+    inference mode: its version counter tells the range check's trust (validation.py) of any in-place write."""
+    with torch.inference_mode(False):
+        return index.clone()
 
 
 def _stacked_prompts(per_prompt):
@@ -143,33 +168,45 @@ class _SharedPrefix:
         self.prefix_length = int(prefix_k[0].shape[-2])
         self.window = window
         self.prefix_lens = None
-        self.prefix_index = None
+        self._prefix_index = None
         if prefix_lens is not None:
-            prefix_lens = torch.as_tensor(prefix_lens, device=prefix_k[0].device)
             count = prefix_k[0].shape[0]
-            if prefix_lens.shape != (count,) or prefix_lens.dtype not in (torch.int32, torch.int64) or \
-                    bool((prefix_lens < 1).any() or (prefix_lens > self.prefix_length).any()):
-                raise ValueError(f"prefix_lens must be {count} int lengths in [1, {self.prefix_length}] (one per "
-                                 f"prompt), got {prefix_lens.tolist()}")
-            self.prefix_lens = prefix_lens
+            prefix_lens = _index_tensor("prefix_lens", prefix_lens, prefix_k[0].device)
+            if prefix_lens.shape != (count,):
+                raise ValueError(f"prefix_lens must have one length per prompt, [{count}], got shape "
+                                 f"{tuple(prefix_lens.shape)}")
+            check_index_values("prefix_lens", prefix_lens, self.prefix_length, "the longest prompt", lower=1)
+            self.prefix_lens = _own_copy(prefix_lens)
+            trust_index_values("prefix_lens", self.prefix_lens, 1, self.prefix_length)
             if prefix_index is not None:
                 self._set_prefix_index(prefix_index)
         elif prefix_index is not None:
             raise ValueError("prefix_index chooses among several prompts: this cache holds one")
 
+    @property
+    def prefix_index(self):
+        """[B] ints, which prompt each row continues (several prompts only), or None. Set it through reset(
+        prefix_index=...) or by assignment: either checks it and keeps the cache's own copy."""
+        return self._prefix_index
+
+    @prefix_index.setter
+    def prefix_index(self, prefix_index):
+        self._set_prefix_index(prefix_index)
+
     def _checked_index(self, prefix_index):
         if self.prefix_lens is None:
             raise ValueError("prefix_index chooses among several prompts (from_prompts): this cache holds one")
-        index = torch.as_tensor(prefix_index, device=self.prefix_lens.device)
+        index = _index_tensor("prefix_index", prefix_index, self.prefix_lens.device)
+        if index.dim() != 1:
+            raise ValueError(f"prefix_index must be 1-D, [B]: the prompt each row continues, got shape "
+                             f"{tuple(index.shape)}")
         count = self.prefix_lens.shape[0]
-        if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64) or \
-                bool((index < 0).any() or (index >= count).any()):
-            raise ValueError(f"prefix_index must be a 1-D int index of the prompt each row continues, in "
-                             f"[0, {count - 1}], got {index.tolist() if index.dim() <= 1 else tuple(index.shape)}")
+        check_index_values("prefix_index", index, count - 1, f"N = {count} prompts")
         return index
 
     def _set_prefix_index(self, prefix_index):
-        self.prefix_index = self._checked_index(prefix_index)
+        self._prefix_index = _own_copy(self._checked_index(prefix_index))
+        trust_index_values("prefix_index", self._prefix_index, 0, self.prefix_lens.shape[0] - 1)
 
     # ---- the prefix source interface (hf/attention.py) ----
     def layer_prefix(self, layer_idx):
@@ -344,12 +381,13 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
 
     def _set_prefix_index(self, prefix_index):
         index = self._checked_index(prefix_index)
-        if self.prefix_index is not None and self.prefix_index.shape == index.shape:
-            self.prefix_index.copy_(index)  # in place: the compiled step reads it at its address
+        if self._prefix_index is not None and self._prefix_index.shape == index.shape:
+            self._prefix_index.copy_(index)  # in place: the compiled step reads it at its address
         else:
-            self.prefix_index = index.clone()
+            self._prefix_index = _own_copy(index)
             if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(self.prefix_index)
+                torch._dynamo.mark_static_address(self._prefix_index)
+        trust_index_values("prefix_index", self._prefix_index, 0, self.prefix_lens.shape[0] - 1)
 
     def reset(self, *, prefix_index=None):
         """Forget the own tokens (the prefix stays); the buffers keep their address for the compiled step.
