@@ -368,6 +368,13 @@ def test_only_a_serving_cache_repeats_its_index_for_a_wider_batch():
         model(input_ids=torch.randint(2, VOCAB, (4, 5)))
     assert model(input_ids=torch.randint(2, VOCAB, (2, 5))).logits.shape == (2, 5, VOCAB)
 
+    from prefix_kernels.hf.attention import rows_prefix_index
+
+    class IndexedCache(transformers.DynamicCache):   # a cache with an index but no prefix_lens
+        prefix_index = torch.tensor([1, 0])
+
+    assert rows_prefix_index(IndexedCache(), 6).tolist() == [1, 1, 1, 0, 0, 0]
+
 
 def test_unsupported_models_and_inputs():
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=2)

@@ -96,6 +96,8 @@ def rows_prefix_index(source, batch):
     if not rows or batch % rows:
         raise ValueError(f"prefix_index has {rows} rows but the forward has {batch}: it must have one per row (or "
                          "per row before generate() repeats each row for beams or num_return_sequences)")
+    if lens is None:   # (a cache of one's own making: the number of prefixes is the kernels' to check)
+        return index.repeat_interleave(batch // rows)
     return _expanded(index, batch // rows, lens.shape[0] - 1)
 
 
