@@ -89,7 +89,7 @@ def _require_device(name, tensor, device):
         raise ValueError(f"{name} is on {tensor.device} but q is on {device}; all tensors must be on one device")
 
 
-def _values_checkable(tensor) -> bool:
+def values_checkable(tensor) -> bool:
     # Reading values forces a host sync, which is illegal while a CUDA graph is being captured, and a graph break
     # (an error under fullgraph=True) while torch.compile traces.
     if torch.compiler.is_compiling():
@@ -97,12 +97,12 @@ def _values_checkable(tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# Index tensors the library itself made and knows to be in range: (name, id) -> (weak reference, version counter or
-# None for an inference tensor, (lower, upper)), each entry dropped with its tensor. A model calls the attention
-# once per layer with the same prefix_index / prefix_lens / left_padding of a serving cache, and reading their
-# values syncs the host with the device: trusted, they are read once (when the library made them), not once per
-# layer. A caller's own tensor is read on every call: a write through .data or numpy would not show in its version
-# counter.
+# Index tensors whose values the library knows to be in range: (name, id) -> (weak reference, version counter or None
+# for an inference tensor, (lower, upper)), each entry dropped with its tensor. A model calls the attention once per
+# layer with the same prefix_index / prefix_lens / left_padding of a serving cache, and reading their values syncs
+# the host with the device: the cache reads its own once per forward (check_and_trust_index_values), and what the
+# library derives from them (the left padding, the index repeated for beams) is never read; the layers skip them.
+# A caller's own tensor is read on every call: a write through .data or numpy would not show in its version counter.
 _TRUSTED: dict[tuple, tuple] = {}
 
 
@@ -113,29 +113,42 @@ def _version(tensor):
 def trust_index_values(name, tensor, lower, upper):
     """For library code that made `tensor` (an index argument of prefix_attention) with values in [lower, upper]:
     validate() skips reading them while the tensor is unchanged (an in-place write bumps its version counter;
-    inference tensors have none, so the library trusts only those no caller holds)."""
-    if torch.compiler.is_compiling():
+    inference tensors have none, so the library trusts only those no caller holds). Nothing is trusted while
+    compiling or capturing a CUDA graph, where the tensor may hold no values yet."""
+    if not values_checkable(tensor):
         return
     key = (name, id(tensor))
     reference = weakref.ref(tensor, lambda _, key=key: _TRUSTED.pop(key, None))
     _TRUSTED[key] = (reference, _version(tensor), (lower, upper))
 
 
-def _trusted(name, tensor, lower, upper) -> bool:
+def is_trusted(name, tensor, lower, upper) -> bool:
+    """Whether `tensor` is trusted (trust_index_values) to lie within [lower, upper]."""
     entry = _TRUSTED.get((name, id(tensor)))
     return entry is not None and entry[0]() is tensor and entry[1] == _version(tensor) and \
         lower <= entry[2][0] and entry[2][1] <= upper
 
 
-def check_index_values(name, tensor, upper, upper_meaning, lower=0):
-    """A ValueError naming `name` unless its values lie in [lower, upper]: one host sync (none for a trusted
-    tensor, nor while compiling or capturing a CUDA graph, where values cannot be read)."""
-    if not tensor.numel() or not _values_checkable(tensor) or _trusted(name, tensor, lower, upper):
-        return
+def _read_and_check(name, tensor, lower, upper, upper_meaning):
     low, high = torch.stack(torch.aminmax(tensor)).tolist()  # one host sync for both
     if low < lower or high > upper:
         raise ValueError(f"{name} values must lie in [{lower}, {upper}] ({upper_meaning}), "
                          f"got values in [{low}, {high}]")
+
+
+def check_index_values(name, tensor, upper, upper_meaning, lower=0):
+    """A ValueError naming `name` unless its values lie in [lower, upper]: one host sync (none for a trusted
+    tensor, nor while compiling or capturing a CUDA graph, where values cannot be read)."""
+    if tensor.numel() and values_checkable(tensor) and not is_trusted(name, tensor, lower, upper):
+        _read_and_check(name, tensor, lower, upper, upper_meaning)
+
+
+def check_and_trust_index_values(name, tensor, upper, upper_meaning, lower=0):
+    """check_index_values, reading the values even where trusted before, then trusting them: for library code that
+    checks a tensor of its own once (a serving cache, once per forward) for the many calls that follow."""
+    if tensor.numel() and values_checkable(tensor):
+        _read_and_check(name, tensor, lower, upper, upper_meaning)
+        trust_index_values(name, tensor, lower, upper)
 
 
 def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upper_meaning, lower=0):

@@ -346,7 +346,7 @@ def test_several_prompts_refusals():
         cache.prefix_index = [0, 1, 5]
     # a write to the cache's index in place is seen (its version counter) before the positions index with it
     cache.prefix_index[1] = 5
-    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\] \(N = 3 prefixes\), got "
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\] \(N = 3 prompts\), got "
                                          r"values in \[0, 5\]"):
         generate(model, ids, mask, past_key_values=cache)
     one = prefix_kernels.SharedPrefixCache.from_prompt(model, prompts[0])
@@ -367,6 +367,13 @@ def test_only_a_serving_cache_repeats_its_index_for_a_wider_batch():
     with pytest.raises(ValueError, match=r"prefix_index must have shape \[B\] = \(4,\), got \(2,\)"):
         model(input_ids=torch.randint(2, VOCAB, (4, 5)))
     assert model(input_ids=torch.randint(2, VOCAB, (2, 5))).logits.shape == (2, 5, VOCAB)
+    source.prefix_lens = torch.tensor([3, 2])   # lengths of their own: the positions index them with the index
+    source.prefix_index = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match=r"prefix_index must be 1-D, \[B\], got shape \(1, 2\)"):
+        model(input_ids=torch.randint(2, VOCAB, (2, 5)))
+    source.prefix_index = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 1\]"):
+        model(input_ids=torch.randint(2, VOCAB, (2, 5)))
 
     from prefix_kernels.hf.attention import rows_prefix_index
 
@@ -414,32 +421,34 @@ def test_sliding_window_slides_over_the_prompt_as_in_the_stock_model(family, win
 
 
 @pytest.mark.parametrize("inference", [False, True], ids=["no-grad", "inference-mode"])
-def test_eager_serving_reads_no_index_on_the_host(monkeypatch, inference):
-    """The index arguments of a multi-prompt serving step past a window (prefix_index expanded for beams,
-    prefix_lens, left_padding) are the library's own, trusted by the range check: no host read of their values in
-    any layer of any step (each one a sync), under no_grad or inference_mode."""
+def test_eager_serving_reads_each_index_once_per_forward(monkeypatch, inference):
+    """The index arguments of a multi-prompt serving step past a window: the cache reads its prefix_index and
+    prefix_lens once per forward (a host sync each), and the layers' range checks skip them and what derives from
+    them (the index repeated for beams, the left padding), under no_grad or inference_mode. Read every forward: a
+    write through numpy, which no version counter sees, is refused at the next one."""
     from test_hf import tiny_model as hf_tiny_model
 
-    model = hf_tiny_model("mistral", sliding_window=6)
+    model = hf_tiny_model("mistral", sliding_window=6, num_hidden_layers=3)
     prompts, suffixes, index = several_prompts()
     with torch.inference_mode(inference):
         cache = prefix_kernels.SharedPrefixCache.from_prompts(model, prompts, prefix_index=index)
+        forwards = []
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
         ids, mask = left_padded(suffixes)
         reads = []
         aminmax = torch.aminmax
         monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(tuple(t.shape)) or aminmax(t))
         generate(model, ids, mask, past_key_values=cache, num_beams=2)
-        assert not reads, reads
-        # the cache's index is a normal tensor even when made in inference mode: a write to it in place is seen
+        assert len(forwards) == NEW and reads == [(3,), (3,)] * NEW, reads
         cache.reset()
-        cache.prefix_index[0] = 9
-        with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\]"):
+        cache.prefix_index.numpy()[1] = 9
+        with pytest.raises(ValueError, match=r"prefix_index values must lie in \[0, 2\] \(N = 3 prompts\)"):
             generate(model, ids, mask, past_key_values=cache)
 
 
 def test_left_padding_is_counted_once_per_forward(monkeypatch):
     """Past the window every sliding layer gets each row's left padding: one tensor per forward (the layers share
-    the forward's mask), so that the range check reads its values (a host sync) once per forward, not per layer."""
+    the forward's mask), counted once (trusted by the range check, never read on the host)."""
     import prefix_kernels.hf.attention as hf_attention
     from test_hf import tiny_model as hf_tiny_model
 

@@ -61,6 +61,16 @@ def test_mask_of_a_static_decode_step():
     assert torch.equal(padding_mask_function(2, 1, 4, q_offset=3, attention_mask=mask), mask.bool())
 
 
+def test_left_padding_of_a_static_decode_step():
+    """The keys before a row's first real one plus the slots not written yet (its prompt moves right by them), at
+    most the buffer's length: a row with no real key would count its slots twice."""
+    from prefix_kernels.hf.attention import _left_padding
+
+    mask = torch.tensor([[False, True, True, False, False], [True, True, True, True, False], [False] * 5])
+    assert _left_padding(mask, mask, unwritten=True).tolist() == [3, 1, 5]
+    assert _left_padding(mask.clone(), mask, unwritten=False).tolist() == [1, 0, 5]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_equals_stock_and_the_dynamic_cache(family):
     model = tiny_model(family)

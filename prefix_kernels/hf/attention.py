@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from ..attention import prefix_attention
-from ..validation import check_index_values, trust_index_values
+from ..validation import check_index_values, is_trusted, trust_index_values, values_checkable
 
 NAME = "prefix_kernels"
 SOURCE_ATTR = "_prefix_kernels_source"
@@ -74,10 +74,8 @@ def rows_prefix_index(source, batch):
     """The source's prefix_index for a forward of `batch` rows, or None.
 
     A serving cache's index of B0 rows also serves k * B0 rows as generate() expands a batch for beam search or
-    num_return_sequences (each row repeated k times in place, its beams staying in its group when reordered); the
-    expansion is made once per forward. Other sources need one entry per row (validation.py says so otherwise).
-    The values are checked here, before the positions index prefix_lens with them (no host read for the cache's own
-    index, which it checked when it was set)."""
+    num_return_sequences (each row repeated k times in place, its beams staying in its group when reordered). Other
+    sources need one entry per row (validation.py says so otherwise)."""
     from transformers import Cache
 
     index = getattr(source, "prefix_index", None)
@@ -88,36 +86,18 @@ def rows_prefix_index(source, batch):
                              "each row continues (SharedPrefixCache.from_prompts(..., prefix_index=...) or "
                              "cache.reset(prefix_index=...))")
         return None
-    if lens is not None and index.dim() == 1:
-        check_index_values("prefix_index", index, lens.shape[0] - 1, f"N = {lens.shape[0]} prefixes")
-    rows = index.shape[0] if index.dim() == 1 else None
+    if index.dim() != 1:
+        raise ValueError(f"the prefix source's prefix_index must be 1-D, [B], got shape {tuple(index.shape)}")
+    rows = index.shape[0]
     if rows == batch or not isinstance(source, Cache):
         return index
     if not rows or batch % rows:
         raise ValueError(f"prefix_index has {rows} rows but the forward has {batch}: it must have one per row (or "
                          "per row before generate() repeats each row for beams or num_return_sequences)")
-    if lens is None:   # (a cache of one's own making: the number of prefixes is the kernels' to check)
-        return index.repeat_interleave(batch // rows)
-    return _expanded(index, batch // rows, lens.shape[0] - 1)
-
-
-_EXPANDED = {}   # "last": (weak reference to a cache's index, its version counter, repeats, the expanded index)
-
-
-def _expanded(index, repeats, upper):
-    """index.repeat_interleave(repeats), trusted by the range check (its values are the index's, checked), and made
-    once per forward (a model's layers share the cache's index) where the version counter tells a write to the
-    index (not for an inference tensor: made per layer then)."""
-    if torch.compiler.is_compiling():
-        return index.repeat_interleave(repeats)
-    entry = _EXPANDED.get("last")
-    if entry is not None and entry[0]() is index and not index.is_inference() and entry[1] == index._version and \
-            entry[2] == repeats:
-        return entry[3]
-    expanded = index.repeat_interleave(repeats)
-    trust_index_values("prefix_index", expanded, 0, upper)
-    if not index.is_inference():
-        _EXPANDED["last"] = (weakref.ref(index), index._version, repeats, expanded)
+    expanded = index.repeat_interleave(batch // rows)
+    if lens is not None and is_trusted("prefix_index", index, 0, lens.shape[0] - 1):
+        # the cache's index, read once per forward (its begin_forward): the copies hold its values
+        trust_index_values("prefix_index", expanded, 0, lens.shape[0] - 1)
     return expanded
 
 
@@ -128,8 +108,11 @@ def row_prefix_lengths(source, batch):
     if lens is None:
         return int(source.prefix_length)
     index = rows_prefix_index(source, batch)
-    lens = lens[index] if index is not None else lens.expand(batch)
-    return lens[:, None]
+    if index is None:
+        return lens.expand(batch)[:, None]
+    # read before indexing with it (free for a serving cache's index, read once per forward by the cache)
+    check_index_values("prefix_index", index, lens.shape[0] - 1, f"N = {lens.shape[0]} prefixes")
+    return lens[index][:, None]
 
 
 def _prefix_window(source, prefix_len, seq_q, length, window, attention_mask, key_padding_mask) -> dict:
@@ -172,9 +155,12 @@ def _left_padding(attention_mask, key_padding_mask, unwritten):
     def count():
         padding = (~key_padding_mask).long()
         leading = padding.cumprod(dim=-1).sum(dim=-1)
-        return leading + padding.flip(-1).cumprod(dim=-1).sum(dim=-1) if unwritten else leading
+        if not unwritten:
+            return leading
+        # (a row with no real key at all would count its keys twice: it has no prefix position to keep anyway)
+        return (leading + padding.flip(-1).cumprod(dim=-1).sum(dim=-1)).clamp(max=key_padding_mask.shape[1])
 
-    if torch.compiler.is_compiling():
+    if not values_checkable(key_padding_mask):
         return count()
     entry = _LEFT_PADDING.get("last")
     if entry is not None and entry[0]() is attention_mask and not attention_mask.is_inference() and \

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
-from ..validation import check_index_values, trust_index_values
+from ..validation import check_and_trust_index_values, check_index_values
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
@@ -127,13 +127,6 @@ def _index_tensor(name, values, device):
     return tensor
 
 
-def _own_copy(index):
-    """The cache's own copy of an index tensor, not the caller's to write, and a normal tensor even when made in
-    inference mode: its version counter tells the range check's trust (validation.py) of any in-place write."""
-    with torch.inference_mode(False):
-        return index.clone()
-
-
 def _stacked_prompts(per_prompt):
     """[(keys, values)] per prompt, each a list of [Hkv, P_n, D] per layer -> (keys, values) per layer as
     [N, Hkv, max P_n, D] (zeros past each prompt's length) and the lengths [N]."""
@@ -176,8 +169,7 @@ class _SharedPrefix:
                 raise ValueError(f"prefix_lens must have one length per prompt, [{count}], got shape "
                                  f"{tuple(prefix_lens.shape)}")
             check_index_values("prefix_lens", prefix_lens, self.prefix_length, "the longest prompt", lower=1)
-            self.prefix_lens = _own_copy(prefix_lens)
-            trust_index_values("prefix_lens", self.prefix_lens, 1, self.prefix_length)
+            self.prefix_lens = prefix_lens.clone()   # the cache's own, not the caller's to write
             if prefix_index is not None:
                 self._set_prefix_index(prefix_index)
         elif prefix_index is not None:
@@ -205,8 +197,19 @@ class _SharedPrefix:
         return index
 
     def _set_prefix_index(self, prefix_index):
-        self._prefix_index = _own_copy(self._checked_index(prefix_index))
-        trust_index_values("prefix_index", self._prefix_index, 0, self.prefix_lens.shape[0] - 1)
+        self._prefix_index = self._checked_index(prefix_index).clone()   # the cache's own (see prefix_lens)
+
+    def begin_forward(self):
+        """Called by the patch once per model forward (the prefix source interface): the index and the lengths are
+        read once here (a host sync each, not one per layer; none in a compiled step) and trusted by the layers'
+        range checks for the forward. Read every forward: a write to them through .data or numpy would not show
+        in their version counters."""
+        if self.prefix_lens is not None:
+            check_and_trust_index_values("prefix_lens", self.prefix_lens, self.prefix_length, "the longest prompt",
+                                         lower=1)
+        if self._prefix_index is not None:
+            count = self.prefix_lens.shape[0]
+            check_and_trust_index_values("prefix_index", self._prefix_index, count - 1, f"N = {count} prompts")
 
     # ---- the prefix source interface (hf/attention.py) ----
     def layer_prefix(self, layer_idx):
@@ -384,10 +387,9 @@ class StaticSharedPrefixCache(_SharedPrefix, Cache):
         if self._prefix_index is not None and self._prefix_index.shape == index.shape:
             self._prefix_index.copy_(index)  # in place: the compiled step reads it at its address
         else:
-            self._prefix_index = _own_copy(index)
+            self._prefix_index = index.clone()
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self._prefix_index)
-        trust_index_values("prefix_index", self._prefix_index, 0, self.prefix_lens.shape[0] - 1)
 
     def reset(self, *, prefix_index=None):
         """Forget the own tokens (the prefix stays); the buffers keep their address for the compiled step.
