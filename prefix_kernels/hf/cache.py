@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
-from ..validation import check_and_trust_index_values, check_index_values
+from ..validation import INDEX_DTYPES, check_and_trust_index_values, check_index_values
 from .compat import cache_kwargs, output_cache
 from .patch import _STATE_ATTR, family_of, kv_geometry, patch
 
@@ -122,7 +122,7 @@ def _index_tensor(name, values, device):
         tensor = torch.as_tensor(values, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{name} must be ints (a list or an int tensor), got {values!r}: {error}") from None
-    if tensor.dtype not in (torch.int32, torch.int64):
+    if tensor.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold int32 or int64 values, got {tensor.dtype}")
     return tensor
 
