@@ -7,6 +7,7 @@ import torch
 
 from .backends import choose_backend
 from .cuda import cuda_decode_attention, cuda_prefix_attention
+from .merge import apply_attention_sinks
 from .reference import prefix_attention_reference
 from .validation import validate
 
@@ -14,7 +15,7 @@ from .validation import validate
 def prefix_attention(
     q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, key_padding_mask=None, prefix_index=None,
     prefix_lens=None, window=None, softcap=None, return_lse=False, backend="auto", window_includes_prefix=False,
-    left_padding=None,
+    left_padding=None, sinks=None,
 ):
     """Attention of q over [one shared prefix KV ; each sequence's own KV], without building the concat.
 
@@ -23,7 +24,8 @@ def prefix_attention(
     prefix_lens (with a window and window_includes_prefix=True, prefix key p of a prefix of valid length P_n sits at
     position p - P_n and leaves the window like a sequence key: transformers' layout of a PEFT prefix in a
     sliding-window model; left_padding [B] int moves row b's prefix past its first left_padding[b] own keys, the
-    left padding of a batch of prompt + tokens, which stands before the prompt). Returns out [B, Hq, S, D] in q's
+    left padding of a batch of prompt + tokens, which stands before the prompt; sinks [Hq] is each head's attention
+    sink, gpt-oss's: one more logit in every row's softmax, with no value). Returns out [B, Hq, S, D] in q's
     dtype, and lse [B, Hq, S] float32 if return_lse. Under torch.autocast the floating inputs are first cast to the
     autocast dtype (as SDPA takes them), so out is in that.
     See ../shared/API.md for every argument.
@@ -42,18 +44,19 @@ def prefix_attention(
     with inside:
         return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index,
                                  prefix_lens, window, softcap, return_lse, backend, window_includes_prefix,
-                                 left_padding)
+                                 left_padding, sinks)
 
 
 def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-                      window, softcap, return_lse, backend, window_includes_prefix, left_padding):
+                      window, softcap, return_lse, backend, window_includes_prefix, left_padding, sinks):
     call = validate(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                     prefix_index=prefix_index, prefix_lens=prefix_lens, window=window, softcap=softcap,
-                    backend=backend, window_includes_prefix=window_includes_prefix, left_padding=left_padding)
+                    backend=backend, window_includes_prefix=window_includes_prefix, left_padding=left_padding,
+                    sinks=sinks)
     chosen = choose_backend(backend, call)
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
-                                          return_lse=return_lse, **call.options())
+                                          return_lse=return_lse, sinks=call.sinks, **call.options())
     if call.uses_decode:  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
         from .triton.decode import triton_decode_attention
 
@@ -64,4 +67,6 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_ma
         from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
         out, lse = triton_prefix_attention(call)
+    if call.sinks is not None:  # on the kernels' (out, lse): the sink is a key of value zero, merged by its LSE
+        out, lse = apply_attention_sinks(out, lse, call.sinks)
     return (out, lse) if return_lse else out

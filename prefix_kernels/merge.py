@@ -70,3 +70,26 @@ def _triton_serves(*tensors) -> bool:
     if out_a.device.type == "cuda":
         return torch.cuda.get_device_capability(out_a.device)[0] >= 8
     return out_a.device.type == "cpu" and forward.INTERPRETED
+
+
+def apply_attention_sinks(out, lse, sinks):
+    """(out, lse) with each head's attention sink added to the softmax: a merge with a key of score sinks[h] and
+    value zero (gpt-oss). out [B, Hq, S, D], lse [B, Hq, S] float32 (-inf where a row saw nothing), sinks [Hq]:
+    finite, or -inf for none.
+
+    The sink takes exp(sink) / (exp(lse) + exp(sink)) of the weight, so out is scaled by sigmoid(lse - sink) and
+    lse becomes logaddexp(lse, sink); a row that saw nothing stays zeros, with lse = the sink. Plain torch ops: they
+    differentiate through the kernels' (out, lse) (the LSE's gradient is the backward's) and fuse under
+    torch.compile.
+    """
+    import torch
+
+    sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    saw_nothing = lse == float("-inf")
+    # A finite stand-in for such rows' lse: their results are chosen by where, and the branch not chosen must not
+    # make a NaN (-inf - -inf) whose gradient, where's zero times NaN, would be NaN.
+    seen_lse = torch.where(saw_nothing, torch.zeros_like(lse), lse)
+    weight = torch.where(saw_nothing, torch.zeros_like(lse), torch.sigmoid(seen_lse - sink))
+    compute = torch.promote_types(out.dtype, weight.dtype)  # one rounding of a 16-bit out; float64 stays
+    out = (out.to(compute) * weight.unsqueeze(-1)).to(out.dtype)
+    return out, torch.where(saw_nothing, sink, torch.logaddexp(seen_lse, sink))

@@ -82,8 +82,12 @@ def prefix_attention_reference(
     upcast: bool = True,
     window_includes_prefix: bool = False,
     left_padding: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Naive materialized-concat attention with the contract's semantics (see module docstring).
+
+    sinks [Hq]: each head's attention sink (gpt-oss), one more logit in every row's softmax with no value: it takes
+    its share of the weight (so lse includes it, and a row that sees no key gives zeros with lse = the sink).
 
     `upcast=True` computes in float32 (float64 stays float64): the oracle. `upcast=False` computes in the
     inputs' own dtype, which is what tests use to measure the reference's own low-precision error.
@@ -116,9 +120,13 @@ def prefix_attention_reference(
         window_includes_prefix=window_includes_prefix, left_padding=left_padding,
     )
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
+    if sinks is not None:  # the sink as one more column of every row's scores, dropped after the softmax
+        sink_column = sinks.to(compute_dtype).view(1, heads_q, 1, 1).expand(batch, heads_q, seq_q, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
     # Subtract a finite LSE so that fully masked rows give exp(-inf) = 0 rather than NaN.
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    safe_lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe_lse[..., None])
     out = torch.matmul(probs, values).to(q.dtype)
     if return_lse:

@@ -54,6 +54,7 @@ class PrefixAttentionCall:
     softcap: float | None
     window_includes_prefix: bool = False  # always False without a window
     left_padding: torch.Tensor | None = None  # only with window_includes_prefix
+    sinks: torch.Tensor | None = None  # [Hq]: applied to the kernels' (out, lse) by merge.apply_attention_sinks
 
     def options(self) -> dict:
         """The keyword arguments every backend takes besides the five tensors."""
@@ -161,7 +162,8 @@ def _check_index_tensor(name, tensor, length, length_meaning, device, upper, upp
 
 
 def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-             window, softcap, backend, window_includes_prefix=False, left_padding=None) -> PrefixAttentionCall:
+             window, softcap, backend, window_includes_prefix=False, left_padding=None,
+             sinks=None) -> PrefixAttentionCall:
     for name, value in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require_tensor(name, value)
     if backend not in BACKENDS:
@@ -242,6 +244,12 @@ def validate(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, pr
                                 or not _is_kernel_scale(softcap) or not _is_normal_float32(scale / softcap)):
         raise ValueError(f"softcap must be a positive number or None, with softcap * log2(e) and scale / softcap "
                          f"normal float32s (scale = {scale:g}), got {softcap!r}")
+    if sinks is not None:
+        _require_tensor("sinks", sinks)
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point tensor (one logit per query head), got {sinks.dtype}")
+        _require_shape("sinks", sinks, (heads_q,), "[Hq]")
+        _require_device("sinks", sinks, q.device)
     return PrefixAttentionCall(q, k, v, prefix_k, prefix_v, causal, float(scale), key_padding_mask,
                                prefix_index, prefix_lens, window, None if softcap is None else float(softcap),
-                               window_includes_prefix and window is not None, left_padding)
+                               window_includes_prefix and window is not None, left_padding, sinks)

@@ -1,6 +1,7 @@
 """Shared test helpers: input builders, the error-relative-to-reference tolerance, the compile check's reports."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ class Case:
     scale: float | None = None             # None: 1/sqrt(D)
     q_layout: str = "bshd"                 # "bshd": HF's transposed view; "bhsd": contiguous
     kv_slice: bool = False                 # k/v as a slice of a longer cache (non-contiguous)
+    sinks: bool = False                    # an attention sink per query head (gpt-oss), drawn near the rows' LSEs
     extra: dict = field(default_factory=dict)
 
     @property
@@ -60,6 +62,8 @@ class Case:
             parts.append(f"q-{self.q_layout}")
         if self.kv_slice:
             parts.append("kv-slice")
+        if self.sinks:
+            parts.append("sinks")
         return "-".join(parts)
 
 
@@ -116,6 +120,8 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
         options["left_padding"] = leading_padding(options["key_padding_mask"])
     if case.scale is not None:  # (only then: some tests pass their own scale beside the options)
         options["scale"] = case.scale
+    if case.sinks:  # in q's dtype, as a model's parameter; around the LSEs (~log of the key count), so they matter
+        options["sinks"] = (torch.randn(Hq, device=device) * 1.5 + math.log(P + L)).to(dtype)
     tensors = [q, k, v, prefix_k, prefix_v]
     if requires_grad:
         tensors = [t.detach().requires_grad_() for t in tensors]

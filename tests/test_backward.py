@@ -72,6 +72,35 @@ def test_only_lse_in_the_loss():
         assert max_error(a.grad, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_sink_gradient_matches_reference(dtype):
+    """d sinks (gpt-oss trains them; prefix tuning does not) through the kernels' (out, lse), with the LSE in the
+    loss: against the float64 reference, within 2x the reference's own error in this dtype. Rows that see nothing
+    (sequence 0) give the sink all of their weight and no NaN."""
+    case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=9, seq_k=11, prefix_len=0, head_dim=32, padding="empty-row",
+                sinks=True)
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    sinks = options.pop("sinks")
+    out_weight, lse_weight = loss_weights(tensors)
+
+    def sink_grad(backend, cast=None, upcast=True):
+        leaf = sinks.detach().to(cast or sinks.dtype).requires_grad_()
+        inputs = [t.to(cast or t.dtype) for t in tensors]
+        if backend == "torch":
+            out, lse = prefix_attention_reference(*inputs, return_lse=True, sinks=leaf, upcast=upcast, **options)
+        else:
+            out, lse = prefix_attention(*inputs, return_lse=True, sinks=leaf, backend=backend, **options)
+        attention_loss(out, lse, out_weight, lse_weight).backward()
+        return leaf.grad
+
+    truth = sink_grad("torch", cast=torch.float64)
+    reference_error = max_error(sink_grad("torch", upcast=False), truth)
+    got = sink_grad("triton")
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    error = max_error(got, truth)
+    assert error <= 2 * reference_error + ERROR_FLOOR[dtype] * truth.abs().max().item(), (error, reference_error)
+
+
 def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():
     """create_graph=True: first-order gradients as without it; differentiating them again raises a message that
     says double backward is not supported (PyTorch's own named the backward op's missing autograd formula)."""
@@ -160,23 +189,26 @@ def test_only_the_needed_gradients_are_computed(requires, kernels, launches):
 
 
 def test_torch_compile_fullgraph_traces_forward_and_backward():
+    """The op, its backward and the attention sinks' step after it (gpt-oss), in one fullgraph trace: the same
+    gradients as eagerly, the sinks' included."""
     case = Case(batch=3, heads_q=4, heads_kv=2, seq_q=5, seq_k=7, prefix_len=6, head_dim=32, padding="left",
-                softcap=3.0, num_prefixes=2, prefix_lens=(6, 4))
+                softcap=3.0, num_prefixes=2, prefix_lens=(6, 4), sinks=True)
     *tensors, options = make_inputs(case, torch.float32, DEVICE)
 
-    def step(q, k, v, prefix_k, prefix_v, mask, prefix_index, prefix_lens):
+    def step(q, k, v, prefix_k, prefix_v, sinks, mask, prefix_index, prefix_lens):
         out, lse = prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, softcap=3.0,
                                     prefix_index=prefix_index, prefix_lens=prefix_lens, return_lse=True,
-                                    backend="triton")
+                                    sinks=sinks, backend="triton")
         return (out * out).sum() + lse.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    tensors.append(options["sinks"])
     extra = [options[name] for name in ("key_padding_mask", "prefix_index", "prefix_lens")]
     eager_leaves = [t.detach().requires_grad_() for t in tensors]
     compiled_leaves = [t.detach().requires_grad_() for t in tensors]
     step(*eager_leaves, *extra).backward()
     compiled(*compiled_leaves, *extra).backward()
-    for name, a, b in zip(NAMES, eager_leaves, compiled_leaves):
+    for name, a, b in zip(NAMES + ("dsinks",), eager_leaves, compiled_leaves):
         assert b.grad is not None and max_error(a.grad, b.grad) < 1e-6, name
 
 

@@ -679,9 +679,11 @@ def test_random_shapes_match_reference(kernels, op_name, monkeypatch):
 
 def test_public_op_routes_decode_and_training_to_cuda(kernels):
     """backend="cuda": short queries without grad take the CUDA decode, the rest the differentiable CUDA forward
-    whose backward (Triton) sums the prefix gradient over the batch."""
+    whose backward (Triton) sums the prefix gradient over the batch; attention sinks on both (applied to their
+    (out, lse), the LSE's gradient through the Triton backward)."""
     dtype = torch.float16
-    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=21, prefix_len=11, head_dim=64, padding="left")
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=21, prefix_len=11, head_dim=64, padding="left",
+                sinks=True)
     *tensors, options = make_inputs(case, dtype, kernels, requires_grad=True)
     out_weight, lse_weight = loss_weights(tensors)
     truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
@@ -692,7 +694,7 @@ def test_public_op_routes_decode_and_training_to_cuda(kernels):
         assert leaf.grad.shape == leaf.shape
         assert_close_to_truth(name, leaf.grad, expected, reference_error, dtype)
 
-    decode_case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=1, seq_k=21, prefix_len=11, head_dim=64)
+    decode_case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=1, seq_k=21, prefix_len=11, head_dim=64, sinks=True)
     *tensors, options = make_inputs(decode_case, dtype, kernels)
     (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, options, dtype)
     with torch.no_grad():

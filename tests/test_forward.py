@@ -53,6 +53,11 @@ CASES = [
          prefix_lens=(37, 9), padding="left", window=33, window_includes_prefix=True, left_padding=True),
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=70, seq_k=150, prefix_len=130, head_dim=128, padding="left",
          window=150, window_includes_prefix=True, left_padding=True),
+    # Attention sinks (gpt-oss), applied to the kernels' (out, lse): rows that see nothing (their lse is the sink's),
+    # a window; decode-shaped, through the decode kernels.
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=17, seq_k=20, prefix_len=8, head_dim=64, num_prefixes=2,
+         prefix_lens=(0, 8), padding="empty-row", window=9, sinks=True),
+    Case(batch=3, heads_q=6, heads_kv=2, seq_q=1, seq_k=23, prefix_len=37, head_dim=64, padding="left", sinks=True),
 ]
 
 BACKENDS = ["triton", "cuda"]
@@ -192,7 +197,7 @@ def test_broadcast_tensors_take_pointer_loads_not_tma_descriptors():
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("case", [c for c in CASES if c.prefix_len > 0], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.prefix_len > 0 and not c.sinks], ids=lambda c: c.id)
 def test_forward_through_tma_descriptors_matches_reference(case, dtype):
     """The Hopper variant (K/V tiles through TMA tensor descriptors; zero fill past the edges instead of masked
     loads) computes the same function. Runs where the default config may pick it (sm_90+) and in the

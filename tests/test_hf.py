@@ -60,6 +60,11 @@ LATER_FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "seed_oss": ("SeedOssConfig", {}),
     "stablelm": ("StableLmConfig", dict(hidden_size=128)),
+    # Attention sinks (`s_aux`), with interleaved sliding layers; tiny_model draws the sinks at random.
+    "gpt_oss": ("GptOssConfig", {**MOE, **INTERLEAVED}),
+    "flint": ("FlintConfig", {**MOE, **INTERLEAVED}),  # its full layers have no rotary embedding
+    "granite_swa": ("GraniteSWAConfig", INTERLEAVED),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", {**MOE, **INTERLEAVED}),
 }
 
 
@@ -81,7 +86,12 @@ def tiny_model(family, **config_overrides):
     config._attn_implementation = "eager"
     for name, value in config_overrides.items():
         setattr(config, name, value)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for module in model.modules():  # attention sinks: some families start them at 0, as alike as heads get
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(1.0, 1.5)
+    return model
 
 
 def batch_inputs():
@@ -166,7 +176,7 @@ def test_mixed_precision_training_under_autocast(family):
 # (4: from own position 4 on, no query sees the prefix; the padded queries before it still see a prefix key each,
 # where the naive path's eager softmax over a row with no visible key would average every key instead of giving 0)
 @pytest.mark.parametrize("window", [P + SEQ - 6, 4], ids=["window-in-prefix", "window-past-prefix"])
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(family, window):
     """transformers puts the prefix at cache positions 0..P-1, inside a sliding window: once P + L passes it, the
     last queries no longer see the prefix's first keys (the patched model raised there before; fuzzing had found
@@ -187,7 +197,7 @@ def test_a_bidirectional_sliding_window_is_refused():
         model(input_ids=ids, attention_mask=mask)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_peft_generate_slides_the_window_over_the_prefix(family):
     """Greedy generation with a window of 12 after P = 5, SEQ = 9 (one row left-padded by 3): the prompt's queries
     see part of the prefix, the first decode steps (the decode kernel) fewer of its keys, then none, and then the

@@ -6,15 +6,17 @@ import torch
 
 from helpers import Case, make_inputs, max_error
 from prefix_kernels import merge_attention_states
+from prefix_kernels.merge import apply_attention_sinks
 from prefix_kernels.reference import prefix_attention_reference
 
 
 def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, prefix_index=None,
                prefix_lens=None, window=None, softcap=None, scale=None, window_includes_prefix=False,
-               left_padding=None):
+               left_padding=None, sinks=None):
     """Each query row's visible key list spelled out from API.md, in float64 Python loops. With
     window_includes_prefix, prefix key p sits at position p - (its prefix's length), just before own key 0; with
-    left_padding too, the distances are those of the stock layout [padding, prefix, tokens]."""
+    left_padding too, the distances are those of the stock layout [padding, prefix, tokens]. A sink is one more
+    score in the row's softmax, whose weight goes to no value."""
     q, k, v = q.double(), k.double(), v.double()
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]
@@ -49,12 +51,15 @@ def row_by_row(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask=None, pr
                     if key_padding_mask is not None and not key_padding_mask[b, j]:
                         continue
                     keys.append(k[b, g, j]); values.append(v[b, g, j])
+                sink = [] if sinks is None else [float(sinks[h])]
                 if not keys:
+                    lse[b, h, i] = sink[0] if sink else float("-inf")
                     continue
                 scores = torch.stack(keys) @ q[b, h, i] * scale
                 if softcap is not None:
                     scores = softcap * torch.tanh(scores / softcap)
-                weights = torch.softmax(scores, 0)
+                scores = torch.cat([scores, torch.tensor(sink, dtype=torch.float64)])
+                weights = torch.softmax(scores, 0)[:len(keys)]
                 out[b, h, i] = weights @ torch.stack(values)
                 lse[b, h, i] = torch.logsumexp(scores, 0)
     return out, lse
@@ -74,6 +79,8 @@ REFERENCE_CASES = [
          window_includes_prefix=True),
     Case(batch=3, heads_q=3, heads_kv=1, seq_q=4, seq_k=8, prefix_len=5, head_dim=16, num_prefixes=2,
          prefix_lens=(5, 2), padding="left", window=6, window_includes_prefix=True, left_padding=True),  # past pads
+    Case(batch=3, heads_q=4, heads_kv=2, seq_q=4, seq_k=6, prefix_len=3, head_dim=16, num_prefixes=2,
+         prefix_lens=(0, 3), padding="empty-row", softcap=1.5, sinks=True),  # sinks, rows that see only the sink
 ]
 
 
@@ -114,6 +121,28 @@ def test_merge_of_two_empty_parts_is_zero_not_nan():
     lse = torch.full((2, 3), float("-inf"))
     merged, merged_lse = merge_attention_states(out, lse, out, lse)
     assert (merged == 0).all() and torch.isinf(merged_lse).all()
+
+
+def test_sinks_on_a_kernel_result_equal_the_sink_in_the_softmax_and_differentiate_without_nan():
+    """apply_attention_sinks (what the kernel backends run on their (out, lse)) against the reference's sink column,
+    in float64, with rows that see nothing and a head whose sink is -inf (no sink); then gradcheck through it,
+    those rows included (a NaN gradient there would fail it)."""
+    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=4, seq_k=5, prefix_len=0, head_dim=16, padding="empty-row")
+    q, k, v, prefix_k, prefix_v, options = make_inputs(case, torch.float64, "cpu")
+    sinks = torch.tensor([0.7, float("-inf"), 2.5], dtype=torch.float64)
+    out, lse = prefix_attention_reference(q, k, v, prefix_k, prefix_v, return_lse=True, **options)
+    assert torch.isinf(lse[0]).all()  # sequence 0 sees nothing
+    want = prefix_attention_reference(q, k, v, prefix_k, prefix_v, return_lse=True, sinks=sinks, **options)
+    got = apply_attention_sinks(out, lse, sinks)
+    assert max_error(got[0], want[0]) < 1e-12 and max_error(got[1], want[1]) < 1e-12
+    assert (got[0][0] == 0).all() and torch.equal(got[1][0, :, 0], sinks)  # nothing seen: zeros, lse = the sink
+    out.requires_grad_(), lse.requires_grad_(), sinks.requires_grad_()
+
+    def finite(out, lse, sinks):  # (the lse of a row that sees nothing and has no sink stays -inf: no derivative)
+        out, lse = apply_attention_sinks(out, lse, sinks)
+        return out, torch.nan_to_num(lse, neginf=0.0)
+
+    torch.autograd.gradcheck(finite, (out, lse, sinks))
 
 
 def test_merge_rejects_mismatched_shapes():

@@ -217,7 +217,7 @@ def test_refusals():
         static_cache(mistral, prompt, ids.shape[1])
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_sliding_window_over_the_prompt_equals_stock_and_the_dynamic_cache(family):
     """A window of 13 over an 11-token prompt and 13 own slots per row: its decode steps see the whole buffer, the
     query at its end, so the attention moves the prompt right by the slots not written yet; the rows are

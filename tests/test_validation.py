@@ -74,13 +74,18 @@ BAD_INPUTS = {
     "scale-float32-overflow": (dict(scale=1e39), ValueError, None, "scale"),
     "backend-name": (dict(backend="flash"), ValueError, None, "backend"),
     "not-a-tensor": (dict(prefix_v=[1, 2]), TypeError, None, "prefix_v"),
+    "sinks-shape": (dict(sinks=torch.zeros(2)), ValueError, None, "sinks"),  # one per KV head: Hq is 6
+    "sinks-int": (dict(sinks=torch.zeros(6, dtype=torch.int64)), TypeError, None, "sinks"),
+    "sinks-not-a-tensor": (dict(sinks=[0.0] * 6), TypeError, None, "sinks"),
+    "sinks-device": (dict(sinks=torch.zeros(6, device="meta")), ValueError, None, "sinks"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_raises_naming_the_argument(name, monkeypatch):
     overrides, error, alt_error, fragment = BAD_INPUTS[name]
-    overrides = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()}
+    overrides = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+                 for k, v in overrides.items()}
     tensors, options = _inputs(**overrides)
 
     def no_launch(*args, **kwargs):

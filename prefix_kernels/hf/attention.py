@@ -209,6 +209,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
     options.update(_prefix_window(source, prefix_k.shape[-2], query.shape[2], length, window, attention_mask,
                                   key_padding_mask))
     softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")  # a learned attention sink per query head (gpt-oss, flint, granite_swa)
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
         causal=causal,
@@ -217,6 +218,7 @@ def prefix_kernels_attention(module, query, key, value, attention_mask, scaling=
         window=int(window) if window is not None else None,
         softcap=float(softcap) if softcap is not None else None,
         backend=getattr(module, BACKEND_ATTR, "auto"),
+        sinks=sinks,
         **options,
     )
     return out.transpose(1, 2), None

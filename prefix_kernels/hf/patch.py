@@ -69,6 +69,11 @@ FAMILIES = {
     "olmo2": _LLAMA_LIKE,
     "seed_oss": _LLAMA_LIKE,
     "stablelm": _LLAMA_LIKE,
+    # Attention sinks: the model passes them as `s_aux`, which the attention hands to the kernels' `sinks`.
+    "gpt_oss": _SLIDING,
+    "flint": _SLIDING,
+    "granite_swa": _SLIDING,
+    "granitemoe_swa": _SLIDING,
     "gpt2": Family(layers="h", attention="attn", gqa=None, heads="n_head"),
     "gpt_neox": Family(layers="layers", attention="attention", gqa=None),
     "opt": Family(layers="decoder.layers", attention="self_attn", positions="cumsum", embeds="decoder", gqa=None),
