@@ -57,16 +57,23 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_ma
     if chosen == "torch":
         return prefix_attention_reference(call.q, call.k, call.v, call.prefix_k, call.prefix_v,
                                           return_lse=return_lse, sinks=call.sinks, **call.options())
+    sinks_pending = call.sinks is not None
     if call.uses_decode:  # short queries, no gradient: prefix batched across sequences, split-K, LSE merge
         from .triton.decode import triton_decode_attention
 
-        out, lse = cuda_decode_attention(call) if chosen == "cuda" else triton_decode_attention(call)
+        if chosen == "cuda":
+            out, lse = cuda_decode_attention(call)
+        elif sinks_pending and not (torch.is_grad_enabled() and call.sinks.requires_grad):
+            out, lse = triton_decode_attention(call, sinks=call.sinks)  # its merge takes them: no launch more
+            sinks_pending = False
+        else:
+            out, lse = triton_decode_attention(call)
     elif chosen == "cuda":  # differentiable: the CUDA forward, the Triton backward
         out, lse = cuda_prefix_attention(call)
     else:
         from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
         out, lse = triton_prefix_attention(call)
-    if call.sinks is not None:  # on the kernels' (out, lse): the sink is a key of value zero, merged by its LSE
+    if sinks_pending:  # on the kernels' (out, lse): the sink is a key of value zero, merged by its LSE
         out, lse = apply_attention_sinks(out, lse, call.sinks)
     return (out, lse) if return_lse else out

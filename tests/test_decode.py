@@ -81,6 +81,31 @@ def test_decode_matches_reference_and_prefill(case, dtype):
     assert max_error(lse, prefill_lse) <= 1e-4
 
 
+@pytest.mark.parametrize("sinks_dtype", ["q", torch.float32, torch.float64], ids=["sinks-as-q", "sinks-fp32",
+                                                                                  "sinks-fp64"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_merge_takes_the_attention_sinks(dtype, sinks_dtype):
+    """The decode's merge adds each head's sink as one more partial (value zero, LSE the sink) instead of the
+    elementwise step after it: over prefix and own splits, with a row that sees nothing (its lse becomes the sink)
+    and a head without a sink (-inf); the sinks in q's dtype, float32 (Flint keeps them so) or float64."""
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=2, seq_k=151, prefix_len=201, head_dim=64, num_prefixes=2,
+                prefix_lens=(0, 201), padding="empty-row", sinks=True)
+    tensors, options = _call(case, dtype)
+    sinks = options.pop("sinks").to(dtype if sinks_dtype == "q" else sinks_dtype)
+    sinks[4] = float("-inf")
+    (truth_out, truth_lse), reference_error = truth_and_reference_error(tensors, {**options, "sinks": sinks}, dtype)
+    call = _validated(tensors, options)
+    plan = decode.decode_plan(call.q, call.k, call.prefix_k, sms=MANY_SMS)
+    assert plan[1][2] > 1 and plan[2][2] > 1, "prefix and own keys in several splits each"
+
+    out, lse = decode.prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, sinks=sinks,
+                                              sms=MANY_SMS, **call.options())
+
+    assert_attention_matches_truth(out, lse, tensors[0], truth_out, truth_lse, reference_error, dtype)
+    assert torch.isinf(lse[0, 4]).all() and (out[0, 4] == 0).all()  # sees nothing, no sink: zeros and -inf
+    assert torch.equal(lse[0, :4, :], sinks[:4, None].float().expand(4, case.seq_q))  # sees nothing but the sink
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_prefix_window_past_padding_reads_from_the_earliest_row_of_a_block(dtype):
     """With left_padding the rows of one row block start at prefix keys tiles apart (padding 0, 70 and 140 keys:
@@ -486,16 +511,19 @@ def test_decode_plan_is_computed_once_per_shape():
 
 def test_decode_under_torch_compile_and_fake_tensors_goes_through_the_custom_op():
     """In eager mode the launcher is called directly (less host time); torch.compile and FakeTensor must still
-    see the opaque custom op: fullgraph tracing fails if the launcher leaks into the graph."""
+    see the opaque custom op: fullgraph tracing fails if the launcher leaks into the graph. With attention sinks,
+    which the op's merge takes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=2, seq_k=9, prefix_len=11, head_dim=32, padding="left")
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=2, seq_k=9, prefix_len=11, head_dim=32, padding="left",
+                sinks=True)
     tensors, options = _call(case, torch.float32)
     mask = options["key_padding_mask"]
+    tensors.append(options["sinks"])
 
-    def step(q, k, v, prefix_k, prefix_v, mask):
-        return prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, return_lse=True,
+    def step(q, k, v, prefix_k, prefix_v, sinks, mask):
+        return prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, return_lse=True, sinks=sinks,
                                 backend="triton")
 
     graphs = []
@@ -507,7 +535,10 @@ def test_decode_under_torch_compile_and_fake_tensors_goes_through_the_custom_op(
     with torch.no_grad():
         out, lse = torch.compile(step, fullgraph=True, backend=recording_backend)(*tensors, mask)
     assert graphs and "prefix_attention_decode" in graphs[0]
-    ref_out, ref_lse = prefix_attention(*tensors, key_padding_mask=mask, return_lse=True, backend="torch")
+    ref_out, ref_lse = step(*tensors[:5], None, mask)  # (no sink: the results must differ)
+    assert max_error(lse, ref_lse) > 1e-2
+    ref_out, ref_lse = prefix_attention(*tensors[:5], key_padding_mask=mask, return_lse=True, sinks=tensors[5],
+                                        backend="torch")
     assert max_error(out, ref_out) < 1e-5 and max_error(lse, ref_lse) < 1e-5
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (*tensors, mask)]

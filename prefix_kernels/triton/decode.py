@@ -337,23 +337,32 @@ def _decode_partials(
 
 @triton.jit
 def _merge_partials(
-    WOut, WLse, Out, Lse, R, HQ, S,
+    WOut, WLse, Out, Lse, Sinks, R, HQ, S,
     stride_ob, stride_oh, stride_os, stride_od,
-    SLOTS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    SLOTS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """out/lse of each row (b, hq, s) from its SLOTS partials; the max LSE is subtracted so nothing overflows,
-    and a row whose every slot is -inf gets zeros and -inf (never exp(-inf - -inf) = NaN)."""
+    and a row whose every slot is -inf gets zeros and -inf (never exp(-inf - -inf) = NaN). HAS_SINKS: each head's
+    attention sink is one more partial, of value zero and LSE Sinks[hq] (gpt-oss)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     rows64 = rows.to(tl.int64)
+    b = rows64 // (HQ * S)
+    hq = (rows64 // S) % HQ
+    s = rows64 % S
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + hq, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m = sink
     for slot in range(0, SLOTS):
         m = tl.maximum(m, tl.load(WLse + slot * R + rows64, mask=row_ok, other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        total = tl.exp(sink - m_use)
     for slot in range(0, SLOTS):
         base = slot * R + rows64
         weight = tl.exp(tl.load(WLse + base, mask=row_ok, other=float("-inf")) - m_use)
@@ -364,9 +373,6 @@ def _merge_partials(
     seen = total > 0.0
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, m_use + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    b = rows64 // (HQ * S)
-    hq = (rows64 // S) % HQ
-    s = rows64 % S
     o_ptrs = Out + (b * stride_ob + hq * stride_oh + s * stride_os)[:, None] + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + rows64, lse, mask=row_ok)
@@ -544,21 +550,24 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def merge_partials_launch(work_out, work_lse, out, lse, slots):
+def merge_partials_launch(work_out, work_lse, out, lse, slots, sinks=None):
+    """sinks: None, or [Hq] contiguous in float16, bfloat16 or float32."""
     rows, head_dim = work_out.shape[1], work_out.shape[2]
     heads_q, seq_q = out.shape[1], out.shape[2]
     grid = (cdiv(rows, MERGE_BLOCK_M),)
-    args = (work_out, work_lse, out, lse, rows, heads_q, seq_q, *out.stride(), slots)
+    args = (work_out, work_lse, out, lse, work_lse if sinks is None else sinks, rows, heads_q, seq_q, *out.stride(),
+            slots)
     kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=MERGE_BLOCK_M,
-                  num_warps=MERGE_NUM_WARPS)
+                  HAS_SINKS=sinks is not None, num_warps=MERGE_NUM_WARPS)
     return grid, args, kwargs
 
 
 @on_first_tensor_device
 def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask=None,
                             prefix_index=None, prefix_lens=None, window=None, softcap=None,
-                            window_includes_prefix=False, left_padding=None, config=None, sms=None):
-    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D)."""
+                            window_includes_prefix=False, left_padding=None, sinks=None, config=None, sms=None):
+    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32) on validated inputs (prefix_k/v 4-D). sinks [Hq]:
+    each head's attention sink, taken by the merge (one more partial of value zero)."""
     batch, heads_q, seq_q, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
@@ -621,7 +630,10 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         if len(_LOADED_SIGNATURES) > 4096:  # (bounded: start over rather than grow)
             _LOADED_SIGNATURES.clear()
         _LOADED_SIGNATURES.add(loading)
-    grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots)
+    if sinks is not None and (sinks.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+                              or not sinks.is_contiguous()):
+        sinks = sinks.float().contiguous()  # (a float64 or strided [Hq]: the kernel loads 16/32-bit, densely)
+    grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots, sinks)
     launch(_merge_partials, grid, args, kwargs)
     return out, lse
 
@@ -658,24 +670,26 @@ def prefix_attention_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
     causal: bool, scale: float, window: Optional[int], softcap: Optional[float], window_includes_prefix: bool,
-    left_padding: Optional[torch.Tensor],
+    left_padding: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix_attention_decode(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
                                    key_padding_mask=key_padding_mask, prefix_index=prefix_index,
                                    prefix_lens=prefix_lens, window=window, softcap=softcap,
-                                   window_includes_prefix=window_includes_prefix, left_padding=left_padding)
+                                   window_includes_prefix=window_includes_prefix, left_padding=left_padding,
+                                   sinks=sinks)
 
 
 @prefix_attention_decode_op.register_fake
 def _decode_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, prefix_lens, causal, scale, window,
-                 softcap, window_includes_prefix, left_padding):
+                 softcap, window_includes_prefix, left_padding, sinks):
     batch, heads_q, seq_q, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device))
 
 
-def triton_decode_attention(call):
-    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the decode strategy.
+def triton_decode_attention(call, sinks=None):
+    """(out, lse) of a validated call (validation.PrefixAttentionCall) through the decode strategy; with sinks
+    ([Hq], the call's, when they need no gradient: the kernels have no backward) the merge takes them.
 
     The custom op is what torch.compile, FakeTensor and other dispatch modes must see; in plain eager mode its
     dispatch only adds host time (~20 us of a ~0.1 ms step; the decode has no autograd), so it is called
@@ -684,5 +698,6 @@ def triton_decode_attention(call):
         return torch.ops.prefix_kernels.prefix_attention_decode(
             call.q, call.k, call.v, call.prefix_k, call.prefix_v, call.key_padding_mask, call.prefix_index,
             call.prefix_lens, call.causal, call.scale, call.window, call.softcap, call.window_includes_prefix,
-            call.left_padding)
-    return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, **call.options())
+            call.left_padding, sinks)
+    return prefix_attention_decode(call.q, call.k, call.v, call.prefix_k, call.prefix_v, sinks=sinks,
+                                   **call.options())

@@ -115,6 +115,11 @@ def decode_cases():
             lse = torch.empty(2, 4, 5, dtype=torch.float32)
             _, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, 3)
             yield f"merge-partials-{dtype_name}-d{block_d}", _merge_partials, args, kwargs
+            for sinks_dtype in dict.fromkeys((dtype, torch.float32)):  # attention sinks: the model's dtype, or fp32
+                sinks = torch.empty(4, dtype=sinks_dtype)
+                _, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, 3, sinks)
+                yield (f"merge-partials-{dtype_name}-d{block_d}-sinks-{str(sinks_dtype).removeprefix('torch.')}",
+                       _merge_partials, args, kwargs)
             a = torch.empty(rows, block_d, dtype=dtype)
             la = torch.empty(rows, dtype=torch.float32)
             _, args, kwargs = merge_two_launch(a, la, a, la, torch.empty_like(a), torch.empty_like(la))
