@@ -73,7 +73,8 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, scale, key_padding_ma
     else:
         from .autograd import triton_prefix_attention  # differentiable: a custom op with a Triton backward
 
-        out, lse = triton_prefix_attention(call)
-    if sinks_pending:  # on the kernels' (out, lse): the sink is a key of value zero, merged by its LSE
+        out, lse = triton_prefix_attention(call)  # its epilogue takes the sinks, its autograd their gradient
+        sinks_pending = False
+    if sinks_pending:  # the CUDA kernels' (out, lse): the sink is a key of value zero, merged by its LSE
         out, lse = apply_attention_sinks(out, lse, call.sinks)
     return (out, lse) if return_lse else out

@@ -1,6 +1,8 @@
 """merge_attention_states: combine two partial attentions over disjoint key sets by their LSEs."""
 from __future__ import annotations
 
+import torch
+
 from .reference import merge_attention_states_reference
 
 
@@ -78,18 +80,34 @@ def apply_attention_sinks(out, lse, sinks):
     finite, or -inf for none.
 
     The sink takes exp(sink) / (exp(lse) + exp(sink)) of the weight, so out is scaled by sigmoid(lse - sink) and
-    lse becomes logaddexp(lse, sink); a row that saw nothing stays zeros, with lse = the sink. Plain torch ops: they
-    differentiate through the kernels' (out, lse) (the LSE's gradient is the backward's) and fuse under
-    torch.compile.
+    lse becomes logaddexp(lse, sink); a row that saw nothing stays zeros, with lse = the sink. Torch ops after the
+    kernels (the CUDA ones; the Triton forward and decode take the sinks in their epilogue and merge): they
+    differentiate through the kernels' (out, lse), the LSE's gradient being the backward's.
     """
-    import torch
-
     sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
     saw_nothing = lse == float("-inf")
     # A finite stand-in for such rows' lse: their results are chosen by where, and the branch not chosen must not
     # make a NaN (-inf - -inf) whose gradient, where's zero times NaN, would be NaN.
     seen_lse = torch.where(saw_nothing, torch.zeros_like(lse), lse)
     weight = torch.where(saw_nothing, torch.zeros_like(lse), torch.sigmoid(seen_lse - sink))
-    compute = torch.promote_types(out.dtype, weight.dtype)  # one rounding of a 16-bit out; float64 stays
-    out = (out.to(compute) * weight.unsqueeze(-1)).to(out.dtype)
-    return out, torch.where(saw_nothing, sink, torch.logaddexp(seen_lse, sink))
+    return _ScaledRows.apply(out, weight), torch.where(saw_nothing, sink, torch.logaddexp(seen_lse, sink))
+
+
+class _ScaledRows(torch.autograd.Function):
+    """out * weight[..., None] computed in the wider dtype (float64 stays), saving out itself (the kernel's op keeps
+    it anyway) rather than autograd's float32 copy of it: a [B, Hq, S, D] float32 per layer in training."""
+
+    @staticmethod
+    def forward(ctx, out, weight):
+        ctx.save_for_backward(out, weight)
+        compute = torch.promote_types(out.dtype, weight.dtype)
+        return (out.to(compute) * weight.unsqueeze(-1)).to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, weight = ctx.saved_tensors
+        compute = torch.promote_types(out.dtype, weight.dtype)
+        grad = grad.to(compute)
+        d_out = (grad * weight.unsqueeze(-1)).to(out.dtype) if ctx.needs_input_grad[0] else None
+        d_weight = (grad * out.to(compute)).sum(-1).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return d_out, d_weight

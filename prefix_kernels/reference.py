@@ -122,7 +122,12 @@ def prefix_attention_reference(
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:  # the sink as one more column of every row's scores, dropped after the softmax
         sink_column = sinks.to(compute_dtype).view(1, heads_q, 1, 1).expand(batch, heads_q, seq_q, 1)
-        lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
+        scores_and_sink = torch.cat([scores, sink_column], dim=-1)
+        # A row of -inf only (no key, a -inf sink): logsumexp's backward there is NaN (exp(-inf - -inf)), which the
+        # sink column would pass to the sinks; such rows take it over zeros and are set to -inf after.
+        nothing = (scores_and_sink == float("-inf")).all(dim=-1)
+        lse = torch.logsumexp(scores_and_sink.masked_fill(nothing[..., None], 0.0), dim=-1).masked_fill(
+            nothing, float("-inf"))
     else:
         lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees nothing
     # Subtract a finite LSE so that fully masked rows give exp(-inf) = 0 rather than NaN.

@@ -72,33 +72,40 @@ def test_only_lse_in_the_loss():
         assert max_error(a.grad, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("path", ["kernel-epilogue", "after-the-decode"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_sink_gradient_matches_reference(dtype):
-    """d sinks (gpt-oss trains them; prefix tuning does not) through the kernels' (out, lse), with the LSE in the
-    loss: against the float64 reference, within 2x the reference's own error in this dtype. Rows that see nothing
-    (sequence 0) give the sink all of their weight and no NaN."""
+def test_sink_gradient_matches_reference(dtype, path):
+    """d sinks (gpt-oss trains them; prefix tuning does not) with the LSE in the loss, against the float64
+    reference, within 2x the reference's own error in this dtype: from the differentiable op's autograd (the
+    forward's epilogue took the sinks; q needs a gradient too), and where only the sinks need one (the decode, with
+    no backward, then the elementwise step after it). Rows that see nothing (sequence 0) give the sink all of their
+    weight, and no NaN."""
     case = Case(batch=2, heads_q=6, heads_kv=2, seq_q=9, seq_k=11, prefix_len=0, head_dim=32, padding="empty-row",
                 sinks=True)
     *tensors, options = make_inputs(case, dtype, DEVICE)
     sinks = options.pop("sinks")
     out_weight, lse_weight = loss_weights(tensors)
+    q_grad = path == "kernel-epilogue"
 
-    def sink_grad(backend, cast=None, upcast=True):
-        leaf = sinks.detach().to(cast or sinks.dtype).requires_grad_()
-        inputs = [t.to(cast or t.dtype) for t in tensors]
+    def grads(backend, cast=None, upcast=True):
+        leaves = [sinks.detach().to(cast or sinks.dtype).requires_grad_(),
+                  tensors[0].detach().to(cast or tensors[0].dtype).requires_grad_(q_grad)]
+        inputs = [leaves[1]] + [t.to(cast or t.dtype) for t in tensors[1:]]
         if backend == "torch":
-            out, lse = prefix_attention_reference(*inputs, return_lse=True, sinks=leaf, upcast=upcast, **options)
+            out, lse = prefix_attention_reference(*inputs, return_lse=True, sinks=leaves[0], upcast=upcast, **options)
         else:
-            out, lse = prefix_attention(*inputs, return_lse=True, sinks=leaf, backend=backend, **options)
+            out, lse = prefix_attention(*inputs, return_lse=True, sinks=leaves[0], backend=backend, **options)
         attention_loss(out, lse, out_weight, lse_weight).backward()
-        return leaf.grad
+        return [leaf.grad for leaf in leaves]
 
-    truth = sink_grad("torch", cast=torch.float64)
-    reference_error = max_error(sink_grad("torch", upcast=False), truth)
-    got = sink_grad("triton")
-    assert got.dtype == dtype and not torch.isnan(got).any()
-    error = max_error(got, truth)
-    assert error <= 2 * reference_error + ERROR_FLOOR[dtype] * truth.abs().max().item(), (error, reference_error)
+    names = ("dsinks", "dq") if q_grad else ("dsinks",)
+    truth = grads("torch", cast=torch.float64)
+    reference_errors = [max_error(g, t) for g, t in zip(grads("torch", upcast=False), truth[:len(names)])]
+    for name, got, want, reference_error in zip(names, grads("triton"), truth, reference_errors):
+        assert got.dtype == dtype and not torch.isnan(got).any(), name
+        error = max_error(got, want)
+        assert error <= 2 * reference_error + ERROR_FLOOR[dtype] * want.abs().max().item(), (name, error,
+                                                                                            reference_error)
 
 
 def test_create_graph_gives_first_gradients_and_a_clear_error_for_the_second():

@@ -197,7 +197,7 @@ def test_broadcast_tensors_take_pointer_loads_not_tma_descriptors():
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("case", [c for c in CASES if c.prefix_len > 0 and not c.sinks], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.prefix_len > 0], ids=lambda c: c.id)
 def test_forward_through_tma_descriptors_matches_reference(case, dtype):
     """The Hopper variant (K/V tiles through TMA tensor descriptors; zero fill past the edges instead of masked
     loads) computes the same function. Runs where the default config may pick it (sm_90+) and in the
@@ -215,7 +215,7 @@ def test_forward_through_tma_descriptors_matches_reference(case, dtype):
     assert kwargs["USE_DESC"], "these tensors qualify for descriptors: the TMA path must be the one tested"
 
     out, lse = prefix_attention_forward(call.q, call.k, call.v, call.prefix_k, call.prefix_v, config=config,
-                                        **call.options())
+                                        sinks=call.sinks, **call.options())
 
     assert_close_to_truth("out", out, truth_out, reference_error, dtype)
     assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse))

@@ -143,6 +143,27 @@ def test_sinks_on_a_kernel_result_equal_the_sink_in_the_softmax_and_differentiat
         return out, torch.nan_to_num(lse, neginf=0.0)
 
     torch.autograd.gradcheck(finite, (out, lse, sinks))
+    # the reference's own gradient of the sinks: 0, not NaN, for a -inf sink over rows that see nothing (its
+    # logsumexp over a row of -inf only has a NaN backward, which the sink column passed on; found in review)
+    leaf = sinks.detach().requires_grad_()
+    q.requires_grad_()
+    prefix_attention_reference(q, k, v, prefix_k, prefix_v, sinks=leaf, **options).sum().backward()
+    assert not torch.isnan(leaf.grad).any() and not torch.isnan(q.grad).any()
+
+
+def test_sinks_after_a_kernel_save_no_float32_copy_of_a_16_bit_output():
+    """Where the sinks are applied after the kernels (the CUDA ones), training keeps out itself (saved by the
+    kernel's op anyway) and the [B, Hq, S] weight, not the float32 copy of out that a plain multiply would save
+    (found in review: 2x out's bytes per layer)."""
+    out = torch.randn(2, 3, 5, 16, dtype=torch.float16, requires_grad=True)
+    lse = torch.randn(2, 3, 5, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got, _ = apply_attention_sinks(out, lse, torch.randn(3, dtype=torch.float16))
+    got.float().sum().backward()
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() >= out.numel()], \
+        [(t.dtype, tuple(t.shape)) for t in saved]
+    assert out.grad is not None and lse.grad is not None
 
 
 def test_merge_rejects_mismatched_shapes():

@@ -37,8 +37,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_d_for,
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
-from .forward import (_attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, dot_precision,
-                      prefix_window_padding)
+from .forward import (_attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, attention_sinks_argument,
+                      dot_precision, prefix_window_padding)
 
 
 @triton.jit
@@ -630,10 +630,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, *, causal, scale, key_p
         if len(_LOADED_SIGNATURES) > 4096:  # (bounded: start over rather than grow)
             _LOADED_SIGNATURES.clear()
         _LOADED_SIGNATURES.add(loading)
-    if sinks is not None and (sinks.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-                              or not sinks.is_contiguous()):
-        sinks = sinks.float().contiguous()  # (a float64 or strided [Hq]: the kernel loads 16/32-bit, densely)
-    grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots, sinks)
+    grid, args, kwargs = merge_partials_launch(work_out, work_lse, out, lse, slots, attention_sinks_argument(sinks))
     launch(_merge_partials, grid, args, kwargs)
     return out, lse
 

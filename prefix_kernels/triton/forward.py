@@ -180,7 +180,7 @@ def _attend_tile(
 
 @triton.jit
 def _prefix_attention_fwd(
-    Q, K, V, PK, PV, Out, Lse, KPM, PrefixIndex, PrefixLens, LeftPad,
+    Q, K, V, PK, PV, Out, Lse, KPM, PrefixIndex, PrefixLens, LeftPad, Sinks,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -194,6 +194,7 @@ def _prefix_attention_fwd(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False, PREFIX_WINDOW: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     pid_m = _query_block(HEAVY_FIRST)
     pid_bh = tl.program_id(1)
@@ -288,7 +289,16 @@ def _prefix_attention_fwd(
             start_n, L, visible, sm_scale, softcap, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, HAS_SOFTCAP, DOT_PRECISION, desc_b, desc_h, USE_DESC)
 
-    # ---- epilogue: rows that saw nothing give zeros and lse = -inf ----
+    if HAS_SINKS:  # the head's attention sink (gpt-oss): one more score, in m_i's log2 units, of value zero
+        sink = tl.load(Sinks + hq).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_i, sink)
+        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        alpha = tl.math.exp2(m_i - m_use)  # acc and l_i were relative to m_i
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2(sink - m_use)
+        m_i = m_use
+
+    # ---- epilogue: rows that saw nothing give zeros and lse = -inf (with a sink: zeros and the sink) ----
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -307,9 +317,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def forward_launch(
     q, k, v, prefix_k, prefix_v, out, lse, *, causal, scale, key_padding_mask, prefix_index, prefix_lens,
-    window, softcap, window_includes_prefix=False, left_padding=None, config=None,
+    window, softcap, window_includes_prefix=False, left_padding=None, sinks=None, config=None,
 ):
     """(grid, args, kwargs) of the forward kernel for these tensors: shared by the launcher and the compile check.
+    sinks: None, or [Hq] contiguous in float16, bfloat16 or float32 (attention_sinks_argument).
 
     `config` overrides the launch configuration (tuning scripts only; the package always uses forward_config).
     """
@@ -326,7 +337,7 @@ def forward_launch(
                         for t in sources)
     args = (
         q, *sources, out, lse, kpm, prefix_index, prefix_lens,
-        prefix_window_padding(q, window, window_includes_prefix, left_padding),
+        prefix_window_padding(q, window, window_includes_prefix, left_padding), sinks,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
@@ -337,7 +348,7 @@ def forward_launch(
         CAUSAL=causal, HAS_KPM=kpm is not None, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PREFIX_INDEX=prefix_index is not None, HAS_PREFIX_LENS=prefix_lens is not None,
         DOT_PRECISION=dot_precision(q.dtype), USE_DESC=use_desc, HEAVY_FIRST=config.heavy_first,
-        PREFIX_WINDOW=window is not None and window_includes_prefix,
+        PREFIX_WINDOW=window is not None and window_includes_prefix, HAS_SINKS=sinks is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs
@@ -351,6 +362,13 @@ def prefix_window_padding(q, window, window_includes_prefix, left_padding):
     if left_padding is None:
         return torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
     return left_padding
+
+
+def attention_sinks_argument(sinks):
+    """The Sinks argument of the forward and decode kernels: None, or [Hq] contiguous in a dtype they load."""
+    if sinks is None or (sinks.dtype in (torch.float16, torch.bfloat16, torch.float32) and sinks.is_contiguous()):
+        return sinks
+    return sinks.float().contiguous()  # (a float64 or strided [Hq])
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -372,7 +390,8 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     """Launch the fused forward on already-validated inputs; prefix_k/v are 4-D [N, Hkv, P, D].
 
     options: causal, scale, key_padding_mask, prefix_index, prefix_lens, window, softcap, window_includes_prefix,
-    left_padding (and config, see above).
+    left_padding, sinks ([Hq]: each head's attention sink, one more score of value zero, in the epilogue) (and
+    config, see above).
     Returns (out [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32).
     """
     batch, heads_q, seq_q, _ = q.shape
@@ -385,7 +404,8 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
             options.get("left_padding")):
         grid, args, kwargs = forward_launch(q_, k_, v_, prefix_k, prefix_v, out_, lse_,
                                             **{**options, "key_padding_mask": mask, "prefix_index": index,
-                                               "left_padding": padding})
+                                               "left_padding": padding,
+                                               "sinks": attention_sinks_argument(options.get("sinks"))})
         launch(_prefix_attention_fwd, grid, args, kwargs)
     return out, lse
 

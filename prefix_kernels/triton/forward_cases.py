@@ -9,8 +9,10 @@ from .configs import forward_launch_space
 from .forward import _prefix_attention_fwd, forward_launch
 
 # Every block config is compiled with every feature switched on (all masked code paths, without and with the window
-# reaching into the prefix); the fp16/bf16 configs of 64+ rows also without any (the unmasked fast path of
-# training/prefill); each single feature for the main bf16 config (the combinations share the same code paths).
+# reaching into the prefix, and the attention sinks' epilogue); the fp16/bf16 configs of 64+ rows also without any
+# (the unmasked fast path of training/prefill); each single feature for the main bf16 config (the combinations share
+# the same code paths). The sinks are the forward's alone (the backward needs nothing for them): not in these dicts,
+# which the backward and decode cases share.
 # prefix_window: the window reaching into the prefix too (window_includes_prefix; implies a window).
 ALL_FEATURES = dict(causal=True, kpm=True, window=True, softcap=True, multi_prefix=True, prefix_window=True)
 NO_FEATURES = dict(causal=False, kpm=False, window=False, softcap=False, multi_prefix=False, prefix_window=False)
@@ -40,8 +42,10 @@ def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
     return q, k, prefix_k, lse, options
 
 
-def _case_with(config, block_d, dtype, seq_q, features):
+def _case_with(config, block_d, dtype, seq_q, features, sinks=False):
     q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
+    if sinks:  # in the model's dtype (float32 sinks load as another pointer type: the same code)
+        options["sinks"] = torch.empty(q.shape[1], dtype=dtype)
     return forward_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, config=config, **options)
 
 
@@ -49,13 +53,14 @@ def forward_cases():
     seq_for_block_m = {16: 1, 32: 17, 64: 33}
     for block_d, dtype, config in forward_launch_space():
         seq_q = seq_for_block_m.get(config.block_m, 4096)
-        variants = [("all", EVERY_MASK), ("prefix-window", ALL_FEATURES)]
+        variants = [("all", EVERY_MASK, True), ("prefix-window", ALL_FEATURES, True)]
         if dtype != torch.float32 and config.block_m >= 64:
-            variants.append(("none", NO_FEATURES))
+            variants.append(("none", NO_FEATURES, False))
         if block_d == 128 and dtype == torch.bfloat16 and config.block_m == 128:
-            variants += [(name, {**NO_FEATURES, name: True}) for name in ALL_FEATURES]
-        for label, features in variants:
-            _, args, kwargs = _case_with(config, block_d, dtype, seq_q, features)
+            variants += [(name, {**NO_FEATURES, name: True}, False) for name in ALL_FEATURES]
+            variants.append(("sinks", NO_FEATURES, True))
+        for label, features, sinks in variants:
+            _, args, kwargs = _case_with(config, block_d, dtype, seq_q, features, sinks)
             dtype_name = str(dtype).removeprefix("torch.")
             name = (f"fwd-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
                     f"-s{config.num_stages}{'-tma' if config.tma else ''}-{label}")
