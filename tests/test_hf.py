@@ -36,6 +36,7 @@ CONFIGS = {
 # with a window the prefix and the tokens pass (the window reaching into the prefix: window_includes_prefix).
 MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
            shared_expert_intermediate_size=64)
+DEEPSEEK_MOE = dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1)
 INTERLEAVED = dict(sliding_window=P + SEQ - 6, layer_types=["sliding_attention", "full_attention"])
 LATER_FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", INTERLEAVED),
@@ -60,6 +61,19 @@ LATER_FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "seed_oss": ("SeedOssConfig", {}),
     "stablelm": ("StableLmConfig", dict(hidden_size=128)),
+    "bitnet": ("BitNetConfig", dict(hidden_size=128, bos_token_id=1, eos_token_id=1)),
+    "ernie4_5": ("Ernie4_5Config", {}),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=64,
+                                               moe_layer_start_index=0)),
+    "flex_olmo": ("FlexOlmoConfig", {**MOE, "pad_token_id": 0, "eos_token_id": 1}),
+    "glm4": ("Glm4Config", dict(pad_token_id=0)),
+    "glm4_moe": ("Glm4MoeConfig", {**MOE, **DEEPSEEK_MOE}),
+    "granitemoe": ("GraniteMoeConfig", MOE),
+    "granitemoeshared": ("GraniteMoeSharedConfig", MOE),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", {}),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**MOE, "moe_topk": 2}),
+    "nemotron": ("NemotronConfig", {}),
+    "olmoe": ("OlmoeConfig", {**MOE, "hidden_size": 128, "eos_token_id": 1}),
     # Attention sinks (`s_aux`), with interleaved sliding layers; tiny_model draws the sinks at random.
     "gpt_oss": ("GptOssConfig", {**MOE, **INTERLEAVED}),
     "flint": ("FlintConfig", {**MOE, **INTERLEAVED}),  # its full layers have no rotary embedding
