@@ -396,7 +396,8 @@ def test_unsupported_models_and_inputs():
 
 
 @pytest.mark.parametrize("window", [PROMPT + 2, 6])
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "dots1", "exaone_moe", "ministral3",
+                                    "vaultgemma", "gpt_oss"])
 def test_sliding_window_slides_over_the_prompt_as_in_the_stock_model(family, window):
     """Past a sliding window the prompt leaves the queries' reach as in the stock model on prompt + suffix: with a
     window of 13 the longer rows' last queries lose the prompt's first keys, with 6 every query sees its last few

@@ -74,6 +74,14 @@ LATER_FAMILIES = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", {**MOE, "moe_topk": 2}),
     "nemotron": ("NemotronConfig", {}),
     "olmoe": ("OlmoeConfig", {**MOE, "hidden_size": 128, "eos_token_id": 1}),
+    "dots1": ("Dots1Config", {**MOE, **DEEPSEEK_MOE, **INTERLEAVED}),
+    "exaone_moe": ("ExaoneMoeConfig", {**MOE, **INTERLEAVED}),
+    # a query temperature that changes every 4 positions (1 + beta log(1 + floor(position / 4))), as the shifted
+    # positions must give it
+    "ministral3": ("Ministral3Config", dict(sliding_window=P + SEQ - 6, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=4,
+        llama_4_scaling_beta=0.5))),
+    "vaultgemma": ("VaultGemmaConfig", {**INTERLEAVED, "attn_logit_softcapping": 2.0}),
     # Attention sinks (`s_aux`), with interleaved sliding layers; tiny_model draws the sinks at random.
     "gpt_oss": ("GptOssConfig", {**MOE, **INTERLEAVED}),
     "flint": ("FlintConfig", {**MOE, **INTERLEAVED}),  # its full layers have no rotary embedding
@@ -187,10 +195,14 @@ def test_mixed_precision_training_under_autocast(family):
         assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() <= 5e-2
 
 
+# the families whose layers slide, those that interleave full layers included
+SLIDING_FAMILIES = ["mistral", "gemma2", "gemma3_text", "dots1", "exaone_moe", "ministral3", "vaultgemma", "gpt_oss"]
+
+
 # (4: from own position 4 on, no query sees the prefix; the padded queries before it still see a prefix key each,
 # where the naive path's eager softmax over a row with no visible key would average every key instead of giving 0)
 @pytest.mark.parametrize("window", [P + SEQ - 6, 4], ids=["window-in-prefix", "window-past-prefix"])
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
 def test_a_sliding_window_reaches_into_the_prefix_as_transformers_places_it(family, window):
     """transformers puts the prefix at cache positions 0..P-1, inside a sliding window: once P + L passes it, the
     last queries no longer see the prefix's first keys (the patched model raised there before; fuzzing had found
@@ -211,7 +223,7 @@ def test_a_bidirectional_sliding_window_is_refused():
         model(input_ids=ids, attention_mask=mask)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
 def test_peft_generate_slides_the_window_over_the_prefix(family):
     """Greedy generation with a window of 12 after P = 5, SEQ = 9 (one row left-padded by 3): the prompt's queries
     see part of the prefix, the first decode steps (the decode kernel) fewer of its keys, then none, and then the

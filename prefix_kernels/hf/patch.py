@@ -81,6 +81,11 @@ FAMILIES = {
     "hunyuan_v1_moe": _LLAMA_LIKE,
     "nemotron": _LLAMA_LIKE,
     "olmoe": _LLAMA_LIKE,
+    "dots1": _SLIDING,
+    "exaone_moe": _SLIDING,
+    "ministral3": _SLIDING,   # (its query temperature reads the shifted position_ids)
+    "vaultgemma": Family(layers="layers", attention="self_attn", window="sliding_window",
+                         softcap="attn_logit_softcapping"),
     # Attention sinks: the model passes them as `s_aux`, which the attention hands to the kernels' `sinks`.
     "gpt_oss": _SLIDING,
     "flint": _SLIDING,
