@@ -82,6 +82,7 @@ LATER_FAMILIES = {
         rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=4,
         llama_4_scaling_beta=0.5))),
     "vaultgemma": ("VaultGemmaConfig", {**INTERLEAVED, "attn_logit_softcapping": 2.0}),
+    "persimmon": ("PersimmonConfig", dict(hidden_size=128)),   # no GQA: LLAMA_LIKE's num_key_value_heads unused
     # Attention sinks (`s_aux`), with interleaved sliding layers; tiny_model draws the sinks at random.
     "gpt_oss": ("GptOssConfig", {**MOE, **INTERLEAVED}),
     "flint": ("FlintConfig", {**MOE, **INTERLEAVED}),  # its full layers have no rotary embedding

@@ -86,6 +86,7 @@ FAMILIES = {
     "ministral3": _SLIDING,   # (its query temperature reads the shifted position_ids)
     "vaultgemma": Family(layers="layers", attention="self_attn", window="sliding_window",
                          softcap="attn_logit_softcapping"),
+    "persimmon": Family(layers="layers", attention="self_attn", gqa=None),
     # Attention sinks: the model passes them as `s_aux`, which the attention hands to the kernels' `sinks`.
     "gpt_oss": _SLIDING,
     "flint": _SLIDING,
