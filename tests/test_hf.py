@@ -83,6 +83,10 @@ LATER_FAMILIES = {
         llama_4_scaling_beta=0.5))),
     "vaultgemma": ("VaultGemmaConfig", {**INTERLEAVED, "attn_logit_softcapping": 2.0}),
     "persimmon": ("PersimmonConfig", dict(hidden_size=128)),   # no GQA: LLAMA_LIKE's num_key_value_heads unused
+    # (rope_theta and clip_qkv: DbrxAttention reads both from attn_config, and clamps with clip_qkv unchecked)
+    "dbrx": ("DbrxConfig", dict(hidden_size=128, d_model=128,
+                                attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                                ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2))),
     # Attention sinks (`s_aux`), with interleaved sliding layers; tiny_model draws the sinks at random.
     "gpt_oss": ("GptOssConfig", {**MOE, **INTERLEAVED}),
     "flint": ("FlintConfig", {**MOE, **INTERLEAVED}),  # its full layers have no rotary embedding

@@ -20,7 +20,7 @@ from .attention import BACKEND_ATTR, SOURCE_ATTR, WINDOW_ATTR, row_prefix_length
 @dataclass(frozen=True)
 class Family:
     layers: str                 # decoder layer list, dotted path from model.base_model
-    attention: str              # attribute of a decoder layer holding its attention module
+    attention: str              # decoder layer's attention module, dotted path from the layer
     positions: str = "arange"   # "arange": past + P + i; "cumsum": from the padding mask, as OPT does
     embeds: str = ""            # module (dotted path from model.base_model) whose forward computes the positions
     gqa: str | None = "num_key_value_heads"       # config attribute with Hkv (None: as many as query heads)
@@ -87,6 +87,7 @@ FAMILIES = {
     "vaultgemma": Family(layers="layers", attention="self_attn", window="sliding_window",
                          softcap="attn_logit_softcapping"),
     "persimmon": Family(layers="layers", attention="self_attn", gqa=None),
+    "dbrx": Family(layers="blocks", attention="norm_attn_norm.attn"),
     # Attention sinks: the model passes them as `s_aux`, which the attention hands to the kernels' `sinks`.
     "gpt_oss": _SLIDING,
     "flint": _SLIDING,
@@ -120,7 +121,7 @@ def _get(obj, dotted):
 def attention_modules(model) -> list:
     """Each decoder layer's attention module, in layer order."""
     family = family_of(model)
-    return [getattr(layer, family.attention) for layer in _get(model.base_model, family.layers)]
+    return [_get(layer, family.attention) for layer in _get(model.base_model, family.layers)]
 
 
 def kv_geometry(model) -> tuple[int, int, int]:
