@@ -81,7 +81,7 @@ LATER_FAMILIES = {
     "ministral3": ("Ministral3Config", dict(sliding_window=P + SEQ - 6, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=4,
         llama_4_scaling_beta=0.5))),
-    "vaultgemma": ("VaultGemmaConfig", {**INTERLEAVED, "attn_logit_softcapping": 2.0}),
+    "vaultgemma": ("VaultGemmaConfig", {**INTERLEAVED, "attn_logit_softcapping": 0.1}),  # (2.0 barely bites)
     "persimmon": ("PersimmonConfig", dict(hidden_size=128)),   # no GQA: LLAMA_LIKE's num_key_value_heads unused
     # (rope_theta and clip_qkv: DbrxAttention reads both from attn_config, and clamps with clip_qkv unchecked)
     "dbrx": ("DbrxConfig", dict(hidden_size=128, d_model=128,
