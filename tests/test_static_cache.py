@@ -217,6 +217,23 @@ def test_refusals():
         static_cache(mistral, prompt, ids.shape[1])
 
 
+# (test_hf.SLIDING_FAMILIES; not imported here: test_hf skips itself without peft)
+SLIDING_FAMILIES = ["mistral", "gemma2", "gemma3_text", "dots1", "exaone_moe", "ministral3", "vaultgemma"]
+
+
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
+def test_own_tokens_past_a_sliding_familys_window_are_refused(family):
+    """The window reaches the attention as the model's own argument; the serving cache reads it from the families
+    table (Family.window), and a static cache whose own tokens pass it is refused (its decode step would lose keys
+    the stock model sees). A sliding family whose table entry names no window would serve those silently."""
+    from test_hf import tiny_model as hf_tiny_model
+
+    model = hf_tiny_model(family, sliding_window=6)
+    with pytest.raises(ValueError, match=r"max_cache_len \(7\) exceeds the model's sliding window \(6\)"):
+        static_cache(model, torch.randint(2, VOCAB, (PROMPT,)), 7, new=0)
+
+
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_sliding_window_over_the_prompt_equals_stock_and_the_dynamic_cache(family):
     """A window of 13 over an 11-token prompt and 13 own slots per row: its decode steps see the whole buffer, the
