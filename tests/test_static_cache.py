@@ -218,7 +218,7 @@ def test_refusals():
 
 
 # (test_hf.SLIDING_FAMILIES; not imported here: test_hf skips itself without peft)
-SLIDING_FAMILIES = ["mistral", "gemma2", "gemma3_text", "dots1", "exaone_moe", "ministral3", "vaultgemma"]
+SLIDING_FAMILIES = ["mistral", "gemma2", "gemma3_text", "dots1", "exaone_moe", "ministral3", "vaultgemma", "gpt_oss"]
 
 
 @pytest.mark.parametrize("family", SLIDING_FAMILIES)
@@ -234,7 +234,6 @@ def test_own_tokens_past_a_sliding_familys_window_are_refused(family):
 
 
 @pytest.mark.parametrize("family", SLIDING_FAMILIES)
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_sliding_window_over_the_prompt_equals_stock_and_the_dynamic_cache(family):
     """A window of 13 over an 11-token prompt and 13 own slots per row: its decode steps see the whole buffer, the
     query at its end, so the attention moves the prompt right by the slots not written yet; the rows are
