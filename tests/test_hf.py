@@ -313,6 +313,17 @@ def test_unsupported_family_names_the_supported_ones(family):
         prefix_kernels.patch(model, object())
 
 
+@pytest.mark.parametrize("family, why", [("DeepseekV3Config", "latent attention"), ("Qwen3NextConfig", "own state")])
+def test_a_family_the_kernels_cannot_serve_says_why(family, why):
+    """Families that route their attention through AttentionInterface but compute something the kernels do not
+    (MLA's two head dims, hybrids whose other layers keep state) are refused with the reason, not merely as absent
+    from the table."""
+    config = _later_family_config(family, {})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=f"{why}.*Supported families"):
+        prefix_kernels.patch(model, object())
+
+
 # ---- PEFT ----
 
 peft = pytest.importorskip("peft")

@@ -98,6 +98,17 @@ FAMILIES = {
     "opt": Family(layers="decoder.layers", attention="self_attn", positions="cumsum", embeds="decoder", gqa=None),
 }
 NOT_ROUTED = ("bloom", "falcon", "gpt_neo", "mpt")
+# Families whose attention does go through AttentionInterface but which the kernels cannot serve as they compute.
+_MLA = "multi-head latent attention: its value head dim differs from its query/key head dim, the kernels take one"
+_HYBRID = ("some of its layers are not attention (linear attention, convolution or a state-space mixer) and keep "
+           "their own state, which a prefix of keys and values does not give them")
+NOT_SERVABLE = {
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA,
+    "jetmoe": "its keys and values are tiled per expert after the cache: more KV heads than the prefix has",
+    "llama4_text": "its chunked attention lives in its mask only (not a sliding window), and its NoPE layers' "
+                   "temperature reads the cache's length, which does not count the prefix",
+    "qwen3_next": _HYBRID, "minimax": _HYBRID, "lfm2": _HYBRID, "granitemoehybrid": _HYBRID, "falcon_h1": _HYBRID,
+}
 _STATE_ATTR = "_prefix_kernels_patch"
 
 
@@ -106,8 +117,12 @@ def family_of(model) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    why = ("its attention does not go through transformers' AttentionInterface"
-           if model_type in NOT_ROUTED else "it is not in the families table")
+    if model_type in NOT_SERVABLE:
+        why = NOT_SERVABLE[model_type]
+    elif model_type in NOT_ROUTED:
+        why = "its attention does not go through transformers' AttentionInterface"
+    else:
+        why = "it is not in the families table"
     raise ValueError(f"prefix_kernels cannot patch model type {model_type!r}: {why}. "
                      f"Supported families: {', '.join(sorted(FAMILIES))}")
 
