@@ -42,10 +42,10 @@ def case_tensors(block_d, dtype, seq_q, features, batch=2, prefix_len=64):
     return q, k, prefix_k, lse, options
 
 
-def _case_with(config, block_d, dtype, seq_q, features, sinks=False):
+def _case_with(config, block_d, dtype, seq_q, features, sinks_dtype=None):
     q, k, prefix_k, lse, options = case_tensors(block_d, dtype, seq_q, features)
-    if sinks:  # in the model's dtype (float32 sinks load as another pointer type: the same code)
-        options["sinks"] = torch.empty(q.shape[1], dtype=dtype)
+    if sinks_dtype is not None:
+        options["sinks"] = torch.empty(q.shape[1], dtype=sinks_dtype)
     return forward_launch(q, k, k, prefix_k, prefix_k, torch.empty_like(q), lse, config=config, **options)
 
 
@@ -53,14 +53,15 @@ def forward_cases():
     seq_for_block_m = {16: 1, 32: 17, 64: 33}
     for block_d, dtype, config in forward_launch_space():
         seq_q = seq_for_block_m.get(config.block_m, 4096)
-        variants = [("all", EVERY_MASK, True), ("prefix-window", ALL_FEATURES, True)]
+        # (sinks in the model's dtype; Flint keeps them in float32 beside 16-bit activations)
+        variants = [("all", EVERY_MASK, dtype), ("prefix-window", ALL_FEATURES, dtype)]
         if dtype != torch.float32 and config.block_m >= 64:
-            variants.append(("none", NO_FEATURES, False))
+            variants.append(("none", NO_FEATURES, None))
         if block_d == 128 and dtype == torch.bfloat16 and config.block_m == 128:
-            variants += [(name, {**NO_FEATURES, name: True}, False) for name in ALL_FEATURES]
-            variants.append(("sinks", NO_FEATURES, True))
-        for label, features, sinks in variants:
-            _, args, kwargs = _case_with(config, block_d, dtype, seq_q, features, sinks)
+            variants += [(name, {**NO_FEATURES, name: True}, None) for name in ALL_FEATURES]
+            variants += [("sinks", NO_FEATURES, dtype), ("sinks-float32", NO_FEATURES, torch.float32)]
+        for label, features, sinks_dtype in variants:
+            _, args, kwargs = _case_with(config, block_d, dtype, seq_q, features, sinks_dtype)
             dtype_name = str(dtype).removeprefix("torch.")
             name = (f"fwd-{dtype_name}-d{block_d}-m{config.block_m}-n{config.block_n}-w{config.num_warps}"
                     f"-s{config.num_stages}{'-tma' if config.tma else ''}-{label}")
