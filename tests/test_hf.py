@@ -41,10 +41,14 @@ INTERLEAVED = dict(sliding_window=P + SEQ - 6, layer_types=["sliding_attention",
 LATER_FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", INTERLEAVED),
     "cohere2": ("Cohere2Config", INTERLEAVED),
-    "exaone4": ("Exaone4Config", {}),
-    "ministral": ("MinistralConfig", {}),
-    "olmo3": ("Olmo3Config", {}),
-    "smollm3": ("SmolLM3Config", dict(pad_token_id=0)),
+    # Sliding families pass `sliding_window` to the attention: probed with a window that bites (their defaults,
+    # 4096 or none, never did), so that a window the patch dropped would show.
+    "exaone4": ("Exaone4Config", INTERLEAVED),   # (its full layers have no rotary embedding)
+    "ministral": ("MinistralConfig", INTERLEAVED),
+    "olmo3": ("Olmo3Config", INTERLEAVED),
+    # sliding only where use_sliding_window; its config makes the NoPE layers (no_rope_layers 0) the sliding ones
+    "smollm3": ("SmolLM3Config", dict(pad_token_id=0, use_sliding_window=True, sliding_window=P + SEQ - 6,
+                                      no_rope_layers=[0, 1])),
     "starcoder2": ("Starcoder2Config", {}),
     "mixtral": ("MixtralConfig", MOE),
     "qwen2_moe": ("Qwen2MoeConfig", {**MOE, "use_sliding_window": True, "max_window_layers": 1,
