@@ -49,11 +49,11 @@ LATER_FAMILIES = {
     # sliding only where use_sliding_window; its config makes the NoPE layers (no_rope_layers 0) the sliding ones
     "smollm3": ("SmolLM3Config", dict(pad_token_id=0, use_sliding_window=True, sliding_window=P + SEQ - 6,
                                       no_rope_layers=[0, 1])),
-    "starcoder2": ("Starcoder2Config", {}),
-    "mixtral": ("MixtralConfig", MOE),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=P + SEQ - 6)),   # every layer slides
+    "mixtral": ("MixtralConfig", {**MOE, "sliding_window": P + SEQ - 6}),   # (the same)
     "qwen2_moe": ("Qwen2MoeConfig", {**MOE, "use_sliding_window": True, "max_window_layers": 1,
                                      "sliding_window": P + SEQ - 6}),  # its window only in its mask
-    "qwen3_moe": ("Qwen3MoeConfig", MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", {**MOE, "use_sliding_window": True, "sliding_window": P + SEQ - 6}),
     "phimoe": ("PhimoeConfig", {**MOE, "sliding_window": P + SEQ - 6}),  # (the same)
     "apertus": ("ApertusConfig", {}),
     "arcee": ("ArceeConfig", {}),
