@@ -31,8 +31,6 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 def _check_types(**tensors) -> None:
     """TypeErrors naming the argument: no integer or mixed dtypes (the result would silently take out_a's), and no
     device mix (the kernel would read one device's pointer on another)."""
-    import torch
-
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,8 +50,6 @@ def _triton_serves(*tensors) -> bool:
     """The Triton merge runs on CUDA (or CPU under the interpreter), for fp16/bf16/fp32 outputs and fp32 LSEs, one
     device, no gradient (it has no backward: under autograd the reference composes instead), and outside
     torch.compile's tracing."""
-    import torch
-
     out_a, lse_a, out_b, lse_b = tensors
     if out_a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or out_b.dtype != out_a.dtype:
         return False

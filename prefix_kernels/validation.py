@@ -54,7 +54,7 @@ class PrefixAttentionCall:
     softcap: float | None
     window_includes_prefix: bool = False  # always False without a window
     left_padding: torch.Tensor | None = None  # only with window_includes_prefix
-    sinks: torch.Tensor | None = None  # [Hq]: applied to the kernels' (out, lse) by merge.apply_attention_sinks
+    sinks: torch.Tensor | None = None  # [Hq]: the Triton forward's epilogue, the decode's merge, or after CUDA
 
     def options(self) -> dict:
         """The keyword arguments every backend takes besides the five tensors."""

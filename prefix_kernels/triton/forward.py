@@ -399,13 +399,13 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, **options):
     lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
+    sinks = attention_sinks_argument(options.get("sinks"))
     for q_, k_, v_, out_, lse_, mask, index, padding in batch_chunks(
             heads_q, q, k, v, out, lse, options["key_padding_mask"], options["prefix_index"],
             options.get("left_padding")):
         grid, args, kwargs = forward_launch(q_, k_, v_, prefix_k, prefix_v, out_, lse_,
                                             **{**options, "key_padding_mask": mask, "prefix_index": index,
-                                               "left_padding": padding,
-                                               "sinks": attention_sinks_argument(options.get("sinks"))})
+                                               "left_padding": padding, "sinks": sinks})
         launch(_prefix_attention_fwd, grid, args, kwargs)
     return out, lse
 
