@@ -345,6 +345,33 @@ def test_chunked_prefix_gradient_matches_unsplit(chunks):
         assert torch.equal(b, c)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("variant", ["unsplit", "3-chunks", "fused-dq"])
+def test_prefix_gradient_where_the_window_ends_inside_the_query_blocks(dtype, variant, monkeypatch):
+    """With the window over the prefix, the d prefix kernel skips the query blocks past every key's window (a
+    range clipped per sequence). The boundary sits one row into a block: sequence 0 (3 padding keys, so its
+    queries start at position 2) sees the prefix's last key (position -1) from rows 0..32 when the window is 36,
+    so with 32-row query blocks its second block holds exactly one row that counts. Group 3 (blocks before heads
+    in the flattened order), two prefixes of different lengths, rows past S, chunks and the fused dq."""
+    from dataclasses import replace
+
+    from prefix_kernels.triton import configs
+
+    case = Case(batch=3, heads_q=6, heads_kv=2, seq_q=70, seq_k=75, prefix_len=40, head_dim=32, num_prefixes=2,
+                prefix_lens=(40, 23), padding="left", window=36, window_includes_prefix=True, left_padding=True)
+    *tensors, options = make_inputs(case, dtype, DEVICE)
+    assert options["left_padding"].tolist()[0] == 3
+    assert configs.backward_config(case.head_dim, dtype, case.seq_q).dprefix.block_m == 32
+    if variant == "3-chunks":
+        monkeypatch.setattr(triton_backward, "dprefix_chunks", lambda *args: 3)
+    if variant == "fused-dq":
+        monkeypatch.setattr(triton_backward, "backward_config",
+                            lambda *args: replace(configs.backward_config(*args), fuse_dq=True))
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors, dtype)
+
+
 @pytest.mark.compile
 def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     spilled, log = compile_check_spills("bwd-", timeout=3600)

@@ -369,7 +369,7 @@ def _prefix_attention_bwd_dprefix(
     (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
     (a chunk stride of 0 when there is a single chunk writing the gradient itself). PREFIX_WINDOW: query i sits at
     position q_shift + i, less its row's left padding (LeftPad[b]), and prefix key p at p - prefix_len; the window
-    masks the scores."""
+    masks the scores, and query blocks past every key's window are skipped."""
     pid_n = tl.program_id(0)
     pid_nh = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -396,13 +396,14 @@ def _prefix_attention_bwd_dprefix(
         prefix_len = P
     key_ok = cols < prefix_len
     if PREFIX_WINDOW:
-        # Key p sits at position p - prefix_len. (Query tiles past every key's window are masked, not skipped: a
-        # branch in the flattened loop doubled the spills of the masked variant; the prefix is the small part.)
+        # Key p sits at position p - prefix_len; the tile's last key, the one the window keeps longest.
         key_pos = cols - prefix_len
+        last_key_pos = tl.minimum(start_n + BLOCK_N, prefix_len) - 1 - prefix_len
     else:
         key_pos = cols
 
-    # The flattened query tiles (b, g, query block) of this chunk: [t_begin, t_end) out of B * GROUP * m_tiles.
+    # The flattened query tiles (b, query block, g) of this chunk: [t_begin, t_end) out of B * m_tiles * GROUP.
+    # Block-major within a sequence, so the blocks a window leaves visible are one leading range per sequence.
     m_tiles = tl.cdiv(S, BLOCK_M)
     seq_tiles = GROUP * m_tiles
     t_begin = chunk * tiles_per_chunk
@@ -420,9 +421,14 @@ def _prefix_attention_bwd_dprefix(
         row_shift = q_shift
         if PREFIX_WINDOW:
             row_shift = q_shift - tl.load(LeftPad + b64).to(tl.int32)
+            # Row i sees key position j only if row_shift + i - j < window: the rows past the last key's window
+            # see none of this tile. Clipping the range, not a branch in the loop, keeps the registers as they were.
+            visible_rows = tl.minimum(tl.maximum(window + last_key_pos - row_shift, 0), S)
+            hi = tl.minimum(hi, tl.cdiv(visible_rows, BLOCK_M) * GROUP)
         for t in range(lo, hi):
-            g = t // m_tiles
-            start_m = (t - g * m_tiles) * BLOCK_M
+            m_block = t // GROUP
+            g = t - m_block * GROUP
+            start_m = m_block * BLOCK_M
             hq = hkv * GROUP + g
             bh = b64 * HQ + hq
             dq_base = DQ  # None unless FUSE_DQ
