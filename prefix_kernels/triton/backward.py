@@ -359,14 +359,14 @@ def _prefix_attention_bwd_dprefix(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_gc, stride_gn, stride_gh, stride_gs, stride_gd,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    B, HQ, S, P, sm_scale, softcap, tiles_per_chunk, q_shift, window,
+    B, HQ, S, P, sm_scale, softcap, q_shift, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_INDEX: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr = False, PREFIX_WINDOW: tl.constexpr = False,
 ):
     """d prefix_k/v for keys [start_n, start_n + BLOCK_N) of prefix n, KV head hkv: the sum over every query tile
-    (b, g, query block) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
+    (b, query block, g) of chunk `chunk` whose sequence uses prefix n. DPK/DPV have the layout [chunks, N, Hkv, P, D]
     (a chunk stride of 0 when there is a single chunk writing the gradient itself). PREFIX_WINDOW: query i sits at
     position q_shift + i, less its row's left padding (LeftPad[b]), and prefix key p at p - prefix_len; the window
     masks the scores, and query blocks past every key's window are skipped."""
@@ -402,21 +402,20 @@ def _prefix_attention_bwd_dprefix(
     else:
         key_pos = cols
 
-    # The flattened query tiles (b, query block, g) of this chunk: [t_begin, t_end) out of B * m_tiles * GROUP.
+    # The flattened query tiles (b, query block, g), B * m_tiles * GROUP of them; this chunk sums every chunks-th,
+    # from tile `chunk` on. Strided, not contiguous ranges: the tiles a window or prefix_index leaves out (a
+    # sequence's later blocks, the sequences of other prefixes) would otherwise empty some chunks and not others.
     # Block-major within a sequence, so the blocks a window leaves visible are one leading range per sequence.
     m_tiles = tl.cdiv(S, BLOCK_M)
     seq_tiles = GROUP * m_tiles
-    t_begin = chunk * tiles_per_chunk
-    t_end = tl.minimum(t_begin + tiles_per_chunk, B * seq_tiles)
-    # Keys past this prefix's length: nothing to sum, an empty range of sequences. (t_end = t_begin was not empty
-    # where t_begin is not a multiple of seq_tiles, and in the last of uneven chunks it reads index B.)
-    t_end = tl.where(start_n < prefix_len, t_end, 0)
-    for b in range(t_begin // seq_tiles, tl.cdiv(t_end, seq_tiles)):
-        lo = tl.maximum(t_begin - b * seq_tiles, 0)
-        hi = tl.minimum(t_end - b * seq_tiles, seq_tiles)
+    chunks = tl.num_programs(2)
+    # Keys past this prefix's length: nothing to sum, an empty range in every sequence.
+    all_tiles = tl.where(start_n < prefix_len, seq_tiles, 0)
+    for b in range(0, B):
+        hi = all_tiles
         if HAS_PREFIX_INDEX:
             # Sequences using another prefix are skipped by an empty range: no host sync, no branch on B.
-            hi = tl.where(tl.load(PrefixIndex + b) == n, hi, lo)
+            hi = tl.where(tl.load(PrefixIndex + b) == n, hi, 0)
         b64 = tl.cast(b, tl.int64)
         row_shift = q_shift
         if PREFIX_WINDOW:
@@ -425,7 +424,10 @@ def _prefix_attention_bwd_dprefix(
             # see none of this tile. Clipping the range, not a branch in the loop, keeps the registers as they were.
             visible_rows = tl.minimum(tl.maximum(window + last_key_pos - row_shift, 0), S)
             hi = tl.minimum(hi, tl.cdiv(visible_rows, BLOCK_M) * GROUP)
-        for t in range(lo, hi):
+        # This sequence's first tile in the chunk: the t >= 0 with b * seq_tiles + t = chunk (mod chunks), taken
+        # from the residues (b * seq_tiles can pass int32).
+        first = (chunk + chunks - ((b % chunks) * (seq_tiles % chunks)) % chunks) % chunks
+        for t in range(first, hi, chunks):
             m_block = t // GROUP
             g = t - m_block * GROUP
             start_m = m_block * BLOCK_M
@@ -543,7 +545,6 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
     num_prefixes, heads_kv, prefix_len, _ = prefix_k.shape
     config = (config or backward_config(head_dim, q.dtype, seq_q)).dprefix
     group = heads_q // heads_kv
-    query_tiles = batch * group * cdiv(seq_q, config.block_m)
     grad_strides = dpk.stride() if dpk.dim() == 5 else (0, *dpk.stride())
     assert dpk.stride() == dpv.stride()
     grid = (cdiv(prefix_len, config.block_n), num_prefixes * heads_kv, chunks)
@@ -552,7 +553,7 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
         prefix_window_padding(q, window, window_includes_prefix, left_padding), dq_acc,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
         *_strides_or_zero(dq_acc, 4),
-        batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0), cdiv(query_tiles, chunks),
+        batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0),
         (seq_k if seq_k is not None else seq_q) - seq_q, int(window or 0),
     )
     kwargs = dict(

@@ -182,7 +182,7 @@ CHUNK_TIME_SLACK = Fraction(21, 20)
 
 def chunks_for_waves(programs: int, query_tiles: int, most: int, slots: int) -> int:
     """The chunk count in [1, most] for `programs` programs that each stream `query_tiles` query tiles, split into
-    chunks of cdiv(query_tiles, chunks) tiles.
+    chunks of at most cdiv(query_tiles, chunks) tiles (the kernel deals them out round-robin).
 
     Equal programs finish in waves: with `slots` programs resident at a time, c chunks of t tiles take
     ceil(programs * c / slots) rounds of t + CHUNK_PROGRAM_COST tiles. Only counts that leave no chunk empty are
