@@ -154,13 +154,15 @@ def test_baselines_agree_with_the_reference(smoke):
     _, result = smoke
     for name in ("naive", "prebuilt", "split"):
         for row in _rows(result, provider=name, kind="op"):
+            if row["case"]["window"] is not None and name == "split":
+                continue  # (test_window_rows_mask_every_baseline_as_the_kernels_do)
             assert row["status"] == "ok", row
             assert row["correct"] is True, row
             assert row["time_ms"] > 0 and row["floor_ms"] > 0 and row["pct_of_floor"] > 0
     lower_right = _rows(result, provider="naive-lower-right", kind="op")
     assert {r["op"] for r in lower_right} == {"forward", "fwd+bwd"}  # (decode: nothing to mask, the naive call)
     for row in lower_right:  # the bias's semantics are the contract's: prefix visible, own keys bottom-right causal
-        if row["case"]["causal"] and row["case"]["seq_q"] > 1:
+        if row["case"]["causal"] and row["case"]["seq_q"] > 1 and row["case"]["window"] is None:
             assert row["status"] == "ok" and row["correct"] is True, row
     assert any(r["status"] == "ok" and r["case"]["heads_q"] > r["case"]["heads_kv"] for r in lower_right)
     assert set(_rows(result, provider="naive-lower-right", op="fwd+bwd")[0]["errors"]) == {
@@ -170,6 +172,39 @@ def test_baselines_agree_with_the_reference(smoke):
     prebuilt_bwd = _rows(result, provider="prebuilt", op="fwd+bwd")[0]
     assert prebuilt_bwd["errors"]["prefix_k"]["rel"] < 1e-3  # gradients mapped back onto the one prefix
     assert _rows(result, provider="prebuilt", op="forward")[0]["speedup_vs"]["naive"] > 0
+
+
+def test_window_rows_mask_every_baseline_as_the_kernels_do(smoke):
+    """A sliding-window row (the window over the prefix too, as transformers places a PEFT prefix): the naive concat
+    and the pre-built one under a boolean mask, FlexAttention under its mask_mod, and ours all equal the reference;
+    the baselines with no way to express the window say so instead of timing another op."""
+    _, result = smoke
+    window_rows = [r for r in _rows(result, kind="op") if r["case"]["window"] is not None]
+    assert {r["op"] for r in window_rows} == {"forward", "fwd+bwd"} and all("W=" in r["label"] for r in window_rows)
+    checked = ["naive", "prebuilt"] + (["ours-triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for row in window_rows:
+        if row["provider"] in checked or (row["provider"] == "flex" and row["op"] == "forward"):
+            assert row["status"] == "ok" and row["correct"] is True, row
+        if row["provider"] in ("naive-lower-right", "split", "noprefix"):
+            assert row["status"] == "n/a" and "window" in row["reason"], row
+    for row in window_rows:
+        if row["op"] == "fwd+bwd" and row["provider"] == "naive":
+            assert set(row["errors"]) == {"out", "q", "k", "v", "prefix_k", "prefix_v"}
+
+
+def test_roofline_counts_the_pairs_a_window_leaves_visible():
+    """visible_pairs against a count key by key: the prefix at positions -P..-1, query i at L - S + i."""
+    from prefix_kernels.bench.roofline import visible_pairs
+
+    for s, l, p, window, causal in [(16, 16, 8, 6, True), (5, 9, 3, 4, True), (1, 9, 3, 4, True),
+                                    (7, 7, 0, 3, True), (5, 9, 3, 4, False), (5, 9, 3, 100, True), (3, 4, 5, 1, True)]:
+        count = 0
+        for i in range(s):
+            pos = l - s + i
+            for key in range(-p, l):
+                count += (key <= pos or not causal) and pos - key < window
+        case = OpCase("forward", 1, 2, 1, s, l, p, head_dim=32, dtype="fp32", window=window, causal=causal)
+        assert visible_pairs(case) == count, (s, l, p, window, causal)
 
 
 def test_no_ratio_against_a_wrong_baseline_and_providers_described_per_kind(smoke):

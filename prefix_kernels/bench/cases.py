@@ -2,6 +2,9 @@
 
 Shapes follow ../shared/API.md: q [B, Hq, S, D]; own k, v [B, Hkv, L, D]; one prefix [Hkv, P, D].
 Op names: "forward", "fwd+bwd" (forward then backward w.r.t. q, k, v and the prefix), "decode" (S = 1).
+A `window` row is a sliding-window layer (Mistral, Gemma 2/3's local layers) whose window slides over the prefix
+too, as transformers places a PEFT prefix: prefix key p at position p - P, just before own key 0
+(`window_includes_prefix=True`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class OpCase:
     causal: bool = True
     sweep: str = ""
     q_layout: str = "bhsd"  # "bshd": q (and the output gradient) as HF hands them, a [B, S, H, D] buffer's view
+    window: int | None = None  # a causal sliding window over the own keys and the prefix (see the module's text)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -37,8 +41,15 @@ class OpCase:
     @property
     def label(self) -> str:
         layout = "" if self.q_layout == "bhsd" else f" q={self.q_layout}"
-        return (f"B={self.batch} S={self.seq_q} L={self.seq_k} P={self.prefix} "
+        window = "" if self.window is None else f" W={self.window}"
+        return (f"B={self.batch} S={self.seq_q} L={self.seq_k} P={self.prefix}{window} "
                 f"H={self.heads_q}/{self.heads_kv} D={self.head_dim} {self.dtype}{layout}")
+
+    def attention_options(self) -> dict:
+        """The masking keywords of prefix_attention (and its reference) for this row."""
+        if self.window is None:
+            return dict(causal=self.causal)
+        return dict(causal=self.causal, window=self.window, window_includes_prefix=True)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,9 +113,14 @@ def _sweep() -> Preset:
     for op in ("forward", "fwd+bwd"):
         ops += [OpCase(op, 8, 32, 32, 2048, 2048, p, sweep="prefix") for p in (16, 128, 512, 2048)]
         ops += [OpCase(op, b, 32, 32, 1024, 1024, 512, sweep="batch") for b in (1, 4, 16, 32)]
+    # A sliding-window model's layers (GQA 4, as Mistral), the window over the prefix: the kernels skip the tiles
+    # it leaves out, the baselines mask them.
+    ops += [OpCase(op, 4, 32, 8, 4096, 4096, 128, window=w, sweep="window") for op in ("forward", "fwd+bwd")
+            for w in (512, 1024, 4096)]
     ops += [OpCase("decode", 64, 32, 8, 1, 256, p, sweep="prefix") for p in (16, 128, 512, 2048, 8192)]
     ops += [OpCase("decode", b, 32, 8, 1, 256, 4096, sweep="batch") for b in (8, 32, 128, 256)]
-    return Preset("sweep", "time against prefix length (16..2048) and against batch, bf16, head dim 128", ops)
+    return Preset("sweep", "time against prefix length (16..2048), against batch and against a sliding window, bf16, "
+                  "head dim 128", ops)
 
 
 def _smoke() -> Preset:
@@ -113,6 +129,8 @@ def _smoke() -> Preset:
     ops = [OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, **small),
            OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, q_layout="bshd", **small),
            OpCase("fwd+bwd", 2, seq_q=16, seq_k=16, prefix=8, **small),
+           OpCase("forward", 2, seq_q=16, seq_k=16, prefix=8, window=6, **small),
+           OpCase("fwd+bwd", 2, seq_q=16, seq_k=16, prefix=8, window=6, **small),
            OpCase("decode", 3, seq_q=1, seq_k=16, prefix=8, **small)]
     # head dim 32 (hidden 64 over 2 query heads): the kernels take head dims 32..256
     tiny = dict(dtype="fp32", hidden=64, layers=2, heads_q=2, heads_kv=1, intermediate=128, vocab=128, repeats=2)
@@ -131,15 +149,15 @@ def get_preset(name: str) -> Preset:
 
 
 def override(preset: Preset, *, ops=None, batch=None, prefix=None, seq_k=None, seq_q=None, heads_q=None,
-             heads_kv=None, head_dim=None, dtype=None) -> Preset:
+             heads_kv=None, head_dim=None, dtype=None, window=None) -> Preset:
     """The preset with sizes replaced by the command-line flags (None keeps the preset's value).
 
     `ops` filters the op and model rows by name. S applies to forward/fwd+bwd rows (decode keeps S = 1; L follows
-    S there unless L is given too); L applies to every op row.
+    S there unless L is given too); L and the window apply to every op row.
     """
     def op_case(case: OpCase) -> OpCase:
         changes = {k: v for k, v in dict(batch=batch, prefix=prefix, heads_q=heads_q, heads_kv=heads_kv,
-                                          head_dim=head_dim, dtype=dtype).items() if v is not None}
+                                          head_dim=head_dim, dtype=dtype, window=window).items() if v is not None}
         if case.op != "decode" and seq_q is not None:
             changes["seq_q"] = seq_q
             changes["seq_k"] = seq_q

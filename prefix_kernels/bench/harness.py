@@ -87,11 +87,12 @@ def reference_result(case: OpCase, inputs: Inputs, dout: torch.Tensor | None) ->
         q, k, v = (t.detach()[part].float() for t in (inputs.q, inputs.k, inputs.v))
         if dout is None:
             with torch.no_grad():
-                outs.append(prefix_attention_reference(q, k, v, pk, pv, causal=case.causal, scale=inputs.scale))
+                outs.append(prefix_attention_reference(q, k, v, pk, pv, scale=inputs.scale,
+                                                       **case.attention_options()))
             continue
         leaves = [t.requires_grad_() for t in (q, k, v, pk.clone(), pv.clone())]
         with torch.enable_grad():
-            out = prefix_attention_reference(*leaves, causal=case.causal, scale=inputs.scale)
+            out = prefix_attention_reference(*leaves, scale=inputs.scale, **case.attention_options())
             g = torch.autograd.grad(out, leaves, dout[part].float())
         outs.append(out.detach())
         for name, value in zip(("q", "k", "v"), g[:3]):

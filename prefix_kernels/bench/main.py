@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", default=None, help="Hq or Hq/Hkv, e.g. 32/8")
     parser.add_argument("-D", "--head-dim", type=int, help="override the head dim (op rows)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="override the dtype")
+    parser.add_argument("--window", type=int, help="a sliding window on every op row, over the prefix too (as "
+                                                   "transformers places a PEFT prefix)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup (ms)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (ms)")
@@ -107,7 +109,7 @@ def run(args, extra_providers=()) -> dict:
             raise SystemExit(f"unknown op {op!r}; choose from {', '.join(OPS + MODEL_OPS)}")
     preset = override(get_preset(preset_name), ops=ops, batch=args.batch, prefix=args.prefix, seq_k=args.seq_k,
                       seq_q=args.seq_q, heads_q=heads_q, heads_kv=heads_kv, head_dim=args.head_dim,
-                      dtype=args.dtype)
+                      dtype=args.dtype, window=args.window)
     providers = harness.select_providers([p for p in args.providers.split(",") if p] if args.providers else None,
                                          extra_providers)
     env = report.environment(device)

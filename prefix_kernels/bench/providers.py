@@ -93,7 +93,7 @@ def _ours(backend: str):
         q, k, v, pk, pv = inputs.tensors
 
         def forward():
-            return prefix_attention(q, k, v, pk, pv, causal=case.causal, scale=inputs.scale, backend=backend)
+            return prefix_attention(q, k, v, pk, pv, scale=inputs.scale, backend=backend, **case.attention_options())
         try:  # an explicit backend that cannot serve the call says why (ValueError): that is "n/a", not a failure
             with torch.no_grad():
                 forward()
@@ -114,13 +114,17 @@ def _sdpa_supports_gqa() -> bool:
 
 
 def _concat_mask(case: OpCase, device) -> torch.Tensor | None:
-    """[1, 1, S, P + L] bool (True = attend) where causality needs one, else None (decode sees every key)."""
+    """[1, 1, S, P + L] bool (True = attend) where causality or a window needs one, else None (a decode step
+    without a window sees every key). The concat's key j sits at position j - P: the prefix just before own key 0."""
     s, l, p = case.seq_q, case.seq_k, case.prefix
-    if not case.causal or s == 1:
+    if case.window is None and (not case.causal or s == 1):
         return None
     q_pos = torch.arange(s, device=device)[:, None] + (l - s)
-    own = torch.arange(l, device=device)[None, :] <= q_pos
-    return torch.cat([torch.ones(s, p, dtype=torch.bool, device=device), own], dim=1)[None, None]
+    key_pos = torch.arange(p + l, device=device)[None, :] - p
+    visible = (key_pos < 0) | (key_pos <= q_pos) if case.causal else torch.ones_like(key_pos, dtype=torch.bool)
+    if case.window is not None:
+        visible = visible & (q_pos - key_pos < case.window)
+    return visible.expand(s, p + l)[None, None]
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -160,6 +164,8 @@ def _naive_lower_right(case: OpCase, inputs: Inputs) -> Prepared:
 
     if not (case.causal and case.seq_q > 1):
         raise Unavailable("nothing to mask (S = 1 or not causal): the same call as the naive row")
+    if case.window is not None:
+        raise Unavailable("causal_lower_right has no sliding window")
     q, k, v, pk, pv = inputs.tensors
     groups = case.heads_q // case.heads_kv
     b = case.batch
@@ -200,6 +206,8 @@ def _no_prefix(case: OpCase, inputs: Inputs) -> Prepared:
     q, k, v, _, _ = inputs.tensors
     if case.seq_q != case.seq_k:
         raise Unavailable("the no-prefix bound is defined for S = L only")
+    if case.window is not None:
+        raise Unavailable("SDPA's is_causal has no sliding window")
     groups = case.heads_q // case.heads_kv
 
     def forward():
@@ -249,7 +257,7 @@ def _flex(case: OpCase, inputs: Inputs) -> Prepared:
     if case.op == "fwd+bwd":
         for t in (qp, kp, vp):
             t.requires_grad_()
-    causal = case.causal
+    causal, window = case.causal, case.window
 
     def mask_mod(b_, h_, q_idx, kv_idx):
         seq = q_idx // s
@@ -258,7 +266,11 @@ def _flex(case: OpCase, inputs: Inputs) -> Prepared:
         mine = (own >= 0) & (own // l == seq)
         if causal:
             mine = mine & (own % l <= pos)
-        return (kv_idx < p) | mine
+        if window is None:
+            return (kv_idx < p) | mine
+        # the prefix at positions -P..-1, just before each sequence's own key 0
+        key_pos = torch.where(own >= 0, own % l, own)
+        return ((kv_idx < p) | mine) & (pos - key_pos < window)
 
     block_mask = create_block_mask(mask_mod, None, None, b * s, p + b * l, device=q.device)
     groups = hq // hkv
@@ -306,6 +318,8 @@ def _split(case: OpCase, inputs: Inputs) -> Prepared:
         raise Unavailable("forward only: torch's flash op does not differentiate its LSE output")
     if case.causal and case.seq_q > 1 and case.seq_q != case.seq_k:
         raise Unavailable("torch's flash causal mask is top-left aligned; needs S = 1 or S = L")
+    if case.window is not None:
+        raise Unavailable("torch's flash and efficient ops take no sliding window")
     q, k, v, pk, pv = inputs.tensors
     b, hq, hkv, s, l, p, d = case.batch, case.heads_q, case.heads_kv, case.seq_q, case.seq_k, case.prefix, case.head_dim
     g = hq // hkv

@@ -238,7 +238,7 @@ def markdown(result: dict) -> str:
 # --- plots ----------------------------------------------------------------------------------------------------------
 
 def plots(result: dict, out_dir: Path, preset: str) -> tuple[list[str], str | None]:
-    """Time against prefix length and against batch for swept rows. Returns (files, reason none were drawn)."""
+    """Time against prefix length, batch and window for swept rows. Returns (files, reason none were drawn)."""
     swept = [r for r in result["rows"] if r["kind"] == "op" and r["status"] == "ok" and r["case"].get("sweep")]
     if not swept:
         return [], "no swept rows in this preset (the sweep preset has them)"
@@ -249,7 +249,8 @@ def plots(result: dict, out_dir: Path, preset: str) -> tuple[list[str], str | No
     except ImportError:
         return [], "matplotlib is not installed: plots skipped (pip install matplotlib to get them)"
     files = []
-    axes = {"prefix": ("prefix", "prefix length P"), "batch": ("batch", "batch B")}
+    axes = {"prefix": ("prefix", "prefix length P"), "batch": ("batch", "batch B"),
+            "window": ("window", "sliding window W")}
     for op in ("forward", "fwd+bwd", "decode"):
         for axis, (key, xlabel) in axes.items():
             rows = [r for r in swept if r["op"] == op and r["case"]["sweep"] == axis]

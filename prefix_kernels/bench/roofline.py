@@ -2,7 +2,8 @@
 
 FLOPs: 4 * B * Hq * D * (visible query-key pairs per head) for the forward (QK^T and PV, 2 FLOPs per MAC),
 x3.5 for forward + backward (ANCHORS.md). Visible pairs per sequence: S * P for the prefix plus, for the own
-keys, S * L without causality or S * (L - S) + S * (S + 1) / 2 with bottom-right causality (decode: L).
+keys, S * L without causality or S * (L - S) + S * (S + 1) / 2 with bottom-right causality (decode: L); with a
+window, the keys at positions (pos - window, pos] of each query at pos = L - S + i, the prefix at -P..-1.
 Bytes: every input read once and every output written once, the prefix counted ONCE (not B times).
 floor = max(bytes / copy bandwidth, FLOPs / matmul rate).
 """
@@ -18,6 +19,10 @@ FWD_BWD_FLOP_FACTOR = 3.5
 
 def visible_pairs(case: OpCase) -> float:
     s, l, p = case.seq_q, case.seq_k, case.prefix
+    if case.window is not None:  # keys from max(pos - window + 1, -P) to pos (causal) or L - 1
+        pos = torch.arange(l - s, l, dtype=torch.float64)
+        last = pos if case.causal else torch.full_like(pos, l - 1)
+        return float((last - torch.clamp(pos - case.window + 1, min=-p) + 1).clamp(min=0).sum())
     own = s * (l - s) + s * (s + 1) / 2 if case.causal else s * l
     return s * p + own
 
