@@ -372,6 +372,44 @@ def test_prefix_gradient_where_the_window_ends_inside_the_query_blocks(dtype, va
     _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors, dtype)
 
 
+@pytest.mark.parametrize("window", [2 ** 31 - 1, 2 ** 31 - 5, 2 ** 31 + 3])
+def test_a_window_near_the_int32_limit_masks_nothing(window):
+    """A window longer than every distance (int32's max is a natural "no window") is exactly no window, over the
+    prefix too, with left padding past S (row positions below the prefix's): forward, decode and every gradient.
+    The kernels add the window to int32 positions, where 2**31 - 1 wrapped and zeroed the prefix gradient of the
+    padded row and the own keys' dk/dv (a helper's fuzz)."""
+    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=8, seq_k=8, prefix_len=16, head_dim=32, padding="left",
+                window=window, window_includes_prefix=True, left_padding=True)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    assert options["left_padding"].tolist() == [3, 10 % 8]
+    out_weight, lse_weight = loss_weights(tensors)
+    without = {k: v for k, v in options.items() if k not in ("window", "window_includes_prefix", "left_padding")}
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, without, out_weight, lse_weight)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
+                        torch.float32)
+    step = [t[:, :, -1:] if i == 0 else t for i, t in enumerate(tensors)]  # the last query alone: the decode path
+    got = prefix_attention(*step, backend="triton", **options)
+    assert max_error(got, prefix_attention_reference(*step, **without)) < 1e-5
+
+
+def test_a_window_one_short_of_the_longest_distance_still_masks_it():
+    """The other side of the launchers' clamp of the window to L + P: at L + P - 1 the last query no longer sees
+    the prefix's first key, and the kernels must not clamp that away."""
+    case = Case(batch=1, heads_q=3, heads_kv=1, seq_q=8, seq_k=8, prefix_len=16, head_dim=32,
+                window=8 + 16 - 1, window_includes_prefix=True)
+    *tensors, options = make_inputs(case, torch.float32, DEVICE)
+    without = {k: v for k, v in options.items() if k not in ("window", "window_includes_prefix")}
+    assert max_error(prefix_attention_reference(*tensors, **options),
+                     prefix_attention_reference(*tensors, **without)) > 1e-3
+    out_weight, lse_weight = loss_weights(tensors)
+    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
+    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
+                        torch.float32)
+    step = [t[:, :, -1:] if i == 0 else t for i, t in enumerate(tensors)]
+    assert max_error(prefix_attention(*step, backend="triton", **options),
+                     prefix_attention_reference(*step, **options)) < 1e-5
+
+
 @pytest.mark.compile
 def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     spilled, log = compile_check_spills("bwd-", timeout=3600)

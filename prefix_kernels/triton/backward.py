@@ -26,7 +26,7 @@ import triton.language as tl
 from .configs import PREPROCESS_BLOCK_M, backward_config, block_d_for, cdiv, prefix_grad_chunks
 from .device import batch_chunks, chunk_ranges, launch, on_first_tensor_device
 from .forward import (_load_rows, _own_visible, _prefix_query_pos, _prefix_tiles, _prefix_visible, _query_block,
-                      _softcap_log2, dot_precision, prefix_window_padding)
+                      _softcap_log2, dot_precision, prefix_window_padding, window_argument)
 
 LOG2E = 1.4426950408889634
 
@@ -488,7 +488,8 @@ def dq_launch(q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, *, causal, 
         prefix_window_padding(q, window, window_includes_prefix, left_padding),
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(),
         *dq.stride(), *_strides_or_zero(kpm, 2),
-        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
+        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0),
+        window_argument(window, seq_k, prefix_k.shape[2]),
     )
     kwargs = dict(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
@@ -514,7 +515,7 @@ def dkdv_launch(q, k, v, grad_out, lse, delta, dk, dv, *, causal, scale, key_pad
         q, k, v, grad_out, lse, delta, dk, dv, kpm, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *_strides_or_zero(kpm, 2), *_strides_or_zero(dq_acc, 4),
-        heads_q, seq_q, seq_k, scale, float(softcap or 1.0), int(window or 0),
+        heads_q, seq_q, seq_k, scale, float(softcap or 1.0), window_argument(window, seq_k, 0),
     )
     kwargs = dict(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),
@@ -554,7 +555,8 @@ def dprefix_launch(q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv, chunks
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(), *grad_strides,
         *_strides_or_zero(dq_acc, 4),
         batch, heads_q, seq_q, prefix_len, scale, float(softcap or 1.0),
-        (seq_k if seq_k is not None else seq_q) - seq_q, int(window or 0),
+        (seq_k if seq_k is not None else seq_q) - seq_q,
+        window_argument(window, seq_k if seq_k is not None else seq_q, prefix_len),
     )
     kwargs = dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim),

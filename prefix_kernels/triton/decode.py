@@ -38,7 +38,7 @@ from .configs import (DECODE_OFF_GPU_SMS, MERGE_BLOCK_M, MERGE_NUM_WARPS, block_
                       cdiv, decode_config, decode_splits)
 from .device import launch, on_first_tensor_device
 from .forward import (_attend_tile, _has_tma, _load_rows, _own_visible, _tma_compatible, attention_sinks_argument,
-                      dot_precision, prefix_window_padding)
+                      dot_precision, prefix_window_padding, window_argument)
 
 
 @triton.jit
@@ -477,7 +477,7 @@ def decode_launch(q, k, v, prefix_k, prefix_v, work_out, work_lse, *, causal, sc
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
         heads_q, heads_kv, seq_q, seq_k, prefix_k.shape[2], batch * heads_q * seq_q, scale, float(softcap or 1.0),
-        int(window or 0),
+        window_argument(window, seq_k, prefix_k.shape[2]),
         prefix_programs, num_prefixes * heads_kv, p_rows, p_rb, p_splits, p_chunk,
         batch * heads_kv, o_rows, o_rb, o_chunk, o_units,
     )

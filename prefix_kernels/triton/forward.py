@@ -340,7 +340,8 @@ def forward_launch(
         prefix_window_padding(q, window, window_includes_prefix, left_padding), sinks,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *out.stride(),
         *(kpm.stride() if kpm is not None else (0, 0)),
-        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0), int(window or 0),
+        heads_q, seq_q, seq_k, prefix_k.shape[2], scale, float(softcap or 1.0),
+        window_argument(window, seq_k, prefix_k.shape[2]),
     )
     kwargs = dict(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -352,6 +353,16 @@ def forward_launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return grid, args, kwargs
+
+
+def window_argument(window, seq_k, prefix_len):
+    """The window argument of every kernel (0 when there is none). No query is as far as L + P from a key it could
+    see (L - 1 + P at most), so a longer window masks nothing and is passed as L + P: the kernels add the window to
+    int32 positions, where one near 2**31 wrapped (int32's max as "no window" zeroed the prefix gradient of
+    left-padded rows, and the own keys' dk/dv)."""
+    if window is None:
+        return 0
+    return min(int(window), max(seq_k + prefix_len, 1))
 
 
 def prefix_window_padding(q, window, window_includes_prefix, left_padding):
