@@ -346,13 +346,14 @@ def test_chunked_prefix_gradient_matches_unsplit(chunks):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("variant", ["unsplit", "3-chunks", "fused-dq"])
+@pytest.mark.parametrize("variant", ["default-chunks", "4-chunks", "fused-dq"])
 def test_prefix_gradient_where_the_window_ends_inside_the_query_blocks(dtype, variant, monkeypatch):
     """With the window over the prefix, the d prefix kernel skips the query blocks past every key's window (a
     range clipped per sequence). The boundary sits one row into a block: sequence 0 (3 padding keys, so its
     queries start at position 2) sees the prefix's last key (position -1) from rows 0..32 when the window is 36,
     so with 32-row query blocks its second block holds exactly one row that counts. Group 3 (blocks before heads
-    in the flattened order), two prefixes of different lengths, rows past S, chunks and the fused dq."""
+    in the flattened order), two prefixes of different lengths, rows past S, chunks dealt round-robin, the fused
+    dq."""
     from dataclasses import replace
 
     from prefix_kernels.triton import configs
@@ -362,8 +363,8 @@ def test_prefix_gradient_where_the_window_ends_inside_the_query_blocks(dtype, va
     *tensors, options = make_inputs(case, dtype, DEVICE)
     assert options["left_padding"].tolist()[0] == 3
     assert configs.backward_config(case.head_dim, dtype, case.seq_q).dprefix.block_m == 32
-    if variant == "3-chunks":
-        monkeypatch.setattr(triton_backward, "dprefix_chunks", lambda *args: 3)
+    if variant == "4-chunks":  # 9 query tiles per sequence: the chunks start each sequence at different residues
+        monkeypatch.setattr(triton_backward, "dprefix_chunks", lambda *args: 4)
     if variant == "fused-dq":
         monkeypatch.setattr(triton_backward, "backward_config",
                             lambda *args: replace(configs.backward_config(*args), fuse_dq=True))
@@ -372,42 +373,34 @@ def test_prefix_gradient_where_the_window_ends_inside_the_query_blocks(dtype, va
     _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors, dtype)
 
 
-@pytest.mark.parametrize("window", [2 ** 31 - 1, 2 ** 31 - 5, 2 ** 31 + 3])
-def test_a_window_near_the_int32_limit_masks_nothing(window):
-    """A window longer than every distance (int32's max is a natural "no window") is exactly no window, over the
-    prefix too, with left padding past S (row positions below the prefix's): forward, decode and every gradient.
-    The kernels add the window to int32 positions, where 2**31 - 1 wrapped and zeroed the prefix gradient of the
-    padded row and the own keys' dk/dv (a helper's fuzz)."""
-    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=8, seq_k=8, prefix_len=16, head_dim=32, padding="left",
-                window=window, window_includes_prefix=True, left_padding=True)
+@pytest.mark.parametrize("window", ["L+P", 2 ** 31 - 1, 2 ** 31 - 5, 2 ** 31 + 3])
+@pytest.mark.parametrize("layout", ["left-padded", "unpadded-S<L"])
+def test_a_window_at_or_past_every_distance_masks_nothing(layout, window):
+    """A window no query's distance reaches (L + P; int32's max, a natural "no window") is exactly no window, over
+    the prefix too: forward, decode and every gradient. The launchers clamp the window to L + P because the kernels
+    add it to int32 positions, where 2**31 - 1 wrapped: it zeroed the own keys' dk/dv, and the prefix gradient of
+    rows whose left padding puts them before the prefix's last key (a helper's fuzz). Unpadded with S < L, the last
+    query sees the prefix's first key at L - 1 + P, one short of L + P: a clamp one lower would mask it."""
+    padded = layout == "left-padded"
+    seq_q, seq_k, prefix_len = (8, 8, 16) if padded else (5, 8, 16)
+    case = Case(batch=2, heads_q=3, heads_kv=1, seq_q=seq_q, seq_k=seq_k, prefix_len=prefix_len, head_dim=32,
+                padding="left" if padded else None, window=seq_k + prefix_len if window == "L+P" else window,
+                window_includes_prefix=True, left_padding=padded)
     *tensors, options = make_inputs(case, torch.float32, DEVICE)
-    assert options["left_padding"].tolist() == [3, 10 % 8]
+    if padded:  # both rows start past their padding, before the prefix's position: negative row shifts
+        assert options["left_padding"].tolist() == [3, 10 % 8]
     out_weight, lse_weight = loss_weights(tensors)
     without = {k: v for k, v in options.items() if k not in ("window", "window_includes_prefix", "left_padding")}
+    if not padded:  # the boundary is real: one less and the farthest pair is masked
+        shorter = dict(options, window=seq_k + prefix_len - 1)
+        assert max_error(prefix_attention_reference(*tensors, **shorter),
+                         prefix_attention_reference(*tensors, **without)) > 1e-3
     truth, reference_errors = truth_and_reference_grad_errors(tensors, without, out_weight, lse_weight)
     _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
                         torch.float32)
     step = [t[:, :, -1:] if i == 0 else t for i, t in enumerate(tensors)]  # the last query alone: the decode path
     got = prefix_attention(*step, backend="triton", **options)
     assert max_error(got, prefix_attention_reference(*step, **without)) < 1e-5
-
-
-def test_a_window_one_short_of_the_longest_distance_still_masks_it():
-    """The other side of the launchers' clamp of the window to L + P: at L + P - 1 the last query no longer sees
-    the prefix's first key, and the kernels must not clamp that away."""
-    case = Case(batch=1, heads_q=3, heads_kv=1, seq_q=8, seq_k=8, prefix_len=16, head_dim=32,
-                window=8 + 16 - 1, window_includes_prefix=True)
-    *tensors, options = make_inputs(case, torch.float32, DEVICE)
-    without = {k: v for k, v in options.items() if k not in ("window", "window_includes_prefix")}
-    assert max_error(prefix_attention_reference(*tensors, **options),
-                     prefix_attention_reference(*tensors, **without)) > 1e-3
-    out_weight, lse_weight = loss_weights(tensors)
-    truth, reference_errors = truth_and_reference_grad_errors(tensors, options, out_weight, lse_weight)
-    _assert_grads_close(_kernel_grads(tensors, options, out_weight, lse_weight), truth, reference_errors,
-                        torch.float32)
-    step = [t[:, :, -1:] if i == 0 else t for i, t in enumerate(tensors)]
-    assert max_error(prefix_attention(*step, backend="triton", **options),
-                     prefix_attention_reference(*step, **options)) < 1e-5
 
 
 @pytest.mark.compile

@@ -165,7 +165,7 @@ def test_baselines_agree_with_the_reference(smoke):
         if row["case"]["causal"] and row["case"]["seq_q"] > 1 and row["case"]["window"] is None:
             assert row["status"] == "ok" and row["correct"] is True, row
     assert any(r["status"] == "ok" and r["case"]["heads_q"] > r["case"]["heads_kv"] for r in lower_right)
-    assert set(_rows(result, provider="naive-lower-right", op="fwd+bwd")[0]["errors"]) == {
+    assert set([r for r in lower_right if r["op"] == "fwd+bwd" and r["case"]["window"] is None][0]["errors"]) == {
         "out", "q", "k", "v", "prefix_k", "prefix_v"}
     naive_bwd = _rows(result, provider="naive", op="fwd+bwd")[0]
     assert set(naive_bwd["errors"]) == {"out", "q", "k", "v", "prefix_k", "prefix_v"}
@@ -192,19 +192,27 @@ def test_window_rows_mask_every_baseline_as_the_kernels_do(smoke):
             assert set(row["errors"]) == {"out", "q", "k", "v", "prefix_k", "prefix_v"}
 
 
-def test_roofline_counts_the_pairs_a_window_leaves_visible():
-    """visible_pairs against a count key by key: the prefix at positions -P..-1, query i at L - S + i."""
+def test_roofline_counts_the_pairs_and_keys_a_window_leaves_visible():
+    """visible_pairs against a count key by key (the prefix at positions -P..-1, always visible but for the window;
+    query i at L - S + i), and op_bytes reading only the keys some window reaches."""
     from prefix_kernels.bench.roofline import visible_pairs
 
     for s, l, p, window, causal in [(16, 16, 8, 6, True), (5, 9, 3, 4, True), (1, 9, 3, 4, True),
-                                    (7, 7, 0, 3, True), (5, 9, 3, 4, False), (5, 9, 3, 100, True), (3, 4, 5, 1, True)]:
-        count = 0
+                                    (7, 7, 0, 3, True), (5, 9, 3, 4, False), (5, 9, 3, 100, True), (3, 4, 5, 1, True),
+                                    (9, 5, 3, 4, True), (9, 5, 3, None, True), (6, 6, 4, None, False)]:
+        count, reached = 0, set()
         for i in range(s):
             pos = l - s + i
             for key in range(-p, l):
-                count += (key <= pos or not causal) and pos - key < window
+                if (key < 0 or key <= pos or not causal) and (window is None or pos - key < window):
+                    count += 1
+                    reached.add(key)
         case = OpCase("forward", 1, 2, 1, s, l, p, head_dim=32, dtype="fp32", window=window, causal=causal)
         assert visible_pairs(case) == count, (s, l, p, window, causal)
+        if causal:  # (the bytes count the keys left of every window out; not the ones right of a causal row)
+            keys = len(reached | set(range(max(reached, default=-p - 1) + 1, l)))
+            q_and_out = 2 * 2 * s * 32
+            assert op_bytes(case) == 4 * (q_and_out + 2 * keys * 32), (s, l, p, window)
 
 
 def test_no_ratio_against_a_wrong_baseline_and_providers_described_per_kind(smoke):

@@ -21,6 +21,15 @@ def _int_list(text):
     return [int(x) for x in text.split(",") if x]
 
 
+def _window(text):
+    """--window: at least 2. A window of 1 leaves each query its own key alone, where dq and dk are exactly zero and
+    the correctness guard (errors relative to each reference tensor's own size) cannot judge rounding noise."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"the window must be at least 2, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="prefix-kernels bench",
@@ -43,8 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", default=None, help="Hq or Hq/Hkv, e.g. 32/8")
     parser.add_argument("-D", "--head-dim", type=int, help="override the head dim (op rows)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="override the dtype")
-    parser.add_argument("--window", type=int, help="a sliding window on every op row, over the prefix too (as "
-                                                   "transformers places a PEFT prefix)")
+    parser.add_argument("--window", type=_window, help="a sliding window (>= 2) on every op row, decode included, "
+                                                       "over the prefix too (as transformers places a PEFT prefix)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warmup (ms)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (ms)")

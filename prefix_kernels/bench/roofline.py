@@ -1,10 +1,11 @@
 """The roofline floor of each op row: FLOPs and the bytes that must move, against ceilings measured in this run.
 
 FLOPs: 4 * B * Hq * D * (visible query-key pairs per head) for the forward (QK^T and PV, 2 FLOPs per MAC),
-x3.5 for forward + backward (ANCHORS.md). Visible pairs per sequence: S * P for the prefix plus, for the own
-keys, S * L without causality or S * (L - S) + S * (S + 1) / 2 with bottom-right causality (decode: L); with a
-window, the keys at positions (pos - window, pos] of each query at pos = L - S + i, the prefix at -P..-1.
-Bytes: every input read once and every output written once, the prefix counted ONCE (not B times).
+x3.5 for forward + backward (ANCHORS.md). Visible pairs, counted per query at position pos = L - S + i: every
+prefix key (positions -P..-1) and the own keys j <= pos (causal) or all L; with a window only the keys at positions
+above pos - window (S <= L: S * P + S * (L - S) + S * (S + 1) / 2 causal, as ANCHORS' S^2 / 2 + S * P).
+Bytes: every input read once and every output written once, the prefix counted ONCE (not B times); with a window,
+only the K/V that some query's window reaches are read (the gradients are written whole).
 floor = max(bytes / copy bandwidth, FLOPs / matmul rate).
 """
 from __future__ import annotations
@@ -19,12 +20,20 @@ FWD_BWD_FLOP_FACTOR = 3.5
 
 def visible_pairs(case: OpCase) -> float:
     s, l, p = case.seq_q, case.seq_k, case.prefix
-    if case.window is not None:  # keys from max(pos - window + 1, -P) to pos (causal) or L - 1
-        pos = torch.arange(l - s, l, dtype=torch.float64)
-        last = pos if case.causal else torch.full_like(pos, l - 1)
-        return float((last - torch.clamp(pos - case.window + 1, min=-p) + 1).clamp(min=0).sum())
-    own = s * (l - s) + s * (s + 1) / 2 if case.causal else s * l
-    return s * p + own
+    pos = torch.arange(l - s, l, dtype=torch.float64)
+    first = pos - case.window + 1 if case.window is not None else torch.full_like(pos, -p)  # leftmost key position
+    prefix = (-1 - torch.clamp(first, min=-p) + 1).clamp(min=0)
+    last_own = torch.clamp(pos, max=l - 1) if case.causal else torch.full_like(pos, l - 1)
+    own = (last_own - torch.clamp(first, min=0) + 1).clamp(min=0)
+    return float((prefix + own).sum())
+
+
+def _keys_read(case: OpCase) -> tuple[int, int]:
+    """(own keys, prefix keys) per sequence that some query's window reaches: all of them without a window."""
+    if case.window is None:
+        return case.seq_k, case.prefix
+    first = case.seq_k - case.seq_q - case.window + 1  # the first query's leftmost key position
+    return min(case.seq_k, max(case.seq_k - first, 0)), min(case.prefix, max(-first, 0))
 
 
 def op_flops(case: OpCase) -> float:
@@ -38,11 +47,15 @@ def op_bytes(case: OpCase) -> float:
     q = b * case.heads_q * case.seq_q * d          # also the size of out, dout, dq
     own = b * case.heads_kv * case.seq_k * d       # each of k, v (and dk, dv)
     pre = case.heads_kv * case.prefix * d          # each of prefix_k, prefix_v: ONCE
-    forward = (q + 2 * own + 2 * pre) + q          # read q, k, v, prefix; write out
+    own_keys, prefix_keys = _keys_read(case)
+    own_read = b * case.heads_kv * own_keys * d
+    pre_read = case.heads_kv * prefix_keys * d
+    forward = (q + 2 * own_read + 2 * pre_read) + q  # read q, k, v, prefix; write out
     if case.op != "fwd+bwd":
         return forward * elt
     lse = b * case.heads_q * case.seq_q * 4          # float32, written by the forward, read by the backward
-    backward = (q + 2 * own + 2 * pre + 2 * q) + (q + 2 * own + 2 * pre)  # read q,k,v,prefix,out,dout; write grads
+    # read q, k, v, prefix, out, dout; write dq and the whole dk, dv, d prefix
+    backward = (q + 2 * own_read + 2 * pre_read + 2 * q) + (q + 2 * own + 2 * pre)
     return (forward + backward) * elt + 2 * lse
 
 

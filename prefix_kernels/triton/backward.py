@@ -421,7 +421,8 @@ def _prefix_attention_bwd_dprefix(
         if PREFIX_WINDOW:
             row_shift = q_shift - tl.load(LeftPad + b64).to(tl.int32)
             # Row i sees key position j only if row_shift + i - j < window: the rows past the last key's window
-            # see none of this tile. Clipping the range, not a branch in the loop, keeps the registers as they were.
+            # see none of this tile. A clipped range, not a branch in the loop (one there had doubled the masked
+            # variant's spills).
             visible_rows = tl.minimum(tl.maximum(window + last_key_pos - row_shift, 0), S)
             hi = tl.minimum(hi, tl.cdiv(visible_rows, BLOCK_M) * GROUP)
         # This sequence's first tile in the chunk: the t >= 0 with b * seq_tiles + t = chunk (mod chunks), taken

@@ -185,10 +185,11 @@ def chunks_for_waves(programs: int, query_tiles: int, most: int, slots: int) -> 
     chunks of at most cdiv(query_tiles, chunks) tiles (the kernel deals them out round-robin).
 
     Equal programs finish in waves: with `slots` programs resident at a time, c chunks of t tiles take
-    ceil(programs * c / slots) rounds of t + CHUNK_PROGRAM_COST tiles. Only counts that leave no chunk empty are
-    taken (cdiv(query_tiles, t) == c), and the fewest chunks within 5% of the best time. The first rule, enough
-    chunks for two programs per SM, rounded up past a wave boundary: B=8 P=128 at head dim 128 got 9 chunks, 288
-    programs in 3 rounds on 132 SMs, where 4 chunks take one round of a quarter of the tiles.
+    ceil(programs * c / slots) rounds of t + CHUNK_PROGRAM_COST tiles. Only counts c with cdiv(query_tiles, t) == c
+    are taken (any other has the largest chunk of a smaller count, so no less time and more partials), and the
+    fewest chunks within 5% of the best time. The first rule, enough chunks for two programs per SM, rounded up past
+    a wave boundary: B=8 P=128 at head dim 128 got 9 chunks, 288 programs in 3 rounds on 132 SMs, where 4 chunks
+    take one round of a quarter of the tiles.
     """
     def tiles(c):
         return -(-query_tiles // c)
