@@ -215,6 +215,16 @@ def test_roofline_counts_the_pairs_and_keys_a_window_leaves_visible():
             assert op_bytes(case) == 4 * (q_and_out + 2 * keys * 32), (s, l, p, window)
 
 
+def test_a_window_too_short_to_check_is_refused(capsys):
+    """--window 1 leaves each query its own key alone: dq and dk are exactly zero there, and the guard's errors,
+    relative to each reference tensor's size, would flag rounding noise as WRONG. The parser refuses it."""
+    for text in ("1", "0", "-3"):
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--window", text])
+        assert info.value.code == 2 and "at least 2" in capsys.readouterr().err
+    assert parse_args(["--window", "2"]).window == 2
+
+
 def test_no_ratio_against_a_wrong_baseline_and_providers_described_per_kind(smoke):
     """A baseline row flagged WRONG gives no speedup; a name that is both an op provider and a model row (ours-cuda)
     keeps both descriptions (the model row's replaced the op row's in the Providers list)."""
