@@ -403,6 +403,25 @@ def test_a_window_at_or_past_every_distance_masks_nothing(layout, window):
     assert max_error(got, prefix_attention_reference(*step, **without)) < 1e-5
 
 
+def test_the_kernels_window_argument_keeps_one_specialization_as_a_cache_grows():
+    """window_argument: the window itself where it can mask something (below L + P), else at least L + P and a
+    multiple of 16, so that a decode whose L grows each step hands Triton one class of integer (its divisibility
+    specialization) all along: no kernel compiled again mid-generation."""
+    from prefix_kernels.triton.forward import window_argument
+
+    assert window_argument(None, 8, 16) == 0
+    for prefix_len in (0, 5, 16):
+        classes = set()
+        for seq_k in range(0, 200):
+            clamped = window_argument(2 ** 31 - 1, seq_k, prefix_len)
+            assert clamped >= max(seq_k + prefix_len, 1) and clamped < 2 ** 31 - 1
+            classes.add(clamped % 16 == 0)
+            for window in (1, 7, 64, 100):
+                if window < seq_k + prefix_len:
+                    assert window_argument(window, seq_k, prefix_len) == window
+        assert classes == {True}
+
+
 @pytest.mark.compile
 def test_backward_compiles_for_sm80_and_sm90_without_spills_in_main_configs():
     spilled, log = compile_check_spills("bwd-", timeout=3600)

@@ -357,12 +357,14 @@ def forward_launch(
 
 def window_argument(window, seq_k, prefix_len):
     """The window argument of every kernel (0 when there is none). No query is as far as L + P from a key it could
-    see (L - 1 + P at most), so a longer window masks nothing and is passed as L + P: the kernels add the window to
-    int32 positions, where one near 2**31 wrapped (int32's max as "no window" zeroed the prefix gradient of
-    left-padded rows, and the own keys' dk/dv)."""
+    see (L - 1 + P at most), so a longer window masks nothing and is passed as L + P rounded up to a multiple of 16:
+    the kernels add the window to int32 positions, where one near 2**31 wrapped (int32's max as "no window" zeroed
+    the prefix gradient of left-padded rows, and the own keys' dk/dv). The rounding keeps the value in the class
+    Triton specializes integer arguments on (divisible by 16, as the usual windows are) while a growing cache's
+    L + P moves it step by step: no second compiled variant mid-generation."""
     if window is None:
         return 0
-    return min(int(window), max(seq_k + prefix_len, 1))
+    return min(int(window), cdiv(max(seq_k + prefix_len, 1), 16) * 16)
 
 
 def prefix_window_padding(q, window, window_includes_prefix, left_padding):
