@@ -10,7 +10,7 @@ from prefix_kernels.bench.cases import OpCase, get_preset
 from prefix_kernels.bench.main import INCOMPLETE, parse_args, run
 from prefix_kernels.bench.providers import Prepared, Provider
 from prefix_kernels.bench.report import markdown
-from prefix_kernels.bench.roofline import floor_ms, op_bytes, op_flops
+from prefix_kernels.bench.roofline import floor_ms, op_bytes, op_flops, visible_pairs
 from prefix_kernels.bench.timing import graph_bench_ms
 
 
@@ -195,8 +195,6 @@ def test_window_rows_mask_every_baseline_as_the_kernels_do(smoke):
 def test_roofline_counts_the_pairs_and_keys_a_window_leaves_visible():
     """visible_pairs against a count key by key (the prefix at positions -P..-1, always visible but for the window;
     query i at L - S + i), and op_bytes reading only the keys some window reaches."""
-    from prefix_kernels.bench.roofline import visible_pairs
-
     for s, l, p, window, causal in [(16, 16, 8, 6, True), (5, 9, 3, 4, True), (1, 9, 3, 4, True),
                                     (7, 7, 0, 3, True), (5, 9, 3, 4, False), (5, 9, 3, 100, True), (3, 4, 5, 1, True),
                                     (9, 5, 3, 4, True), (9, 5, 3, None, True), (6, 6, 4, None, False)]:

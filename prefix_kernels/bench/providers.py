@@ -124,7 +124,7 @@ def _concat_mask(case: OpCase, device) -> torch.Tensor | None:
     visible = (key_pos < 0) | (key_pos <= q_pos) if case.causal else torch.ones_like(key_pos, dtype=torch.bool)
     if case.window is not None:
         visible = visible & (q_pos - key_pos < case.window)
-    return visible.expand(s, p + l)[None, None]
+    return visible[None, None]
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
